@@ -1,0 +1,42 @@
+"""cld_fast: fused kernels, samplers and training for critically-damped Langevin diffusion (CLD).
+
+    import cld_fast as cf
+    sde = cf.CLD()                                   # beta0=4, beta1=0, m_inv=4, gamma=0.04
+    u, noise = cf.perturb(x0, t, sde)                # u = (x, v) stacked on dim 1
+    loss = cf.hsm_loss(model(u, t), u, t, sde, noise)
+    res = cf.sample(cf.score_fn(model, sde), x0.shape, sde, steps=50)
+
+Forward time t in (0, 1], t = 0 is data.
+"""
+from __future__ import annotations
+
+import importlib
+
+from . import backends  # callable: cld_fast.backends() lists the backends that can run here
+from .checks import value_checks
+from .ops import Noise, em_step_, half_step_, hsm_loss, mixed_score, perturb, pf_drift, sscs_step_
+from .sde import CLD, VPSDE, PerturbationKernel
+
+__version__ = "0.1.0"
+
+# Public names that live in modules imported on first use (keeps `import cld_fast` light).
+_LAZY = {
+    "sample": "sampling",
+    "SampleResult": "sampling",
+    "score_fn": "score",
+    "SSCSScheduler": "scheduler",
+    "likelihood": "likelihood",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'cld_fast' has no attribute {name!r}")
+
+
+__all__ = [
+    "CLD", "VPSDE", "PerturbationKernel", "Noise", "perturb", "hsm_loss", "mixed_score", "half_step_",
+    "sscs_step_", "em_step_", "pf_drift", "backends", "value_checks", *_LAZY,
+]

@@ -1,0 +1,454 @@
+"""The math of critically-damped Langevin diffusion (CLD), in one place.
+
+Forward time t in [0, 1], t = 0 is data. State u = (x, v). Every scalar coordinate of x evolves with
+its own 2x2 linear SDE whose coefficients depend on t only:
+
+    dx = m_inv * v * beta(t) dt
+    dv = (-x - Gamma * m_inv * v) * beta(t) dt + sqrt(2 * Gamma * beta(t)) dW
+
+with beta(t) = beta0 + beta1 * t, B(t) = beta0 * t + beta1 * t^2 / 2, Gamma = 2 / sqrt(m_inv)
+(critical damping) and g = sqrt(m_inv) / 2 = 1 / Gamma.
+
+Every backend (torch, cpu, triton, cuda) takes its per-sample or per-step coefficients from this
+module as small float64 tensors; no kernel re-derives them. The closed forms are evaluated in a
+rearranged form that neither overflows for large B(t) (the textbook form multiplies exp(4 g B) by
+exp(-4 g B)) nor loses digits for small B(t) (see ``_p3`` and ``_q3``).
+
+Coefficient-table layouts consumed by the kernels (columns, float32 or float64):
+
+    PERTURB_COLS = 7   a_xx a_xv a_vx a_vv l11 l21 l22           (per sample)
+    LOSS_COLS    = 2   c = l22 / s_vv, w                         (per sample)
+    MIXED_COLS   = 2   -1 / s_vv, -1 / l22                       (per sample)
+    HALF_COLS    = 7   a_xx a_xv a_vx a_vv l11 l21 l22           (per step)
+    SSCS_COLS    = 16  alpha kappa | half step 1 (7) | half step 2 (7)   (per step)
+    AFFINE_COLS  = 6   c_xx c_xv c_vx c_vv c_vy sigma            (per step)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional, Union
+
+import torch
+
+Number = Union[int, float]
+
+PERTURB_COLS = 7
+LOSS_COLS = 2
+MIXED_COLS = 2
+HALF_COLS = 7
+SSCS_COLS = 16
+AFFINE_COLS = 6
+
+OBJECTIVES = ("hsm", "dsm")
+WEIGHTINGS = ("reweightedv2", "likelihood")
+
+# Below this y the incomplete-gamma tail is summed as a series instead of 1 - exp(-y) * poly(y).
+_SERIES_CUTOFF = 0.5
+_SERIES_TERMS = 30
+
+
+def _as_time(t, name: str = "t") -> torch.Tensor:
+    """Return ``t`` as a float64 tensor on its own device (Python numbers become CPU tensors)."""
+    if isinstance(t, torch.Tensor):
+        if not (t.is_floating_point()):
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        return t.to(torch.float64)
+    if isinstance(t, (int, float)):
+        return torch.tensor(float(t), dtype=torch.float64)
+    raise TypeError(f"{name} must be a torch.Tensor or a float, got {type(t).__name__}")
+
+
+def _p3(y: torch.Tensor) -> torch.Tensor:
+    """P3(y) = 1 - exp(-y) * (1 + y + y^2 / 2), y >= 0, accurate to float64 rounding for all y.
+
+    For small y the direct form cancels (P3 ~ y^3 / 6), so there it is summed as
+    exp(-y) * sum_{k >= 3} y^k / k!.
+    """
+    direct = 1.0 - torch.exp(-y) * (1.0 + y + 0.5 * y * y)
+    ys = torch.clamp(y, max=_SERIES_CUTOFF)
+    term = ys ** 3 / 6.0
+    total = term.clone()
+    for k in range(4, 3 + _SERIES_TERMS):
+        term = term * ys / k
+        total = total + term
+    series = torch.exp(-ys) * total
+    return torch.where(y < _SERIES_CUTOFF, series, direct)
+
+
+def _q3(y: torch.Tensor) -> torch.Tensor:
+    """Q3(y) = 1 - exp(-y) * (1 - y + y^2 / 2), y >= 0 (no cancellation: Q3 ~ 2 y for small y)."""
+    return -torch.expm1(-y) + torch.exp(-y) * (y - 0.5 * y * y)
+
+
+@dataclass(frozen=True)
+class PerturbationKernel:
+    """Per-sample coefficients of p(u_t | x0[, v0]), every field float64 of shape (B,).
+
+    mean = A @ (x0, v0) with A = [[a_xx, a_xv], [a_vx, a_vv]]; covariance
+    Sigma = [[s_xx, s_xv], [s_xv, s_vv]] = L L^T with L = [[l11, 0], [l21, l22]].
+    """
+
+    a_xx: torch.Tensor
+    a_xv: torch.Tensor
+    a_vx: torch.Tensor
+    a_vv: torch.Tensor
+    s_xx: torch.Tensor
+    s_xv: torch.Tensor
+    s_vv: torch.Tensor
+    l11: torch.Tensor
+    l21: torch.Tensor
+    l22: torch.Tensor
+
+    def table(self) -> torch.Tensor:
+        """(B, 7) float64: a_xx a_xv a_vx a_vv l11 l21 l22 (the perturb kernels' layout)."""
+        return torch.stack([self.a_xx, self.a_xv, self.a_vx, self.a_vv, self.l11, self.l21, self.l22], dim=-1)
+
+
+def _cholesky2(s_xx, s_xv, s_vv):
+    l11 = torch.sqrt(s_xx)
+    l21 = torch.where(l11 > 0, s_xv / torch.where(l11 > 0, l11, torch.ones_like(l11)), torch.zeros_like(l11))
+    l22 = torch.sqrt(torch.clamp(s_vv - l21 * l21, min=0.0))
+    return l11, l21, l22
+
+
+@dataclass(frozen=True)
+class CLD:
+    """Critically-damped Langevin diffusion (Dockhorn, Vahdat, Kreis, ICLR 2022).
+
+    Parameters (immutable, validated): ``beta0``, ``beta1`` (beta(t) = beta0 + beta1 t must be > 0 on
+    [0, 1]), ``m_inv`` = 1 / M > 0, ``gamma`` > 0 (initial velocity v0 ~ N(0, gamma * M)) and
+    ``numerical_eps`` >= 0 added to the diagonal of the perturbation covariance.
+    """
+
+    beta0: float = 4.0
+    beta1: float = 0.0
+    m_inv: float = 4.0
+    gamma: float = 0.04
+    numerical_eps: float = 1e-9
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"CLD.{f.name} must be a real number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"CLD.{f.name} must be finite, got {value}")
+            object.__setattr__(self, f.name, float(value))
+        if self.m_inv <= 0:
+            raise ValueError(f"CLD.m_inv must be > 0, got {self.m_inv}")
+        if self.gamma <= 0:
+            raise ValueError(f"CLD.gamma must be > 0, got {self.gamma}")
+        if self.numerical_eps < 0:
+            raise ValueError(f"CLD.numerical_eps must be >= 0, got {self.numerical_eps}")
+        if self.beta0 <= 0 or self.beta0 + self.beta1 <= 0:
+            raise ValueError(
+                f"beta(t) = beta0 + beta1 * t must be > 0 on [0, 1]; got beta0={self.beta0}, "
+                f"beta(1)={self.beta0 + self.beta1}"
+            )
+
+    # ---- constants -------------------------------------------------------------------------
+    @property
+    def M(self) -> float:
+        """Mass M = 1 / m_inv."""
+        return 1.0 / self.m_inv
+
+    @property
+    def Gamma(self) -> float:
+        """Friction Gamma = 2 / sqrt(m_inv) (critical damping, Gamma^2 = 4 M)."""
+        return 2.0 / math.sqrt(self.m_inv)
+
+    @property
+    def g(self) -> float:
+        """g = sqrt(m_inv) / 2 = 1 / Gamma, the rate in every closed form."""
+        return math.sqrt(self.m_inv) / 2.0
+
+    @property
+    def is_augmented(self) -> bool:
+        return True
+
+    def beta(self, t):
+        """beta(t) = beta0 + beta1 t; float64 tensor of t's shape (numbers give a 0-d tensor)."""
+        t = _as_time(t)
+        return self.beta0 + self.beta1 * t
+
+    def beta_int(self, t):
+        """B(t) = int_0^t beta = beta0 t + beta1 t^2 / 2; float64 tensor of t's shape."""
+        t = _as_time(t)
+        return self.beta0 * t + 0.5 * self.beta1 * t * t
+
+    def initial_covariance(self, objective: str = "hsm"):
+        """(s0x, s0v) of the initial state: HSM marginalises v0 ~ N(0, gamma M); DSM conditions on it."""
+        _check_objective(objective)
+        if objective == "hsm":
+            return 0.0, self.gamma * self.M
+        return 0.0, 0.0
+
+    # ---- forward perturbation kernel -------------------------------------------------------
+    def _transition(self, b: torch.Tensor, s0x: float, s0v: float, eps: float):
+        """Mean matrix and covariance of the forward linear SDE over an integrated-beta span b >= 0."""
+        g = self.g
+        gb = g * b
+        c = torch.exp(-2.0 * gb)
+        m = c * c
+        y = 4.0 * gb
+        a_xx = c * (1.0 + 2.0 * gb)
+        a_xv = c * (4.0 * g * g * b)
+        a_vx = -c * b
+        a_vv = c * (1.0 - 2.0 * gb)
+        s_xx = _p3(y) + m * (s0x * (1.0 + 2.0 * gb) ** 2 + 16.0 * g ** 4 * b * b * s0v) + eps
+        s_xv = m * (4.0 * g * b * b - s0x * b * (1.0 + 2.0 * gb) + 4.0 * g * g * b * s0v * (1.0 - 2.0 * gb))
+        s_vv = _q3(y) / (4.0 * g * g) + m * (s0v * (1.0 - 2.0 * gb) ** 2 + s0x * b * b) + eps
+        return a_xx, a_xv, a_vx, a_vv, s_xx, s_xv, s_vv
+
+    def perturbation_kernel(self, t, objective: str = "hsm") -> PerturbationKernel:
+        """Coefficients of p(u_t | x0) ("hsm": v0 marginalised) or p(u_t | x0, v0) ("dsm").
+
+        Args:
+            t: (B,) tensor of forward times (any float dtype, any device) or a float.
+            objective: "hsm" or "dsm".
+        Returns:
+            PerturbationKernel with float64 fields of t's shape on t's device.
+        """
+        _check_objective(objective)
+        b = self.beta_int(t)
+        s0x, s0v = self.initial_covariance(objective)
+        a_xx, a_xv, a_vx, a_vv, s_xx, s_xv, s_vv = self._transition(b, s0x, s0v, self.numerical_eps)
+        l11, l21, l22 = _cholesky2(s_xx, s_xv, s_vv)
+        return PerturbationKernel(a_xx, a_xv, a_vx, a_vv, s_xx, s_xv, s_vv, l11, l21, l22)
+
+    def marginal_prob(self, x0: torch.Tensor, t, objective: str = "hsm", v0: Optional[torch.Tensor] = None):
+        """Mean (x, v) and covariance fields of u_t given x0 (and v0 for DSM); x0 (B, ...), t (B,)."""
+        k = self.perturbation_kernel(t, objective)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        x0d = x0.to(torch.float64)
+        v0d = torch.zeros_like(x0d) if v0 is None else v0.to(torch.float64)
+        mean_x = k.a_xx.view(shape) * x0d + k.a_xv.view(shape) * v0d
+        mean_v = k.a_vx.view(shape) * x0d + k.a_vv.view(shape) * v0d
+        return mean_x, mean_v, k
+
+    # ---- score parameterisation and loss ---------------------------------------------------
+    def mixed_score_coefficients(self, t) -> torch.Tensor:
+        """(B, 2) float64 [-1/s_vv, -1/l22] of the HSM kernel: score = c0 * v + c1 * out."""
+        k = self.perturbation_kernel(t, "hsm")
+        return torch.stack([-1.0 / k.s_vv, -1.0 / k.l22], dim=-1)
+
+    def loss_coefficients(self, t, weighting: str = "reweightedv2") -> torch.Tensor:
+        """(B, 2) float64 [c, w] with per-sample loss w * sum((out + c * v - eps_v)^2).
+
+        ``reweightedv2``: w = 1. ``likelihood``: (score + eps_v / l22)^2 * beta * Gamma
+        = (out + c v - eps_v)^2 * beta * Gamma / l22^2 under the mixed score.
+        """
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        k = self.perturbation_kernel(t, "hsm")
+        c = k.l22 / k.s_vv
+        if weighting == "reweightedv2":
+            w = torch.ones_like(c)
+        else:
+            w = self.beta(t).expand_as(c) * self.Gamma / (k.l22 * k.l22)
+        return torch.stack([c, w], dim=-1)
+
+    # ---- prior -----------------------------------------------------------------------------
+    def prior_sampling(self, shape, generator=None, device=None, dtype=torch.float32):
+        """Sample u_T: x ~ N(0, I), v ~ N(0, M I). ``shape`` is the data shape (B, C, ...); returns (B, 2C, ...)."""
+        shape = tuple(shape)
+        u_shape = (shape[0], 2 * shape[1]) + shape[2:]
+        u = torch.randn(u_shape, generator=generator, device=device, dtype=dtype)
+        u.narrow(1, shape[1], shape[1]).mul_(math.sqrt(self.M))
+        return u
+
+    def prior_logp(self, u: torch.Tensor) -> torch.Tensor:
+        """log N(x; 0, I) + log N(v; 0, M I) summed per sample; u (B, 2C, ...) -> (B,) float64."""
+        x, v = torch.chunk(u.to(torch.float64), 2, dim=1)
+        n = x[0].numel()
+        lx = -0.5 * x.flatten(1).pow(2).sum(1) - 0.5 * n * math.log(2 * math.pi)
+        lv = -0.5 * v.flatten(1).pow(2).sum(1) / self.M - 0.5 * n * math.log(2 * math.pi * self.M)
+        return lx + lv
+
+    def initial_velocity_entropy(self, n: int) -> float:
+        """Entropy of v0 ~ N(0, gamma M I_n), in nats (subtracted in the CLD likelihood bound)."""
+        return 0.5 * n * (1.0 + math.log(2 * math.pi * self.gamma * self.M))
+
+    # ---- SSCS and reverse-time step coefficients -------------------------------------------
+    def half_step_coefficients(self, t, h) -> torch.Tensor:
+        """Analytic linear part of the reverse SDE from forward time t to t - h (h > 0).
+
+        With Bd = B(t - h) - B(t) < 0 this is the exact solution of
+        dx = -m_inv v beta ds, dv = (x - Gamma m_inv v) beta ds + sqrt(2 Gamma beta) dW.
+        Returns (..., 7) float64: a_xx a_xv a_vx a_vv l11 l21 l22 (HALF_COLS).
+        """
+        t = _as_time(t)
+        h = _as_time(h, "h")
+        bd = self.beta_int(t - h) - self.beta_int(t)
+        # The reverse linear part is the forward one conjugated by diag(-1, 1).
+        a_xx, a_xv, a_vx, a_vv, s_xx, s_xv, s_vv = self._transition(-bd, 0.0, 0.0, 0.0)
+        l11, l21, l22 = _cholesky2(s_xx, -s_xv, s_vv)
+        return torch.stack([a_xx, -a_xv, -a_vx, a_vv, l11, l21, l22], dim=-1)
+
+    def half_step_covariance(self, t, h):
+        """(s_xx, s_xv, s_vv) float64 of the reverse linear half step from t to t - h."""
+        t = _as_time(t)
+        h = _as_time(h, "h")
+        bd = self.beta_int(t - h) - self.beta_int(t)
+        _, _, _, _, s_xx, s_xv, s_vv = self._transition(-bd, 0.0, 0.0, 0.0)
+        return s_xx, -s_xv, s_vv
+
+    def score_step_coefficients(self, t, h, mixed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(alpha, kappa) of the SSCS score Euler step v <- alpha v + kappa y at forward time t, size h.
+
+        Plain score (y = score): alpha = 1 + 2 Gamma beta h m_inv, kappa = 2 Gamma beta h.
+        With ``mixed`` = (c0, c1) from ``mixed_score_coefficients`` the network output y = out is
+        used directly: score = c0 v + c1 out folds into alpha and kappa.
+        """
+        t = _as_time(t)
+        h = _as_time(h, "h")
+        e = 2.0 * self.Gamma * self.beta(t) * h
+        alpha = 1.0 + e * self.m_inv
+        kappa = e
+        if mixed is not None:
+            alpha = alpha + e * mixed[..., 0]
+            kappa = e * mixed[..., 1]
+        return torch.stack(torch.broadcast_tensors(alpha, kappa), dim=-1)
+
+    def reverse_affine_coefficients(self, t, h, kind: str = "em", mixed: Optional[torch.Tensor] = None):
+        """(..., 6) float64 affine step x' = c_xx x + c_xv v, v' = c_vx x + c_vv v + c_vy y + sigma z.
+
+        kind "em": Euler-Maruyama step of the reverse SDE from t to t - h (h > 0).
+        kind "denoise": the same step without noise (the official last "denoising" step).
+        kind "pf_drift": d u / d t of the probability-flow ODE at t (h ignored): forward-time drift,
+            x' = m_inv beta v, v' = (-x - Gamma m_inv v) beta - Gamma beta score.
+        ``mixed`` = (c0, c1) folds the mixed score (score = c0 v + c1 out) so y is the network output.
+        """
+        t = _as_time(t)
+        h = _as_time(h, "h")
+        beta = self.beta(t)
+        G, mi = self.Gamma, self.m_inv
+        if kind in ("em", "denoise"):
+            bh = beta * h
+            c_xx = torch.ones_like(bh)
+            c_xv = -mi * bh
+            c_vx = bh
+            c_vv = 1.0 + G * mi * bh
+            c_vy = 2.0 * G * bh
+            sigma = torch.sqrt(2.0 * G * bh) if kind == "em" else torch.zeros_like(bh)
+        elif kind == "pf_drift":
+            c_xx = torch.zeros_like(beta)
+            c_xv = mi * beta
+            c_vx = -beta
+            c_vv = -G * mi * beta
+            c_vy = -G * beta
+            sigma = torch.zeros_like(beta)
+        else:
+            raise ValueError(f"kind must be 'em', 'denoise' or 'pf_drift', got {kind!r}")
+        if mixed is not None:
+            c_vv = c_vv + c_vy * mixed[..., 0]
+            c_vy = c_vy * mixed[..., 1]
+        return torch.stack(torch.broadcast_tensors(c_xx, c_xv, c_vx, c_vv, c_vy, sigma), dim=-1)
+
+    def sscs_table(self, ts: torch.Tensor, mixed: bool = False) -> torch.Tensor:
+        """Per-step rows for a fused SSCS loop over the forward-time grid ``ts`` (n + 1 points, decreasing).
+
+        Step i runs from ts[i] to ts[i+1] with h_i = ts[i] - ts[i+1]. The returned (n + 1, 16)
+        float64 table holds, in row 0, the opening half step of step 0 (in columns 2:9; alpha = 1,
+        kappa = 0, second half step the identity), and in row i + 1 the rest of step i: the score
+        Euler step at ts[i] (alpha, kappa), its closing half step (ts[i] - h_i/2 -> ts[i+1]) and the
+        opening half step of step i + 1 (identity after the last step). ``mixed`` folds the mixed
+        score of ``mixed_score_coefficients(ts[i])`` so the kernel consumes the network output.
+        """
+        ts = _as_time(ts, "ts").flatten()
+        n = ts.numel() - 1
+        if n < 1:
+            raise ValueError("ts must hold at least two time points")
+        h = ts[:-1] - ts[1:]
+        opening = self.half_step_coefficients(ts[:-1], 0.5 * h)
+        closing = self.half_step_coefficients(ts[:-1] - 0.5 * h, ts[:-1] - 0.5 * h - ts[1:])
+        identity = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=ts.device)
+        mix = self.mixed_score_coefficients(ts[:-1]) if mixed else None
+        score = self.score_step_coefficients(ts[:-1], h, mixed=mix)
+        table = torch.zeros(n + 1, SSCS_COLS, dtype=torch.float64, device=ts.device)
+        table[0, 0] = 1.0
+        table[0, 2:9] = opening[0]
+        table[0, 9:16] = identity
+        table[1:, 0:2] = score
+        table[1:, 2:9] = closing
+        table[1:n, 9:16] = opening[1:]
+        table[n, 9:16] = identity
+        return table
+
+
+def _check_objective(objective):
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+@dataclass(frozen=True)
+class VPSDE:
+    """Variance-preserving SDE (Song et al. 2021), the non-CLD baseline: beta linear beta_min -> beta_max.
+
+    dx = -beta(t) x / 2 dt + sqrt(beta(t)) dW; p(x_t | x0) = N(alpha(t) x0, sigma(t)^2 I).
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"VPSDE.{f.name} must be a finite real number, got {value!r}")
+            object.__setattr__(self, f.name, float(value))
+        if self.beta_min <= 0 or self.beta_max <= 0:
+            raise ValueError(f"VPSDE betas must be > 0, got beta_min={self.beta_min}, beta_max={self.beta_max}")
+
+    @property
+    def is_augmented(self) -> bool:
+        return False
+
+    def beta(self, t):
+        """beta(t) = beta_min + (beta_max - beta_min) t, float64."""
+        t = _as_time(t)
+        return self.beta_min + (self.beta_max - self.beta_min) * t
+
+    def beta_int(self, t):
+        """int_0^t beta, float64."""
+        t = _as_time(t)
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+
+    def marginal_coefficients(self, t):
+        """(alpha, sigma) float64 with x_t = alpha x0 + sigma eps."""
+        b = self.beta_int(t)
+        alpha = torch.exp(-0.5 * b)
+        sigma = torch.sqrt(-torch.expm1(-b))
+        return alpha, sigma
+
+    def prior_sampling(self, shape, generator=None, device=None, dtype=torch.float32):
+        """x_T ~ N(0, I) of the data shape."""
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+    def prior_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """log N(x; 0, I) per sample, (B,) float64."""
+        xd = x.to(torch.float64).flatten(1)
+        return -0.5 * xd.pow(2).sum(1) - 0.5 * xd.shape[1] * math.log(2 * math.pi)
+
+    def reverse_coefficients(self, t, h, kind: str = "em"):
+        """(..., 3) float64 [c_x, c_s, sigma] of a reverse step x' = c_x x + c_s score + sigma z.
+
+        "em": Euler-Maruyama from t to t - h; "denoise": the same without noise;
+        "pf_drift": forward-time probability-flow drift dx/dt = -beta x / 2 - beta score / 2.
+        """
+        t = _as_time(t)
+        h = _as_time(h, "h")
+        beta = self.beta(t)
+        if kind in ("em", "denoise"):
+            bh = beta * h
+            c_x = 1.0 + 0.5 * bh
+            c_s = bh
+            sigma = torch.sqrt(bh) if kind == "em" else torch.zeros_like(bh)
+        elif kind == "pf_drift":
+            c_x = -0.5 * beta
+            c_s = -0.5 * beta
+            sigma = torch.zeros_like(beta)
+        else:
+            raise ValueError(f"kind must be 'em', 'denoise' or 'pf_drift', got {kind!r}")
+        return torch.stack(torch.broadcast_tensors(c_x, c_s, sigma), dim=-1)

@@ -1,0 +1,91 @@
+"""Bad input raises a ValueError or TypeError that names the argument and what was expected."""
+import pytest
+import torch
+
+import cld_fast as cf
+from cld_fast.sde import CLD
+
+SDE = CLD()
+X0 = torch.randn(3, 2, 5)
+T = torch.tensor([0.1, 0.5, 1.0])
+U, NOISE = cf.perturb(X0, T, SDE, backend="torch")
+OUT = torch.randn(3, 2, 5)
+TABLE = SDE.sscs_table(torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)).float()
+
+
+def _nan_x0():
+    x = X0.clone()
+    x[0, 0, 0] = float("nan")
+    return x
+
+
+BAD = [
+    # perturb
+    ("x0 list", lambda: cf.perturb([1.0, 2.0], T, SDE), TypeError, "x0 must be a torch.Tensor"),
+    ("x0 int", lambda: cf.perturb(torch.ones(3, 2, dtype=torch.int64), T, SDE), TypeError, "x0 must have dtype"),
+    ("x0 bf16", lambda: cf.perturb(X0.bfloat16(), T, SDE), TypeError, "x0 must have dtype"),
+    ("x0 1-d", lambda: cf.perturb(torch.randn(3), T, SDE), ValueError, "x0 must have at least 2 dimensions"),
+    ("x0 empty", lambda: cf.perturb(torch.randn(0, 2), torch.ones(0), SDE), ValueError, "x0 must not be empty"),
+    ("x0 nan", lambda: cf.perturb(_nan_x0(), T, SDE), ValueError, "x0 contains NaN"),
+    ("t not tensor", lambda: cf.perturb(X0, 0.5, SDE), TypeError, r"t must be a torch.Tensor of shape \(3,\)"),
+    ("t int dtype", lambda: cf.perturb(X0, torch.ones(3, dtype=torch.int64), SDE), TypeError, "t must be a floating-point"),
+    ("t wrong shape", lambda: cf.perturb(X0, torch.ones(3, 1), SDE), ValueError, r"t must have shape \(3,\)"),
+    ("t wrong batch", lambda: cf.perturb(X0, torch.ones(4), SDE), ValueError, r"t must have shape \(3,\)"),
+    ("t zero", lambda: cf.perturb(X0, torch.tensor([0.0, 0.5, 1.0]), SDE), ValueError, r"t must lie in \(0, 1\]"),
+    ("t above one", lambda: cf.perturb(X0, torch.tensor([0.1, 0.5, 1.01]), SDE), ValueError, r"t must lie in \(0, 1\]"),
+    ("t nan", lambda: cf.perturb(X0, torch.tensor([0.1, float("nan"), 1.0]), SDE), ValueError, "t contains NaN"),
+    ("sde wrong type", lambda: cf.perturb(X0, T, cf.VPSDE()), TypeError, "sde must be a cld_fast.CLD"),
+    ("objective", lambda: cf.perturb(X0, T, SDE, objective="ism"), ValueError, "objective must be one of"),
+    ("eps shape", lambda: cf.perturb(X0, T, SDE, eps=torch.randn(3, 2, 4)), ValueError, r"eps must have shape \(3, 2, 10\)"),
+    ("backend unknown", lambda: cf.perturb(X0, T, SDE, backend="metal"), ValueError, "unknown backend 'metal'"),
+    # hsm_loss
+    ("out shape", lambda: cf.hsm_loss(torch.randn(3, 4, 5), U, T, SDE, NOISE), ValueError, r"out must have the data shape \(3, 2, 5\)"),
+    ("out int", lambda: cf.hsm_loss(OUT.long(), U, T, SDE, NOISE), TypeError, "out must have dtype"),
+    ("out fp64 with fp32 state", lambda: cf.hsm_loss(OUT.double(), U, T, SDE, NOISE), TypeError, "out is float64 but u is float32"),
+    ("u odd channels", lambda: cf.hsm_loss(OUT, torch.randn(3, 3, 5), T, SDE, NOISE), ValueError, "u must have an even size along dim 1"),
+    ("noise wrong type", lambda: cf.hsm_loss(OUT, U, T, SDE, torch.randn(3, 2, 10)), TypeError, "noise must be the Noise handle"),
+    ("noise other batch", lambda: cf.hsm_loss(OUT[:2], U[:2], T[:2], SDE, NOISE), ValueError, "noise was drawn for 30 elements"),
+    ("weighting", lambda: cf.hsm_loss(OUT, U, T, SDE, NOISE, weighting="l1"), ValueError, "weighting must be one of"),
+    ("reduction", lambda: cf.hsm_loss(OUT, U, T, SDE, NOISE, reduction="max"), ValueError, "reduction must be"),
+    ("loss t range", lambda: cf.hsm_loss(OUT, U, torch.tensor([0.1, 0.5, 2.0]), SDE, NOISE), ValueError, r"t must lie in \(0, 1\]"),
+    ("mixed out shape", lambda: cf.mixed_score(torch.randn(3, 2, 4), U, T, SDE), ValueError, "out must have the data shape"),
+    # sampler steps
+    ("table cols", lambda: cf.sscs_step_(U.clone(), OUT, TABLE[:, :7], step=1), ValueError, r"table must have shape \(S, 16\)"),
+    ("table int", lambda: cf.sscs_step_(U.clone(), OUT, TABLE.long(), step=1), TypeError, "table must be a floating-point"),
+    ("y shape", lambda: cf.sscs_step_(U.clone(), torch.randn(3, 5), TABLE, step=1), ValueError, "y .* must have the data shape"),
+    ("step negative", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=-1), ValueError, "step must be >= 0"),
+    ("step float tensor", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=torch.tensor([1.0])), TypeError, "step must be a \\(1,\\) int64"),
+    ("step bool", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=True), TypeError, "step must be an int"),
+    ("seed range", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=1, seed=-5), ValueError, "seed must be in"),
+    ("seed type", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=1, seed="abc"), TypeError, "seed must be None"),
+    ("sscs eps shape", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=1, eps=torch.randn(3, 2, 10)), ValueError, r"eps must have shape \(3, 4, 10\)"),
+    ("em table", lambda: cf.em_step_(U.clone(), OUT, TABLE, step=1), ValueError, r"table must have shape \(S, 6\)"),
+    ("half u dtype", lambda: cf.half_step_(U.half(), TABLE[:, 2:9], step=0), TypeError, "u must have dtype"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_raises_clear_error(case):
+    _, fn, exc, match = case
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def test_at_least_twenty_cases():
+    assert len(BAD) >= 20
+
+
+def test_forced_backend_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.setenv("CLD_FAST_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' was requested but can't run here"):
+        cf.perturb(X0, T, SDE)
+    monkeypatch.setenv("CLD_FAST_BACKEND", "nonsense")
+    with pytest.raises(RuntimeError, match="CLD_FAST_BACKEND='nonsense' is not a backend"):
+        cf.perturb(X0, T, SDE)
+
+
+def test_device_mismatch_is_named():
+    with pytest.raises(ValueError, match="t is on meta but the data is on cpu"):
+        cf.perturb(X0, T.to("meta"), SDE)
+    with pytest.raises(ValueError, match="y is on meta but u is on cpu"):
+        cf.sscs_step_(U.clone(), OUT.to("meta"), TABLE, step=1)
