@@ -50,8 +50,53 @@ def _check_sde(sde, name="sde"):
         raise TypeError(f"{name} must be a cld_fast.CLD, got {type(sde).__name__}")
 
 
+@dataclass(frozen=True)
+class TrainingTimes:
+    """Times and coefficient tables for one training batch, on the data's device.
+
+    ``t`` (B,) float32, ``perturb`` (B, 7) and ``loss`` (B, 2) in the state dtype. Built by
+    ``training_times`` on the host and moved in one pinned, non-blocking copy, so a training step
+    runs no float64 coefficient kernels and never synchronises the host.
+    """
+
+    t: torch.Tensor
+    perturb: torch.Tensor
+    loss: torch.Tensor
+
+
+def training_times(batch: int, sde: CLD, device, generator: Optional[torch.Generator] = None, loss_eps: float = 1e-5,
+                   weighting: str = "reweightedv2", dtype: torch.dtype = torch.float32) -> TrainingTimes:
+    """Draw t ~ U(loss_eps, 1) on the host and precompute the perturbation and loss tables.
+
+    Args:
+        batch: B. sde: the CLD. device: where the data lives. generator: a CPU generator (or None).
+        loss_eps: smallest training time. weighting: loss weighting. dtype: state dtype.
+    Returns:
+        TrainingTimes on ``device``; pass ``coefficients=tt.perturb`` to ``perturb`` and
+        ``coefficients=tt.loss`` to ``hsm_loss`` along with ``tt.t``.
+    """
+    _check_sde(sde)
+    checks.optional_int(batch, "batch", minimum=1)
+    if not 0.0 < loss_eps < 1.0:
+        raise ValueError(f"loss_eps must lie in (0, 1), got {loss_eps}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError("generator must be a CPU generator: training times are drawn on the host")
+    t = torch.rand(batch, generator=generator, dtype=torch.float64) * (1.0 - loss_eps) + loss_eps
+    pk = sde.perturbation_kernel(t, "hsm").table()
+    lc = sde.loss_coefficients(t, weighting)
+    packed = torch.cat([t[:, None], pk, lc], dim=1).to(torch.float32 if dtype != torch.float64 else dtype)
+    device = torch.device(device)
+    if device.type == "cuda":
+        packed = packed.pin_memory().to(device, non_blocking=True)
+    else:
+        packed = packed.to(device)
+    return TrainingTimes(t=packed[:, 0].to(torch.float32) if dtype != torch.float64 else packed[:, 0],
+                         perturb=packed[:, 1:8].to(dtype), loss=packed[:, 8:10].to(dtype))
+
+
 def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm", generator: Optional[torch.Generator] = None,
-            eps: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> Tuple[torch.Tensor, Noise]:
+            eps: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+            coefficients: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Noise]:
     """Sample u_t ~ p(u_t | x0) of the CLD perturbation kernel in one fused pass.
 
     Args:
@@ -62,6 +107,8 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
         generator: torch.Generator for the noise (its device's default generator when None).
         eps: optional explicit noise (B, 2, D) (eps_x, eps_v), for exact reproduction.
         backend: force a backend (else ``CLD_FAST_BACKEND`` or automatic choice).
+        coefficients: optional precomputed (B, 7) ``sde.perturbation_kernel(t, objective).table()``
+            on x0's device (see ``training_times``); skips the coefficient math here.
     Returns:
         u: (B, 2C, ...) in x0's dtype, x in the first C channels, v in the last C.
         noise: a ``Noise`` handle for ``hsm_loss``.
@@ -73,8 +120,10 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
     checks.finite(x0, "x0")
     d = x0[0].numel()
     mod = backends.select(x0.device, x0.dtype, backend)
-    k = sde.perturbation_kernel(t, objective)
-    coef = k.table().to(x0.dtype)
+    if coefficients is None:
+        coef = sde.perturbation_kernel(t, objective).table().to(x0.dtype)
+    else:
+        coef = _check_coefficients(coefficients, b, 7, x0, "coefficients").to(x0.dtype)
     u = torch.empty((b, 2 * x0.shape[1]) + tuple(x0.shape[2:]), dtype=x0.dtype, device=x0.device)
     x2 = _flat(x0)
     v0 = None
@@ -119,8 +168,17 @@ class _HSMLoss(torch.autograd.Function):
         return grad_out, grad_u, None, None, None, None
 
 
+def _check_coefficients(coef, batch, cols, like, name):
+    checks.tensor(coef, name, dtypes=checks.STATE_DTYPES)
+    if tuple(coef.shape) != (batch, cols):
+        raise ValueError(f"{name} must have shape {(batch, cols)}, got {tuple(coef.shape)}")
+    checks.same_device(like, "the data", **{name: coef})
+    return coef
+
+
 def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, noise: Noise,
-             weighting: str = "reweightedv2", reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
+             weighting: str = "reweightedv2", reduction: str = "mean", backend: Optional[str] = None,
+             coefficients: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Hybrid score matching loss of the mixed score parameterisation, fused and differentiable in ``out``.
 
     Per sample, summed over data dimensions:
@@ -135,6 +193,8 @@ def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, nois
         noise: the handle ``perturb`` returned with ``u``.
         weighting: "reweightedv2" or "likelihood".
         reduction: "mean" (scalar, the official training loss), "sum", or "none" ((B,) per sample).
+        coefficients: optional precomputed (B, 2) ``sde.loss_coefficients(t, weighting)`` on u's
+            device (see ``training_times``).
     Returns:
         float32 loss (float64 for a float64 state); gradients flow to ``out``.
     """
@@ -163,7 +223,13 @@ def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, nois
     if forced:
         name = forced
     mod = backends.select(u.device, u.dtype, name)
-    coef = sde.loss_coefficients(t, weighting).to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if coefficients is None:
+        coef = sde.loss_coefficients(t, weighting).to(acc)
+    else:
+        if weighting not in ("reweightedv2", "likelihood"):
+            raise ValueError(f"weighting must be one of ('reweightedv2', 'likelihood'), got {weighting!r}")
+        coef = _check_coefficients(coefficients, b, 2, u, "coefficients").to(acc)
     u3 = _state_view(u.contiguous())
     eps_v = None if noise.eps is None else noise.eps[:, 1].contiguous()
     losses = _HSMLoss.apply(_flat(out), u3, coef, eps_v, noise.seed, mod.NAME)

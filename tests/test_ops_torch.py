@@ -283,3 +283,24 @@ def test_value_checks_can_be_switched_off():
         cf.perturb(x0, torch.tensor([0.5, 1.5]), sde)
     with cf.value_checks(False):
         cf.perturb(x0, torch.tensor([0.5, 0.9]), sde)
+
+
+def test_training_times_tables_match_on_device_math():
+    sde = CLD()
+    g = torch.Generator().manual_seed(5)
+    tt = cf.ops.training_times(6, sde, "cpu", generator=g, weighting="likelihood")
+    assert tt.t.shape == (6,) and tt.t.dtype == torch.float32
+    assert bool(((tt.t >= 1e-5) & (tt.t <= 1)).all())
+    x0 = torch.randn(6, 4)
+    eps = torch.randn(6, 2, 4)
+    a, na = cf.perturb(x0, tt.t, sde, eps=eps, coefficients=tt.perturb)
+    b, nb = cf.perturb(x0, tt.t, sde, eps=eps)
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    out = torch.randn(6, 4)
+    la = cf.hsm_loss(out, a, tt.t, sde, na, weighting="likelihood", coefficients=tt.loss, reduction="none")
+    lb = cf.hsm_loss(out, a, tt.t, sde, na, weighting="likelihood", reduction="none")
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"coefficients must have shape \(6, 7\)"):
+        cf.perturb(x0, tt.t, sde, coefficients=tt.loss)
+    with pytest.raises(ValueError, match="loss_eps"):
+        cf.ops.training_times(6, sde, "cpu", loss_eps=0.0)
