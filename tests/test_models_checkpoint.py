@@ -1,0 +1,145 @@
+"""load_official_checkpoint: reproduces the official network's outputs and rejects corrupt checkpoints.
+
+The fixture checkpoint was written by the official CLD-SGM classes (random weights, 16x16 NCSN++);
+``official_small_io.pt`` holds the official outputs for raw weights (``out_model``) and for EMA
+weights (``out_ema``). Relative error: max|ours - official| / max|official|.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cld_fast.models import NCSNpp, load_official_checkpoint
+
+FIX = Path(__file__).parent / "fixtures" / "official_cld_sgm"
+CKPT = FIX / "official_small_checkpoint.pth"
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def config():
+    return json.loads((FIX / "official_small_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def io():
+    return torch.load(FIX / "official_small_io.pt", weights_only=True)
+
+
+@pytest.fixture()
+def ckpt():
+    return torch.load(CKPT, weights_only=True)
+
+
+@pytest.mark.parametrize("use_ema,key", [(False, "out_model"), (True, "out_ema")])
+def test_reproduces_official_outputs(config, io, use_ema, key):
+    net = load_official_checkpoint(CKPT, config=config, use_ema=use_ema)
+    assert isinstance(net, NCSNpp) and not net.training
+    assert io["u"].shape == (3, 6, 16, 16) and io["t"].shape == (3,)
+    with torch.no_grad():
+        out = net(io["u"], io["t"])
+    assert out.shape == io[key].shape == (3, 3, 16, 16)
+    assert rel(out, io[key]) < 1e-5
+
+
+def test_ema_differs_from_raw_and_is_copied_in_parameter_order(config, io, ckpt):
+    assert rel(io["out_model"], io["out_ema"]) > 1e-3  # the fixture distinguishes the two
+    net = load_official_checkpoint(CKPT, config=config, use_ema=True)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    shadow = ckpt["ema"]["shadow_params"]
+    assert len(trainable) == len(shadow)
+    assert all(torch.equal(p, s) for p, s in zip(trainable, shadow))
+    # The frozen Fourier W comes from the model state_dict.
+    assert torch.equal(net.all_modules[0].W, ckpt["model"]["module.all_modules.0.W"])
+
+
+def test_state_dict_keys_are_official(config, ckpt):
+    net = load_official_checkpoint(CKPT, config=config, use_ema=False)
+    assert list(net.state_dict()) == [k[len("module."):] for k in ckpt["model"]]
+
+
+def test_plain_state_dict_with_and_without_prefix(config, io, ckpt, tmp_path):
+    plain = {k[len("module."):]: v for k, v in ckpt["model"].items()}
+    torch.save(plain, tmp_path / "plain.pth")
+    torch.save(ckpt["model"], tmp_path / "prefixed.pth")
+    for name in ("plain.pth", "prefixed.pth"):
+        net = load_official_checkpoint(tmp_path / name, config=config)
+        with torch.no_grad():
+            assert rel(net(io["u"], io["t"]), io["out_model"]) < 1e-5
+    # Already-loaded dicts are accepted too.
+    net = load_official_checkpoint(ckpt, config=config, use_ema=True)
+    with torch.no_grad():
+        assert rel(net(io["u"], io["t"]), io["out_ema"]) < 1e-5
+
+
+def _save(obj, tmp_path, name="bad.pth"):
+    path = tmp_path / name
+    torch.save(obj, path)
+    return path
+
+
+def test_missing_key_raises(config, ckpt, tmp_path):
+    del ckpt["model"]["module.all_modules.4.Conv_1.weight"]
+    with pytest.raises(ValueError, match=r"missing keys.*all_modules\.4\.Conv_1\.weight"):
+        load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=False)
+
+
+def test_unexpected_key_raises(config, ckpt, tmp_path):
+    ckpt["model"]["module.all_modules.4.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"unexpected keys.*all_modules\.4\.extra\.weight"):
+        load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=True)
+
+
+def test_wrong_shape_raises(config, ckpt, tmp_path):
+    ckpt["model"]["module.all_modules.3.weight"] = torch.zeros(16, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"wrong shapes.*all_modules\.3\.weight.*\(16, 3, 3, 3\).*\(16, 6, 3, 3\)"):
+        load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=False)
+
+
+def test_wrong_number_of_ema_tensors_raises(config, ckpt, tmp_path):
+    ckpt["ema"]["shadow_params"] = ckpt["ema"]["shadow_params"][:-1]
+    with pytest.raises(ValueError, match=r"wrong number of EMA shadow params.*291.*292"):
+        load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=True)
+    # Irrelevant when the EMA weights are not requested.
+    load_official_checkpoint(_save(ckpt, tmp_path, "ok.pth"), config=config, use_ema=False)
+
+
+def test_wrong_ema_shape_raises(config, ckpt, tmp_path):
+    sp = ckpt["ema"]["shadow_params"]
+    sp[0], sp[1] = sp[1], sp[0]  # swapped order: shapes no longer line up
+    with pytest.raises(ValueError, match=r"EMA shadow params.*#0 \(all_modules\.1\.weight\)"):
+        load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=True)
+
+
+def test_no_ema_entry_with_use_ema_raises(config, ckpt, tmp_path):
+    del ckpt["ema"]
+    with pytest.raises(ValueError, match="no 'ema' entry"):
+        load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=True)
+
+
+def test_config_mismatch_raises_and_lists_few_keys(ckpt, tmp_path):
+    with pytest.raises(ValueError) as err:
+        load_official_checkpoint(CKPT, config="tiny")
+    msg = str(err.value)
+    assert "missing keys" in msg and "unexpected keys" in msg and "more" in msg
+    assert len(msg) < 3000
+
+
+def test_not_a_checkpoint_raises(config, tmp_path):
+    with pytest.raises(ValueError, match="neither"):
+        load_official_checkpoint(_save({"step": 3, "foo": "bar"}, tmp_path), config=config)
+
+
+def test_no_partial_load_on_error(config, ckpt, monkeypatch, tmp_path):
+    # Validation happens before any weight is written: load_state_dict is never reached.
+    called = []
+    orig = torch.nn.Module.load_state_dict
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda *a, **k: called.append(1) or orig(*a, **k))
+    del ckpt["model"]["module.all_modules.1.bias"]
+    with pytest.raises(ValueError):
+        load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=False)
+    assert not called

@@ -1,0 +1,220 @@
+"""NCSN++ of cld_fast.models: official layout, forward/backward, precision, memory format, compile.
+
+Relative error throughout: max|a - b| / max|b|.
+"""
+import itertools
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from cld_fast.models import NCSNpp, NCSNppConfig, build_model, get_config, load_official_checkpoint
+
+FIX = Path(__file__).parent / "fixtures" / "official_cld_sgm"
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def cifar10_model():
+    torch.manual_seed(0)
+    return build_model("cifar10")
+
+
+@pytest.fixture(scope="module")
+def small_config():
+    return json.loads((FIX / "official_small_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_io():
+    return torch.load(FIX / "official_small_io.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def small_net(small_config):
+    return load_official_checkpoint(FIX / "official_small_checkpoint.pth", config=small_config, use_ema=True)
+
+
+def test_cifar10_state_dict_matches_official_keys_and_shapes(cifar10_model):
+    ref = []
+    for line in (FIX / "official_cifar10_state_dict_keys.txt").read_text().splitlines():
+        if line.strip():
+            key, shape = line.split(" ", 1)
+            ref.append((key, tuple(int(s) for s in shape.strip("()").split(",") if s.strip())))
+    mine = [(k, tuple(v.shape)) for k, v in cifar10_model.state_dict().items()]
+    assert len(mine) == len(ref) == 963
+    assert mine == ref  # same keys, same shapes, same order
+    assert sum(p.numel() for p in cifar10_model.parameters()) == 107_593_987
+    # The Fourier W is frozen (not trainable, not part of the official EMA list).
+    assert not cifar10_model.all_modules[0].W.requires_grad
+    assert sum(p.requires_grad for p in cifar10_model.parameters()) == 962
+
+
+def test_cifar10_forward_backward_batch1(cifar10_model):
+    net = cifar10_model.train()
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(1, 6, 32, 32, generator=g)
+    t = torch.tensor([0.37])
+    net.zero_grad(set_to_none=True)
+    out = net(u, t)
+    assert out.shape == (1, 3, 32, 32) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    (out.square().mean() + out.mean()).backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert all(gr is not None for gr in grads)
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    assert any(gr.abs().max() > 0 for gr in grads)
+    assert net.all_modules[0].W.grad is None
+    net.zero_grad(set_to_none=True)
+    net.eval()
+
+
+def test_bf16_autocast_close_to_fp32(small_net, small_io):
+    u, t = small_io["u"], small_io["t"]
+    with torch.no_grad():
+        ref = small_net(u, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = small_net(u, t)
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    assert rel(out.float(), ref) < 2e-2
+
+
+def test_channels_last_matches_contiguous(small_net, small_io):
+    u, t = small_io["u"], small_io["t"]
+    with torch.no_grad():
+        ref = small_net(u, t)
+        out = small_net(u.contiguous(memory_format=torch.channels_last), t)
+    assert rel(out, ref) < 1e-5
+    net_cl = load_official_checkpoint(FIX / "official_small_checkpoint.pth",
+                                      config=json.loads((FIX / "official_small_config.json").read_text()))
+    net_cl = net_cl.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out2 = net_cl(u.contiguous(memory_format=torch.channels_last), t)
+    assert rel(out2, ref) < 1e-5
+
+
+def test_torch_compile_smoke(small_net, small_io):
+    # Dynamo capture of the whole network in one graph (aot_eager: no C++ compile, a few seconds).
+    torch._dynamo.reset()
+    compiled = torch.compile(small_net, backend="aot_eager", fullgraph=True)
+    u, t = small_io["u"], small_io["t"]
+    with torch.no_grad():
+        out = compiled(u, t)
+        ref = small_net(u, t)
+    assert rel(out, ref) < 1e-5
+    torch._dynamo.reset()
+
+
+def test_time_is_log_fourier_of_forward_time(small_net, small_io):
+    # The official network embeds log(t) with the Fourier projection: check module 0 sees log t.
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["x"] = inputs[0]
+
+    h = small_net.all_modules[0].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            small_net(small_io["u"], small_io["t"])
+    finally:
+        h.remove()
+    assert torch.allclose(seen["x"], torch.log(small_io["t"]))
+
+
+def test_scalar_t_broadcast_and_shape_errors(small_net, small_io):
+    u = small_io["u"]
+    with torch.no_grad():
+        a = small_net(u, torch.tensor(0.3))
+        b = small_net(u, torch.full((3,), 0.3))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError):
+        small_net(u[:, :3], small_io["t"])
+    with pytest.raises(ValueError):
+        small_net(u, torch.rand(2))
+
+
+def test_presets_and_get_config_copy():
+    c = get_config("cifar10")
+    assert c["n_channels"] == 128 and c["ch_mult"] == "1,2,2,2" and c["n_resblocks"] == 8
+    assert c["attn_resolutions"] == "16" and c["progressive_input"] == "residual"
+    assert c["embedding_type"] == "fourier" and c["fourier_scale"] == 16 and c["dropout"] == 0.1
+    c["n_channels"] = 1
+    assert get_config("cifar10")["n_channels"] == 128  # a copy
+    with pytest.raises(ValueError):
+        get_config("imagenet")
+    cfg = NCSNppConfig.from_dict(get_config("cifar10"))
+    assert cfg.ch_mult == (1, 2, 2, 2) and cfg.fir_kernel == (1.0, 3.0, 3.0, 1.0)
+    assert cfg.in_channels == 6 and cfg.out_channels == 3
+    assert NCSNppConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError):
+        NCSNppConfig.from_dict({"n_chanels": 3}, strict=True)
+    with pytest.raises(NotImplementedError):
+        NCSNppConfig(progressive="pyramid")
+
+
+def test_tiny_preset_forward():
+    net = build_model("tiny")
+    assert isinstance(net, NCSNpp)
+    assert sum(p.numel() for p in net.parameters()) < 100_000
+    out = net(torch.randn(2, 6, 8, 8), torch.rand(2) * 0.9 + 0.1)
+    assert out.shape == (2, 3, 8, 8)
+
+
+def test_celebahq256_preset_builds():
+    cfg = get_config("celebahq256")
+    assert cfg["image_size"] == 256 and cfg["ch_mult"] == "1,1,2,2,2,2,2"
+    assert cfg["progressive"] == "output_skip" and cfg["progressive_input"] == "input_skip"
+    # Same architecture at a reduced width, run at a reduced resolution (7 levels need H >= 64).
+    small = dict(cfg, n_channels=8, image_size=64, attn_resolutions="4")
+    net = build_model(small)
+    with torch.no_grad():
+        out = net(torch.randn(1, 6, 64, 64), torch.tensor([0.5]))
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("rb,prog,pin,comb", [
+    (rb, prog, pin, comb)
+    for rb, prog, pin, comb in itertools.product(["biggan", "ddpm"], ["none", "output_skip", "residual"],
+                                                 ["none", "input_skip", "residual"], ["sum", "cat"])
+    if comb == "sum" or pin == "input_skip"])
+def test_architecture_options_run(rb, prog, pin, comb):
+    cfg = dict(get_config("tiny"), resblock_type=rb, progressive=prog, progressive_input=pin,
+               progressive_combine=comb, ch_mult="1,2,2")
+    net = build_model(cfg)
+    u = torch.randn(2, 6, 8, 8, requires_grad=True)
+    out = net(u, torch.tensor([0.2, 0.9]))
+    assert out.shape == (2, 3, 8, 8)
+    out.sum().backward()
+    assert torch.isfinite(u.grad).all()
+
+
+@pytest.mark.parametrize("emb,fir,rwc,skip", list(itertools.product(["fourier", "positional"], [True, False],
+                                                                    [True, False], [True, False])))
+def test_embedding_and_resampling_options_run(emb, fir, rwc, skip):
+    cfg = dict(get_config("tiny"), embedding_type=emb, use_fir=fir, resamp_with_conv=rwc, skip_rescale=skip,
+               resblock_type="ddpm", progressive="residual", progressive_input="residual")
+    net = build_model(cfg)
+    out = net(torch.randn(1, 6, 8, 8), torch.tensor([0.5]))
+    assert out.shape == (1, 3, 8, 8) and torch.isfinite(out).all()
+
+
+def test_non_cld_input_channels():
+    net = build_model(dict(get_config("tiny"), sde="vpsde"))
+    assert net(torch.randn(1, 3, 8, 8), torch.tensor([0.5])).shape == (1, 3, 8, 8)
+
+
+def test_half_precision_weights_warn_about_fourier_phases():
+    from cld_fast.models.layers import GaussianFourierProjection
+    GaussianFourierProjection._warned = False
+    net = build_model("tiny").to(torch.bfloat16)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out = net(torch.randn(1, 6, 8, 8, dtype=torch.bfloat16), torch.tensor([0.5]))
+    assert out.dtype == torch.bfloat16
+    assert any("half precision" in str(w.message) for w in rec)
