@@ -56,7 +56,7 @@ def _extensions():
     if not sources:
         return [], {}
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     link_args = []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
@@ -74,11 +74,12 @@ def _extensions():
     extra = {"cxx": cxx_flags}
     if want_cuda and have_cuda:
         ext_cls = ce.CUDAExtension
-        sources += cuda_sources
+        # kernels (*.cu, plain nvcc) + their torch binding (*.cpp, host compiler), CUDA builds only
+        sources += cuda_sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         define_macros.append(("CLD_FAST_WITH_CUDA", None))
         archs = os.environ.get("CLD_FAST_CUDA_ARCH") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]
         _log(f"building CPU + CUDA kernels for arch {archs}")
     elif want_cuda:
         _log("no CUDA toolkit or CPU-only torch: building the CPU kernels only")

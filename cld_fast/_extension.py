@@ -22,7 +22,7 @@ def compiled_parts():
     if ext is None:
         return []
     parts = []
-    if hasattr(ext, "perturb_cpu"):
+    if getattr(ext, "has_cpu_kernels", False):
         parts.append("cpu")
     if getattr(ext, "with_cuda", lambda: False)():
         parts.append("cuda")
