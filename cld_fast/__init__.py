@@ -26,7 +26,7 @@ _LAZY = {
     "SampleResult": "sampling",
     "score_fn": "score",
     "SSCSScheduler": "scheduler",
-    "likelihood": "likelihood",
+    "likelihood": "nll",
 }
 
 

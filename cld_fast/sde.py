@@ -452,3 +452,35 @@ class VPSDE:
         else:
             raise ValueError(f"kind must be 'em', 'denoise' or 'pf_drift', got {kind!r}")
         return torch.stack(torch.broadcast_tensors(c_x, c_s, sigma), dim=-1)
+
+    def mixed_score_coefficients(self, t) -> torch.Tensor:
+        """(B, 2) float64 [-1/sigma^2, -1/sigma] of the VP mixed score: score = c0 * x + c1 * out.
+
+        The official CLD-SGM ``mixed_score`` for a non-augmented SDE: score = -x / var(t) + out *
+        noise_multiplier(t) with var = sigma(t)^2 and noise_multiplier = -1 / sigma(t).
+        """
+        _, sigma = self.marginal_coefficients(t)
+        return torch.stack([-1.0 / (sigma * sigma), -1.0 / sigma], dim=-1)
+
+
+STRIDINGS = ("linear", "quadratic")
+
+
+def time_grid(n: int, eps: float, striding: str = "linear") -> torch.Tensor:
+    """Forward-time grid of a fixed-step sampler: (n + 1,) float64 on the CPU, from t = 1 down to t = eps.
+
+    The official CLD-SGM discretisation in reverse time s = 1 - t: s = linspace(0, 1 - eps, n + 1);
+    "quadratic" striding maps it to s = (1 - eps) * flip(1 - (s / (1 - eps))^2), so steps shrink
+    quadratically towards the data (t = eps). Step i of a sampler runs from t[i] to t[i + 1].
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"eps must lie in (0, 1), got {eps!r}")
+    if striding not in STRIDINGS:
+        raise ValueError(f"striding must be one of {STRIDINGS}, got {striding!r}")
+    s_end = 1.0 - float(eps)
+    s = torch.linspace(0.0, s_end, n + 1, dtype=torch.float64)
+    if striding == "quadratic":
+        s = s_end * torch.flip(1.0 - (s / s_end) ** 2, dims=[0])
+    return 1.0 - s

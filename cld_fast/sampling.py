@@ -1,0 +1,666 @@
+"""Samplers: SSCS, Euler-Maruyama and the probability-flow ODE for CLD; EM and ODE for the VP-SDE baseline.
+
+    res = cf.sample(score_fn, (B, C, H, W), sde, steps=50)        # SSCS, the default for CLD
+    res.x, res.v, res.nfe, res.u
+
+Conventions (the official CLD-SGM sampler's): ``steps`` is the number of score evaluations (NFE)
+including the optional final denoising step, so the SSCS / EM loop runs n = steps - 1 steps when
+``denoise=True``. The grid comes from ``cld_fast.sde.time_grid`` (forward time t from 1 down to eps,
+linear or quadratic striding). All coefficients come from ``cld_fast.sde``; the loops only drive the
+fused ops of ``cld_fast.ops`` with per-step tables, a (1,) int64 device step counter read in-kernel
+and one Philox seed per run, so an SSCS or EM loop launches one fused kernel per network evaluation
+and never synchronises with the host. The ODE solver (adaptive Dormand-Prince 5(4), written here)
+keeps its state, step size and error norm on the device and reads back one small tensor per
+attempted step: the accept/reject decision (one host synchronisation per attempted step).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from . import checks, ops, philox
+from .score import NetworkScore
+from .sde import CLD, STRIDINGS, VPSDE, time_grid
+
+METHODS = ("sscs", "em", "ode")
+_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass
+class SampleResult:
+    """What ``cf.sample`` returns.
+
+    x: (B, C, ...) samples of the data shape (the first C channels of u).
+    v: (B, C, ...) final velocities (None for a VP-SDE).
+    nfe: number of score-function (network) evaluations, the denoising step included.
+    u: (B, 2C, ...) the final state (x and v stacked on dim 1; equal to x for a VP-SDE).
+    """
+
+    x: torch.Tensor
+    v: Optional[torch.Tensor]
+    nfe: int
+    u: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------
+def _check_shape(shape) -> tuple:
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+        raise TypeError(f"shape must be a tuple of ints (the data shape (B, C, ...) or (B, D)), got {shape!r}")
+    shape = tuple(shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape must be the data shape (B, C, ...) or (B, D) with at least 2 dimensions, got {shape}")
+    if any(s < 1 for s in shape):
+        raise ValueError(f"shape must have positive sizes, got {shape}")
+    return shape
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float in (0, 1), got {type(eps).__name__}")
+    eps = float(eps)
+    if not (0.0 < eps < 1.0) or not math.isfinite(eps):
+        raise ValueError(f"eps must lie in (0, 1) (the last forward time), got {eps}")
+    return eps
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (the number of score evaluations, denoising included), got {steps}")
+    return steps
+
+
+def _check_sde(sde, method: Optional[str] = None):
+    if not isinstance(sde, (CLD, VPSDE)):
+        raise TypeError(f"sde must be a cld_fast.CLD or cld_fast.VPSDE, got {type(sde).__name__}")
+    if method == "sscs" and isinstance(sde, VPSDE):
+        raise ValueError("method='sscs' (symmetric splitting CLD sampler) needs a CLD; use method='em' or 'ode' for a VPSDE")
+
+
+def _check_striding(striding):
+    if striding not in STRIDINGS:
+        raise ValueError(f"striding must be one of {STRIDINGS}, got {striding!r}")
+
+
+def _check_dtype(dtype):
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+
+
+def _check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _default_device(score_fn, generator, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(score_fn, NetworkScore) and isinstance(score_fn.model, torch.nn.Module):
+        for p in score_fn.model.parameters():
+            return p.device
+    if generator is not None:
+        return generator.device
+    return torch.device("cpu")
+
+
+def _state_shape(shape, sde) -> tuple:
+    if isinstance(sde, CLD):
+        return (shape[0], 2 * shape[1]) + tuple(shape[2:])
+    return tuple(shape)
+
+
+def prior(sde, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``sde.prior_sampling`` on ``device`` with a generator that may live on another device."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if generator is not None and generator.device.type != device.type:
+        return sde.prior_sampling(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+    return sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# score evaluation
+# ----------------------------------------------------------------------------------------------
+class _Evaluator:
+    """Calls the score function and checks what it returns (metadata only: no host sync).
+
+    For a ``NetworkScore`` with the mixed parameterisation and the sampler's own CLD, ``fold`` is True:
+    the raw network output is returned and the samplers fold the mixed-score coefficients into their
+    tables (so the output goes straight into the fused kernel).
+    """
+
+    def __init__(self, score_fn, sde, x_shape, fold_ok: bool = True):
+        if not callable(score_fn):
+            raise TypeError(f"score_fn must be callable as score_fn(u, t), got {type(score_fn).__name__}")
+        self.fold = bool(fold_ok and isinstance(score_fn, NetworkScore) and score_fn.mixed
+                         and isinstance(sde, CLD) and score_fn.sde == sde)
+        self.fn = score_fn.raw if self.fold else score_fn
+        self.x_shape = tuple(x_shape)
+        self.sde = sde
+        self.calls = 0
+
+    def mixed(self, t):
+        """The (.., 2) mixed-score coefficients to fold at forward times t, or None."""
+        return self.sde.mixed_score_coefficients(t) if self.fold else None
+
+    def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        y = self.fn(u, t)
+        self.calls += 1
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"score_fn(u, t) must return a tensor, got {type(y).__name__}")
+        if tuple(y.shape) != self.x_shape:
+            raise ValueError(f"score_fn(u, t) must return the data shape {self.x_shape} "
+                             f"(grad_v log p_t(u) for u of shape {tuple(u.shape)}), got {tuple(y.shape)}")
+        if y.dtype not in checks.OUTPUT_DTYPES:
+            raise TypeError(f"score_fn(u, t) returned dtype {y.dtype}; expected a floating-point tensor")
+        if y.device != u.device:
+            raise ValueError(f"score_fn(u, t) returned a tensor on {y.device} but u is on {u.device}")
+        return y
+
+
+# ----------------------------------------------------------------------------------------------
+# fixed-step plans (shared by cf.sample and cf.SSCSScheduler, so both give the same samples)
+# ----------------------------------------------------------------------------------------------
+class _FixedPlan:
+    """Per-run tables of a fixed-step sampler on the device.
+
+    ts: (n + 1,) float64 CPU grid (forward times, 1 -> eps); times: the ``steps`` forward times at
+    which the score is evaluated (host floats: the loop times, then eps when denoising).
+    t_net: (n + 1,) device tensor in the state dtype with t_net[i + 1] = ts[i] (SSCS reads it at the
+    step counter after incrementing; EM reads t_net[1:] at the counter before incrementing).
+    """
+
+    def __init__(self, sde, method, steps, eps, striding, denoise, mixed_fn, device, dtype):
+        self.method = method
+        self.steps = steps
+        self.eps = eps
+        self.denoise = denoise
+        self.n = steps - 1 if denoise else steps
+        self.device = torch.device(device)
+        self.dtype = dtype
+        n = self.n
+        self.ts = time_grid(n, eps, striding) if n >= 1 else torch.tensor([1.0], dtype=torch.float64)
+        self.times: List[float] = self.ts[:-1].tolist() + ([eps] if denoise else [])
+        t_net = torch.cat([self.ts[:1], self.ts[:-1]])
+        self.t_net = t_net.to(device=self.device, dtype=dtype)
+        self.t_loop = self.t_net[1:]
+        self.timesteps = torch.tensor(self.times, dtype=torch.float64).to(device=self.device, dtype=dtype)
+        self.table = self.half = None
+        if n >= 1:
+            ts = self.ts
+            if method == "sscs":
+                table = sde.sscs_table(ts, mixed=mixed_fn is not None)
+                self.table = table.to(device=self.device, dtype=dtype).contiguous()
+                self.half = self.table[:, 2:9].contiguous()
+            elif isinstance(sde, CLD):
+                h = ts[:-1] - ts[1:]
+                mix = mixed_fn(ts[:-1]) if mixed_fn is not None else None
+                table = sde.reverse_affine_coefficients(ts[:-1], h, "em", mixed=mix)
+                self.table = table.to(device=self.device, dtype=dtype).contiguous()
+            else:
+                h = ts[:-1] - ts[1:]
+                self.table = sde.reverse_coefficients(ts[:-1], h, "em").to(device=self.device, dtype=dtype).contiguous()
+        self.denoise_table = None
+        if denoise:
+            te = torch.tensor([eps], dtype=torch.float64)
+            if isinstance(sde, CLD):
+                mix = mixed_fn(te) if mixed_fn is not None else None
+                tab = sde.reverse_affine_coefficients(te, te, "denoise", mixed=mix)
+            else:
+                tab = sde.reverse_coefficients(te, te, "denoise")
+            self.denoise_table = tab.reshape(1, -1).to(device=self.device, dtype=dtype).contiguous()
+            self.t_denoise = torch.full((1,), eps, dtype=torch.float64).to(device=self.device, dtype=dtype)
+        self.zero_step = torch.zeros(1, dtype=torch.int64, device=self.device)
+
+
+def _time_vector(t_grid: torch.Tensor, step: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B,) forward times t_grid[step], read on the device (no host sync)."""
+    return t_grid.index_select(0, step).expand(batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# loop driver: eager or CUDA graph, with progress bar and callback
+# ----------------------------------------------------------------------------------------------
+_GRAPH_WARNING = "cuda_graph=True: {why}; running the eager loop instead (same samples, one launch per op)"
+
+
+def _warn_graph(why: str, stacklevel: int = 2):
+    warnings.warn(_GRAPH_WARNING.format(why=why), RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+def _capture(one_step: Callable[[], None], device: torch.device):
+    """Run ``one_step`` once for real (warm-up) on a side stream, then capture it in a CUDA graph.
+
+    Returns the graph, or None (with a warning) if capture failed; the warm-up step has been taken
+    either way. Capture records the kernels without running them, so a failed capture leaves the
+    state as the warm-up step left it.
+    """
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        one_step()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            one_step()
+    except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager loop
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - a sticky error resurfaces in the eager loop, with its own message
+            pass
+        _warn_graph(f"capturing one step in a CUDA graph failed ({type(exc).__name__}: {exc})", stacklevel=6)
+        return None
+    return graph
+
+
+def _run_fixed(one_step, n: int, first: int, plan: _FixedPlan, u, bar, callback, cuda_graph: bool):
+    """Take steps first .. first + n - 1 of ``plan.times`` with ``one_step``.
+
+    Eager: one call per step. ``cuda_graph`` (CUDA state, n >= 2): step 0 runs eagerly on a side
+    stream as the warm-up, one step is captured, and the graph is replayed n - 1 times.
+    """
+    if n <= 0:
+        return
+    i0 = 0
+    graph = None
+    if cuda_graph and u.device.type == "cuda" and n >= 2:  # sample() warned about the other cases
+        graph = _capture(one_step, u.device)  # takes step 0 (the warm-up) for real
+        _after(first, plan, u, bar, callback)
+        i0 = 1
+    for i in range(i0, n):
+        if graph is not None:
+            graph.replay()
+        else:
+            one_step()
+        _after(first + i, plan, u, bar, callback)
+
+
+def _after(i, plan, u, bar, callback):
+    if bar is not None:
+        bar.update(1)
+    if callback is not None:
+        callback(i, plan.times[i], u)
+
+
+def _progress(progress: bool, total, desc: str):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# SSCS and EM (CLD): one fused kernel per network evaluation, no host sync
+# ----------------------------------------------------------------------------------------------
+def _sscs_begin(plan: _FixedPlan, u, seed, backend):
+    """Opening half step of step 0 (table row 0) and a fresh step counter."""
+    step = torch.zeros(1, dtype=torch.int64, device=u.device)
+    if plan.n >= 1:
+        ops.half_step_(u, plan.half, step=step, seed=seed, backend=backend)
+    return step
+
+
+def _sscs_step(plan: _FixedPlan, u, y, step, seed, backend):
+    """The fused rest of the step whose score is y: row ``step`` of the SSCS table (step already incremented)."""
+    ops.sscs_step_(u, y, plan.table, step=step, seed=seed, backend=backend)
+
+
+def _cld_denoise(plan: _FixedPlan, u, y, backend):
+    """The official last step: a noise-free EM step of the reverse SDE at t = eps with step size eps."""
+    ops.em_step_(u, y, plan.denoise_table, step=plan.zero_step, seed=None, backend=backend)
+
+
+def _run_sscs(plan, ev, u, seed, bar, callback, cuda_graph, backend):
+    batch = u.shape[0]
+    step = _sscs_begin(plan, u, seed, backend)
+
+    def one_step():
+        step.add_(1)
+        y = ev(u, _time_vector(plan.t_net, step, batch))
+        _sscs_step(plan, u, y, step, seed, backend)
+
+    _run_fixed(one_step, plan.n, 0, plan, u, bar, callback, cuda_graph)
+
+
+def _run_cld_em(plan, ev, u, seed, bar, callback, cuda_graph, backend):
+    batch = u.shape[0]
+    step = torch.zeros(1, dtype=torch.int64, device=u.device)
+
+    def one_step():
+        y = ev(u, _time_vector(plan.t_loop, step, batch))
+        ops.em_step_(u, y, plan.table, step=step, seed=seed, backend=backend)
+        step.add_(1)
+
+    _run_fixed(one_step, plan.n, 0, plan, u, bar, callback, cuda_graph)
+
+
+def _run_vp_em(plan, ev, x, seed, bar, callback, cuda_graph):
+    batch = x.shape[0]
+    step = torch.zeros(1, dtype=torch.int64, device=x.device)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+
+    def one_step():
+        s = ev(x, _time_vector(plan.t_loop, step, batch)).to(x.dtype)
+        row = plan.table.index_select(0, step)  # (1, 3): c_x c_s sigma
+        z = philox.philox_normals(x.numel(), seed, step, philox.TAG_AFFINE, device=x.device)[0]
+        z = z.view(x.shape).to(x.dtype)
+        x.copy_(row[:, 0].view(shape) * x + row[:, 1].view(shape) * s + row[:, 2].view(shape) * z)
+        step.add_(1)
+
+    _run_fixed(one_step, plan.n, 0, plan, x, bar, callback, cuda_graph)
+
+
+def _vp_denoise(plan, x, s):
+    row = plan.denoise_table
+    x.copy_(row[0, 0] * x + row[0, 1] * s.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dormand-Prince 5(4) on the device
+# ----------------------------------------------------------------------------------------------
+_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
+# 5th-order minus embedded 4th-order weights (the error estimate).
+_DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+_SAFETY, _MIN_FACTOR, _MAX_FACTOR = 0.9, 0.2, 10.0
+
+
+def _combine(y: Sequence[torch.Tensor], h: torch.Tensor, weights, ks) -> List[torch.Tensor]:
+    """y + h * sum_j w_j k_j for every component (h a 0-d device tensor)."""
+    out = []
+    for c, yc in enumerate(y):
+        acc = None
+        for w, k in zip(weights, ks):
+            if w == 0.0:
+                continue
+            term = k[c] * w
+            acc = term if acc is None else acc + term
+        out.append(yc if acc is None else yc + (h * acc).to(yc.dtype))
+    return out
+
+
+def _rms_norm(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Max over components of the RMS over all elements (float64 0-d device tensor)."""
+    norms = [p.to(torch.float64).pow(2).mean().sqrt() for p in parts]
+    return norms[0] if len(norms) == 1 else torch.stack(norms).max()
+
+
+def dopri5(f: Callable, y0: Sequence[torch.Tensor], t0: float, t1: float, rtol: float, atol: float,
+           on_accept: Optional[Callable] = None, max_steps: int = 100_000):
+    """Integrate dy/dt = f(t, y) from t0 to t1 (either direction) with adaptive Dormand-Prince 5(4).
+
+    ``y0`` is a list of tensors (the state may have several components, e.g. (u, log p)); ``f(t, y)``
+    gets t as a 0-d float64 device tensor and returns a list of the same shapes. The error norm is,
+    per component, the RMS over the whole batch of err / (atol + rtol * max(|y|, |y_new|)), maximised
+    over components; a step is accepted when it is <= 1. Step-size control as scipy's RK45
+    (safety 0.9, factors in [0.2, 10], no growth right after a rejection), first step by Hairer's
+    rule (two evaluations). Everything stays on the device; the one host synchronisation per
+    attempted step reads five numbers (accepted, last step, t, new t, next h) at once.
+
+    Returns (y1, nfe, n_accepted, n_rejected).
+    """
+    device = y0[0].device
+    f64 = dict(dtype=torch.float64, device=device)
+    direction = 1.0 if t1 >= t0 else -1.0
+    t = torch.tensor(t0, **f64)
+    t_end = torch.tensor(t1, **f64)
+    span = abs(t1 - t0)
+    y = list(y0)
+
+    # Initial step (Hairer, Norsett, Wanner; as scipy's select_initial_step), on the device.
+    k1 = f(t, y)
+    scale0 = [atol + rtol * yc.abs() for yc in y]
+    d0 = _rms_norm([yc / s for yc, s in zip(y, scale0)])
+    d1 = _rms_norm([kc / s for kc, s in zip(k1, scale0)])
+    small = (d0 < 1e-5) | (d1 < 1e-5)
+    h0 = torch.where(small, torch.full_like(d0, 1e-6), 0.01 * d0 / torch.clamp(d1, min=1e-300))
+    h0 = torch.clamp(h0, max=span)
+    y_probe = [yc + (direction * h0 * kc).to(yc.dtype) for yc, kc in zip(y, k1)]
+    k_probe = f(t + direction * h0, y_probe)
+    d2 = _rms_norm([(kp - kc) / s for kp, kc, s in zip(k_probe, k1, scale0)]) / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / torch.clamp(dmax, min=1e-300)) ** 0.2)
+    h = torch.minimum(torch.minimum(100.0 * h0, h1), torch.tensor(span, **f64))
+    nfe = 2
+    n_acc = n_rej = 0
+    prev_rejected = torch.zeros((), dtype=torch.bool, device=device)
+    for _ in range(max_steps):
+        remaining = (t_end - t).abs()
+        last = h >= remaining
+        hs = direction * torch.minimum(h, remaining)
+        ks = [k1]
+        for stage in range(1, 6):  # k2 .. k6
+            yi = _combine(y, hs, _DP_A[stage], ks)
+            ks.append(f(t + _DP_C[stage] * hs, yi))
+        y_new = _combine(y, hs, _DP_B, ks)
+        k7 = f(t + hs, y_new)  # FSAL: the next step's first stage
+        ks.append(k7)
+        nfe += 6
+        err = _combine([torch.zeros_like(yc) for yc in y], hs, _DP_E, ks)
+        scale = [atol + rtol * torch.maximum(yc.abs(), yn.abs()) for yc, yn in zip(y, y_new)]
+        err_norm = _rms_norm([e / s for e, s in zip(err, scale)])
+        accept = err_norm <= 1.0
+        factor = torch.where(err_norm == 0, torch.full_like(err_norm, _MAX_FACTOR),
+                             _SAFETY * torch.clamp(err_norm, min=1e-300) ** -0.2)
+        factor = torch.clamp(factor, _MIN_FACTOR, _MAX_FACTOR)
+        factor = torch.where(accept & prev_rejected, torch.clamp(factor, max=1.0), factor)
+        h = hs.abs() * factor
+        t_new = t + hs
+        prev_rejected = ~accept
+        # The one host synchronisation of the step: accept?, last step?, t before and after, next h.
+        acc, was_last, t_old, t_host, h_host = torch.stack([accept.double(), last.double(), t, t_new, h]).tolist()
+        if acc:
+            y, k1, t = y_new, k7, t_new
+            n_acc += 1
+            if on_accept is not None:
+                on_accept(n_acc - 1, t_host, y)
+            if was_last:
+                return y, nfe, n_acc, n_rej
+        else:
+            n_rej += 1
+            if not math.isfinite(h_host):
+                raise RuntimeError(f"dopri5: the drift is not finite near t = {t_old:.6g} (NaN or inf in the "
+                                   "score function's output or the state)")
+            if h_host < 1e-14 * max(1.0, abs(t_old)):
+                raise RuntimeError(f"dopri5: step size underflow at t = {t_old:.6g} (h = {h_host:.3g}); "
+                                   "the tolerances may be too tight")
+    raise RuntimeError(f"dopri5: no convergence after {max_steps} steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# probability-flow drifts
+# ----------------------------------------------------------------------------------------------
+def _cld_pf_drift(sde: CLD, ev: _Evaluator, backend):
+    """f(t, [u]) -> [du/dt] of the CLD probability-flow ODE (forward time), via the fused affine op."""
+
+    def f(t, y):
+        u = y[0]
+        tv = t.reshape(1)
+        table = sde.reverse_affine_coefficients(tv, 0.0, "pf_drift", mixed=ev.mixed(tv)).to(u.dtype)
+        out = ev(u, tv.to(u.dtype).expand(u.shape[0]))
+        return [ops.pf_drift(u, out, table, step=_ZERO_STEP.get(u.device), backend=backend)]
+
+    return f
+
+
+def _vp_pf_drift(sde: VPSDE, ev: _Evaluator):
+    def f(t, y):
+        x = y[0]
+        row = sde.reverse_coefficients(t, 0.0, "pf_drift").to(x.dtype)
+        s = ev(x, t.to(x.dtype).reshape(1).expand(x.shape[0])).to(x.dtype)
+        return [row[0] * x + row[1] * s]
+
+    return f
+
+
+class _ZeroSteps:
+    """A cached (1,) int64 zero per device (the step index of one-row tables)."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def get(self, device):
+        key = str(device)
+        if key not in self._cache:
+            self._cache[key] = torch.zeros(1, dtype=torch.int64, device=device)
+        return self._cache[key]
+
+
+_ZERO_STEP = _ZeroSteps()
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------
+def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, method: str = "sscs", eps: float = 1e-3,
+           striding: str = "linear", denoise: bool = True, generator: Optional[torch.Generator] = None, device=None,
+           progress: bool = False, callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
+           cuda_graph: bool = False, rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None) -> SampleResult:
+    """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
+
+    Args:
+        score_fn: ``score_fn(u, t)`` with u (B, 2C, ...) (VP-SDE: x (B, C, ...)) and t (B,) forward
+            times in the state dtype; returns grad_v log p_t(u) (VP: grad_x log p_t(x)) of the data
+            shape. A ``cf.score_fn(model, sde)`` wrapper is recognised and its raw network output is
+            fed to the fused kernels with the mixed-score coefficients folded into the tables.
+        shape: the data shape (B, C, ...) or (B, D).
+        sde: ``cf.CLD`` or ``cf.VPSDE``.
+        steps: number of score evaluations of "sscs" / "em", the denoising step included (the loop
+            takes steps - 1 steps when ``denoise``). Ignored by "ode" (adaptive).
+        method: "sscs" (CLD only, the default), "em" (Euler-Maruyama on the reverse SDE) or "ode"
+            (probability-flow ODE, adaptive Dormand-Prince 5(4) with ``rtol`` / ``atol``).
+        eps: last forward time, in (0, 1).
+        striding: "linear" or "quadratic" time grid (see ``cld_fast.sde.time_grid``).
+        denoise: end with the official noise-free EM step at t = eps of size eps (one evaluation).
+        generator: torch.Generator for the prior and the one Philox seed of the run (same seed, same samples).
+        device: where to sample (default: the network's device, else the generator's, else CPU).
+        progress: show a tqdm bar.
+        callback: ``callback(i, t, u)`` after every step (i from 0, t the forward time of that
+            step's score evaluation as a float, u the live state); "ode" calls it per accepted step.
+        dtype: state dtype, torch.float32 (default) or torch.float64.
+        cuda_graph: on CUDA, capture one step (network + fused kernel + counter increment) in a CUDA
+            graph after one warm-up step and replay it; elsewhere (or if capture fails) warns and
+            runs the eager loop.
+        rtol, atol: tolerances of the ODE solver.
+        backend: force a kernel backend (see ``cld_fast.backends``).
+    Returns:
+        ``SampleResult(x, v, nfe, u)``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_sde(sde, method)
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable as score_fn(u, t), got {type(score_fn).__name__}")
+    shape = _check_shape(shape)
+    steps = _check_steps(steps)
+    eps = _check_eps(eps)
+    _check_striding(striding)
+    _check_dtype(dtype)
+    _check_generator(generator)
+    if not isinstance(denoise, bool):
+        raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable as callback(i, t, u)")
+    if method == "ode":
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+                raise ValueError(f"{name} must be a positive float, got {tol!r}")
+    device = _default_device(score_fn, generator, device)
+    if cuda_graph:
+        if method == "ode":
+            _warn_graph("the adaptive ODE solver picks its steps on the host, so there is no fixed step to capture")
+            cuda_graph = False
+        elif device.type != "cuda":
+            _warn_graph(f"the samples live on {device.type} and CUDA graphs need CUDA tensors")
+            cuda_graph = False
+
+    ev = _Evaluator(score_fn, sde, shape)
+    with torch.no_grad(), checks.value_checks(False):
+        u = prior(sde, shape, generator, device, dtype)
+        if method == "ode":
+            return _sample_ode(ev, sde, u, shape, eps, denoise, progress, callback, rtol, atol, backend)
+        seed = philox.seed_from_generator(generator, device)
+        plan = _FixedPlan(sde, method, steps, eps, striding, denoise, ev.mixed if ev.fold else None, device, dtype)
+        bar = _progress(progress, steps, method)
+        try:
+            if isinstance(sde, CLD):
+                if method == "sscs":
+                    _run_sscs(plan, ev, u, seed, bar, callback, cuda_graph, backend)
+                else:
+                    _run_cld_em(plan, ev, u, seed, bar, callback, cuda_graph, backend)
+                if denoise:
+                    y = ev(u, plan.t_denoise.expand(shape[0]))
+                    _cld_denoise(plan, u, y, backend)
+                    _after(plan.n, plan, u, bar, callback)
+            else:
+                _run_vp_em(plan, ev, u, seed, bar, callback, cuda_graph)
+                if denoise:
+                    s = ev(u, plan.t_denoise.expand(shape[0]))
+                    _vp_denoise(plan, u, s)
+                    _after(plan.n, plan, u, bar, callback)
+        finally:
+            if bar is not None:
+                bar.close()
+    return _result(u, sde, plan.steps)
+
+
+def _sample_ode(ev, sde, u, shape, eps, denoise, progress, callback, rtol, atol, backend):
+    bar = _progress(progress, None, "ode")
+
+    def on_accept(i, t, y):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(t=f"{t:.4g}", nfe=ev.calls)
+        if callback is not None:
+            callback(i, t, y[0])
+
+    f = _cld_pf_drift(sde, ev, backend) if isinstance(sde, CLD) else _vp_pf_drift(sde, ev)
+    try:
+        (u,), _, n_acc, _ = dopri5(f, [u], 1.0, eps, rtol, atol, on_accept=on_accept)
+        if denoise:
+            te = torch.tensor([eps], dtype=torch.float64)
+            if isinstance(sde, CLD):
+                mix = ev.mixed(te)
+                table = sde.reverse_affine_coefficients(te, te, "denoise", mixed=mix).reshape(1, -1).to(u.device, u.dtype)
+                y = ev(u, torch.full((shape[0],), eps, dtype=u.dtype, device=u.device))
+                ops.em_step_(u, y, table, step=_ZERO_STEP.get(u.device), seed=None, backend=backend)
+            else:
+                row = sde.reverse_coefficients(te, te, "denoise").reshape(1, -1).to(u.device, u.dtype)
+                s = ev(u, torch.full((shape[0],), eps, dtype=u.dtype, device=u.device))
+                u = row[0, 0] * u + row[0, 1] * s.to(u.dtype)
+            if callback is not None:
+                callback(n_acc, eps, u)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _result(u, sde, ev.calls)
+
+
+def _result(u, sde, nfe) -> SampleResult:
+    if isinstance(sde, CLD):
+        x, v = torch.chunk(u, 2, dim=1)
+        return SampleResult(x=x, v=v, nfe=int(nfe), u=u)
+    return SampleResult(x=u, v=None, nfe=int(nfe), u=u)
+
+
+__all__ = ["sample", "SampleResult", "dopri5", "METHODS"]

@@ -1,0 +1,140 @@
+"""Score functions built from networks that follow the official CLD-SGM convention ``model(u, t) -> out``.
+
+    score = cf.score_fn(model, sde)          # mixed score (the default): -v / s_vv(t) - out / l22(t)
+    s = score(u, t)                          # u (B, 2C, ...), t (B,) forward times -> (B, C, ...)
+
+The returned ``NetworkScore`` is a plain callable (any ``score_fn(u, t)`` works with ``cf.sample``),
+but it also exposes ``model``, ``sde``, ``mixed`` and ``raw(u, t)`` (the network output), so
+``cf.sample`` can fold the mixed-score coefficients into its per-step tables and hand the raw output
+straight to the fused kernels. Calls run the model in eval mode without autograd; ``.differentiable()``
+returns a variant that keeps the graph (``cf.likelihood`` needs vector-Jacobian products).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+
+from . import checks, ops
+from .sde import CLD, VPSDE
+
+_AUTOCAST_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                   "half": torch.float16}
+
+
+def _autocast_dtype(value) -> Optional[torch.dtype]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        key = value.lower()
+        if key not in _AUTOCAST_NAMES:
+            raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16 (or 'bf16'/'fp16'), got {value!r}")
+        return _AUTOCAST_NAMES[key]
+    if value in (torch.bfloat16, torch.float16):
+        return value
+    raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {value!r}")
+
+
+class NetworkScore:
+    """A score function grad_v log p_t(u) (grad_x log p_t(x) for a VP-SDE) backed by a network.
+
+    Args:
+        model: callable ``model(u, t) -> out`` (usually an ``nn.Module``): u (B, 2C, ...) float32 and
+            t (B,) float32 forward times; ``out`` has the data shape (B, C, ...).
+        sde: the ``CLD`` (or ``VPSDE``) the network was trained for.
+        mixed: True (default, the official ``mixed_score``): score = -v / s_vv(t) - out / l22(t) with the
+            HSM kernel (VP-SDE: -x / sigma^2 - out / sigma); False: ``out`` is the score itself.
+        autocast_dtype: None, torch.bfloat16 or torch.float16: run the network under CUDA autocast
+            (ignored, with a warning, on other devices). The output is cast to float32.
+        differentiable: keep the autograd graph (see ``differentiable()``).
+    """
+
+    def __init__(self, model: Callable, sde: Union[CLD, VPSDE], mixed: bool = True, autocast_dtype=None,
+                 differentiable: bool = False):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(u, t), got {type(model).__name__}")
+        if not isinstance(sde, (CLD, VPSDE)):
+            raise TypeError(f"sde must be a cld_fast.CLD or cld_fast.VPSDE, got {type(sde).__name__}")
+        if not isinstance(mixed, bool):
+            raise TypeError(f"mixed must be a bool, got {type(mixed).__name__}")
+        self.model = model
+        self.sde = sde
+        self.mixed = mixed
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
+        self.is_differentiable = bool(differentiable)
+        self._warned_autocast = False
+
+    def __repr__(self):
+        name = type(self.model).__name__
+        return (f"NetworkScore(model={name}, sde={self.sde!r}, mixed={self.mixed}, "
+                f"autocast_dtype={self.autocast_dtype}, differentiable={self.is_differentiable})")
+
+    def differentiable(self) -> "NetworkScore":
+        """The same score function without ``torch.no_grad`` (gradients flow to u; the model stays in eval mode)."""
+        return NetworkScore(self.model, self.sde, self.mixed, self.autocast_dtype, differentiable=True)
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        if device.type != "cuda":
+            if not self._warned_autocast:
+                warnings.warn(f"autocast_dtype={self.autocast_dtype} applies on CUDA only; running the network "
+                              f"in float32 on {device.type}", RuntimeWarning, stacklevel=3)
+                self._warned_autocast = True
+            return contextlib.nullcontext()
+        # No cast cache: the context opens and closes per call, and a cache must never outlive a
+        # CUDA-graph capture (cf.sample(cuda_graph=True) captures this call).
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def raw(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network output ``model(u, t)`` as float32 (data shape), in eval mode, no grad unless differentiable."""
+        model = self.model
+        if isinstance(model, torch.nn.Module) and model.training:
+            model.eval()
+        grad = contextlib.nullcontext() if self.is_differentiable else torch.no_grad()
+        with grad, self._autocast(u.device):
+            out = model(u.to(torch.float32), t.to(torch.float32))
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model(u, t) must return a tensor, got {type(out).__name__}")
+        return out.to(torch.float32)
+
+    def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """grad_v log p_t(u) of the data shape, in u's dtype. u (B, 2C, ...) (VP-SDE: x (B, C, ...)), t (B,)."""
+        out = self.raw(u, t)
+        if not self.mixed:
+            return out.to(u.dtype)
+        if isinstance(self.sde, VPSDE):
+            coef = self.sde.mixed_score_coefficients(t).to(u.dtype)
+            shape = (-1,) + (1,) * (u.dim() - 1)
+            return coef[:, 0].view(shape) * u + coef[:, 1].view(shape) * out.to(u.dtype)
+        if self.is_differentiable and torch.is_grad_enabled():
+            # Plain torch ops so autograd sees the dependence on v (the fused kernel has no backward).
+            coef = self.sde.mixed_score_coefficients(t).to(u.dtype)
+            v = torch.chunk(u, 2, dim=1)[1]
+            shape = (-1,) + (1,) * (u.dim() - 1)
+            return coef[:, 0].view(shape) * v + coef[:, 1].view(shape) * out.to(u.dtype)
+        with checks.value_checks(False):
+            return ops.mixed_score(out, u, t, self.sde)
+
+
+def score_fn(model: Callable, sde: Union[CLD, VPSDE], mixed: bool = True, autocast_dtype=None) -> NetworkScore:
+    """Wrap a network ``model(u, t) -> out`` (official CLD-SGM convention) into a score function.
+
+    Args:
+        model: the network (``nn.Module`` or any callable); called with float32 u (B, 2C, ...) and
+            float32 forward times t (B,), in eval mode and without autograd.
+        sde: the ``CLD`` (or ``VPSDE``) the network was trained with.
+        mixed: True: score = -v / s_vv(t) - out / l22(t) (HSM kernel; the official default);
+            False: the network outputs the score directly.
+        autocast_dtype: None, torch.bfloat16 or torch.float16 for CUDA autocast; output cast to float32.
+    Returns:
+        A ``NetworkScore``: ``score(u, t)`` -> (B, C, ...) grad_v log p_t(u). ``cf.sample`` recognises it
+        and feeds the raw network output to its fused kernels; ``.differentiable()`` gives a variant
+        that supports autograd (used by ``cf.likelihood``).
+    """
+    return NetworkScore(model, sde, mixed=mixed, autocast_dtype=autocast_dtype)
+
+
+__all__ = ["NetworkScore", "score_fn"]

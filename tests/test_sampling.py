@@ -1,0 +1,328 @@
+"""cf.sample: quality with the exact score of a Gaussian mixture, reproducibility, step/NFE/callback
+conventions of the official sampler, argument checks, the no-host-sync loop and CUDA graphs."""
+import warnings
+
+import pytest
+import torch
+
+import cld_fast as cf
+from cld_fast.sde import time_grid
+from cld_fast.toy import GaussianMixture2D, energy_distance
+
+B = 4000
+SEEDS = (0, 1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run many small ops; one intra-op thread is fastest and immune to a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def gm():
+    return GaussianMixture2D()
+
+
+@pytest.fixture(scope="module")
+def sde():
+    return cf.CLD()
+
+
+@pytest.fixture(scope="module")
+def score(gm, sde):
+    return gm.cld_score(sde)
+
+
+@pytest.fixture(scope="module")
+def quality(gm, sde, score):
+    """Energy distances to fresh data, per (method, steps), averaged over SEEDS; and the ODE's NFE."""
+    refs = {s: gm.sample(B, torch.Generator().manual_seed(1000 + s)) for s in SEEDS}
+    out = {}
+    for method, steps in (("sscs", 50), ("sscs", 20), ("em", 20), ("ode", None)):
+        eds, nfes = [], []
+        for s in SEEDS:
+            kw = dict(method=method, generator=torch.Generator().manual_seed(s))
+            if steps is not None:
+                kw["steps"] = steps
+            res = cf.sample(score, (B, 2), sde, **kw)
+            assert torch.isfinite(res.u).all()
+            eds.append(energy_distance(res.x, refs[s]))
+            nfes.append(res.nfe)
+        out[(method, steps)] = (sum(eds) / len(eds), nfes)
+    print("energy distances:", {k: round(v[0], 6) for k, v in out.items()}, "ode nfe:", out[("ode", None)][1])
+    return out
+
+
+def test_sscs_50_steps_quality(quality):
+    ed, nfes = quality[("sscs", 50)]
+    assert nfes == [50, 50]
+    assert ed < 0.002, ed
+
+
+def test_sscs_beats_em_at_20_steps(quality):
+    sscs, _ = quality[("sscs", 20)]
+    em, _ = quality[("em", 20)]
+    assert sscs * 2.0 <= em, (sscs, em)
+
+
+def test_ode_quality_and_nfe(quality):
+    ed, nfes = quality[("ode", None)]
+    assert ed < 0.002, ed
+    assert all(20 < n < 2000 for n in nfes)
+
+
+@pytest.mark.parametrize("method", ["sscs", "em", "ode"])
+def test_same_seed_same_samples(score, sde, method):
+    kw = dict(steps=8, method=method, rtol=1e-3, atol=1e-3)
+    a = cf.sample(score, (64, 2), sde, generator=torch.Generator().manual_seed(7), **kw)
+    b = cf.sample(score, (64, 2), sde, generator=torch.Generator().manual_seed(7), **kw)
+    c = cf.sample(score, (64, 2), sde, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a.u, b.u) and a.nfe == b.nfe
+    assert not torch.equal(a.u, c.u)
+    assert a.x.shape == (64, 2) and a.v.shape == (64, 2)
+    assert torch.equal(torch.cat([a.x, a.v], 1), a.u)
+
+
+@pytest.mark.parametrize("method", ["em", "ode"])
+def test_vpsde_methods(gm, method):
+    vp = cf.VPSDE()
+    score = gm.vp_score(vp)
+    kw = dict(steps=100, method=method)
+    a = cf.sample(score, (2000, 2), vp, generator=torch.Generator().manual_seed(3), **kw)
+    b = cf.sample(score, (2000, 2), vp, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a.x, b.x) and a.v is None and a.u is a.x
+    if method == "em":
+        assert a.nfe == 100
+    assert energy_distance(a.x, gm.sample(2000, torch.Generator().manual_seed(4))) < 0.003
+
+
+def test_steps_denoise_nfe_and_callback(score, sde):
+    for method in ("sscs", "em"):
+        for denoise in (True, False):
+            calls = []
+            counted = []
+
+            def counting(u, t):
+                counted.append(t[0].item())
+                return score(u, t)
+
+            res = cf.sample(counting, (16, 2), sde, steps=10, method=method, denoise=denoise,
+                            callback=lambda i, t, u: calls.append((i, t)))
+            assert res.nfe == 10 == len(counted) == len(calls)
+            assert [i for i, _ in calls] == list(range(10))
+            n = 9 if denoise else 10
+            grid = time_grid(n, 1e-3).tolist()
+            times = grid[:-1] + ([1e-3] if denoise else [])
+            assert [t for _, t in calls] == pytest.approx(times)
+            assert counted == pytest.approx(times, rel=1e-6)
+
+
+def test_ode_nfe_counts_every_evaluation(score, sde):
+    counted = []
+
+    def counting(u, t):
+        counted.append(1)
+        return score(u, t)
+
+    accepted = []
+    res = cf.sample(counting, (32, 2), sde, method="ode", rtol=1e-3, atol=1e-3, generator=torch.Generator().manual_seed(0),
+                    callback=lambda i, t, u: accepted.append(t))
+    assert res.nfe == len(counted)
+    assert (res.nfe - 2 - 1) % 6 == 0  # 2 for the first step size, 6 per attempted DOPRI5 step, 1 denoising
+    assert accepted[-1] == pytest.approx(1e-3) and accepted[-2] == pytest.approx(1e-3)  # last step lands on eps, then the denoise
+    res2 = cf.sample(score, (32, 2), sde, method="ode", rtol=1e-3, atol=1e-3, denoise=False,
+                     generator=torch.Generator().manual_seed(0))
+    assert res2.nfe == res.nfe - 1
+
+
+def test_quadratic_striding(score, sde):
+    n, eps = 6, 1e-3
+    s = torch.linspace(0, 1 - eps, n + 1, dtype=torch.float64)
+    expect = 1 - (1 - eps) * torch.flip(1 - (s / (1 - eps)) ** 2, dims=[0])
+    got = time_grid(n, eps, "quadratic")
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-15)
+    assert got[0] == 1.0 and got[-1] == pytest.approx(eps)
+    h = (got[:-1] - got[1:]).tolist()
+    assert all(h[i] > h[i + 1] for i in range(n - 1))  # denser towards the data
+    calls = []
+    cf.sample(score, (8, 2), sde, steps=n + 1, striding="quadratic", callback=lambda i, t, u: calls.append(t))
+    assert calls == pytest.approx(got[:-1].tolist() + [eps])
+
+
+def test_network_score_is_folded(sde):
+    """cf.score_fn wrappers feed the raw output to the kernels (mixed coefficients in the tables):
+    same samples, up to float32 rounding, as calling the wrapper as a plain function."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, u, t):
+            return self.net(torch.cat([u, t[:, None]], 1))
+
+    wrapped = cf.score_fn(Model(), sde)
+    raw_calls = []
+    orig_raw = wrapped.raw
+    wrapped.raw = lambda u, t: raw_calls.append(1) or orig_raw(u, t)
+    for method in ("sscs", "em", "ode"):
+        raw_calls.clear()
+        a = cf.sample(wrapped, (128, 2), sde, steps=12, method=method, rtol=1e-4, atol=1e-4,
+                      generator=torch.Generator().manual_seed(1))
+        assert len(raw_calls) == a.nfe
+        b = cf.sample(lambda u, t: wrapped(u, t), (128, 2), sde, steps=12, method=method, rtol=1e-4, atol=1e-4,
+                      generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(a.u, b.u, rtol=1e-4, atol=1e-4)
+
+
+def test_float64_state(score, sde):
+    res = cf.sample(score, (32, 2), sde, steps=5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert res.u.dtype == torch.float64 and torch.isfinite(res.u).all()
+
+
+def test_image_shaped_data(sde):
+    """(B, C, H, W) data: the state is (B, 2C, H, W) and the score gets it as is."""
+    seen = []
+
+    def score(u, t):
+        seen.append(tuple(u.shape))
+        return -torch.chunk(u, 2, dim=1)[1] / (sde.gamma * sde.M + 1.0)
+
+    res = cf.sample(score, (3, 2, 4, 4), sde, steps=4)
+    assert res.u.shape == (3, 4, 4, 4) and res.x.shape == (3, 2, 4, 4)
+    assert seen == [(3, 4, 4, 4)] * 4
+
+
+def test_progress_bar_runs(score, sde):
+    res = cf.sample(score, (8, 2), sde, steps=3, progress=True)
+    assert res.nfe == 3
+    res = cf.sample(score, (8, 2), sde, method="ode", rtol=1e-2, atol=1e-2, progress=True)
+    assert res.nfe > 3
+
+
+def test_bad_arguments(score, sde):
+    shape = (4, 2)
+    with pytest.raises(ValueError, match="method"):
+        cf.sample(score, shape, sde, method="heun")
+    for steps in (0, -3):
+        with pytest.raises(ValueError, match="steps"):
+            cf.sample(score, shape, sde, steps=steps)
+    with pytest.raises(TypeError, match="steps"):
+        cf.sample(score, shape, sde, steps=2.5)
+    for eps in (0.0, 1.0, 1.5, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="eps"):
+            cf.sample(score, shape, sde, eps=eps)
+    with pytest.raises(ValueError, match="shape"):
+        cf.sample(score, (4,), sde)
+    with pytest.raises(TypeError, match="shape"):
+        cf.sample(score, 4, sde)
+    with pytest.raises(ValueError, match="data shape"):
+        cf.sample(lambda u, t: u, shape, sde, steps=3)  # returns the state, not the data shape
+    with pytest.raises(TypeError, match="tensor"):
+        cf.sample(lambda u, t: 0.0, shape, sde, steps=3)
+    with pytest.raises(ValueError, match="sscs"):
+        cf.sample(score, shape, cf.VPSDE(), method="sscs")
+    with pytest.raises(TypeError, match="sde"):
+        cf.sample(score, shape, "cld")
+    with pytest.raises(TypeError, match="score_fn"):
+        cf.sample(None, shape, sde)
+    with pytest.raises(ValueError, match="striding"):
+        cf.sample(score, shape, sde, striding="cubic")
+    with pytest.raises(TypeError, match="dtype"):
+        cf.sample(score, shape, sde, dtype=torch.float16)
+    with pytest.raises(TypeError, match="generator"):
+        cf.sample(score, shape, sde, generator=0)
+    with pytest.raises(ValueError, match="rtol"):
+        cf.sample(score, shape, sde, method="ode", rtol=0.0)
+
+
+def test_ode_non_finite_score_raises(sde):
+    with pytest.raises(RuntimeError, match="not finite"):
+        cf.sample(lambda u, t: torch.full((4, 2), float("nan")), (4, 2), sde, method="ode")
+
+
+def test_cuda_graph_on_cpu_warns_and_matches_eager(score, sde):
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    eager = cf.sample(score, (64, 2), sde, steps=6, generator=gen())
+    with pytest.warns(RuntimeWarning, match="cuda_graph"):
+        graphed = cf.sample(score, (64, 2), sde, steps=6, generator=gen(), cuda_graph=True)
+    assert torch.equal(eager.u, graphed.u)
+
+
+class _NoSync:
+    """Make tensor -> host conversions raise (the CPU stand-in for a CUDA host synchronisation)."""
+
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu")
+
+    def __init__(self):
+        self.saved = {}
+
+    def on(self):
+        for name in self.names:
+            self.saved[name] = getattr(torch.Tensor, name)
+
+            def boom(*args, _name=name, **kwargs):
+                raise AssertionError(f"host read-back Tensor.{_name} inside the sampler loop")
+
+            setattr(torch.Tensor, name, boom)
+
+    def off(self):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+        self.saved.clear()
+
+
+@pytest.mark.parametrize("method", ["sscs", "em"])
+def test_loop_reads_nothing_back_to_the_host(score, sde, method):
+    """Steps 1 .. n-1 of the SSCS / EM loop (and the denoising step) never convert a tensor to a host value."""
+    guard = _NoSync()
+    steps = 8
+
+    def callback(i, t, u):
+        if i == 0:
+            guard.on()
+        if i == steps - 1:
+            guard.off()
+
+    try:
+        res = cf.sample(score, (16, 2), sde, steps=steps, method=method, callback=callback, backend="torch")
+    finally:
+        guard.off()
+    assert res.nfe == steps
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["sscs", "em"])
+def test_cuda_graph_matches_eager_on_gpu(gm, sde, method):
+    score = gm.cld_score(sde)
+    gen = lambda: torch.Generator(device="cuda").manual_seed(11)  # noqa: E731
+    kw = dict(steps=12, method=method, device="cuda")
+    eager = cf.sample(score, (512, 2), sde, generator=gen(), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # capture must succeed
+        graphed = cf.sample(score, (512, 2), sde, generator=gen(), cuda_graph=True, **kw)
+    torch.testing.assert_close(graphed.u, eager.u, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_cuda_sync_inside_the_loop(gm, sde):
+    score = gm.cld_score(sde)
+    steps = 10
+
+    def callback(i, t, u):
+        if i == 0:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        if i == steps - 2:
+            torch.cuda.set_sync_debug_mode("default")
+
+    try:
+        cf.sample(score, (256, 2), sde, steps=steps, device="cuda", callback=callback)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

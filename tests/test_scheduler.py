@@ -1,0 +1,111 @@
+"""cf.SSCSScheduler: a user's own loop gives cf.sample's samples bit for bit."""
+import pytest
+import torch
+
+import cld_fast as cf
+from cld_fast.sde import time_grid
+from cld_fast.toy import GaussianMixture2D
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sde():
+    return cf.CLD()
+
+
+@pytest.fixture(scope="module")
+def score(sde):
+    return GaussianMixture2D().cld_score(sde)
+
+
+def _loop(sched, score_fn, shape, seed):
+    u = sched.init_noise(shape, torch.Generator().manual_seed(seed))
+    for t in sched.timesteps:
+        out = score_fn(u, t.expand(shape[0]))
+        u = sched.step(out, t, u)
+    return u
+
+
+@pytest.mark.parametrize("steps,denoise,striding", [(20, True, "linear"), (9, False, "quadratic"), (2, True, "linear"),
+                                                    (1, True, "linear"), (1, False, "linear")])
+def test_loop_equals_sample_bit_for_bit(sde, score, steps, denoise, striding):
+    shape = (256, 2)
+    res = cf.sample(score, shape, sde, steps=steps, denoise=denoise, striding=striding,
+                    generator=torch.Generator().manual_seed(3))
+    sched = cf.SSCSScheduler(sde, steps=steps, denoise=denoise, striding=striding)
+    assert len(sched.timesteps) == steps == sched.num_inference_steps
+    u = _loop(sched, score, shape, 3)
+    assert torch.equal(u, res.u)
+
+
+def test_timesteps_are_the_score_times(sde, score):
+    sched = cf.SSCSScheduler(sde, steps=7, striding="quadratic", eps=2e-3)
+    calls = []
+    cf.sample(score, (8, 2), sde, steps=7, striding="quadratic", eps=2e-3, callback=lambda i, t, u: calls.append(t))
+    torch.testing.assert_close(sched.timesteps, torch.tensor(calls, dtype=torch.float32))
+    grid = time_grid(6, 2e-3, "quadratic")
+    torch.testing.assert_close(sched.timesteps[:-1].double(), grid[:-1], rtol=1e-6, atol=0)
+    assert sched.timesteps.dtype == torch.float32
+
+
+def test_mixed_network_output_matches_sample_with_score_fn(sde):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, u, t):
+            return self.net(torch.cat([u, t[:, None]], 1))
+
+    model = Model().eval()
+    shape = (128, 2)
+    res = cf.sample(cf.score_fn(model, sde), shape, sde, steps=10, generator=torch.Generator().manual_seed(4))
+    sched = cf.SSCSScheduler(sde, steps=10, mixed=True)
+    with torch.no_grad():
+        u = _loop(sched, model, shape, 4)
+    assert torch.equal(u, res.u)
+
+
+def test_set_timesteps_float64_and_restart(sde, score):
+    sched = cf.SSCSScheduler(sde, steps=4)
+    sched.set_timesteps(6, dtype=torch.float64)
+    assert sched.timesteps.dtype == torch.float64 and len(sched.timesteps) == 6
+    a = _loop(sched, score, (32, 2), 1)
+    b = _loop(sched, score, (32, 2), 1)  # a new run restarts the counter
+    assert torch.equal(a, b) and a.dtype == torch.float64
+    ref = cf.sample(score, (32, 2), sde, steps=6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, ref.u)
+
+
+def test_scheduler_errors(sde, score):
+    with pytest.raises(TypeError):
+        cf.SSCSScheduler(cf.VPSDE())
+    with pytest.raises(ValueError):
+        cf.SSCSScheduler(sde, steps=0)
+    with pytest.raises(ValueError):
+        cf.SSCSScheduler(sde, eps=0.0)
+    with pytest.raises(ValueError):
+        cf.SSCSScheduler(sde, striding="log")
+    sched = cf.SSCSScheduler(sde, steps=2)
+    u = torch.zeros(4, 4)
+    with pytest.raises(RuntimeError, match="init_noise"):
+        sched.step(torch.zeros(4, 2), sched.timesteps[0], u)
+    u = sched.init_noise((4, 2))
+    with pytest.raises(ValueError, match="data shape"):
+        sched.step(torch.zeros(4, 4), sched.timesteps[0], u)
+    with pytest.raises(ValueError, match="t ="):
+        sched.step(torch.zeros(4, 2), 0.5, u)
+    for t in sched.timesteps:
+        sched.step(score(u, t.expand(4)), t, u)
+    with pytest.raises(RuntimeError, match="all 2 steps"):
+        sched.step(torch.zeros(4, 2), sched.timesteps[-1], u)
