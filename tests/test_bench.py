@@ -1,0 +1,73 @@
+"""The benchmark runner works end to end on a tiny kernel table (no timing is asserted anywhere)."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_PY = os.path.join(ROOT, "bench", "run.py")
+
+
+def _load_run():
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    spec = importlib.util.spec_from_file_location("bench_run_under_test", RUN_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    run = _load_run()
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--only", "kernels", "--device", "cpu", "--sizes", "2x3x4x4", "--target-s", "0.002",
+            "--no-compile", "--out", str(out)]
+    path = run.run(argv)
+    return out, path, path.read_text()
+
+
+def test_report_files_written(report):
+    out, path, text = report
+    assert path.exists() and path.parent == out
+    assert (out / "latest-cpu.md").read_text() == text
+    raw = json.loads(path.with_suffix(".json").read_text())
+    assert raw["kernels"], "raw kernel results missing"
+    assert any(p.name.endswith("-kernels-gbps.png") for p in out.iterdir())
+    assert any(p.name.endswith("-kernels-copyfrac.png") for p in out.iterdir())
+
+
+def test_report_header(report):
+    _, _, text = report
+    import cld_fast
+
+    assert text.startswith("# cld_fast benchmarks (CPU)")
+    for field in ("| device | CPU: ", "| torch | " + torch.__version__, "| triton | ", "| CUDA (torch build) | ",
+                  "| cld_fast | " + cld_fast.__version__, "| git commit | ", "| date | "):
+        assert field in text, field
+    assert "thread" in text
+
+
+def test_one_row_per_implementation(report):
+    from bench import kernels
+
+    _, _, text = report
+    for op in kernels.OPS:
+        section = text.split(f"#### {kernels.OP_TITLES[op]}", 1)[1].split("####", 1)[0].split("Timing and noise", 1)[0]
+        rows = [ln for ln in section.splitlines() if ln.startswith("| 2x3x4x4 |")]
+        names = [ln.split("|")[2].strip() for ln in rows]
+        assert names == [kernels.IMPL_TITLES[i] for i in kernels.IMPLS], (op, names)
+    # what can't run here says n/a with a footnote, and what can run has numbers
+    torch_row = next(ln for ln in text.splitlines() if "| cld_fast torch (reference) |" in ln)
+    assert "n/a" not in torch_row
+    for impl in ("compile", "triton", "cuda"):   # --no-compile; CPU tensors
+        row = next(ln for ln in text.splitlines() if f"| {kernels.IMPL_TITLES[impl]} |" in ln)
+        assert "n/a [^" in row, row
+    from cld_fast import backends
+
+    cpu_row = next(ln for ln in text.splitlines() if "| cld_fast cpu (C++) |" in ln)
+    assert ("n/a [^" in cpu_row) == (not backends.get("cpu").is_available())
+    assert "## Notes" in text and "[^1]:" in text
