@@ -1,15 +1,312 @@
-"""The ``cld-fast`` command line: ``info`` (and, as they land, ``train`` and ``sample``)."""
+"""The ``cld-fast`` command line: ``train``, ``sample`` and ``info``.
+
+    cld-fast train                                   # 2-D toy CLD model, a couple of minutes on a CPU
+    cld-fast train --preset cifar10 --data-path data/cifar-10-batches-py --out runs/cifar10
+    torchrun --nproc_per_node=8 -m cld_fast.cli train --preset cifar10 ...   # multi-GPU (DDP)
+    cld-fast train --out runs/cifar10 --resume       # continue from the newest checkpoint
+    cld-fast sample runs/toy/checkpoints/ckpt_0006000.pt --method sscs --steps 100
+    cld-fast sample checkpoint_800000.pth --config cifar10 --steps 150 --n 64   # official CLD-SGM
+    cld-fast info
+"""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+
+EXAMPLES_TRAIN = """examples:
+  cld-fast train                                  toy preset: 2-D multimodal swiss roll, CPU, ~2 min
+  cld-fast train --data gmm --steps 5000          Gaussian mixture instead
+  cld-fast train --preset cifar10 --data-path data/cifar-10-batches-py --out runs/c10
+  torchrun --nproc_per_node=8 -m cld_fast.cli train --preset cifar10 --data-path ... --out runs/c10
+  cld-fast train --out runs/c10 --resume          continue from the newest checkpoint in runs/c10
+
+Flags left unset take the preset's value (or, with --resume, the checkpoint's)."""
+
+EXAMPLES_SAMPLE = """examples:
+  cld-fast sample runs/toy/checkpoints/ckpt_0006000.pt
+  cld-fast sample runs/toy --method em --steps 200        newest checkpoint of a run folder
+  cld-fast sample checkpoint_800000.pth --config cifar10 --n 64 --steps 150 --device cuda
+  cld-fast sample official.pth --config official_config.json --method ode"""
+
+
+def _add_train_parser(sub) -> None:
+    from .config import PRECISIONS, available_presets
+
+    p = sub.add_parser(
+        "train", help="train a CLD (or VP-SDE) score model",
+        description="Train a CLD score model with hybrid score matching (fused loss), or the VP-SDE baseline. "
+                    "Writes checkpoints, metrics.jsonl and sample plots into the run folder (--out).",
+        epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", default="toy", choices=available_presets(), help="named configuration (default: toy)")
+    g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>-<date>-<time>)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
+                   help="continue from the newest checkpoint in --out (or from CKPT, a file or run folder)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: this rank's GPU if any, else cpu)")
+    g.add_argument("--seed", type=int, help="random seed")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="total optimizer steps")
+    g.add_argument("--batch-size", type=int, help="global batch size (split over ranks)")
+    g.add_argument("--lr", type=float, help="Adam learning rate")
+    g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (<= 0: off)")
+    g.add_argument("--ema-decay", type=float, help="EMA decay (official warm-up min(decay, (1+n)/(10+n)))")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (bf16 autocast on GPU, fp32 on CPU), bf16, fp16 (GradScaler, CUDA) or fp32")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+    g = p.add_argument_group("model and loss")
+    g.add_argument("--sde", choices=("cld", "vpsde"), help="cld (HSM, default) or the vpsde baseline (DSM)")
+    g.add_argument("--weighting", choices=("reweightedv2", "likelihood"), help="loss weighting")
+    g.add_argument("--model", help="cld_fast.models preset (toy2d, tiny, cifar10, celebahq256)")
+    g.add_argument("--model-opt", action="append", default=None, metavar="KEY=VALUE",
+                   help="override a model config key, e.g. --model-opt hidden_dim=256 (repeatable)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=("swissroll", "gmm", "cifar10", "folder", "npz"), help="data set")
+    g.add_argument("--data-path", help="cifar-10-batches-py folder, image folder or .npz file")
+    g.add_argument("--npz-key", help="array name inside the .npz")
+    g.add_argument("--image-size", type=int, help="image-folder data: side of the square crops")
+    g.add_argument("--no-flip", action="store_true", default=None, help="images: no random horizontal flips")
+    g.add_argument("--dequantize", action="store_true", default=None, help="images: uniform dequantisation")
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-every", type=int, help="steps between loss logs (the only host syncs)")
+    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--keep", type=int, help="checkpoints to keep (newest N)")
+    g.add_argument("--sample-every", type=int, help="steps between sample plots (0: only at the end)")
+    g.add_argument("--sample-steps", type=int, help="sampler steps for plots")
+    g.add_argument("--eval-steps", type=int, help="toy data: SSCS steps of the final energy-distance check")
+    g.add_argument("--eval-samples", type=int, help="toy data: samples for the final energy-distance check")
+    g.add_argument("--no-quality-figure", action="store_true", default=None, help="toy data: skip quality.png")
+
+
+def _add_sample_parser(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="sample from a cld-fast or an official CLD-SGM checkpoint",
+        description="Draw samples with the fused samplers and write a PNG (image grid, or a scatter for 2-D data) "
+                    "and an .npz with the samples.",
+        epilog=EXAMPLES_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a cld-fast checkpoint, a run folder, or an official CLD-SGM checkpoint")
+    p.add_argument("--config", help="official checkpoints: a cld_fast.models preset name (default cifar10) or a JSON "
+                                    "file with the official config keys")
+    p.add_argument("--method", default="sscs", choices=("sscs", "em", "ode"), help="sampler (default: sscs)")
+    p.add_argument("--steps", type=int, default=100, help="network evaluations for sscs/em (default: 100)")
+    p.add_argument("--n", type=int, default=None, help="number of samples (default: 64 images / 2000 points)")
+    p.add_argument("--striding", default="linear", choices=("linear", "quadratic"), help="time grid")
+    p.add_argument("--eps", type=float, default=1e-3, help="last forward time (default: 1e-3)")
+    p.add_argument("--no-denoise", action="store_true", help="skip the final noise-free denoising step")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="network autocast on CUDA")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: the run's samples/ folder, or ./samples)")
+    p.add_argument("--name", help="file stem (default: samples_<method>_<steps>)")
+    p.add_argument("--beta0", type=float, default=4.0, help="official checkpoints: CLD beta0 (default 4)")
+    p.add_argument("--beta1", type=float, default=0.0, help="official checkpoints: CLD beta1 (default 0)")
+    p.add_argument("--m-inv", type=float, default=4.0, help="official checkpoints: CLD m_inv (default 4)")
+    p.add_argument("--gamma", type=float, default=0.04, help="official checkpoints: CLD gamma (default 0.04)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cld-fast", description="Critically-damped Langevin diffusion, fast.")
+    parser = argparse.ArgumentParser(
+        prog="cld-fast",
+        description="Critically-damped Langevin diffusion, fast: fused kernels, samplers and a trainer.",
+        epilog="run 'cld-fast COMMAND --help' for the options of a command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_parser(sub)
+    _add_sample_parser(sub)
     sub.add_parser("info", help="versions, backends available, compiled parts, GPU")
     return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _overrides(args) -> dict:
+    """TrainConfig fields the user set explicitly on the command line."""
+    mapping = {
+        "device": "device", "seed": "seed", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
+        "warmup": "warmup", "grad_clip": "grad_clip", "ema_decay": "ema_decay", "precision": "precision",
+        "compile": "compile", "sde": "sde", "weighting": "weighting", "model": "model", "data": "data",
+        "data_path": "data_path", "npz_key": "npz_key", "image_size": "image_size", "dequantize": "dequantize",
+        "log_every": "log_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
+        "sample_every": "sample_every", "sample_steps": "sample_steps", "eval_steps": "eval_steps",
+        "eval_samples": "eval_samples",
+    }
+    out = {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
+    if args.no_flip:
+        out["random_flip"] = False
+    if args.no_quality_figure:
+        out["quality_figure"] = False
+    if out.get("sde") == "vpsde":
+        out.setdefault("sample_method", "em")
+    if args.model_opt:
+        opts = {}
+        for item in args.model_opt:
+            if "=" not in item:
+                raise SystemExit(f"cld-fast train: --model-opt expects KEY=VALUE, got {item!r}")
+            k, v = item.split("=", 1)
+            opts[k.strip()] = _parse_value(v.strip())
+        out["model_overrides"] = opts
+    return out
+
+
+def _train(args) -> int:
+    from . import distributed as dist_utils
+    from .checkpoint import CheckpointError, load_checkpoint, resolve_resume
+    from .config import TrainConfig, get_preset
+    from .data import DataError
+    from .train import NonFiniteLossError, train
+
+    out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    overrides = _overrides(args)
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        base = None
+        if args.resume:
+            path = resolve_resume(args.resume, out)
+            if path is not None:
+                base = TrainConfig.from_dict(load_checkpoint(path)["config"])
+        if base is None:
+            config = get_preset(args.preset, **overrides)
+        else:
+            config = base.replace(**overrides) if overrides else base
+        result = train(config, out, resume=args.resume, progress=not args.no_progress)
+    except NonFiniteLossError as exc:
+        print(f"cld-fast train: {exc}", file=sys.stderr)
+        return 1
+    except (DataError, CheckpointError, FileExistsError, ValueError) as exc:
+        print(f"cld-fast train: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        dist_utils.destroy()
+    if main:
+        _report_train(result)
+    return 0
+
+
+def _report_train(r) -> None:
+    print(f"trained {r.step} steps in {r.wall_time:.1f} s (training loop {r.train_time:.1f} s); final loss {r.loss:.4f}"
+          if r.loss is not None else f"trained {r.step} steps in {r.wall_time:.1f} s")
+    ev = r.extra.get("eval")
+    if ev:
+        print(f"energy distance to fresh data ({ev['method']}, {ev['steps']} steps, {ev['n']} samples): "
+              f"{ev['energy_distance']:.5f}   (two data samples: {ev['energy_distance_data_vs_data']:.5f})")
+    print("wrote:")
+    for label, path in (("run folder", r.run_dir), ("checkpoint", r.checkpoint), ("metrics", r.metrics),
+                        ("samples plot", r.samples_plot), ("samples npz", r.samples_npz),
+                        ("quality figure", r.quality_plot)):
+        if path:
+            print(f"  {label:<15} {path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# sample
+# ------------------------------------------------------------------------------------------------
+def _sample(args) -> int:
+    import numpy as np
+    import torch
+
+    from . import plots
+    from .checkpoint import FORMAT, CheckpointError, resolve_resume
+    from .sampling import sample
+    from .score import score_fn
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    src = args.checkpoint
+    try:
+        if os.path.isdir(src):
+            src = resolve_resume(src, src)
+        if not os.path.isfile(src):
+            raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+        try:
+            raw = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"could not load {src}: {type(exc).__name__}: {exc}") from exc
+        ours = isinstance(raw, dict) and raw.get("format") == FORMAT
+        del raw
+        if ours:
+            from .train import load_for_sampling
+
+            net, sde, config, shape = load_for_sampling(src, use_ema=not args.no_ema, device=device)
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(src)))
+            default_out = os.path.join(run_dir, "samples")
+            toy = config.data if config.data in ("swissroll", "gmm") else None
+        else:
+            from .models import load_official_checkpoint
+
+            cfg = args.config or "cifar10"
+            if os.path.isfile(cfg):
+                with open(cfg) as f:
+                    cfg = json.load(f)
+            net = load_official_checkpoint(src, config=cfg, use_ema=not args.no_ema).to(device).eval()
+            from .models.configs import resolve_config
+
+            mcfg = resolve_config(cfg)
+            from .sde import CLD
+
+            sde = CLD(beta0=args.beta0, beta1=args.beta1, m_inv=args.m_inv, gamma=args.gamma)
+            if str(mcfg.get("name", "ncsnpp")).lower() == "mlp":
+                shape = (int(mcfg.get("data_dim", 2)),)
+            else:
+                shape = (int(mcfg.get("image_channels", 3)), int(mcfg.get("image_size", 32)), int(mcfg.get("image_size", 32)))
+            default_out = "samples"
+            toy = None
+    except (CheckpointError, ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"cld-fast sample: error: {exc}", file=sys.stderr)
+        return 2
+    from .sde import CLD as _CLD
+
+    if args.method == "sscs" and not isinstance(sde, _CLD):
+        print("cld-fast sample: error: SSCS is a CLD sampler; use --method em or ode for a VP-SDE model", file=sys.stderr)
+        return 2
+    is_image = len(shape) == 3
+    n = args.n or (64 if is_image else 2000)
+    autocast = None if args.precision == "fp32" else args.precision
+    gen = torch.Generator(device).manual_seed(args.seed)
+    t0 = time.time()
+    res = sample(score_fn(net, sde, autocast_dtype=autocast), (n,) + tuple(shape), sde, steps=args.steps,
+                 method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
+                 generator=gen, device=device, progress=args.progress)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    out_dir = args.out or default_out
+    os.makedirs(out_dir, exist_ok=True)
+    stem = args.name or f"samples_{args.method}_{args.steps if args.method != 'ode' else 'adaptive'}"
+    png = os.path.join(out_dir, stem + ".png")
+    npz = os.path.join(out_dir, stem + ".npz")
+    arrays = {"x": res.x.detach().cpu().numpy()}
+    if res.v is not None:
+        arrays["v"] = res.v.detach().cpu().numpy()
+    np.savez(npz, **arrays)
+    if is_image:
+        plots.image_grid(res.x, png)
+    elif shape[0] == 2:
+        ref = None
+        if toy:
+            from .data import make_toy
+
+            ref = make_toy(toy).sample(n, generator=torch.Generator().manual_seed(args.seed + 1))
+        plots.scatter_2d(res.x, png, data=ref, title=f"{args.method}, {res.nfe} network evaluations")
+    else:
+        png = None
+    print(f"sampled {n} x {tuple(shape)} with {args.method} ({res.nfe} network evaluations) in {dt:.2f} s on {device}")
+    print("wrote:")
+    if png:
+        print(f"  png  {os.path.abspath(png)}")
+    print(f"  npz  {os.path.abspath(npz)}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -19,6 +316,10 @@ def main(argv=None) -> int:
         from .info import main as info_main
 
         return info_main()
+    if args.command == "train":
+        return _train(args)
+    if args.command == "sample":
+        return _sample(args)
     parser.print_help()
     return 0 if args.command is None else 2
 

@@ -453,13 +453,13 @@ class VPSDE:
         return torch.stack(torch.broadcast_tensors(c_x, c_s, sigma), dim=-1)
 
     def mixed_score_coefficients(self, t) -> torch.Tensor:
-        """(B, 2) float64 [-1/sigma^2, -1/sigma] of the VP mixed score: score = c0 * x + c1 * out.
+        """(B, 2) float64 [-1 / var(t), -1 / sigma(t)] of the VP mixed score: score = c0 * x + c1 * out.
 
-        The official CLD-SGM ``mixed_score`` for a non-augmented SDE: score = -x / var(t) + out *
-        noise_multiplier(t) with var = sigma(t)^2 and noise_multiplier = -1 / sigma(t).
+        As the official CLD-SGM code: var(t) is the marginal variance for unit-variance data,
+        alpha^2 * 1 + sigma^2 (= 1 for the VP-SDE), and the network predicts the noise.
         """
-        _, sigma = self.marginal_coefficients(t)
-        return torch.stack([-1.0 / (sigma * sigma), -1.0 / sigma], dim=-1)
+        alpha, sigma = self.marginal_coefficients(t)
+        return torch.stack([-1.0 / (alpha * alpha + sigma * sigma), -1.0 / sigma], dim=-1)
 
 
 STRIDINGS = ("linear", "quadratic")

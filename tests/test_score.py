@@ -87,9 +87,12 @@ def test_vpsde_mixed(sde):
     model = Model(augmented=False).eval()
     s = cf.score_fn(model, vp)
     x, t = _inputs(augmented=False)
-    _, sigma = vp.marginal_coefficients(t)
+    alpha, sigma = vp.marginal_coefficients(t)
     out = s.raw(x, t).double()
-    expect = -x.double() / sigma[:, None] ** 2 - out / sigma[:, None]
+    # official CLD-SGM: -x / var(t, var0x=1) + out * (-1 / sigma), var = alpha^2 + sigma^2 (= 1 for VP)
+    var = alpha[:, None] ** 2 + sigma[:, None] ** 2
+    torch.testing.assert_close(var, torch.ones_like(var), rtol=1e-12, atol=1e-12)
+    expect = -x.double() / var - out / sigma[:, None]
     torch.testing.assert_close(s(x, t).double(), expect, rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,204 @@
+"""Training checkpoints: atomic writes, keep-last-N, safe loading.
+
+A checkpoint is one ``torch.save`` file ``ckpt_<step:07d>.pt`` in the run's ``checkpoints/``
+folder holding only tensors and plain Python types, so it loads with
+``torch.load(..., weights_only=True)``:
+
+    format      "cld_fast.train/1"
+    step        optimizer steps done (int)
+    model       state_dict of the bare network (no ``module.``/``_orig_mod.`` prefixes)
+    ema         {"decay", "num_updates", "shadow_params"} (the official CLD-SGM layout)
+    optimizer   optimizer.state_dict()
+    scaler      GradScaler.state_dict() ({} without fp16)
+    rng         {"torch_cpu": [uint8 tensor per rank], "torch_cuda": [[uint8 tensor per GPU] per rank],
+                 "generator": [uint8 tensor per rank], "generator_device": str}
+    sampler     {"epoch", "batch", "seed", "world_size"} of the data sampler
+    config      the TrainConfig as a plain dict
+    world_size  number of ranks that wrote it
+
+The top-level ``model``/``ema``/``optimizer``/``step`` keys match the official CLD-SGM checkpoint
+layout, so ``cld_fast.models.load_official_checkpoint`` can read these files too.
+
+Writes go to a temporary file in the same folder which is flushed, fsync'ed and then renamed over
+the target with ``os.replace`` (atomic on POSIX); a failure at any point removes the temporary file
+and leaves every earlier checkpoint untouched.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Any, List, Mapping, Optional
+
+import torch
+
+__all__ = [
+    "FORMAT", "atomic_save", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+    "prune_checkpoints", "checkpoint_path", "resolve_resume", "clean_stale_temp", "CheckpointError",
+    "rng_state_tensors", "restore_rng_states",
+]
+
+FORMAT = "cld_fast.train/1"
+_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not one of ours."""
+
+
+def checkpoint_path(directory: str, step: int) -> str:
+    """``<directory>/ckpt_<step:07d>.pt``."""
+    return os.path.join(directory, f"ckpt_{int(step):07d}.pt")
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> str:
+    """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    On any failure the temporary file is removed and an existing ``path`` is left as it was.
+    Returns ``path``.
+    """
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def list_checkpoints(directory: str) -> List[str]:
+    """Our checkpoint files in ``directory``, oldest step first (temporary files are ignored)."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = _NAME.match(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str) -> Optional[str]:
+    """The checkpoint with the highest step in ``directory``, or None."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(directory: str, keep: int) -> List[str]:
+    """Delete all but the newest ``keep`` checkpoints (``keep <= 0`` keeps all); returns the removed paths."""
+    if keep is None or keep <= 0:
+        return []
+    found = list_checkpoints(directory)
+    removed = found[:-keep] if len(found) > keep else []
+    for p in removed:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def save_checkpoint(state: Mapping[str, Any], directory: str, step: int, keep: int = 3) -> str:
+    """Write ``state`` (with ``format`` and ``step`` filled in) as ``ckpt_<step>.pt``, then keep the last ``keep``."""
+    payload = dict(state)
+    payload["format"] = FORMAT
+    payload["step"] = int(step)
+    path = atomic_save(payload, checkpoint_path(directory, step))
+    prune_checkpoints(directory, keep)
+    return path
+
+
+def clean_stale_temp(directory: str) -> List[str]:
+    """Remove temporary files left by a writer that was killed mid-write; returns their paths."""
+    removed = []
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(".ckpt_") and name.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                    removed.append(os.path.join(directory, name))
+                except OSError:
+                    pass
+    return removed
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load one of our checkpoints with ``torch.load(..., weights_only=True)``; clear errors otherwise."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; pass a checkpoint file (ckpt_<step>.pt) or use resolve_resume")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
+        raise CheckpointError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a cld_fast training checkpoint (no format={FORMAT!r} entry); "
+            "official CLD-SGM checkpoints are loaded with cld_fast.models.load_official_checkpoint "
+            "(`cld-fast sample --official ...`)"
+        )
+    return state
+
+
+def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
+    """The checkpoint file that ``--resume`` names.
+
+    ``resume`` is ``"latest"`` (the newest checkpoint of ``<run_dir>/checkpoints``, None if there is
+    none), a checkpoint file, or a run/checkpoints folder (its newest checkpoint).
+    """
+    if resume in (None, "", False):
+        return None
+    if resume in ("latest", True):
+        return latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    if os.path.isdir(resume):
+        for d in (os.path.join(resume, "checkpoints"), resume):
+            found = latest_checkpoint(d)
+            if found:
+                return found
+        raise CheckpointError(f"--resume {resume}: no checkpoint (ckpt_<step>.pt) in that folder or its checkpoints/")
+    if not os.path.exists(resume):
+        raise CheckpointError(f"--resume {resume}: no such file or folder")
+    return resume
+
+
+def rng_state_tensors(generator: Optional[torch.Generator]) -> dict:
+    """This process's RNG states as uint8 tensors: torch CPU, every CUDA device, and ``generator``."""
+    out = {"torch_cpu": torch.get_rng_state()}
+    out["torch_cuda"] = list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
+    out["generator"] = generator.get_state() if generator is not None else torch.zeros(0, dtype=torch.uint8)
+    return out
+
+
+def restore_rng_states(states: Mapping[str, Any], generator: Optional[torch.Generator]) -> None:
+    """Inverse of :func:`rng_state_tensors`."""
+    torch.set_rng_state(states["torch_cpu"].cpu())
+    cuda = states.get("torch_cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    if generator is not None and states.get("generator") is not None and states["generator"].numel():
+        generator.set_state(states["generator"].cpu())

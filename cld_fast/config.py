@@ -1,0 +1,171 @@
+"""Training configuration: one flat dataclass of plain types, and named presets.
+
+Presets:
+
+* ``toy``        2-D Gaussian mixture (8 modes on a circle, :mod:`cld_fast.toy`), the official toy MLP,
+                 CLD with HSM and the ``reweightedv2`` weighting; 12k steps of batch 1024 on one CPU
+                 thread (the tiny MLP gains little from more, and one thread is immune to
+                 oversubscription). Trains on a laptop CPU in 1-2 minutes and ends with an
+                 energy-distance check (SSCS, 100 steps). ``--data swissroll`` trains on the official
+                 multimodal swiss roll instead (its spirals need far longer training to resolve).
+* ``toy-vpsde``  the same data and network size with the VP-SDE baseline (DSM loss).
+* ``cifar10``    the official CLD-SGM CIFAR-10 setup: NCSN++ (``cld_fast.models`` preset ``cifar10``),
+                 batch 128, Adam lr 2e-4, 5000 warm-up steps, gradient clipping 1, EMA 0.9999,
+                 data centred to [-1, 1] with random horizontal flips; bf16 autocast on GPU.
+
+``TrainConfig.to_dict()`` gives a dict of str/int/float/bool/None/list/dict only (it goes into
+checkpoints that load with ``weights_only=True``); ``TrainConfig.from_dict`` reverses it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional, Union
+
+__all__ = ["TrainConfig", "PRESETS", "get_preset", "available_presets"]
+
+TOY_DATASETS = ("swissroll", "gmm")
+SDES = ("cld", "vpsde")
+WEIGHTINGS = ("reweightedv2", "likelihood")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field is a plain type."""
+
+    preset: str = "custom"
+    # --- SDE and loss ---------------------------------------------------------------------
+    sde: str = "cld"                   # "cld" (HSM) or "vpsde" (DSM baseline)
+    weighting: str = "reweightedv2"    # "reweightedv2" or "likelihood"
+    loss_eps: float = 1e-5             # t ~ U(loss_eps, 1)
+    beta0: float = 4.0
+    beta1: float = 0.0
+    m_inv: float = 4.0
+    gamma: float = 0.04
+    numerical_eps: float = 1e-9
+    vp_beta_min: float = 0.1
+    vp_beta_max: float = 20.0
+    # --- data -------------------------------------------------------------------------------
+    data: str = "swissroll"            # "swissroll", "gmm", "cifar10", "folder", "npz"
+    data_path: Optional[str] = None    # for cifar10 / folder / npz
+    npz_key: Optional[str] = None
+    image_size: Optional[int] = None   # folder images are resized/cropped to this
+    random_flip: bool = True           # images: random horizontal flips
+    dequantize: bool = False           # images: uniform dequantisation (x*255 + U(0,1)) / 256
+    num_workers: int = 2               # image folders: DataLoader workers
+    # --- network ----------------------------------------------------------------------------
+    model: Union[str, Dict[str, Any]] = "toy2d"     # a cld_fast.models preset or a config dict
+    model_overrides: Dict[str, Any] = field(default_factory=dict)
+    channels_last: bool = True         # images only
+    compile: bool = False              # torch.compile the network
+    # --- optimisation -----------------------------------------------------------------------
+    steps: int = 10000                 # optimizer steps in total
+    batch_size: int = 512              # global batch (split evenly over ranks)
+    lr: float = 1e-3
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup: int = 0                    # linear learning-rate warm-up steps
+    grad_clip: float = 1.0             # max gradient norm (<= 0: off)
+    ema_decay: float = 0.9999
+    ema_num_updates: bool = True       # official decay warm-up min(decay, (1+n)/(10+n))
+    precision: str = "auto"            # "auto" (bf16 on GPU, fp32 on CPU), "bf16", "fp16", "fp32"
+    seed: int = 0
+    device: Optional[str] = None       # None: this rank's GPU if any, else CPU
+    num_threads: Optional[int] = None  # CPU intra-op threads (None: torch's default)
+    # --- bookkeeping ------------------------------------------------------------------------
+    log_every: int = 100
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 0              # snapshot plot every N steps (0: only at the end)
+    sample_count: int = 2000           # samples per snapshot plot (toy) / 64 for image grids
+    sample_steps: int = 100            # sampler steps for snapshots
+    sample_method: str = "sscs"
+    # --- final evaluation (toy data) --------------------------------------------------------
+    eval_samples: int = 4000
+    eval_steps: int = 100
+    quality_figure: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"invalid training config: {msg}")
+
+        need(self.sde in SDES, f"sde must be one of {SDES}, got {self.sde!r}")
+        need(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        need(0.0 < self.loss_eps < 1.0, f"loss_eps must be in (0, 1), got {self.loss_eps}")
+        need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        need(0.0 <= self.ema_decay <= 1.0, f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        need(self.ckpt_every >= 0, f"ckpt_every must be >= 0, got {self.ckpt_every}")
+        need(self.sample_method in ("sscs", "em", "ode"), f"sample_method must be sscs, em or ode, got {self.sample_method!r}")
+        need(self.sample_steps >= 1 and self.eval_steps >= 1, "sample_steps and eval_steps must be >= 1")
+        need(self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}")
+        if self.sde == "vpsde":
+            need(self.sample_method != "sscs", "SSCS is a CLD sampler; use sample_method 'em' or 'ode' with sde 'vpsde'")
+        return self
+
+    @property
+    def is_toy(self) -> bool:
+        return self.data in TOY_DATASETS
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A deep copy as a plain dict (safe for ``torch.load(weights_only=True)`` and JSON)."""
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """Build from :meth:`to_dict` output; unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {unknown}")
+        return cls(**copy.deepcopy(dict(d)))
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed (validated)."""
+        d = self.to_dict()
+        d.update(changes)
+        return TrainConfig.from_dict(d)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "toy": dict(
+        preset="toy", sde="cld", data="gmm", model="toy2d", steps=12000, batch_size=1024, lr=1e-3,
+        warmup=0, grad_clip=1.0, ema_decay=0.9999, num_threads=1, log_every=250, ckpt_every=3000, sample_every=3000,
+        sample_count=4000, sample_steps=100, eval_samples=4000, eval_steps=100,
+    ),
+    "toy-vpsde": dict(
+        preset="toy-vpsde", sde="vpsde", data="gmm", model="toy2d", steps=12000, batch_size=1024, lr=1e-3,
+        warmup=0, grad_clip=1.0, ema_decay=0.9999, num_threads=1, log_every=250, ckpt_every=2500,
+        sample_method="em", sample_count=4000, sample_steps=100, eval_samples=4000, eval_steps=100,
+    ),
+    "cifar10": dict(
+        preset="cifar10", sde="cld", data="cifar10", data_path="data/cifar-10-batches-py", model="cifar10",
+        steps=800000, batch_size=128, lr=2e-4, warmup=5000, grad_clip=1.0, ema_decay=0.9999,
+        random_flip=True, precision="auto", log_every=100, ckpt_every=10000, keep_checkpoints=3,
+        sample_every=50000, sample_count=64, sample_steps=150, quality_figure=False,
+    ),
+}
+
+
+def available_presets():
+    return sorted(PRESETS)
+
+
+def get_preset(name: str, **overrides) -> TrainConfig:
+    """The preset ``name`` as a TrainConfig, with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {available_presets()}")
+    d = dict(PRESETS[name])
+    d.update(overrides)
+    return TrainConfig(**d)

@@ -1,0 +1,741 @@
+"""Training CLD score models (HSM, fused loss) and the VP-SDE baseline (DSM).
+
+    from cld_fast.config import get_preset
+    from cld_fast.train import train
+    result = train(get_preset("toy"), "runs/toy")          # or: cld-fast train --out runs/toy
+    print(result.energy_distance, result.checkpoint)
+
+One run is the ``Trainer`` below, in EDM style: its phases run in order and each is one short
+method:
+
+1. ``_setup``    device, process group (torchrun), seeds, run folder, SDE, precision;
+2. ``_data``     the data source, sharded per rank;
+3. ``_network``  network, EMA, DDP, ``torch.compile``, Adam, GradScaler;
+4. ``_resume``   state from the newest (or a named) checkpoint;
+5. ``run``       the loop: ``train_step`` per step, logging, checkpoints, snapshots;
+6. ``_finish``   final checkpoint, sample plot and (toy data) the quality check.
+
+The CLD step: t ~ U(loss_eps, 1) per sample, ``cf.perturb`` (one fused pass drawing u and the noise),
+the network under autocast (bf16 by default on GPU), ``cf.hsm_loss`` (fused, ``reweightedv2`` or
+``likelihood``), backward, gradient clipping, Adam (``fused=True`` on CUDA, else ``foreach``) with
+linear warm-up, EMA (the official decay warm-up). The VP-SDE step is plain torch DSM with the mixed
+score of ``VPSDE.mixed_score_coefficients`` (the parameterisation ``cf.score_fn`` samples with).
+
+No host synchronisation inside a step: the loss is accumulated on the device and read every
+``log_every`` steps; a device-side flag records the first step whose loss (or gradient norm) was
+not finite, and it is checked at every log and checkpoint point. A non-finite loss stops training
+with :class:`NonFiniteLossError` naming the step and the last good checkpoint; no checkpoint is
+ever written from non-finite parameters.
+
+Checkpoints hold the full state (network, EMA, optimizer, GradScaler, step, every rank's RNG
+states, the config as a plain dict) and a resumed run is bitwise identical to an uninterrupted
+one on CPU. Under ``torchrun`` the network is wrapped in DDP, each rank draws its own data, and
+only rank 0 writes checkpoints, logs and plots.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import distributed as dist_utils
+from . import ops
+from .checks import value_checks
+from .config import TrainConfig
+from .data import DataSource, build_data
+from .ema import ExponentialMovingAverage
+from .sde import CLD, VPSDE
+
+__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "build_sde", "build_network", "resolve_precision",
+           "load_for_sampling"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or inf; training stopped.
+
+    Attributes: ``step`` (the first bad optimizer step, 1-based: the step that would have produced
+    checkpoint ``ckpt_<step>``), ``last_checkpoint`` (path of the last good checkpoint or None).
+    """
+
+    def __init__(self, step: int, last_checkpoint: Optional[str], detail: str = ""):
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+        where = (f"The last good checkpoint is {last_checkpoint}; it is intact and no checkpoint was written "
+                 f"after the loss went bad. Resume from it with --resume after lowering --lr, or try --precision fp32.")
+        if last_checkpoint is None:
+            where = "No checkpoint had been written yet, and none was written from the bad state."
+        super().__init__(f"training stopped: the loss became NaN or inf at step {step}{detail}. {where}")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (paths are absolute; None where not applicable)."""
+
+    run_dir: str
+    step: int
+    loss: Optional[float]
+    checkpoint: Optional[str]
+    metrics: Optional[str]
+    samples_plot: Optional[str] = None
+    samples_npz: Optional[str] = None
+    quality_plot: Optional[str] = None
+    energy_distance: Optional[float] = None
+    energy_distance_floor: Optional[float] = None
+    wall_time: float = 0.0
+    train_time: float = 0.0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+def build_sde(config: TrainConfig):
+    """The CLD or VP-SDE a config names."""
+    if config.sde == "cld":
+        return CLD(beta0=config.beta0, beta1=config.beta1, m_inv=config.m_inv, gamma=config.gamma,
+                   numerical_eps=config.numerical_eps)
+    return VPSDE(beta_min=config.vp_beta_min, beta_max=config.vp_beta_max)
+
+
+def resolve_precision(precision: str, device: torch.device):
+    """(autocast dtype or None, use GradScaler) for ``precision`` on ``device``.
+
+    ``auto``: bf16 autocast on CUDA (fp16 + GradScaler where bf16 is unsupported), fp32 on CPU.
+    ``bf16``: bf16 autocast (CPU too). ``fp16``: fp16 autocast with a GradScaler (CUDA only).
+    ``fp32``: no autocast (the setting for exact checks).
+    """
+    device = torch.device(device)
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    if precision == "fp32":
+        return None, False
+    if precision == "bf16":
+        return torch.bfloat16, False
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA device (GradScaler); use bf16 or fp32 on the CPU")
+        return torch.float16, True
+    raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+
+
+def model_config(config: TrainConfig, data_shape) -> Dict[str, Any]:
+    """The ``cld_fast.models`` config dict for this run, adapted to the data shape and the SDE."""
+    from .models import get_config
+
+    mcfg = get_config(config.model) if isinstance(config.model, str) else dict(config.model)
+    mcfg.update(config.model_overrides or {})
+    mcfg["sde"] = config.sde
+    name = str(mcfg.get("name", "ncsnpp")).lower()
+    if len(data_shape) == 1:
+        if name != "mlp":
+            raise ValueError(f"data of shape {tuple(data_shape)} (vectors) needs an MLP model (e.g. --model toy2d), got {name!r}")
+        mcfg["data_dim"] = int(data_shape[0])
+    elif len(data_shape) == 3:
+        if name == "mlp":
+            raise ValueError(f"image data of shape {tuple(data_shape)} needs an NCSN++ model (e.g. --model cifar10), got 'mlp'")
+        c, h, w = data_shape
+        if h != w:
+            raise ValueError(f"NCSN++ needs square images, got {h}x{w}")
+        mcfg["image_channels"], mcfg["image_size"] = int(c), int(h)
+    else:
+        raise ValueError(f"unsupported data shape {tuple(data_shape)}; expected (D,) or (C, H, W)")
+    return mcfg
+
+
+def build_network(config: TrainConfig, data_shape) -> nn.Module:
+    """A fresh network for the config and data shape (float32, CPU)."""
+    from .models import build_model
+
+    return build_model(model_config(config, data_shape))
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    return (int(seed) * 1_000_003 + 7919 * (rank + 1)) % (2**63 - 1)
+
+
+def _make_optimizer(config: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    kw = dict(lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps, weight_decay=config.weight_decay)
+    if device.type == "cuda":
+        try:
+            return torch.optim.Adam(params, fused=True, **kw)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.Adam(params, foreach=True, **kw)
+
+
+class _JsonlWriter:
+    def __init__(self, path: Optional[str]):
+        self.path = path
+        self._f = open(path, "a", buffering=1) if path else None
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------------
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+
+
+class Trainer:
+    """One training run. ``Trainer(config, run_dir).run()`` trains and returns a :class:`TrainResult`.
+
+    Args:
+        config: a :class:`cld_fast.config.TrainConfig`.
+        run_dir: the run folder (``checkpoints/``, ``samples/``, ``metrics.jsonl``, ``config.json``).
+        model: use this network instead of building one from ``config.model`` (tests, custom nets);
+            it is called as ``model(u, t)``.
+        resume: None (fresh run; refuses a folder that already holds checkpoints), ``"latest"``
+            (the newest checkpoint of ``run_dir``, fresh if there is none), or a checkpoint path.
+        progress: show a tqdm bar (rank 0).
+        loss_fn: replace the loss, called as ``loss_fn(model, x0, generator) -> scalar``.
+        verbose: print where files go (rank 0).
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str, *, model: Optional[nn.Module] = None, resume=None,
+                 progress: bool = True, loss_fn: Optional[LossFn] = None, verbose: bool = True):
+        self.config = config.validate()
+        self.run_dir = os.path.abspath(run_dir)
+        self.progress = progress
+        self.verbose = verbose
+        self.loss_fn = loss_fn or (self.cld_loss if config.sde == "cld" else self.vp_loss)
+        self.t_start = time.time()
+        self._setup()
+        self._data()
+        self._network(model)
+        self._resume(resume)
+
+    # -- phase 1 ------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.config
+        self.device = dist_utils.device_for_rank(cfg.device)
+        self.owns_process_group = dist_utils.init_from_env(self.device)
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        self.is_main = self.rank == 0
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self.samples_dir = os.path.join(self.run_dir, "samples")
+        if self.is_main:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            os.makedirs(self.samples_dir, exist_ok=True)
+            ckpt.clean_stale_temp(self.ckpt_dir)
+        dist_utils.barrier()
+        if cfg.num_threads and self.device.type == "cpu":
+            torch.set_num_threads(cfg.num_threads)
+        self.sde = build_sde(cfg)
+        self.autocast_dtype, use_scaler = resolve_precision(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        self.generator = torch.Generator(self.device).manual_seed(_rank_seed(cfg.seed, self.rank))
+        # Training times are drawn on the host so their coefficient tables are computed there (float64,
+        # cld_fast.sde) and reach the device in one pinned copy: no coefficient kernels, no host sync.
+        self.time_generator = (self.generator if self.device.type == "cpu"
+                               else torch.Generator().manual_seed(_rank_seed(cfg.seed + 1, self.rank)))
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+
+    # -- phase 2 ------------------------------------------------------------------------------
+    def _data(self) -> None:
+        self.data: DataSource = build_data(self.config, self.device, self.rank, self.world_size)
+
+    # -- phase 3 ------------------------------------------------------------------------------
+    def _network(self, model: Optional[nn.Module]) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP broadcasts rank 0's anyway)
+        net = model if model is not None else build_network(cfg, self.data.shape)
+        self.channels_last = bool(cfg.channels_last and self.data.is_image)
+        net = net.to(self.device)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        net.train()
+        self.net = net
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the network has no trainable parameters")
+        self.ema = ExponentialMovingAverage(net.parameters(), cfg.ema_decay, cfg.ema_num_updates)
+        wrapped: nn.Module = net
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        if cfg.compile:
+            wrapped = torch.compile(wrapped)
+        self.model = wrapped
+        self.optimizer = _make_optimizer(cfg, self.params, self.device)
+        self.n_params = sum(p.numel() for p in self.params)
+
+    # -- phase 4 ------------------------------------------------------------------------------
+    def _resume(self, resume) -> None:
+        self.step = 0
+        self.last_checkpoint: Optional[str] = None
+        path = ckpt.resolve_resume(resume, self.run_dir) if resume else None
+        if path is None:
+            existing = ckpt.latest_checkpoint(self.ckpt_dir)
+            if existing and not resume:
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints (newest: {os.path.basename(existing)}); pass "
+                    "--resume to continue that run, or choose another --out"
+                )
+            if resume and self.is_main and self.verbose:
+                print(f"[cld-fast] no checkpoint in {self.ckpt_dir}; starting from step 0", file=sys.stderr)
+            return
+        self.load_state(ckpt.load_checkpoint(path, map_location="cpu"))
+        self.last_checkpoint = os.path.abspath(path)
+        if self.is_main and self.verbose:
+            print(f"[cld-fast] resumed from {path} at step {self.step}", file=sys.stderr)
+
+    # -- losses ---------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _model_input(self, u: torch.Tensor) -> torch.Tensor:
+        return u.contiguous(memory_format=torch.channels_last) if self.channels_last and u.dim() == 4 else u
+
+    def sample_times(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """t ~ U(loss_eps, 1), one per sample, float32 on the device."""
+        eps = self.config.loss_eps
+        return torch.rand(batch, generator=generator, device=self.device) * (1.0 - eps) + eps
+
+    def cld_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """HSM loss of the mixed score: perturb (fused), network, ``cf.hsm_loss`` (fused); batch mean.
+
+        t ~ U(loss_eps, 1) comes from the host time generator with its coefficient tables
+        (``cf.training_times``), so the step launches no coefficient kernels.
+        """
+        tt = ops.training_times(x0.shape[0], self.sde, x0.device, generator=self.time_generator,
+                                loss_eps=self.config.loss_eps, weighting=self.config.weighting, dtype=x0.dtype)
+        u, noise = ops.perturb(x0, tt.t, self.sde, generator=generator, coefficients=tt.perturb)
+        with self._autocast():
+            out = model(self._model_input(u), tt.t)
+        return ops.hsm_loss(out, u, tt.t, self.sde, noise, weighting=self.config.weighting, coefficients=tt.loss)
+
+    def vp_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """DSM loss of the VP-SDE baseline with the mixed score score = c0 x + c1 out (plain torch).
+
+        ``reweightedv2``: |sigma * score + eps|^2; ``likelihood``: beta(t) |score + eps / sigma|^2;
+        summed over data dimensions, averaged over the batch.
+        """
+        b = x0.shape[0]
+        t = self.sample_times(b, generator)
+        alpha, sigma = self.sde.marginal_coefficients(t)
+        coef = self.sde.mixed_score_coefficients(t)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        xt = alpha.to(x0.dtype).view(shape) * x0 + sigma.to(x0.dtype).view(shape) * eps
+        with self._autocast():
+            out = model(self._model_input(xt), t)
+        score = coef[:, 0].float().view(shape) * xt + coef[:, 1].float().view(shape) * out.float()
+        if self.config.weighting == "reweightedv2":
+            r = sigma.float().view(shape) * score + eps
+            w = None
+        else:
+            r = score + eps / sigma.float().view(shape)
+            w = self.sde.beta(t).float()
+        per = r.pow(2).flatten(1).sum(1)
+        return (per * w if w is not None else per).mean()
+
+    # -- one step -------------------------------------------------------------------------------
+    def learning_rate(self, step: int) -> float:
+        """Learning rate of 0-based step ``step``: linear warm-up to ``lr`` over ``warmup`` steps."""
+        cfg = self.config
+        if cfg.warmup > 0:
+            return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        return cfg.lr
+
+    def _init_accumulators(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        self._loss_count = 0
+        self._bad_step = torch.full((), -1, device=self.device, dtype=torch.int64)
+        self._gnorm = None
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; returns the (device) loss without reading it."""
+        if not hasattr(self, "_loss_sum"):
+            self._init_accumulators()
+        cfg = self.config
+        x0 = self.data.next(self.step, self.generator)
+        lr = self.learning_rate(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        with value_checks(False):
+            loss = self.loss_fn(self.model, x0, self.generator)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        gnorm = None
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.ema.update(self.params)
+        self.step += 1
+        # Device-side bookkeeping, read only at log / checkpoint points.
+        ld = loss.detach().float()
+        self._loss_sum += ld
+        self._loss_count += 1
+        ok = torch.isfinite(ld)
+        if gnorm is not None and self.scaler is None:  # fp16: the scaler skips overflowing steps itself
+            ok = ok & torch.isfinite(gnorm)
+        self._bad_step = torch.where(ok | (self._bad_step >= 0), self._bad_step, self.step)
+        self._gnorm = gnorm
+        return loss
+
+    # -- checks, logs, checkpoints --------------------------------------------------------------
+    def _check_finite(self) -> None:
+        """Raise NonFiniteLossError if any step since the start/resume had a non-finite loss (syncs)."""
+        bad = self._bad_step.clone()
+        if self.world_size > 1:
+            # the first bad step on any rank: max over ranks of (-1 or step) after mapping -1 -> big
+            big = torch.where(bad < 0, torch.full_like(bad, 2**62), bad)
+            big = -dist_utils.all_reduce_max(-big)
+            bad = torch.where(big >= 2**62, torch.full_like(bad, -1), big)
+        k = int(bad.item())
+        if k >= 0:
+            raise NonFiniteLossError(k, self.last_checkpoint)
+
+    def _params_finite(self) -> bool:
+        tensors = [p.detach() for p in self.net.parameters()] + list(self.ema.shadow_params)
+        norms = torch._foreach_norm([t.float() for t in tensors])
+        return bool(torch.isfinite(torch.stack(norms)).all().item())
+
+    def _log(self, metrics: "_JsonlWriter", bar, t_last: float, step_last: int) -> Dict[str, Any]:
+        loss_sum = self._loss_sum.clone()
+        count = torch.tensor(float(self._loss_count), device=self.device)
+        if self.world_size > 1:
+            dist_utils.all_reduce_sum(loss_sum)
+            dist_utils.all_reduce_sum(count)
+        mean_loss = float((loss_sum / count.clamp_min(1)).item())  # the one host sync per log interval
+        self._check_finite()
+        now = time.time()
+        samples = (self.step - step_last) * self.config.batch_size
+        rate = samples / max(now - t_last, 1e-9)
+        record = {"step": self.step, "loss": mean_loss, "lr": self.learning_rate(self.step - 1),
+                  "samples_per_s": rate, "time": now - self.t_start, "ema_decay": self.ema.current_decay(self.ema.num_updates)}
+        if self._gnorm is not None:
+            record["grad_norm"] = float(self._gnorm.item())
+        if self.scaler is not None:
+            record["loss_scale"] = float(self.scaler.get_scale())
+        if self.is_main:
+            metrics.write(record)
+            if bar is not None:
+                unit = "img/s" if self.data.is_image else "samples/s"
+                bar.set_postfix_str(f"loss {mean_loss:.4f}, {rate:,.0f} {unit}", refresh=False)
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        return record
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The full training state (collective under DDP: every rank's RNG states are gathered)."""
+        rng = ckpt.rng_state_tensors(self.generator)
+        rng["time_generator"] = self.time_generator.get_state()
+        gathered = dist_utils.all_gather_object({k: (v.cpu() if isinstance(v, torch.Tensor) else [s.cpu() for s in v])
+                                                  for k, v in rng.items()})
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "ema": {**self.ema.state_dict(), "shadow_params": [s.detach().cpu() for s in self.ema.shadow_params]},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "rng": {
+                "torch_cpu": [g["torch_cpu"] for g in gathered],
+                "torch_cuda": [g["torch_cuda"] for g in gathered],
+                "generator": [g["generator"] for g in gathered],
+                "time_generator": [g["time_generator"] for g in gathered],
+                "generator_device": self.device.type,
+            },
+            "sampler": self.data.state_dict(self.step),
+            "config": self.config.to_dict(),
+            "world_size": self.world_size,
+            "data_shape": [int(d) for d in self.data.shape],
+            "n_params": int(self.n_params),
+        }
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (from ``checkpoint.load_checkpoint``)."""
+        self.net.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.ema.to(self.device)
+        osd = copy.copy(state["optimizer"])
+        # Keep this run's choice of fused/foreach kernels (the checkpoint may come from another device).
+        osd["param_groups"] = [dict(g) for g in osd["param_groups"]]
+        for g, mine in zip(osd["param_groups"], self.optimizer.param_groups):
+            for key in ("fused", "foreach", "capturable"):
+                if key in mine:
+                    g[key] = mine[key]
+        self.optimizer.load_state_dict(osd)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        rng = state["rng"]
+        if int(state.get("world_size", 1)) == self.world_size and rng.get("generator_device") == self.device.type:
+            ckpt.restore_rng_states({"torch_cpu": rng["torch_cpu"][self.rank], "torch_cuda": rng["torch_cuda"][self.rank],
+                                     "generator": rng["generator"][self.rank]}, self.generator)
+            if self.time_generator is not self.generator and rng.get("time_generator"):
+                self.time_generator.set_state(rng["time_generator"][self.rank].cpu())
+        else:
+            warnings.warn(
+                f"the checkpoint was written by {state.get('world_size')} rank(s) on {rng.get('generator_device')}; this run "
+                f"has {self.world_size} on {self.device.type}: random streams are re-seeded from (seed, step, rank), so "
+                "the continuation is statistically but not bitwise the same as an uninterrupted run", RuntimeWarning)
+            torch.manual_seed(_rank_seed(self.config.seed + self.step, self.rank))
+            self.generator.manual_seed(_rank_seed(self.config.seed + 7 * self.step + 1, self.rank))
+            if self.time_generator is not self.generator:
+                self.time_generator.manual_seed(_rank_seed(self.config.seed + 7 * self.step + 2, self.rank))
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write a checkpoint of the current step (rank 0), after checking that everything is finite."""
+        self._check_finite()
+        ok = self._params_finite()
+        if not ok:
+            raise NonFiniteLossError(self.step, self.last_checkpoint, detail=" (non-finite parameters at the checkpoint)")
+        state = self.state_dict()
+        path = None
+        if self.is_main:
+            path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, keep=self.config.keep_checkpoints)
+        dist_utils.barrier()
+        self.last_checkpoint = os.path.abspath(path or ckpt.checkpoint_path(self.ckpt_dir, self.step))
+        return self.last_checkpoint
+
+    @torch.no_grad()
+    def evaluate_loss(self, n: int = 4096, seed: int = 0, use_ema: bool = False) -> float:
+        """The training loss on a fixed batch of ``n`` items (fixed data, times and noise from ``seed``).
+
+        Toy data: fresh samples from the seeded generator; data sets: the first ``n`` items. The
+        same ``seed`` gives the same batch, so values at different steps are directly comparable.
+        """
+        gen = torch.Generator(self.device).manual_seed(int(seed))
+        x0 = self.data.reference(n, gen)
+        net = self.ema_network() if use_ema else self.net
+        was_training = net.training
+        net.eval()
+        try:
+            with value_checks(False):
+                loss = self.loss_fn(net, x0, gen)
+        finally:
+            net.train(was_training)
+        return float(loss.item())
+
+    # -- sampling for plots / evaluation ------------------------------------------------------
+    def ema_network(self) -> nn.Module:
+        """A copy of the network holding the EMA weights, in eval mode."""
+        net = copy.deepcopy(self.net)
+        self.ema.copy_to(net)
+        return net.eval()
+
+    def sample(self, n: int, steps: int, method: str, seed: int, network: Optional[nn.Module] = None):
+        """``n`` samples from the EMA network (``cf.sample``); returns the SampleResult."""
+        from .sampling import sample
+        from .score import score_fn
+
+        net = network if network is not None else self.ema_network()
+        gen = torch.Generator(self.device).manual_seed(int(seed))
+        shape = (n,) + tuple(self.data.shape)
+        return sample(score_fn(net, self.sde), shape, self.sde, steps=steps, method=method, generator=gen,
+                      device=self.device)
+
+    def snapshot(self, tag: str) -> Optional[str]:
+        """A sample plot of the EMA network under ``samples/`` (rank 0)."""
+        if not self.is_main:
+            return None
+        cfg = self.config
+        method = cfg.sample_method
+        n = cfg.sample_count if not self.data.is_image else min(cfg.sample_count, 64)
+        res = self.sample(n, cfg.sample_steps, method, seed=cfg.seed + 99991)
+        from . import plots
+
+        path = os.path.join(self.samples_dir, f"{tag}.png")
+        if self.data.is_image:
+            return plots.image_grid(res.x, path)
+        if self.data.shape[0] == 2:
+            ref = self.data.reference(n, torch.Generator(self.device).manual_seed(cfg.seed + 4242))
+            return plots.scatter_2d(res.x, path, data=ref, title=f"step {self.step}, {method} {cfg.sample_steps} steps")
+        return None
+
+    # -- phase 5: the loop --------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.config
+        self._init_accumulators()
+        metrics = _JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl") if self.is_main else None)
+        if self.is_main:
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1)
+        if self.is_main and self.verbose:
+            print(f"[cld-fast] run dir {self.run_dir} | {self.n_params:,} parameters | device {self.device} | "
+                  f"{self.world_size} rank(s) | precision {cfg.precision} -> {self.autocast_dtype or torch.float32}",
+                  file=sys.stderr)
+        bar = None
+        if self.is_main and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), unit="step", dynamic_ncols=True,
+                       desc=f"train {cfg.sde}", file=sys.stderr, mininterval=0.5)
+        t_train = time.time()
+        t_last, step_last = time.time(), self.step
+        last_record: Dict[str, Any] = {}
+        try:
+            while self.step < cfg.steps:
+                self.train_step()
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    last_record = self._log(metrics, bar, t_last, step_last)
+                    t_last, step_last = time.time(), self.step
+                if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step != cfg.steps:
+                    self.save_checkpoint()
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != cfg.steps:
+                    self.snapshot(f"step_{self.step:07d}")
+                    dist_utils.barrier()
+            if self._loss_count:
+                last_record = self._log(metrics, bar, t_last, step_last)
+            train_time = time.time() - t_train
+            if bar is not None:
+                bar.close()
+                bar = None
+            return self._finish(metrics, last_record, train_time)
+        finally:
+            if bar is not None:
+                bar.close()
+            metrics.close()
+
+    # -- phase 6 --------------------------------------------------------------------------------
+    def _finish(self, metrics: "_JsonlWriter", last_record: Dict[str, Any], train_time: float) -> TrainResult:
+        cfg = self.config
+        path = self.save_checkpoint()
+        result = TrainResult(run_dir=self.run_dir, step=self.step, loss=last_record.get("loss"), checkpoint=path,
+                             metrics=os.path.join(self.run_dir, "metrics.jsonl"), train_time=train_time)
+        if self.is_main:
+            result.samples_plot = self.snapshot("samples_final")
+            if self.data.toy is not None:
+                self._evaluate_toy(result, metrics)
+        dist_utils.barrier()
+        result.wall_time = time.time() - self.t_start
+        return result
+
+    def _evaluate_toy(self, result: TrainResult, metrics: "_JsonlWriter") -> None:
+        """Energy distance of EMA samples to fresh data (SSCS, ``eval_steps``), samples .npz, quality figure."""
+        import numpy as np
+
+        from . import plots
+        from .toy import energy_distance
+
+        cfg = self.config
+        n = cfg.eval_samples
+        net = self.ema_network()
+        main_method = "sscs" if cfg.sde == "cld" else "em"
+        gdata = torch.Generator(self.device).manual_seed(cfg.seed + 31337)
+        ref = self.data.reference(n, gdata)
+        ref2 = self.data.reference(n, gdata)
+        t0 = time.time()
+        res = self.sample(n, cfg.eval_steps, main_method, seed=cfg.seed + 2024, network=net)
+        sample_time = time.time() - t0
+        ed = energy_distance(res.x, ref)
+        floor = energy_distance(ref2, ref)
+        # What a Gaussian with the data's mean and covariance scores: the baseline any model must beat.
+        mu, cov = ref2.mean(0), torch.cov(ref2.T)
+        gauss = mu + torch.randn(ref2.shape, generator=gdata, device=ref2.device) @ torch.linalg.cholesky(cov).T
+        gauss_ed = energy_distance(gauss, ref)
+        result.energy_distance, result.energy_distance_floor = ed, floor
+        npz = os.path.join(self.run_dir, "samples_final.npz")
+        arrays = {"x": res.x.cpu().numpy()}
+        if res.v is not None:
+            arrays["v"] = res.v.cpu().numpy()
+        np.savez(npz, **arrays)
+        result.samples_npz = npz
+        record = {"step": self.step, "eval": {"method": main_method, "steps": cfg.eval_steps, "n": n,
+                                              "energy_distance": ed, "energy_distance_data_vs_data": floor,
+                                              "energy_distance_gaussian_fit": gauss_ed,
+                                              "sample_seconds": sample_time}}
+        if cfg.quality_figure:
+            methods = ["sscs", "em"] if cfg.sde == "cld" else ["em"]
+            curves: Dict[str, List] = {}
+            for m in methods:
+                curves[m] = []
+                for s in (10, 20, 50, 100, 200):
+                    if m == main_method and s == cfg.eval_steps:
+                        curves[m].append((s, ed))
+                        continue
+                    r = self.sample(n, s, m, seed=cfg.seed + 2024, network=net)
+                    curves[m].append((s, energy_distance(r.x, ref)))
+            record["eval"]["curves"] = {m: [[s, e] for s, e in v] for m, v in curves.items()}
+            result.quality_plot = plots.quality_figure(
+                os.path.join(self.run_dir, "quality.png"), res.x, ref, curves, floor=floor, baseline=gauss_ed,
+                title=f"{cfg.data}: {main_method} {cfg.eval_steps} steps, energy distance {ed:.4f}")
+        metrics.write(record)
+        result.extra["eval"] = record["eval"]
+
+    def close(self) -> None:
+        """Tear down the process group if this trainer created it."""
+        if self.owns_process_group:
+            dist_utils.destroy()
+            self.owns_process_group = False
+
+
+def train(config: TrainConfig, run_dir: str, *, resume=None, model: Optional[nn.Module] = None, progress: bool = True,
+          loss_fn: Optional[LossFn] = None, verbose: bool = True) -> TrainResult:
+    """Train with ``config`` into ``run_dir`` (see :class:`Trainer`) and return a :class:`TrainResult`."""
+    trainer = Trainer(config, run_dir, model=model, resume=resume, progress=progress, loss_fn=loss_fn, verbose=verbose)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading for sampling
+# ------------------------------------------------------------------------------------------------
+def load_for_sampling(path: str, use_ema: bool = True, device=None):
+    """(network in eval mode, sde, TrainConfig, data shape) from one of our training checkpoints."""
+    state = ckpt.load_checkpoint(path, map_location="cpu")
+    config = TrainConfig.from_dict(state["config"])
+    sd = state["model"]
+    shape = tuple(state["data_shape"]) if state.get("data_shape") else _data_shape_from_state(config, sd)
+    net = build_network(config, shape)
+    net.load_state_dict(sd)
+    if use_ema:
+        ema = ExponentialMovingAverage(net.parameters())
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(net)
+    net = net.to(device or "cpu").eval()
+    return net, build_sde(config), config, shape
+
+
+def _data_shape_from_state(config: TrainConfig, sd: Dict[str, torch.Tensor]):
+    from .models import get_config
+
+    mcfg = get_config(config.model) if isinstance(config.model, str) else dict(config.model)
+    mcfg.update(config.model_overrides or {})
+    if str(mcfg.get("name", "ncsnpp")).lower() == "mlp":
+        last = [k for k in sd if k.endswith(".weight")][-1]
+        return (int(sd[last].shape[0]),)
+    if config.data == "cifar10":
+        return (3, 32, 32)
+    c = int(mcfg.get("image_channels", 3))
+    size = int(config.image_size or mcfg.get("image_size", 32))
+    return (c, size, size)

@@ -1,0 +1,146 @@
+"""Checkpoints: atomic writes, keep-last-N, weights_only loading, resume resolution."""
+import os
+
+import pytest
+import torch
+
+from cld_fast import checkpoint as ckpt
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _state(value):
+    return {"model": {"w": torch.full((4,), float(value))}, "config": {"lr": 1e-3, "betas": [0.9, 0.999], "name": "x"},
+            "rng": {"torch_cpu": torch.get_rng_state()}, "ema": {"decay": 0.9999, "num_updates": 3, "shadow_params": [torch.ones(2)]}}
+
+
+def test_save_load_roundtrip_plain_types(tmp_path):
+    path = ckpt.save_checkpoint(_state(1), str(tmp_path), step=7)
+    assert os.path.basename(path) == "ckpt_0000007.pt"
+    state = ckpt.load_checkpoint(path)
+    assert state["step"] == 7 and state["format"] == ckpt.FORMAT
+    assert torch.equal(state["model"]["w"], torch.ones(4))
+    assert state["config"]["betas"] == [0.9, 0.999]
+    # plain weights-only unpickling works on the raw file too
+    raw = torch.load(path, weights_only=True)
+    assert raw["ema"]["num_updates"] == 3
+
+
+def test_load_uses_weights_only(tmp_path, monkeypatch):
+    path = ckpt.save_checkpoint(_state(1), str(tmp_path), step=1)
+    seen = {}
+    orig = torch.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    ckpt.load_checkpoint(path)
+    assert seen.get("weights_only") is True
+
+
+class _Evil:
+    """Stands for any pickled object that weights_only loading must refuse."""
+
+
+def test_load_rejects_arbitrary_objects(tmp_path):
+    path = tmp_path / "ckpt_0000001.pt"
+    torch.save({"format": ckpt.FORMAT, "obj": _Evil()}, path)
+    with pytest.raises(ckpt.CheckpointError, match="could not load"):
+        ckpt.load_checkpoint(str(path))
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(ckpt.CheckpointError, match="not a cld_fast training checkpoint"):
+        ckpt.load_checkpoint(str(path))
+    with pytest.raises(ckpt.CheckpointError, match="not found"):
+        ckpt.load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "garbage.pt").write_bytes(b"not a zip file at all")
+    with pytest.raises(ckpt.CheckpointError, match="could not load"):
+        ckpt.load_checkpoint(str(tmp_path / "garbage.pt"))
+
+
+def test_atomic_write_failure_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    good = ckpt.save_checkpoint(_state(1), str(tmp_path), step=5)
+    before = open(good, "rb").read()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.atomic_save(_state(2), good)
+    monkeypatch.undo()
+    assert open(good, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt"]  # no temp file left behind
+    assert torch.equal(ckpt.load_checkpoint(good)["model"]["w"], torch.ones(4))
+
+
+def test_atomic_write_failure_during_serialisation(tmp_path, monkeypatch):
+    good = ckpt.save_checkpoint(_state(1), str(tmp_path), step=5)
+    orig = torch.save
+
+    def half_write(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise RuntimeError("killed mid-write (simulated)")
+
+    monkeypatch.setattr(torch, "save", half_write)
+    with pytest.raises(RuntimeError, match="simulated"):
+        ckpt.save_checkpoint(_state(2), str(tmp_path), step=5)
+    monkeypatch.setattr(torch, "save", orig)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_0000005.pt"]
+    assert torch.equal(ckpt.load_checkpoint(good)["model"]["w"], torch.ones(4))
+
+
+def test_stale_temp_files_are_ignored_and_cleaned(tmp_path):
+    ckpt.save_checkpoint(_state(1), str(tmp_path), step=3)
+    stale = tmp_path / ".ckpt_0000006.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))] == ["ckpt_0000003.pt"]
+    assert os.path.basename(ckpt.latest_checkpoint(str(tmp_path))) == "ckpt_0000003.pt"
+    assert ckpt.clean_stale_temp(str(tmp_path)) == [str(stale)]
+    assert not stale.exists()
+
+
+def test_keep_last_n(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        ckpt.save_checkpoint(_state(step), str(tmp_path), step=step, keep=3)
+    names = [os.path.basename(p) for p in ckpt.list_checkpoints(str(tmp_path))]
+    assert names == ["ckpt_0000030.pt", "ckpt_0000040.pt", "ckpt_0000050.pt"]
+    # numeric (not lexicographic) ordering, and keep <= 0 keeps everything
+    ckpt.save_checkpoint(_state(1), str(tmp_path), step=1000000, keep=0)
+    assert os.path.basename(ckpt.latest_checkpoint(str(tmp_path))) == "ckpt_1000000.pt"
+    assert len(ckpt.list_checkpoints(str(tmp_path))) == 4
+
+
+def test_resolve_resume(tmp_path):
+    run = tmp_path / "run"
+    assert ckpt.resolve_resume("latest", str(run)) is None
+    p1 = ckpt.save_checkpoint(_state(1), str(run / "checkpoints"), step=1)
+    p2 = ckpt.save_checkpoint(_state(2), str(run / "checkpoints"), step=2)
+    assert ckpt.resolve_resume("latest", str(run)) == p2
+    assert ckpt.resolve_resume(str(run), "elsewhere") == p2
+    assert ckpt.resolve_resume(p1, "elsewhere") == p1
+    with pytest.raises(ckpt.CheckpointError, match="no such file"):
+        ckpt.resolve_resume(str(tmp_path / "nope.pt"), str(run))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "empty"), str(run))
+
+
+def test_rng_state_roundtrip():
+    gen = torch.Generator().manual_seed(5)
+    states = ckpt.rng_state_tensors(gen)
+    a = (torch.rand(3), torch.rand(3, generator=gen))
+    ckpt.restore_rng_states(states, gen)
+    b = (torch.rand(3), torch.rand(3, generator=gen))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
