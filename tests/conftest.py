@@ -14,3 +14,28 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def gen():
     """A seeded CPU generator per test."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Many small ops: one intra-op thread is fastest and immune to a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def gm():
+    """The 8-Gaussian mixture of the sampler acceptance tests (radius 0.7, std 0.08)."""
+    from cld_fast.toy import GaussianMixture2D
+
+    return GaussianMixture2D()
+
+
+@pytest.fixture(scope="module")
+def sde():
+    """The default CLD (beta0 = 4, beta1 = 0, m_inv = 4, gamma = 0.04)."""
+    import cld_fast as cf
+
+    return cf.CLD()

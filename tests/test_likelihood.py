@@ -5,28 +5,11 @@ import pytest
 import torch
 
 import cld_fast as cf
-from cld_fast.toy import GaussianMixture2D
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 1000
 LN2 = math.log(2.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def gm():
-    return GaussianMixture2D()
-
-
-@pytest.fixture(scope="module")
-def sde():
-    return cf.CLD()
 
 
 @pytest.fixture(scope="module")

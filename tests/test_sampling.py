@@ -7,29 +7,12 @@ import torch
 
 import cld_fast as cf
 from cld_fast.sde import time_grid
-from cld_fast.toy import GaussianMixture2D, energy_distance
+from cld_fast.toy import energy_distance
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 B = 4000
 SEEDS = (0, 1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops; one intra-op thread is fastest and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def gm():
-    return GaussianMixture2D()
-
-
-@pytest.fixture(scope="module")
-def sde():
-    return cf.CLD()
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,7 @@ import cld_fast as cf
 from cld_fast.sde import time_grid
 from cld_fast.toy import GaussianMixture2D
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sde():
-    return cf.CLD()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

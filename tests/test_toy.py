@@ -8,19 +8,7 @@ import torch
 import cld_fast as cf
 from cld_fast.toy import GaussianMixture2D, energy_distance
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops; one intra-op thread is fastest and immune to a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def gm():
-    return GaussianMixture2D()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_mixture_layout_and_sampling(gm):
