@@ -52,28 +52,34 @@ def _check_sde(sde, name="sde"):
 
 @dataclass(frozen=True)
 class TrainingTimes:
-    """Times and coefficient tables for one training batch, on the data's device.
+    """Times, coefficient tables and a noise seed for one training batch, on the data's device.
 
-    ``t`` (B,) float32, ``perturb`` (B, 7) and ``loss`` (B, 2) in the state dtype. Built by
-    ``training_times`` on the host and moved in one pinned, non-blocking copy, so a training step
-    runs no float64 coefficient kernels and never synchronises the host.
+    ``t`` (B,) float32 (float64 for a float64 state), ``perturb`` (B, 7) and ``loss`` (B, 2) in the
+    state dtype, ``seed`` (1,) int64 for in-kernel Philox noise. All are contiguous views of one
+    buffer built by ``training_times`` on the host and moved in one pinned, non-blocking copy, so a
+    training step runs no coefficient kernels, no seed kernel, and never synchronises the host.
     """
 
     t: torch.Tensor
     perturb: torch.Tensor
     loss: torch.Tensor
+    seed: torch.Tensor
 
 
 def training_times(batch: int, sde: CLD, device, generator: Optional[torch.Generator] = None, loss_eps: float = 1e-5,
-                   weighting: str = "reweightedv2", dtype: torch.dtype = torch.float32) -> TrainingTimes:
-    """Draw t ~ U(loss_eps, 1) on the host and precompute the perturbation and loss tables.
+                   weighting: str = "reweightedv2", dtype: torch.dtype = torch.float32,
+                   loss_scale: float = 1.0) -> TrainingTimes:
+    """Draw t ~ U(loss_eps, 1) and a Philox seed on the host and precompute the coefficient tables.
 
     Args:
         batch: B. sde: the CLD. device: where the data lives. generator: a CPU generator (or None).
         loss_eps: smallest training time. weighting: loss weighting. dtype: state dtype.
+        loss_scale: multiplies the weight column of the loss table. With ``1 / batch``,
+            ``hsm_loss(..., reduction="sum")`` is the batch mean, and its backward is a view: the
+            step then needs no mean and no gradient-scaling kernel.
     Returns:
-        TrainingTimes on ``device``; pass ``coefficients=tt.perturb`` to ``perturb`` and
-        ``coefficients=tt.loss`` to ``hsm_loss`` along with ``tt.t``.
+        TrainingTimes on ``device``; pass ``tt.t`` to the network and ``coefficients=tt.perturb``
+        (and ``seed=tt.seed`` for in-kernel noise) to ``perturb``, ``coefficients=tt.loss`` to ``hsm_loss``.
     """
     _check_sde(sde)
     checks.optional_int(batch, "batch", minimum=1)
@@ -81,22 +87,34 @@ def training_times(batch: int, sde: CLD, device, generator: Optional[torch.Gener
         raise ValueError(f"loss_eps must lie in (0, 1), got {loss_eps}")
     if generator is not None and generator.device.type != "cpu":
         raise ValueError("generator must be a CPU generator: training times are drawn on the host")
+    if dtype not in checks.STATE_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     t = torch.rand(batch, generator=generator, dtype=torch.float64) * (1.0 - loss_eps) + loss_eps
-    pk = sde.perturbation_kernel(t, "hsm").table()
-    lc = sde.loss_coefficients(t, weighting)
-    packed = torch.cat([t[:, None], pk, lc], dim=1).to(torch.float32 if dtype != torch.float64 else dtype)
+    seed = torch.randint(0, philox.SEED_BOUND, (1,), generator=generator, dtype=torch.int64)
+    values = torch.cat([t, sde.perturbation_kernel(t, "hsm").table().flatten(),
+                        (sde.loss_coefficients(t, weighting) * torch.tensor([1.0, float(loss_scale)],
+                                                                            dtype=torch.float64)).flatten()]).to(dtype)
+    # One integer buffer of the state dtype's width: the seed's 8 bytes first, then the float values
+    # written through a float view, so the seed's bits never pass through a float copy.
+    word = torch.int32 if dtype == torch.float32 else torch.int64
+    head = 8 // values.element_size()
+    buf = torch.empty(head + values.numel(), dtype=word)
+    buf[:head] = seed.view(word)
+    buf[head:].view(dtype).copy_(values)
     device = torch.device(device)
     if device.type == "cuda":
-        packed = packed.pin_memory().to(device, non_blocking=True)
+        buf = buf.pin_memory().to(device, non_blocking=True)
     else:
-        packed = packed.to(device)
-    return TrainingTimes(t=packed[:, 0].to(torch.float32) if dtype != torch.float64 else packed[:, 0],
-                         perturb=packed[:, 1:8].to(dtype), loss=packed[:, 8:10].to(dtype))
+        buf = buf.to(device)
+    vals = buf[head:].view(dtype)
+    b = batch
+    return TrainingTimes(t=vals[:b], perturb=vals[b:8 * b].view(b, 7), loss=vals[8 * b:10 * b].view(b, 2),
+                         seed=buf[:head].view(torch.int64))
 
 
 def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm", generator: Optional[torch.Generator] = None,
             eps: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-            coefficients: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Noise]:
+            coefficients: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Noise]:
     """Sample u_t ~ p(u_t | x0) of the CLD perturbation kernel in one fused pass.
 
     Args:
@@ -109,6 +127,8 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
         backend: force a backend (else ``CLD_FAST_BACKEND`` or automatic choice).
         coefficients: optional precomputed (B, 7) ``sde.perturbation_kernel(t, objective).table()``
             on x0's device (see ``training_times``); skips the coefficient math here.
+        seed: optional (1,) int64 tensor on x0's device: draw the noise in-kernel by the Philox
+            contract of ``cld_fast.philox`` with this seed (any backend) instead of from ``generator``.
     Returns:
         u: (B, 2C, ...) in x0's dtype, x in the first C channels, v in the last C.
         noise: a ``Noise`` handle for ``hsm_loss``.
@@ -129,8 +149,14 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
     v0 = None
     if objective == "dsm":
         v0 = torch.randn(x2.shape, generator=generator, device=x0.device, dtype=x0.dtype) * math.sqrt(sde.gamma * sde.M)
-    seed = None
-    if eps is not None:
+    if seed is not None:
+        if eps is not None:
+            raise ValueError("pass either eps or seed to perturb, not both")
+        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError("seed must be a (1,) int64 tensor")
+        checks.same_device(x0, "x0", seed=seed)
+        seed = seed.reshape(1)
+    elif eps is not None:
         checks.tensor(eps, "eps", dtypes=checks.STATE_DTYPES)
         checks.same_device(x0, "x0", eps=eps)
         if tuple(eps.shape) != (b, 2, d):
@@ -160,7 +186,10 @@ class _HSMLoss(torch.autograd.Function):
     def backward(ctx, grad):
         out2, u3, coef, eps_v, seed = ctx.saved_tensors
         mod = backends.get(ctx.backend_name)
-        grad_out = mod.hsm_loss_bwd(grad.contiguous(), out2, u3, coef, eps_v, seed)
+        # The gradient of a sum is an expanded (stride-0) view; backends that read strides take it as is.
+        if not getattr(mod, "STRIDED_LOSS_GRAD", False):
+            grad = grad.contiguous()
+        grad_out = mod.hsm_loss_bwd(grad, out2, u3, coef, eps_v, seed)
         grad_u = None
         if ctx.needs_input_grad[1]:
             grad_u = torch.zeros_like(u3)

@@ -304,3 +304,51 @@ def test_training_times_tables_match_on_device_math():
         cf.perturb(x0, tt.t, sde, coefficients=tt.loss)
     with pytest.raises(ValueError, match="loss_eps"):
         cf.ops.training_times(6, sde, "cpu", loss_eps=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_times_layout_and_seed(dtype):
+    """One buffer: contiguous tables, and a seed whose 8 bytes survive the packing bit for bit."""
+    sde = CLD()
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    tt = cf.ops.training_times(5, sde, "cpu", generator=g1, dtype=dtype)
+    t_ref = torch.rand(5, generator=g2, dtype=torch.float64) * (1.0 - 1e-5) + 1e-5
+    seed_ref = torch.randint(0, 2 ** 62, (1,), generator=g2, dtype=torch.int64)
+    assert tt.seed.dtype == torch.int64 and tt.seed.shape == (1,) and torch.equal(tt.seed, seed_ref)
+    assert tt.t.dtype == dtype and tt.perturb.dtype == dtype
+    for tab in (tt.t, tt.perturb, tt.loss):
+        assert tab.is_contiguous()
+    torch.testing.assert_close(tt.t, t_ref.to(dtype))
+    torch.testing.assert_close(tt.perturb, sde.perturbation_kernel(t_ref).table().to(dtype))
+    torch.testing.assert_close(tt.loss, sde.loss_coefficients(t_ref).to(dtype))
+    # a seeded perturb equals the explicit-noise one with the philox normals of that seed
+    x0 = torch.randn(5, 4, dtype=dtype)
+    u, noise = cf.perturb(x0, tt.t, sde, coefficients=tt.perturb, seed=tt.seed, backend="torch")
+    z = cf.philox.philox_normals(20, int(seed_ref), 0, cf.philox.TAG_PERTURB)
+    eps = torch.stack([z[0].view(5, 4), z[1].view(5, 4)], 1).to(dtype)
+    u_ref, _ = cf.perturb(x0, tt.t, sde, eps=eps, backend="torch")
+    torch.testing.assert_close(u, u_ref)
+    assert noise.seed is not None and noise.eps is None
+    with pytest.raises(ValueError, match="either eps or seed"):
+        cf.perturb(x0, tt.t, sde, eps=eps, seed=tt.seed)
+    with pytest.raises(TypeError, match="seed must be a"):
+        cf.perturb(x0, tt.t, sde, seed=torch.tensor([1.0]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_scaled_sum_is_the_mean_and_its_gradient(backend):
+    if backend not in cf.backends():
+        pytest.skip(f"{backend} backend not built")
+    sde = CLD()
+    b = 6
+    tt = cf.ops.training_times(b, sde, "cpu", generator=torch.Generator().manual_seed(2), loss_scale=1.0 / b)
+    x0 = torch.randn(b, 3, 5)
+    u, noise = cf.perturb(x0, tt.t, sde, coefficients=tt.perturb, seed=tt.seed, backend=backend)
+    out1 = torch.randn(b, 3, 5, requires_grad=True)
+    out2 = out1.detach().clone().requires_grad_(True)
+    a = cf.hsm_loss(out1, u, tt.t, sde, noise, coefficients=tt.loss, reduction="sum", backend=backend)
+    m = cf.hsm_loss(out2, u, tt.t, sde, noise, reduction="mean", backend=backend)
+    torch.testing.assert_close(a, m, rtol=1e-5, atol=1e-6)
+    a.backward()
+    m.backward()
+    torch.testing.assert_close(out1.grad, out2.grad, rtol=1e-5, atol=1e-7)

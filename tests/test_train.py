@@ -63,6 +63,7 @@ def _reference_loss(weighting):
         b, d = x0.shape
         # t ~ U(loss_eps, 1) drawn on the host in float64, as cf.training_times draws it
         t = (torch.rand(b, generator=gen, dtype=torch.float64) * (1.0 - 1e-5) + 1e-5).float()
+        torch.randint(0, 2 ** 62, (1,), generator=gen)                # the Philox seed training_times draws
         eps = torch.randn((b, 2, d), generator=gen)                  # (eps_x, eps_v), as perturb draws them
         a_xx, a_vx, l11, l21, l22, s_vv, beta, Gamma = _reference_kernel(t)
         col = lambda c: c[:, None]  # noqa: E731

@@ -14,6 +14,8 @@ import torch
 from .. import philox
 
 NAME = "torch"
+# hsm_loss_bwd reads grad through its strides (the stride-0 gradient of a sum needs no copy).
+STRIDED_LOSS_GRAD = True
 
 
 def is_available() -> bool:

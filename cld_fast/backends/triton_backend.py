@@ -25,6 +25,8 @@ import torch
 
 NAME = "triton"
 NAMESPACE = "cld_fast_triton"
+# hsm_loss_bwd reads grad through its strides (the stride-0 gradient of a sum needs no copy).
+STRIDED_LOSS_GRAD = True
 
 try:
     import triton  # noqa: F401
