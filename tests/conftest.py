@@ -39,3 +39,24 @@ def sde():
     import cld_fast as cf
 
     return cf.CLD()
+
+
+@pytest.fixture
+def toy_score_net():
+    """Factory of a tiny model(u, t) -> out for 2-D data (u: (B, 4)): an MLP on cat(u, t), seeded."""
+
+    def make(width=32, activation=torch.nn.SiLU):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, width), activation(), torch.nn.Linear(width, 2))
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = net
+
+            def forward(self, u, t):
+                return self.net(torch.cat([u, t[:, None]], 1))
+
+        return Model
+
+    return make

@@ -115,17 +115,8 @@ def test_dequantization_offsets(sde):
         cf.likelihood(score, x * 255.0, sde, dequantize=True)
 
 
-def test_network_score_wrapper_is_made_differentiable(sde):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, u, t):
-            return self.net(torch.cat([u, t[:, None]], 1))
+def test_network_score_wrapper_is_made_differentiable(sde, toy_score_net):
+    Model = toy_score_net(width=16, activation=torch.nn.Tanh)
 
     s = cf.score_fn(Model(), sde)
     x = torch.randn(16, 2, generator=torch.Generator().manual_seed(1)) * 0.5

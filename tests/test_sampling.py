@@ -136,19 +136,10 @@ def test_quadratic_striding(score, sde):
     assert calls == pytest.approx(got[:-1].tolist() + [eps])
 
 
-def test_network_score_is_folded(sde):
+def test_network_score_is_folded(sde, toy_score_net):
     """cf.score_fn wrappers feed the raw output to the kernels (mixed coefficients in the tables):
     same samples, up to float32 rounding, as calling the wrapper as a plain function."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, u, t):
-            return self.net(torch.cat([u, t[:, None]], 1))
+    Model = toy_score_net(width=32, activation=torch.nn.SiLU)
 
     wrapped = cf.score_fn(Model(), sde)
     raw_calls = []

@@ -44,17 +44,8 @@ def test_timesteps_are_the_score_times(sde, score):
     assert sched.timesteps.dtype == torch.float32
 
 
-def test_mixed_network_output_matches_sample_with_score_fn(sde):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def forward(self, u, t):
-            return self.net(torch.cat([u, t[:, None]], 1))
+def test_mixed_network_output_matches_sample_with_score_fn(sde, toy_score_net):
+    Model = toy_score_net(width=32, activation=torch.nn.SiLU)
 
     model = Model().eval()
     shape = (128, 2)
