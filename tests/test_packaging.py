@@ -34,3 +34,10 @@ def test_cli_info_runs(tmp_path):
     for key in ("cld_fast", "torch", "backends", "compiled", "gpu"):
         assert key in res.stdout
     assert "torch" in res.stdout.split("backends", 1)[1].splitlines()[0]
+
+
+def test_why_unavailable_is_empty_exactly_for_available_backends():
+    from cld_fast import backends
+    for name in backends.BACKEND_NAMES:
+        mod = backends.get(name)
+        assert (mod.why_unavailable() == "") == mod.is_available(), name

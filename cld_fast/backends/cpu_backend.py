@@ -27,6 +27,8 @@ def why_unavailable() -> str:
     ext, why = load_extension()
     if ext is None:
         return f"the compiled extension cld_fast._C is not importable ({why})"
+    if is_available():
+        return ""
     return "cld_fast._C was built without the CPU kernels"
 
 
