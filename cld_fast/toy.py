@@ -119,9 +119,7 @@ class GaussianMixture2D:
             raise TypeError(f"sde must be a cld_fast.CLD, got {type(sde).__name__}")
 
         def score(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            logw, score_v = self._cld_terms(u, t, sde)
-            w = torch.softmax(logw, dim=1)
-            return (w[:, :, None] * score_v).sum(1).to(torch.float32)
+            return _mixture_score(*self._cld_terms(u, t, sde))
 
         return score
 
@@ -147,9 +145,7 @@ class GaussianMixture2D:
             raise TypeError(f"sde must be a cld_fast.VPSDE, got {type(sde).__name__}")
 
         def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            logw, s = self._vp_terms(x, t, sde)
-            w = torch.softmax(logw, dim=1)
-            return (w[:, :, None] * s).sum(1).to(torch.float32)
+            return _mixture_score(*self._vp_terms(x, t, sde))
 
         return score
 
@@ -178,3 +174,9 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> floa
 
 
 __all__ = ["GaussianMixture2D", "energy_distance"]
+
+
+def _mixture_score(logw: torch.Tensor, component_scores: torch.Tensor) -> torch.Tensor:
+    """Score of a Gaussian mixture: component scores (B, K, 2) weighted by their posteriors softmax(logw) (B, K)."""
+    w = torch.softmax(logw, dim=1)
+    return (w[:, :, None] * component_scores).sum(1).to(torch.float32)

@@ -43,13 +43,7 @@ struct PerturbOp {
     }
     if (eps != nullptr || seed_ptr != nullptr) {
       float ex[V], ev[V];
-      if (eps != nullptr) {
-        load<V>(eps + b * 2 * D + d, ex);
-        load<V>(eps + b * 2 * D + D + d, ev);
-      } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) normals2(seed, i + k, 0, kTagPerturb, ex[k], ev[k]);
-      }
+      noise_pair<V>(eps, seed, b, d, D, 0, kTagPerturb, ex, ev);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         mx[k] = mx[k] + l11 * ex[k];

@@ -47,13 +47,7 @@ struct HalfStepOp {
     load<V>(px + D, v);
     if (eps != nullptr || seed_ptr != nullptr) {
       float ex[V], ev[V];
-      if (eps != nullptr) {
-        load<V>(eps + b * 2 * D + d, ex);
-        load<V>(eps + b * 2 * D + D + d, ev);
-      } else {
-#pragma unroll
-        for (int k = 0; k < V; ++k) normals2(seed, b * D + d + k, step, kTagHalfStep, ex[k], ev[k]);
-      }
+      noise_pair<V>(eps, seed, b, d, D, step, kTagHalfStep, ex, ev);
 #pragma unroll
       for (int k = 0; k < V; ++k) linear_step<true>(r, x[k], v[k], ex[k], ev[k]);
     } else {

@@ -67,6 +67,20 @@ __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
   *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
 
+// The (eps_x, eps_v) pair of V elements starting at (b, d): from an explicit (B, 2, D) eps, or drawn
+// in-kernel as (z0, z1) of the Philox contract (element index b * D + d + k, counter word step, tag).
+template <int V>
+__device__ __forceinline__ void noise_pair(const float* eps, int64_t seed, int64_t b, int64_t d, int64_t D,
+                                           int64_t step, uint32_t tag, float (&ex)[V], float (&ev)[V]) {
+  if (eps != nullptr) {
+    load<V>(eps + b * 2 * D + d, ex);
+    load<V>(eps + b * 2 * D + D + d, ev);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) normals2(seed, b * D + d + k, step, tag, ex[k], ev[k]);
+  }
+}
+
 // Row *step of a (S, K) table into registers; a step outside [0, S) gives a NaN row (visible in the
 // result) instead of reading out of bounds: the kernels never synchronise to check it on the host.
 template <int K>
