@@ -9,19 +9,13 @@ its own 2x2 linear SDE whose coefficients depend on t only:
 with beta(t) = beta0 + beta1 * t, B(t) = beta0 * t + beta1 * t^2 / 2, Gamma = 2 / sqrt(m_inv)
 (critical damping) and g = sqrt(m_inv) / 2 = 1 / Gamma.
 
-Every backend (torch, cpu, triton, cuda) takes its per-sample or per-step coefficients from this
-module as small float64 tensors; no kernel re-derives them. The closed forms are evaluated in a
-rearranged form that neither overflows for large B(t) (the textbook form multiplies exp(4 g B) by
-exp(-4 g B)) nor loses digits for small B(t) (see ``_p3`` and ``_q3``).
-
-Coefficient-table layouts consumed by the kernels (columns, float32 or float64):
-
-    PERTURB_COLS = 7   a_xx a_xv a_vx a_vv l11 l21 l22           (per sample)
-    LOSS_COLS    = 2   c = l22 / s_vv, w                         (per sample)
-    MIXED_COLS   = 2   -1 / s_vv, -1 / l22                       (per sample)
-    HALF_COLS    = 7   a_xx a_xv a_vx a_vv l11 l21 l22           (per step)
-    SSCS_COLS    = 16  alpha kappa | half step 1 (7) | half step 2 (7)   (per step)
-    AFFINE_COLS  = 6   c_xx c_xv c_vx c_vv c_vy sigma            (per step)
+This module is the reference of every coefficient. The compiled kernels (cpu, cuda, triton) take
+t (or a time grid and a step) and the parameters (``kernel_params``) and evaluate the same formulas
+per row in float64, written once per language (``csrc/include/cld_coefficients.h``,
+``triton_kernels/coefficients.py``) and tested against this module (tests/test_coefficients.py).
+The closed forms are evaluated in a rearranged form that neither overflows for large B(t) (the
+textbook form multiplies exp(4 g B) by exp(-4 g B)) nor loses digits for small B(t) (see ``_p3``
+and ``_q3``).
 """
 from __future__ import annotations
 
@@ -33,15 +27,18 @@ import torch
 
 Number = Union[int, float]
 
-PERTURB_COLS = 7
-LOSS_COLS = 2
-MIXED_COLS = 2
-HALF_COLS = 7
-SSCS_COLS = 16
-AFFINE_COLS = 6
-
 OBJECTIVES = ("hsm", "dsm")
 WEIGHTINGS = ("reweightedv2", "likelihood")
+AFFINE_KINDS = ("em", "denoise", "pf_drift")
+
+# What the kernels receive: the CLD parameters as a (5,) float64 tensor in this order
+# (``kernel_params``), and the int codes of the enums (position in the tuples above). The same
+# names are spelled once in triton_kernels/coefficients.py and csrc/include/cld_coefficients.h;
+# tests/test_ops_contract.py checks that the three agree.
+PARAMS = ("beta0", "beta1", "m_inv", "gamma", "numerical_eps")
+OBJECTIVE_CODES = {name: i for i, name in enumerate(OBJECTIVES)}
+WEIGHTING_CODES = {name: i for i, name in enumerate(WEIGHTINGS)}
+AFFINE_KIND_CODES = {name: i for i, name in enumerate(AFFINE_KINDS)}
 
 # Below this y the incomplete-gamma tail is summed as a series instead of 1 - exp(-y) * poly(y).
 _SERIES_CUTOFF = 0.5
@@ -99,9 +96,6 @@ class PerturbationKernel:
     l21: torch.Tensor
     l22: torch.Tensor
 
-    def table(self) -> torch.Tensor:
-        """(B, 7) float64: a_xx a_xv a_vx a_vv l11 l21 l22 (the perturb kernels' layout)."""
-        return torch.stack([self.a_xx, self.a_xv, self.a_vx, self.a_vv, self.l11, self.l21, self.l22], dim=-1)
 
 
 def _cholesky2(s_xx, s_xv, s_vv):
@@ -275,7 +269,7 @@ class CLD:
 
         With Bd = B(t - h) - B(t) < 0 this is the exact solution of
         dx = -m_inv v beta ds, dv = (x - Gamma m_inv v) beta ds + sqrt(2 Gamma beta) dW.
-        Returns (..., 7) float64: a_xx a_xv a_vx a_vv l11 l21 l22 (HALF_COLS).
+        Returns (..., 7) float64: a_xx a_xv a_vx a_vv l11 l21 l22.
         """
         t = _as_time(t)
         h = _as_time(h, "h")
@@ -345,35 +339,35 @@ class CLD:
             c_vy = c_vy * mixed[..., 1]
         return torch.stack(torch.broadcast_tensors(c_xx, c_xv, c_vx, c_vv, c_vy, sigma), dim=-1)
 
-    def sscs_table(self, ts: torch.Tensor, mixed: bool = False) -> torch.Tensor:
-        """Per-step rows for a fused SSCS loop over the forward-time grid ``ts`` (n + 1 points, decreasing).
 
-        Step i runs from ts[i] to ts[i+1] with h_i = ts[i] - ts[i+1]. The returned (n + 1, 16)
-        float64 table holds, in row 0, the opening half step of step 0 (in columns 2:9; alpha = 1,
-        kappa = 0, second half step the identity), and in row i + 1 the rest of step i: the score
-        Euler step at ts[i] (alpha, kappa), its closing half step (ts[i] - h_i/2 -> ts[i+1]) and the
-        opening half step of step i + 1 (identity after the last step). ``mixed`` folds the mixed
-        score of ``mixed_score_coefficients(ts[i])`` so the kernel consumes the network output.
-        """
-        ts = _as_time(ts, "ts").flatten()
-        n = ts.numel() - 1
-        if n < 1:
-            raise ValueError("ts must hold at least two time points")
-        h = ts[:-1] - ts[1:]
-        opening = self.half_step_coefficients(ts[:-1], 0.5 * h)
-        closing = self.half_step_coefficients(ts[:-1] - 0.5 * h, ts[:-1] - 0.5 * h - ts[1:])
-        identity = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=ts.device)
-        mix = self.mixed_score_coefficients(ts[:-1]) if mixed else None
-        score = self.score_step_coefficients(ts[:-1], h, mixed=mix)
-        table = torch.zeros(n + 1, SSCS_COLS, dtype=torch.float64, device=ts.device)
-        table[0, 0] = 1.0
-        table[0, 2:9] = opening[0]
-        table[0, 9:16] = identity
-        table[1:, 0:2] = score
-        table[1:, 2:9] = closing
-        table[1:n, 9:16] = opening[1:]
-        table[n, 9:16] = identity
-        return table
+_PARAM_CACHE = {}
+_PARAM_OWNERS = {}
+
+
+def kernel_params(sde: "CLD", device) -> torch.Tensor:
+    """The (5,) float64 parameter tensor of ``sde`` on ``device`` (order ``PARAMS``), made once and cached.
+
+    Kernels read it in-kernel, so a call costs no host-to-device copy after the first one.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (sde, device)
+    cached = _PARAM_CACHE.get(key)
+    if cached is None:
+        cached = torch.tensor([getattr(sde, name) for name in PARAMS], dtype=torch.float64).to(device)
+        _PARAM_CACHE[key] = cached
+        _PARAM_OWNERS[id(cached)] = sde  # cached tensors live for the process, so their ids stay unique
+    return cached
+
+
+def cld_from_params(params: torch.Tensor) -> "CLD":
+    """The CLD of a (5,) parameter tensor: the owner of a ``kernel_params`` tensor without reading it
+    (no host sync), else built from its values."""
+    owner = _PARAM_OWNERS.get(id(params))
+    if owner is not None and _PARAM_CACHE.get((owner, params.device)) is params:
+        return owner
+    return CLD(**dict(zip(PARAMS, params.detach().to("cpu", torch.float64).tolist())))
 
 
 def _check_objective(objective):

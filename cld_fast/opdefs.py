@@ -1,0 +1,295 @@
+"""Every kernel op declared once: name, schema, mutated arguments, fake (meta) kernel, torch reference.
+
+Each backend registers implementations against these declarations and nothing else:
+
+* ``cpu`` / ``cuda``: the schemas are defined here in the ``cld_fast`` namespace
+  (``torch.ops.cld_fast.<name>``); ``csrc/cpu/ops_cpu.cpp`` and ``csrc/cuda/ops_cuda.cpp`` only add
+  ``TORCH_LIBRARY_IMPL`` kernels for the CPU and CUDA dispatch keys.
+* ``triton``: the same schemas in the ``cld_fast_triton`` namespace (``triton_op`` on a GPU,
+  ``custom_op`` under ``TRITON_INTERPRET=1``), bodies in ``cld_fast/triton_kernels``.
+* ``torch``: the ``reference`` functions below, plain PyTorch on any device; every other backend is
+  tested against them (``tests/test_ops_contract.py``).
+
+Argument conventions shared by all ops (B samples, D elements of one sample's x):
+
+    u      (B, 2, D) state view, x = u[:, 0], v = u[:, 1]; float32 or float64 (the state dtype)
+    x0, v0 (B, D) data / initial velocity, state dtype
+    out, y (B, D) network output or score: float32, bfloat16, float16 (float64 with a float64 state)
+    t      (B,) forward times, float32 or float64, any stride (an expanded scalar works)
+    ts     (S + 1,) forward-time grid of a sampler, float32 or float64, decreasing
+    step   (1,) int64 on the data's device: the interval [ts[step], ts[step + 1]] (read in-kernel)
+    sde    (5,) float64 CLD parameters in the order of ``cld_fast.sde.PARAMS``
+           (``cld_fast.sde.kernel_params``), read in-kernel: every kernel derives its own
+           coefficients from (t, sde) with the formulas of ``cld_fast.sde``
+    eps    explicit noise in the state dtype; seed (1,) int64 for in-kernel Philox
+           (``cld_fast.philox``: the op's tag, counter word c2 = step, 0 for perturb); neither: none
+    int enums: objective (``sde.OBJECTIVE_CODES``), weighting (``sde.WEIGHTING_CODES``),
+           kind (``sde.AFFINE_KINDS``)
+
+Ops (noise tags in brackets):
+
+    perturb       out <- A(t) (x0, v0) + L(t) (z0, z1)                                   [PERTURB]
+    hsm_loss_fwd  scale * w(t) * sum_d (out + c(t) v - eps_v)^2, per sample (reduction 0, (B,))
+                  or summed over samples (reduction 1, 0-d); in the state dtype
+    hsm_loss_bwd  d loss / d out = 2 scale w grad (out + c v - eps_v); grad 0-d or (B,)
+    mixed_score   -v / s_vv(t) - out / l22(t)                                            (B, D)
+    half_step_    u <- reverse linear half step from ts[step] to ts[step + 1]            [HALF_STEP]
+    sscs_step_    SSCS after a network evaluation at ts[i], i = step: v <- alpha v + kappa y, the
+                  closing half step (ts[i] - h/2 -> ts[i + 1]) with (z0, z1), the opening half step
+                  of step i + 1 (ts[i + 1] -> ts[i + 1] - h_{i+1}/2) with (z2, z3) when i + 2 <= S
+                  (else nothing); ``mixed`` folds the mixed score so y is the network output [SSCS]
+    affine_step   out <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z0) for the step
+                  ts[step] -> ts[step + 1]: kind em (noise), denoise (none), pf_drift (the
+                  forward-time ODE drift at ts[step]; ts[step + 1] is not read)            [AFFINE]
+
+A step outside the grid (step < 0, or step + 1 >= len(ts); pf_drift: step >= len(ts)) is an error
+where the step is known on the host (``cld_fast.ops`` checks CPU steps) and poisons the output
+with NaN in device kernels (no host synchronisation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+
+from . import philox
+from .sde import AFFINE_KINDS, CLD, WEIGHTINGS, cld_from_params
+
+NAMESPACE = "cld_fast"
+TRITON_NAMESPACE = "cld_fast_triton"
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One op: ``schema`` is the argument list and return (without the name), as torch.library takes it."""
+
+    name: str
+    schema: str
+    mutates: Tuple[str, ...]
+    fake: Callable
+    reference: Callable
+
+    def qualified_schema(self) -> str:
+        return f"{self.name}{self.schema}"
+
+
+# ---- torch references ---------------------------------------------------------------------------
+
+
+def _cld(sde: torch.Tensor) -> CLD:
+    return cld_from_params(sde)
+
+
+def _col(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, 1)
+
+
+def _normals(shape_bd, seed, step, tag, count, dtype):
+    b, d = shape_bd
+    z = philox.philox_normals(b * d, seed, step, tag, device=seed.device)
+    return z[:count].view(count, b, d).to(dtype)
+
+
+def _at(ts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """ts[index] as a (1,) float64 tensor, read on the device (no host sync)."""
+    return ts.index_select(0, index.reshape(1)).to(torch.float64)
+
+
+def loss_coefficients_from(sde: torch.Tensor, t: torch.Tensor, weighting: int) -> torch.Tensor:
+    """(B, 2) float64 (c, w) of the loss for the kernel arguments (sde params tensor, weighting code)."""
+    return _cld(sde).loss_coefficients(t.to(torch.float64), WEIGHTINGS[weighting])
+
+
+def perturb_ref(x0, v0, t, sde, objective, eps, seed, out):
+    cld = _cld(sde)
+    k = cld.perturbation_kernel(t.to(torch.float64), "dsm" if objective == 1 else "hsm")
+    dt = out.dtype
+    if eps is not None:
+        ex, ev = eps[:, 0].to(dt), eps[:, 1].to(dt)
+    elif seed is not None:
+        ex, ev = _normals(x0.shape, seed, torch.zeros_like(seed), philox.TAG_PERTURB, 2, dt)
+    else:
+        ex = ev = None
+    c = [_col(f).to(dt) for f in (k.a_xx, k.a_xv, k.a_vx, k.a_vv, k.l11, k.l21, k.l22)]
+    x0 = x0.to(dt)
+    mx, mv = c[0] * x0, c[2] * x0
+    if v0 is not None:
+        mx = mx + c[1] * v0.to(dt)
+        mv = mv + c[3] * v0.to(dt)
+    if ex is not None:
+        mx = mx + c[4] * ex
+        mv = mv + c[5] * ex + c[6] * ev
+    out[:, 0] = mx
+    out[:, 1] = mv
+
+
+def _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed):
+    cld = _cld(sde)
+    acc = u.dtype
+    cw = cld.loss_coefficients(t.to(torch.float64), WEIGHTINGS[weighting]).to(acc)
+    v = u[:, 1].to(acc)
+    if eps_v is None:
+        eps_v = _normals(v.shape, seed, torch.zeros_like(seed), philox.TAG_PERTURB, 2, acc)[1]
+    r = out.to(acc) + cw[:, 0:1] * v - eps_v.to(acc)
+    return r, cw[:, 1] * scale
+
+
+def hsm_loss_fwd_ref(out, u, t, sde, weighting, scale, reduction, eps_v, seed):
+    r, w = _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed)
+    per_sample = w * (r * r).sum(dim=1)
+    return per_sample.sum() if reduction == 1 else per_sample
+
+
+def hsm_loss_bwd_ref(grad, out, u, t, sde, weighting, scale, eps_v, seed):
+    r, w = _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed)
+    g = grad.to(r.dtype).expand(u.shape[0])
+    return ((2.0 * (w * g)).unsqueeze(1) * r).to(out.dtype)
+
+
+def mixed_score_ref(out, u, t, sde):
+    c = _cld(sde).mixed_score_coefficients(t.to(torch.float64)).to(u.dtype)
+    return c[:, 0:1] * u[:, 1] + c[:, 1:2] * out.to(u.dtype)
+
+
+def _linear(x, v, r, ex, ev):
+    """Half step with r = (a_xx a_xv a_vx a_vv l11 l21 l22), (1, 7) in the state dtype."""
+    nx = r[:, 0:1] * x + r[:, 1:2] * v
+    nv = r[:, 2:3] * x + r[:, 3:4] * v
+    if ex is not None:
+        nx = nx + r[:, 4:5] * ex
+        nv = nv + r[:, 5:6] * ex + r[:, 6:7] * ev
+    return nx, nv
+
+
+def half_step_ref(u, ts, step, sde, eps, seed):
+    cld = _cld(sde)
+    t0, t1 = _at(ts, step), _at(ts, step + 1)
+    r = cld.half_step_coefficients(t0, t0 - t1).to(u.dtype)
+    if eps is not None:
+        ex, ev = eps[:, 0].to(u.dtype), eps[:, 1].to(u.dtype)
+    elif seed is not None:
+        ex, ev = _normals(u[:, 0].shape, seed, step, philox.TAG_HALF_STEP, 2, u.dtype)
+    else:
+        ex = ev = None
+    nx, nv = _linear(u[:, 0], u[:, 1], r, ex, ev)
+    u[:, 0] = nx
+    u[:, 1] = nv
+
+
+def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed):
+    cld = _cld(sde)
+    last = ts.numel() - 1
+    t0, t1 = _at(ts, step), _at(ts, step + 1)
+    h = t0 - t1
+    mix = cld.mixed_score_coefficients(t0) if mixed else None
+    ak = cld.score_step_coefficients(t0, h, mixed=mix).to(u.dtype)
+    closing = cld.half_step_coefficients(t0 - 0.5 * h, t0 - 0.5 * h - t1).to(u.dtype)
+    t2 = _at(ts, torch.clamp(step + 2, max=last))
+    opening = cld.half_step_coefficients(t1, 0.5 * (t1 - t2))
+    identity = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64, device=ts.device)
+    opening = torch.where((step + 2 <= last).reshape(1, 1), opening, identity).to(u.dtype)
+    if eps is not None:
+        z = [eps[:, j].to(u.dtype) for j in range(4)]
+    elif seed is not None:
+        z = list(_normals(u[:, 0].shape, seed, step, philox.TAG_SSCS, 4, u.dtype))
+    else:
+        z = [None] * 4
+    v = ak[:, 0:1] * u[:, 1] + ak[:, 1:2] * y.to(u.dtype)
+    x, v = _linear(u[:, 0], v, closing, z[0], z[1])
+    x, v = _linear(x, v, opening, z[2], z[3])
+    u[:, 0] = x
+    u[:, 1] = v
+
+
+def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out):
+    cld = _cld(sde)
+    name = AFFINE_KINDS[kind]
+    t0 = _at(ts, step)
+    h = t0 - _at(ts, step + 1) if name != "pf_drift" else torch.zeros_like(t0)
+    mix = cld.mixed_score_coefficients(t0) if mixed else None
+    r = cld.reverse_affine_coefficients(t0, h, name, mixed=mix).to(out.dtype)
+    x, v = u[:, 0].to(out.dtype), u[:, 1].to(out.dtype)
+    nx = r[:, 0:1] * x + r[:, 1:2] * v
+    nv = r[:, 2:3] * x + r[:, 3:4] * v + r[:, 4:5] * y.to(out.dtype)
+    if name == "em":
+        if eps is not None:
+            nv = nv + r[:, 5:6] * eps.to(out.dtype)
+        elif seed is not None:
+            nv = nv + r[:, 5:6] * _normals(x.shape, seed, step, philox.TAG_AFFINE, 1, out.dtype)[0]
+    out[:, 0] = nx
+    out[:, 1] = nv
+
+
+# ---- fakes (shapes and dtypes only) -------------------------------------------------------------
+
+
+def _none(*args, **kwargs) -> None:
+    return None
+
+
+def _hsm_loss_fwd_fake(out, u, t, sde, weighting, scale, reduction, eps_v, seed):
+    shape = () if reduction == 1 else (u.shape[0],)
+    return u.new_empty(shape)
+
+
+def _hsm_loss_bwd_fake(grad, out, u, t, sde, weighting, scale, eps_v, seed):
+    return out.new_empty((u.shape[0], u.shape[2]))
+
+
+def _mixed_score_fake(out, u, t, sde):
+    return u.new_empty((u.shape[0], u.shape[2]))
+
+
+def _def(name, schema, mutates, fake, reference) -> OpDef:
+    return OpDef(name, schema, tuple(mutates), fake, reference)
+
+
+OPS: Dict[str, OpDef] = {d.name: d for d in (
+    _def("perturb",
+         "(Tensor x0, Tensor? v0, Tensor t, Tensor sde, int objective, Tensor? eps, Tensor? seed, Tensor(a!) out) -> ()",
+         ("out",), _none, perturb_ref),
+    _def("hsm_loss_fwd",
+         "(Tensor out, Tensor u, Tensor t, Tensor sde, int weighting, float scale, int reduction, Tensor? eps_v, "
+         "Tensor? seed) -> Tensor",
+         (), _hsm_loss_fwd_fake, hsm_loss_fwd_ref),
+    _def("hsm_loss_bwd",
+         "(Tensor grad, Tensor out, Tensor u, Tensor t, Tensor sde, int weighting, float scale, Tensor? eps_v, "
+         "Tensor? seed) -> Tensor",
+         (), _hsm_loss_bwd_fake, hsm_loss_bwd_ref),
+    _def("mixed_score", "(Tensor out, Tensor u, Tensor t, Tensor sde) -> Tensor", (), _mixed_score_fake, mixed_score_ref),
+    _def("half_step_", "(Tensor(a!) u, Tensor ts, Tensor step, Tensor sde, Tensor? eps, Tensor? seed) -> ()",
+         ("u",), _none, half_step_ref),
+    _def("sscs_step_",
+         "(Tensor(a!) u, Tensor y, Tensor ts, Tensor step, Tensor sde, bool mixed, Tensor? eps, Tensor? seed) -> ()",
+         ("u",), _none, sscs_step_ref),
+    _def("affine_step",
+         "(Tensor u, Tensor y, Tensor ts, Tensor step, Tensor sde, int kind, bool mixed, Tensor? eps, Tensor? seed, "
+         "Tensor(a!) out) -> ()",
+         ("out",), _none, affine_step_ref),
+)}
+
+
+# ---- the cld_fast namespace (implemented by csrc/ for the CPU and CUDA dispatch keys) -----------
+
+_LIBRARY = {}
+
+
+def define_library() -> bool:
+    """Define every schema in the ``cld_fast`` namespace and register its fake, once per process.
+
+    The compiled extension registers only implementations (``TORCH_LIBRARY_IMPL``), so it may be
+    loaded before or after this runs. Returns False on a torch without ``torch.library.register_fake``
+    (the ops then still run eagerly, but do not trace under torch.compile).
+    """
+    if "lib" in _LIBRARY:
+        return _LIBRARY["fakes"]
+    lib = torch.library.Library(NAMESPACE, "DEF")
+    for d in OPS.values():
+        lib.define(d.qualified_schema())
+    fakes = hasattr(torch.library, "register_fake")
+    if fakes:
+        for d in OPS.values():
+            torch.library.register_fake(f"{NAMESPACE}::{d.name}", d.fake, lib=lib)
+    _LIBRARY["lib"], _LIBRARY["fakes"] = lib, fakes
+    return fakes
