@@ -1,21 +1,22 @@
-"""Shared pieces of the Triton kernels: the 64-bit tile index helper and the launch configuration.
+"""Shared pieces of the Triton kernels: tile indexing, dtype helpers, launch configuration, launching.
 
 Every op is elementwise over the (B, D) view of x (the velocity v and the outputs have the same
 shape), with per-sample (or per-step) scalar coefficients. A program handles one 2-D tile of
-BLOCK_B samples x BLOCK_D elements, so the coefficients are loaded once per program as a
+BLOCK_B samples x BLOCK_D elements, so the coefficients are computed once per program as a
 (BLOCK_B, 1) vector and no integer division happens per element; tiles are numbered on grid axis 0
 (limit 2^31 - 1 programs) with the D-tiles of a row block adjacent, so neighbouring programs touch
 neighbouring memory. All index arithmetic is int64 (program id, rows, columns, element offsets and
 the Philox element index b * D + d), so B * 2 * D above 2^31 is safe; the kernels are bandwidth
 bound, so the few extra integer instructions per element cost nothing measurable.
 
-Block sizes are fixed, not autotuned (see ``elementwise_config``): autotuning would re-run
-in-place kernels while benchmarking (corrupting ``u`` unless every config restores it), cannot run
-inside CUDA-graph capture on its first call, and is slow under TRITON_INTERPRET=1.
+Every tensor is read through its strides (views of the network's (B, 2C, ...) buffer, expanded or
+sliced tensors: no copies). Block sizes are fixed, not autotuned: autotuning would re-run in-place
+kernels while benchmarking (corrupting ``u`` unless every config restores it), cannot run inside
+CUDA-graph capture on its first call, and is slow under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 
 import torch
@@ -30,23 +31,25 @@ except ImportError:  # pragma: no cover - older torch
     except ImportError:
         _wrap_triton = None
 
-# GPU tiles (fixed; register counts from ptxas -v for sm_90 of the Triton 3.9 PTX):
-#  * no in-kernel noise: 2048 elements per program, 8 warps = 8 elements per thread (two 16-byte
-#    vectors per stream): 64 registers for the affine step, 103 for the SSCS step with eps
-#    tensors, so >= 50 % occupancy and tens of KB in flight per SM - enough to saturate HBM;
-#  * Philox noise in-kernel: 1024 elements, 8 warps = 4 elements per thread: 93 registers for the
-#    seeded SSCS step (4 normals per element), 72 for perturb, no spills. At 16 elements per
-#    thread the seeded SSCS kernel hits 255 registers and spills; at 8 it needs 148.
-# The per-program scalar work (tile decode, coefficient or table-row loads, the Philox key) is
-# amortised over >= 1024 elements. BLOCK_D is capped at 1024 so a D that is a multiple of 1024
+# GPU tiles (fixed; registers and spills of every variant: bench/aot_compile.py). A tile of 2048
+# elements on 8 warps is 8 elements per thread (two 16-byte vectors per float32 stream), enough
+# bytes in flight per SM to saturate HBM; kernels that draw Philox noise use 1024 (4 per thread) to
+# stay clear of spills. The per-program work (tile decode, the float64 coefficients, the Philox key)
+# is amortised over >= 1024 elements. BLOCK_D is capped at 1024 so a D that is a multiple of 1024
 # (CIFAR: 3072, 64x64x3: 12288) has no partial column tiles.
+# Small D (2-D toy data) would put many rows in one tile; each thread then evaluates the float64
+# coefficients of every row it holds, which took 150-175 registers at 1024 x 2 (loss kernels), so
+# BLOCK_B is capped at one row per thread (GPU_MAX_BLOCK_B = 32 * GPU_NUM_WARPS).
 GPU_TILE = 2048
 GPU_TILE_PHILOX = 1024
 GPU_MAX_BLOCK_D = 1024
 GPU_NUM_WARPS = 8
+GPU_MAX_BLOCK_B = 32 * GPU_NUM_WARPS
 # The interpreter runs a program as numpy ops on whole tiles; its cost is per program, so big tiles.
 INTERP_TILE = 32768
 INTERP_MAX_BLOCK_D = 8192
+
+NAN = tl.constexpr(float("nan"))
 
 
 def interpreting() -> bool:
@@ -71,21 +74,27 @@ def launcher(kernel):
     return _wrap_triton(kernel)
 
 
+def launch(kernel, grid, *args, **kwargs):
+    """Launch ``kernel`` on ``grid`` (the one launch site of every op; bench/aot_compile.py hooks it)."""
+    launcher(kernel)[grid](*args, **kwargs)
+
+
+def device_guard(device: torch.device):
+    """A context that makes ``device`` current for the launch when it is a CUDA device (Triton launches
+    on the current device, not the tensors'); a no-op elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); 1 elsewhere."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index)
+def gpu_tiles(device: torch.device) -> bool:
+    """GPU tile sizes for anything but CPU tensors (CUDA, and meta tensors of the AOT compile check)."""
+    return torch.device(device).type != "cpu"
 
 
 def elementwise_config(B: int, D: int, device: torch.device, block_b=None, block_d=None, philox=False):
@@ -93,14 +102,17 @@ def elementwise_config(B: int, D: int, device: torch.device, block_b=None, block
 
     ``philox``: the kernel draws its noise in-kernel (smaller tile, see GPU_TILE_PHILOX).
     """
-    if device.type == "cuda":
-        tile = GPU_TILE_PHILOX if philox else GPU_TILE
-        max_bd, warps = GPU_MAX_BLOCK_D, GPU_NUM_WARPS
-    else:
-        tile, max_bd, warps = INTERP_TILE, INTERP_MAX_BLOCK_D, 1
+    tile, max_bb, max_bd, warps = tile_limits(device, philox)
     bd = block_d or min(next_pow2(D), max_bd)
-    bb = block_b or max(1, min(next_pow2(B), tile // bd))
+    bb = block_b or max(1, min(next_pow2(B), tile // bd, max_bb))
     return int(bb), int(bd), warps
+
+
+def tile_limits(device: torch.device, philox: bool):
+    """(elements per tile, max BLOCK_B, max BLOCK_D, num_warps) for ``device`` (GPU or interpreter)."""
+    if gpu_tiles(device):
+        return (GPU_TILE_PHILOX if philox else GPU_TILE), GPU_MAX_BLOCK_B, GPU_MAX_BLOCK_D, GPU_NUM_WARPS
+    return INTERP_TILE, INTERP_TILE, INTERP_MAX_BLOCK_D, 1
 
 
 def tile_grid(B: int, D: int, block_b: int, block_d: int):
@@ -129,31 +141,63 @@ def tile_coords(pid, n_col_tiles, B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.const
 
 @triton.jit
 def to_compute(x, F64: tl.constexpr):
-    """Cast to the compute dtype: float64 when F64 else float32."""
+    """Cast to the compute dtype: float64 when F64 else float32 (16-bit floats go through float32)."""
+    if x.dtype.primitive_bitwidth == 16:
+        x = x.to(tl.float32)
     if F64:
         return x.to(tl.float64)
     else:
         return x.to(tl.float32)
 
 
-def check_float_state(t: torch.Tensor, name: str):
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"triton backend: {name} must be float32 or float64, got {t.dtype}")
+@triton.jit
+def store(ptr, x, mask):
+    """Store ``x`` cast to ``ptr``'s element type; a float64 value bound for a 16-bit float goes
+    through float32 first (a direct f64 -> bf16 cast is wrong under the interpreter)."""
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        x = x.to(tl.float32)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
 
-def as_bd(t: torch.Tensor, B: int, D: int, name: str) -> torch.Tensor:
-    """``t`` as a (B, D) tensor (a view where possible); raises on a size mismatch."""
-    if t.dim() == 2 and t.shape[0] == B and t.shape[1] == D:
-        return t
-    if t.numel() != B * D or (t.dim() >= 1 and t.shape[0] != B):
-        raise ValueError(f"triton backend: {name} has shape {tuple(t.shape)}, expected ({B}, {D})")
-    return t.reshape(B, D)
+@triton.jit
+def load_rows(ptr, rows, stride, rmask, other):
+    """A per-row value (e.g. t) as a float64 (BLOCK_B, 1) vector; masked rows read ``other``."""
+    return tl.load(ptr + rows * stride, mask=rmask, other=other).to(tl.float64)
 
 
-def as_bkd(t: torch.Tensor, B: int, K: int, D: int, name: str) -> torch.Tensor:
-    """``t`` as a (B, K, D) tensor (a view where possible); raises on a size mismatch."""
-    if t.dim() == 3 and tuple(t.shape) == (B, K, D):
-        return t
-    if t.numel() != B * K * D or (t.dim() >= 1 and t.shape[0] != B):
-        raise ValueError(f"triton backend: {name} has shape {tuple(t.shape)}, expected ({B}, {K}, {D})")
-    return t.reshape(B, K, D)
+# ---- host-side checks (shapes and dtypes only: no host synchronisation) ---------------------------
+
+STATE_DTYPES = (torch.float32, torch.float64)
+NET_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_state(u: torch.Tensor, name: str):
+    """(B, D) of a (B, 2, D) float32/float64 state tensor."""
+    if u.dtype not in STATE_DTYPES:
+        raise TypeError(f"triton backend: {name} must be float32 or float64, got {u.dtype}")
+    if u.dim() != 3 or u.shape[1] != 2:
+        raise ValueError(f"triton backend: {name} must be (B, 2, D), got {tuple(u.shape)}")
+    return u.shape[0], u.shape[2]
+
+
+def check_shape(x: torch.Tensor, shape, name: str, dtypes=NET_DTYPES):
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"triton backend: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"triton backend: {name} has unsupported dtype {x.dtype}")
+
+
+def check_sde(sde: torch.Tensor):
+    if sde.dtype != torch.float64 or tuple(sde.shape) != (5,):
+        raise ValueError(f"triton backend: sde must be a (5,) float64 tensor, got {tuple(sde.shape)} {sde.dtype}")
+
+
+def check_times(t: torch.Tensor, n: int, name: str = "t"):
+    if t.dtype not in STATE_DTYPES or t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"triton backend: {name} must be a ({n},) float32/float64 tensor, "
+                         f"got {tuple(t.shape)} {t.dtype}")
+
+
+def check_index(x: torch.Tensor, name: str):
+    if x.dtype != torch.int64 or x.numel() != 1:
+        raise ValueError(f"triton backend: {name} must be a one-element int64 tensor, got {tuple(x.shape)} {x.dtype}")

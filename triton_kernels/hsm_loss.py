@@ -1,49 +1,91 @@
-"""HSM loss, forward (per-sample sums) and backward (d loss / d out), with eps_v regenerated in-kernel.
+"""HSM loss, forward (deterministic reduction) and backward (d loss / d out), eps_v regenerated in-kernel.
 
-Per sample b: loss_b = w_b * sum_d (out + c_b v - eps_v)^2 with coef (B, 2) = (c, w) (LOSS_COLS).
-eps_v is the ``eps_v`` tensor when given, else z1 of the perturb call's draw (same seed, step 0,
-tag 0, same element index b * D + d), recomputed from the seed read in-kernel: it is never stored.
+Per sample b: loss_b = scale * w_b * sum_d (out + c_b v - eps_v)^2, with (c, w) computed per row
+from t and the CLD parameters (``coefficients.loss_coefficients``). eps_v is the ``eps_v`` tensor
+when given, else z1 of the perturb call's draw (same seed, step 0, tag PERTURB, same element index
+b * D + d), recomputed from the seed read in-kernel: it is never stored. Arithmetic in the state
+dtype (u's); ``out`` may be bf16/fp16. Schemas: ``cld_fast.opdefs`` "hsm_loss_fwd", "hsm_loss_bwd".
 
-Reduction (forward): deterministic, no atomics. A program owns a tile of BLOCK_B samples and one
-contiguous chunk of D (``iters`` column blocks of BLOCK_D), accumulates (out + c v - eps_v)^2
-elementwise in a (BLOCK_B, BLOCK_D) fp32 (fp64 for fp64 inputs) register tile in a fixed order,
-reduces it with ``tl.sum`` (a fixed tree) and writes w_b * partial into a (B, chunks) buffer.
-The chunk count is chosen on the host from (B, D, SM count) only: enough programs to fill the GPU
-(about 4 per SM) but never more than one per column block. When one chunk suffices (large B, or
-small D, or the interpreter) the kernel writes the final (B,) loss itself: one launch; otherwise a
-single ``partials.sum(1)`` over a tiny (B, chunks) buffer follows (two launches). A one-program-
-per-sample loop would leave most SMs idle for the small batches of large images (B = 8 at
-256x256x3), and a 2-D grid with atomics would not be bit-reproducible; this covers both ends.
+Forward reduction: deterministic, no atomics. A program owns a tile of BLOCK_B samples and one
+contiguous chunk of D (``iters`` column blocks of BLOCK_D), accumulates the squares elementwise in
+a (BLOCK_B, BLOCK_D) register tile in a fixed order, reduces it with ``tl.sum`` (a fixed tree) and
+writes scale * w_b * partial. The chunk count depends only on (B, D) and the tile (never on the GPU
+model), so every GPU computes the same sums in the same order: enough programs for a large GPU
+(TARGET_PROGRAMS) but never more than one per column block. With one program per row block and
+``reduction`` 0 the kernel writes the (B,) loss itself; with a single program in all and
+``reduction`` 1 it writes the 0-d sum itself; otherwise a second small launch (``_finish_kernel``)
+adds the (B, chunks) partials in a fixed order. A one-program-per-sample loop would leave most SMs
+idle for the small batches of large images (B = 8 at 256x256x3); atomics would not be reproducible.
 
-Backward: one elementwise pass, d out = 2 w_b grad_b (out + c_b v - eps_v), in out's dtype.
+Backward: one elementwise pass, d out = 2 (scale w_b grad_b) (out + c_b v - eps_v), in out's dtype;
+grad is 0-d (stride 0) or (B,) and read through its stride.
 """
 from __future__ import annotations
+
+import struct
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (as_bd, elementwise_config, launcher, next_pow2, sm_count, tile_coords,
-                      tile_grid, to_compute, GPU_MAX_BLOCK_D, GPU_TILE, GPU_TILE_PHILOX, INTERP_MAX_BLOCK_D,
-                      INTERP_TILE, GPU_NUM_WARPS)
+from ._common import (check_index, check_sde, check_shape, check_state, check_times, device_guard, elementwise_config,
+                      gpu_tiles, launch, load_rows, store, tile_coords, tile_grid, to_compute)
+from .coefficients import load_sde, loss_coefficients
 from .philox import TAG_PERTURB, load_key, normal_z1
 
-PROGRAMS_PER_SM = 4
+# Programs the forward aims for when a row block's D can be split: 4 per SM of the largest GPUs
+# (132 SMs on H100/H200) and then some. A constant, so the summation order is GPU-independent.
+TARGET_PROGRAMS = 1024
+FINISH_BLOCK_B = 32
+FINISH_BLOCK_C = 32
+
+
+def scale_bits(scale: float) -> int:
+    """The IEEE-754 bits of ``scale`` as a signed int64: Triton passes Python floats as float32, so
+    the exact double goes in as an integer and is bit-cast back in-kernel (``_scale``)."""
+    return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
 
 
 @triton.jit
-def _hsm_loss_fwd_kernel(
-    out_ptr, u_ptr, coef_ptr, eps_ptr, seed_ptr, part_ptr,
-    B, D, iters, chunks,
-    s_ob, s_od, s_ub, s_us, s_ud, s_cb, s_ck, s_eb, s_ed, s_pb, s_pc,
-    HAS_EPS: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+def _scale(bits, F64: tl.constexpr):
+    """The loss scale in the compute dtype from its float64 bits (see ``scale_bits``)."""
+    s = (bits + tl.zeros([], tl.int64)).to(tl.float64, bitcast=True)
+    if F64:
+        return s
+    else:
+        return s.to(tl.float32)
+
+
+@triton.jit
+def _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS: tl.constexpr, F64: tl.constexpr):
+    """eps_v of the tile: from the tensor, or z1 of the perturb draw (Philox, step 0)."""
+    if HAS_EPS:
+        return to_compute(tl.load(eps_ptr + rows * s_eb + cols * s_ed, mask=mask, other=0.0), F64)
+    else:
+        return to_compute(normal_z1(rows * D + cols, k0, k1, 0, TAG_PERTURB), F64)
+
+
+@triton.jit(do_not_specialize=["bits"])
+def _loss_fwd_kernel(
+    out_ptr, u_ptr, t_ptr, sde_ptr, eps_ptr, seed_ptr, part_ptr,
+    B, D, iters, chunks, bits,
+    s_ob, s_od, s_ub, s_us, s_ud, s_t, s_sde, s_eb, s_ed, s_pb, s_pc,
+    WEIGHTING: tl.constexpr, HAS_EPS: tl.constexpr, SUM_ROWS: tl.constexpr, F64: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tb = pid // chunks
     chunk = pid - tb * chunks
     rows = (tb * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64))[:, None]
     rmask = rows < B
-    c = to_compute(tl.load(coef_ptr + rows * s_cb, mask=rmask, other=0.0), F64)
+    t = load_rows(t_ptr, rows, s_t, rmask, 1.0)
+    beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
+    c64, w64 = loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, WEIGHTING)
+    c = to_compute(c64, F64)
+    w = to_compute(w64, F64) * _scale(bits, F64)
+    k0 = 0
+    k1 = 0
     if not HAS_EPS:
         k0, k1 = load_key(seed_ptr)
     if F64:
@@ -56,126 +98,168 @@ def _hsm_loss_fwd_kernel(
         mask = rmask & (cols < D)
         o = to_compute(tl.load(out_ptr + rows * s_ob + cols * s_od, mask=mask, other=0.0), F64)
         v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
-        if HAS_EPS:
-            e = to_compute(tl.load(eps_ptr + rows * s_eb + cols * s_ed, mask=mask, other=0.0), F64)
-        else:
-            e = to_compute(normal_z1(rows * D + cols, k0, k1, 0, TAG_PERTURB), F64)
+        e = _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS, F64)
         r = o + c * v - e
         acc += tl.where(mask, r * r, 0.0)
-    w = to_compute(tl.load(coef_ptr + rows * s_cb + s_ck, mask=rmask, other=0.0), F64)
-    total = tl.sum(acc, axis=1)[:, None]
-    tl.store(part_ptr + rows * s_pb + chunk * s_pc, w * total, mask=rmask)
+    per_row = w * tl.sum(acc, axis=1)[:, None]
+    if SUM_ROWS:  # the only program: write the 0-d sum over samples
+        tl.store(part_ptr, tl.sum(tl.sum(tl.where(rmask, per_row, 0.0), axis=1), axis=0))
+    else:
+        tl.store(part_ptr + rows * s_pb + chunk * s_pc, per_row, mask=rmask)
 
 
 @triton.jit
-def _hsm_loss_bwd_kernel(
-    grad_ptr, out_ptr, u_ptr, coef_ptr, eps_ptr, seed_ptr, dout_ptr,
-    B, D, n_col_tiles,
-    s_g, s_ob, s_od, s_ub, s_us, s_ud, s_cb, s_ck, s_eb, s_ed, s_db, s_dd,
-    HAS_EPS: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+def _finish_kernel(part_ptr, loss_ptr, B, chunks, s_pb, s_pc, s_l,
+                   SUM_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum (B, chunks) partials over chunks per row (grid over row blocks), or over everything
+    (SUM_ROWS, one program), always in the same order."""
+    pid = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=part_ptr.dtype.element_ty)
+    n_row_blocks = 1
+    if SUM_ROWS:
+        n_row_blocks = tl.cdiv(B, BLOCK_B)
+    for rb in range(0, n_row_blocks):
+        rows = ((pid + rb) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64))[:, None]
+        for c0 in range(0, chunks, BLOCK_C):
+            cols = (c0 + tl.arange(0, BLOCK_C).to(tl.int64))[None, :]
+            mask = (rows < B) & (cols < chunks)
+            acc += tl.load(part_ptr + rows * s_pb + cols * s_pc, mask=mask, other=0.0)
+    if SUM_ROWS:
+        tl.store(loss_ptr, tl.sum(tl.sum(acc, axis=1), axis=0))
+    else:
+        rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64))
+        tl.store(loss_ptr + rows * s_l, tl.sum(acc, axis=1), mask=rows < B)
+
+
+@triton.jit(do_not_specialize=["bits"])
+def _loss_bwd_kernel(
+    grad_ptr, out_ptr, u_ptr, t_ptr, sde_ptr, eps_ptr, seed_ptr, dout_ptr,
+    B, D, n_col_tiles, bits,
+    s_g, s_ob, s_od, s_ub, s_us, s_ud, s_t, s_sde, s_eb, s_ed, s_db, s_dd,
+    WEIGHTING: tl.constexpr, HAS_EPS: tl.constexpr, F64: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     rmask = rows < B
-    c = to_compute(tl.load(coef_ptr + rows * s_cb, mask=rmask, other=0.0), F64)
-    w = to_compute(tl.load(coef_ptr + rows * s_cb + s_ck, mask=rmask, other=0.0), F64)
+    t = load_rows(t_ptr, rows, s_t, rmask, 1.0)
+    beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
+    c64, w64 = loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, WEIGHTING)
+    c = to_compute(c64, F64)
+    w = to_compute(w64, F64) * _scale(bits, F64)
     g = to_compute(tl.load(grad_ptr + rows * s_g, mask=rmask, other=0.0), F64)
+    k0 = 0
+    k1 = 0
+    if not HAS_EPS:
+        k0, k1 = load_key(seed_ptr)
     o = to_compute(tl.load(out_ptr + rows * s_ob + cols * s_od, mask=mask, other=0.0), F64)
     v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
-    if HAS_EPS:
-        e = to_compute(tl.load(eps_ptr + rows * s_eb + cols * s_ed, mask=mask, other=0.0), F64)
-    else:
-        k0, k1 = load_key(seed_ptr)
-        e = to_compute(normal_z1(rows * D + cols, k0, k1, 0, TAG_PERTURB), F64)
+    e = _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS, F64)
     r = o + c * v - e
-    d = (2.0 * (w * g)) * r
-    tl.store(dout_ptr + rows * s_db + cols * s_dd, d.to(dout_ptr.dtype.element_ty), mask=mask)
+    store(dout_ptr + rows * s_db + cols * s_dd, (2.0 * (w * g)) * r, mask)
 
 
-def _check(out, u):
-    if u.dim() != 3 or u.shape[1] != 2:
-        raise ValueError(f"triton backend: u must be (B, 2, D), got {tuple(u.shape)}")
-    if u.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"triton backend: u must be float32 or float64, got {u.dtype}")
-    if out.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise TypeError(f"triton backend: out must be a float tensor, got {out.dtype}")
-    B, _, D = u.shape
-    return B, D, as_bd(out, B, D, "out")
-
-
-def acc_dtype(out, u):
-    return torch.float64 if (out.dtype == torch.float64 or u.dtype == torch.float64) else torch.float32
+def _check(out, u, t, sde, weighting, eps_v, seed):
+    B, D = check_state(u, "u")
+    check_shape(out, (B, D), "out")
+    check_times(t, B)
+    check_sde(sde)
+    if weighting not in (0, 1):
+        raise ValueError(f"triton backend: weighting must be 0 (reweightedv2) or 1 (likelihood), got {weighting}")
+    if eps_v is not None:
+        check_shape(eps_v, (B, D), "eps_v")
+    elif seed is None:
+        raise ValueError("triton backend: hsm_loss needs eps_v or seed")
+    else:
+        check_index(seed, "seed")
+    return B, D
 
 
 def loss_config(B: int, D: int, device: torch.device, block_b=None, block_d=None, chunks=None, philox=False):
-    """(BLOCK_B, BLOCK_D, iters, chunks, num_warps) of the forward reduction (see module doc)."""
-    if device.type == "cuda":
-        tile = GPU_TILE_PHILOX if philox else GPU_TILE
-        max_bd, warps = GPU_MAX_BLOCK_D, GPU_NUM_WARPS
-    else:
-        tile, max_bd, warps = INTERP_TILE, INTERP_MAX_BLOCK_D, 1
-    bd = block_d or min(next_pow2(D), max_bd)
-    bb = block_b or max(1, min(next_pow2(B), tile // bd))
+    """(BLOCK_B, BLOCK_D, iters, chunks, num_warps) of the forward reduction; depends on (B, D) and
+    the tile only (``block_b``, ``block_d``, ``chunks`` override for tests)."""
+    bb, bd, warps = elementwise_config(B, D, device, block_b, block_d, philox)
     n_col = triton.cdiv(D, bd)
     row_tiles = triton.cdiv(B, bb)
     if chunks is None:
-        target = PROGRAMS_PER_SM * sm_count(device) if device.type == "cuda" else 1
-        chunks = min(n_col, max(1, triton.cdiv(target, row_tiles)))
+        chunks = triton.cdiv(TARGET_PROGRAMS, row_tiles) if gpu_tiles(device) else 1
     chunks = max(1, min(int(chunks), n_col))
     iters = triton.cdiv(n_col, chunks)
     chunks = triton.cdiv(n_col, iters)
     return int(bb), int(bd), int(iters), int(chunks), warps
 
 
-def hsm_loss_fwd(out, u, coef, eps_v=None, seed=None, block_b=None, block_d=None, chunks=None):
-    """Per-sample loss (B,) in float32 (float64 for float64 inputs)."""
-    B, D, out = _check(out, u)
-    acc = acc_dtype(out, u)
-    if B == 0:
-        return torch.zeros(0, dtype=acc, device=u.device)
-    if D == 0:
-        return torch.zeros(B, dtype=acc, device=u.device)
-    if eps_v is not None:
-        eps_v = as_bd(eps_v, B, D, "eps_v")
-    elif seed is None:
-        raise ValueError("triton backend: hsm_loss needs eps_v or seed")
+def hsm_loss_fwd(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch.Tensor, weighting: int,
+                 scale: float, reduction: int, eps_v: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                 block_b: Optional[int] = None, block_d: Optional[int] = None,
+                 chunks: Optional[int] = None) -> torch.Tensor:
+    """scale * w(t) * sum_d (out + c(t) v - eps_v)^2 (opdefs "hsm_loss_fwd").
+
+    Args:
+        out: (B, D) network output; u: (B, 2, D) state (float32/float64, the result's dtype).
+        t: (B,) times; sde: (5,) float64 parameters; weighting: 0 reweightedv2, 1 likelihood.
+        scale: multiplies every sample's loss; reduction: 0 -> (B,), 1 -> 0-d sum over samples.
+        eps_v: (B, D) target noise, or None with ``seed`` (1,) int64: z1 of the perturb draw.
+        block_b, block_d, chunks: tile and split override (tests).
+    """
+    B, D = _check(out, u, t, sde, weighting, eps_v, seed)
+    if reduction not in (0, 1):
+        raise ValueError(f"triton backend: reduction must be 0 (per sample) or 1 (sum), got {reduction}")
+    shape = () if reduction == 1 else (B,)
+    if B * D == 0:
+        return torch.zeros(shape, dtype=u.dtype, device=u.device)
     bb, bd, iters, nch, warps = loss_config(B, D, u.device, block_b, block_d, chunks, philox=eps_v is None)
-    part = torch.empty(B, nch, dtype=acc, device=u.device)
-    eps_ = eps_v if eps_v is not None else out
+    row_tiles = triton.cdiv(B, bb)
+    one_program = row_tiles * nch == 1
+    loss = torch.empty(shape, dtype=u.dtype, device=u.device)
+    if reduction == 0 and nch == 1:
+        part, sp = loss, (loss.stride(0), 0)
+    elif reduction == 1 and one_program:
+        part, sp = loss, (0, 0)
+    else:
+        part = torch.empty(B, nch, dtype=u.dtype, device=u.device)
+        sp = part.stride()
     es = eps_v.stride() if eps_v is not None else (0, 0)
-    grid = (triton.cdiv(B, bb) * nch,)
-    launcher(_hsm_loss_fwd_kernel)[grid](
-        out, u, coef, eps_, seed if seed is not None else coef, part,
-        B, D, iters, nch,
-        out.stride(0), out.stride(1), u.stride(0), u.stride(1), u.stride(2), coef.stride(0), coef.stride(1),
-        es[0], es[1], part.stride(0), part.stride(1),
-        HAS_EPS=eps_v is not None, F64=acc == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps,
-    )
-    if nch == 1:
-        return part.view(B)
-    return part.sum(dim=1)
+    with device_guard(u.device):
+        launch(_loss_fwd_kernel, (row_tiles * nch,),
+               out, u, t, sde, eps_v if eps_v is not None else out, seed if seed is not None else sde, part,
+               B, D, iters, nch, scale_bits(scale),
+               out.stride(0), out.stride(1), u.stride(0), u.stride(1), u.stride(2), t.stride(0), sde.stride(0),
+               es[0], es[1], sp[0], sp[1],
+               WEIGHTING=int(weighting), HAS_EPS=eps_v is not None, SUM_ROWS=reduction == 1 and one_program,
+               F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
+        if part is not loss:
+            sum_rows = reduction == 1
+            grid = (1,) if sum_rows else (triton.cdiv(B, FINISH_BLOCK_B),)
+            launch(_finish_kernel, grid, part, loss, B, nch, part.stride(0), part.stride(1),
+                   loss.stride(0) if loss.dim() else 0,
+                   SUM_ROWS=sum_rows, BLOCK_B=FINISH_BLOCK_B, BLOCK_C=FINISH_BLOCK_C,
+                   num_warps=4 if gpu_tiles(u.device) else 1)
+    return loss
 
 
-def hsm_loss_bwd(grad, out, u, coef, eps_v=None, seed=None, block_b=None, block_d=None):
-    """d loss / d out = 2 w grad (out + c v - eps_v): (B, D) in out's dtype, one launch."""
-    B, D, out = _check(out, u)
+def hsm_loss_bwd(grad: torch.Tensor, out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch.Tensor,
+                 weighting: int, scale: float, eps_v: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                 block_b: Optional[int] = None, block_d: Optional[int] = None) -> torch.Tensor:
+    """d loss / d out = 2 scale w grad (out + c v - eps_v): (B, D) in out's dtype (opdefs "hsm_loss_bwd").
+
+    ``grad`` is the 0-d gradient of a summed loss or the (B,) gradient of per-sample losses, any
+    float dtype, read through its stride (0 for 0-d). Other arguments as ``hsm_loss_fwd``.
+    """
+    B, D = _check(out, u, t, sde, weighting, eps_v, seed)
+    if grad.dim() > 1 or (grad.dim() == 1 and grad.shape[0] != B):
+        raise ValueError(f"triton backend: grad must be 0-d or ({B},), got {tuple(grad.shape)}")
     dout = torch.empty(B, D, dtype=out.dtype, device=out.device)
     if B * D == 0:
         return dout
-    if eps_v is not None:
-        eps_v = as_bd(eps_v, B, D, "eps_v")
-    elif seed is None:
-        raise ValueError("triton backend: hsm_loss needs eps_v or seed")
-    grad = grad.reshape(B) if grad.dim() != 1 else grad
-    acc = acc_dtype(out, u)
     bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=eps_v is None)
     n_col, grid = tile_grid(B, D, bb, bd)
-    eps_ = eps_v if eps_v is not None else out
     es = eps_v.stride() if eps_v is not None else (0, 0)
-    launcher(_hsm_loss_bwd_kernel)[grid](
-        grad, out, u, coef, eps_, seed if seed is not None else coef, dout,
-        B, D, n_col,
-        grad.stride(0), out.stride(0), out.stride(1), u.stride(0), u.stride(1), u.stride(2),
-        coef.stride(0), coef.stride(1), es[0], es[1], dout.stride(0), dout.stride(1),
-        HAS_EPS=eps_v is not None, F64=acc == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps,
-    )
+    with device_guard(u.device):
+        launch(_loss_bwd_kernel, grid,
+               grad, out, u, t, sde, eps_v if eps_v is not None else out, seed if seed is not None else sde, dout,
+               B, D, n_col, scale_bits(scale),
+               grad.stride(0) if grad.dim() else 0, out.stride(0), out.stride(1), u.stride(0), u.stride(1),
+               u.stride(2), t.stride(0), sde.stride(0), es[0], es[1], dout.stride(0), dout.stride(1),
+               WEIGHTING=int(weighting), HAS_EPS=eps_v is not None, F64=u.dtype == torch.float64,
+               BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
     return dout

@@ -1,48 +1,57 @@
-"""Mixed score: score = c0 v + c1 out, with coef (B, 2) = (-1/s_vv, -1/l22) (MIXED_COLS)."""
+"""Mixed score: score = -v / s_vv(t) - out / l22(t) of the HSM kernel (opdefs "mixed_score").
+
+(c0, c1) = (-1 / s_vv, -1 / l22) are computed per row in-kernel (``coefficients.mixed_coefficients``).
+"""
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 import triton
+import triton.language as tl
 
-from ._common import as_bd, elementwise_config, launcher, tile_coords, tile_grid, to_compute
+from ._common import (check_sde, check_shape, check_state, check_times, device_guard, elementwise_config, launch,
+                      load_rows, store, tile_coords, tile_grid, to_compute)
+from .coefficients import load_sde, mixed_coefficients
 
 
 @triton.jit
 def _mixed_score_kernel(
-    out_ptr, u_ptr, coef_ptr, score_ptr,
+    out_ptr, u_ptr, t_ptr, sde_ptr, score_ptr,
     B, D, n_col_tiles,
-    s_ob, s_od, s_ub, s_us, s_ud, s_cb, s_ck, s_sb, s_sd,
+    s_ob, s_od, s_ub, s_us, s_ud, s_t, s_sde, s_sb, s_sd,
     F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
-    rmask = rows < B
-    c0 = to_compute(tl.load(coef_ptr + rows * s_cb, mask=rmask, other=0.0), F64)
-    c1 = to_compute(tl.load(coef_ptr + rows * s_cb + s_ck, mask=rmask, other=0.0), F64)
+    t = load_rows(t_ptr, rows, s_t, rows < B, 1.0)
+    beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
+    c0, c1 = mixed_coefficients(t, beta0, beta1, m_inv, gamma, neps)
     v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
     o = to_compute(tl.load(out_ptr + rows * s_ob + cols * s_od, mask=mask, other=0.0), F64)
-    s = c0 * v + c1 * o
-    tl.store(score_ptr + rows * s_sb + cols * s_sd, s.to(score_ptr.dtype.element_ty), mask=mask)
+    s = to_compute(c0, F64) * v + to_compute(c1, F64) * o
+    store(score_ptr + rows * s_sb + cols * s_sd, s, mask)
 
 
-def mixed_score(out, u, coef, block_b=None, block_d=None):
-    """score (B, D) in u's dtype, one launch."""
-    if u.dim() != 3 or u.shape[1] != 2:
-        raise ValueError(f"triton backend: u must be (B, 2, D), got {tuple(u.shape)}")
-    if u.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"triton backend: u must be float32 or float64, got {u.dtype}")
-    B, _, D = u.shape
+def mixed_score(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch.Tensor,
+                block_b=None, block_d=None) -> torch.Tensor:
+    """score (B, D) in u's dtype, one launch.
+
+    Args:
+        out: (B, D) network output (float32/float64/bf16/fp16); u: (B, 2, D) state, float32/float64.
+        t: (B,) times (float32/float64, any stride); sde: (5,) float64 parameters.
+    """
+    B, D = check_state(u, "u")
+    check_shape(out, (B, D), "out")
+    check_times(t, B)
+    check_sde(sde)
     score = torch.empty(B, D, dtype=u.dtype, device=u.device)
     if B * D == 0:
         return score
-    out = as_bd(out, B, D, "out")
     bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d)
     n_col, grid = tile_grid(B, D, bb, bd)
-    launcher(_mixed_score_kernel)[grid](
-        out, u, coef, score,
-        B, D, n_col,
-        out.stride(0), out.stride(1), u.stride(0), u.stride(1), u.stride(2),
-        coef.stride(0), coef.stride(1), score.stride(0), score.stride(1),
-        F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps,
-    )
+    with device_guard(u.device):
+        launch(_mixed_score_kernel, grid,
+               out, u, t, sde, score,
+               B, D, n_col,
+               out.stride(0), out.stride(1), u.stride(0), u.stride(1), u.stride(2), t.stride(0), sde.stride(0),
+               score.stride(0), score.stride(1),
+               F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
     return score

@@ -12,6 +12,8 @@ Philox is written out here from ``tl.umulhi`` (the same rounds as ``tl.philox``,
 check bit for bit) instead of calling ``tl.randint4x``, whose handling of 64-bit offsets differs
 between Triton versions; only APIs present in Triton 3.6 are used. The seed and the step are read
 from (1,) int64 device tensors inside the kernel, so no launch needs a host synchronisation.
+Box-Muller takes the square root with ``tl.sqrt_rn`` (IEEE round-to-nearest, present in Triton 3.6
+and 3.9): ``tl.sqrt`` compiles to ``sqrt.approx.ftz.f32``, an ulp away from the CPU and CUDA draws.
 
 Launchers at the end (``philox_bits``, ``philox_normals``) dump the raw words / normals for element
 indices start .. start + n - 1; they exist for tests and for cross-backend bit comparisons.
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launcher
+from ._common import device_guard, launch
 
 PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
 PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
@@ -31,10 +33,12 @@ PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
 TWO_PI = tl.constexpr(6.283185307179586)
 
-TAG_PERTURB = tl.constexpr(0)
-TAG_HALF_STEP = tl.constexpr(1)
-TAG_SSCS = tl.constexpr(2)
-TAG_AFFINE = tl.constexpr(3)
+# Op tags (counter word c3), as cld_fast.philox.TAG_*; checked by tests/test_coefficients.py.
+TAGS = {"perturb": 0, "half_step": 1, "sscs": 2, "affine": 3}
+TAG_PERTURB = tl.constexpr(TAGS["perturb"])
+TAG_HALF_STEP = tl.constexpr(TAGS["half_step"])
+TAG_SSCS = tl.constexpr(TAGS["sscs"])
+TAG_AFFINE = tl.constexpr(TAGS["affine"])
 
 
 @triton.jit
@@ -89,11 +93,16 @@ def uniform(r):
 
 
 @triton.jit
+def _radius(u1):
+    """sqrt(-2 log max(u1, 1e-7)), correctly rounded square root."""
+    return tl.sqrt_rn(-2.0 * tl.log(tl.maximum(1.0e-7, u1)))
+
+
+@triton.jit
 def box_muller(u1, u2):
     """Two N(0, 1) float32 blocks from two uniform float32 blocks (Triton's Box-Muller)."""
-    u1 = tl.maximum(1.0e-7, u1)
+    r = _radius(u1)
     th = u2 * TWO_PI
-    r = tl.sqrt(-2.0 * tl.log(u1))
     return r * tl.cos(th), r * tl.sin(th)
 
 
@@ -117,16 +126,14 @@ def normals2(idx, k0, k1, c2, TAG: tl.constexpr):
 def normal_z0(idx, k0, k1, c2, TAG: tl.constexpr):
     """z0 alone (the cosine branch of the first pair)."""
     r0, r1, r2, r3 = philox_words(idx, k0, k1, c2, TAG)
-    u1 = tl.maximum(1.0e-7, uniform(r0))
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(uniform(r1) * TWO_PI)
+    return _radius(uniform(r0)) * tl.cos(uniform(r1) * TWO_PI)
 
 
 @triton.jit
 def normal_z1(idx, k0, k1, c2, TAG: tl.constexpr):
     """z1 alone (the sine branch of the first pair): the eps_v of a perturb draw."""
     r0, r1, r2, r3 = philox_words(idx, k0, k1, c2, TAG)
-    u1 = tl.maximum(1.0e-7, uniform(r0))
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.sin(uniform(r1) * TWO_PI)
+    return _radius(uniform(r0)) * tl.sin(uniform(r1) * TWO_PI)
 
 
 # ---- debug / cross-check kernels -------------------------------------------------------------
@@ -163,9 +170,9 @@ def _dump(n, seed, step, tag, start, normals):
     if n == 0:
         return out
     block = 1024
-    launcher(_philox_dump_kernel)[(triton.cdiv(n, block),)](
-        seed, step, out, n, int(start), TAG=int(tag), NORMALS=bool(normals), BLOCK=block
-    )
+    with device_guard(device):
+        launch(_philox_dump_kernel, (triton.cdiv(n, block),), seed, step, out, n, int(start), TAG=int(tag),
+               NORMALS=bool(normals), BLOCK=block)
     return out
 
 

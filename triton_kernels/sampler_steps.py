@@ -1,246 +1,279 @@
 """Sampler steps: analytic half step, fused SSCS step, affine (EM / denoise / ODE drift) step.
 
-Each is one elementwise launch. The per-step coefficients are row ``step`` of a small table
-(``cld_fast.sde`` layouts: HALF_COLS = 7, SSCS_COLS = 16, AFFINE_COLS = 6; any float dtype, cast
-in-kernel), where ``step`` is a (1,) int64 device tensor read inside the kernel: a sampler loop
-advances ``step`` on the device (``step += 1``) and never synchronises with the host, so the loop
-can be captured in a CUDA graph. With a seed, the noise is the Philox contract with counter word
-c2 = step and the op's tag (half step 1, SSCS 2, affine 3); ``eps`` tensors replace it when given.
+Each is one elementwise launch. The step's coefficients are computed in-kernel (float64, once per
+program) from the forward-time grid ``ts`` (S + 1,) and ``step``, a (1,) int64 device tensor read
+inside the kernel: a sampler loop advances ``step`` on the device (``step += 1``) and never
+synchronises with the host, so the loop can be captured in a CUDA graph. With a seed, the noise is
+the Philox contract with counter word c2 = step and the op's tag; ``eps`` tensors replace it.
 
-    half_step_   (x, v) <- A (x, v) + L (z0, z1)                      table (S, 7), eps (B, 2, D)
-    sscs_step_   v <- alpha v + kappa y; half step 1 with (z0, z1); half step 2 with (z2, z3)
-                                                                      table (S, 16), eps (B, 4, D)
-    affine_step  out = (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z0)
-                                                                      table (S, 6), eps (B, D)
+    half_step_   (x, v) <- A (x, v) + L (z0, z1): ts[step] -> ts[step + 1]           eps (B, 2, D)
+    sscs_step_   v <- alpha v + kappa y; closing half step with (z0, z1); opening half step of the
+                 next step with (z2, z3) (identity after the last step)             eps (B, 4, D)
+    affine_step  out = (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z0)         eps (B, D)
 
-``half_step_`` and ``sscs_step_`` update u in place; ``affine_step`` writes ``out``, which may be u.
+A step outside the grid (step < 0 or step + 1 > S; pf_drift: step > S) cannot be rejected without a
+host synchronisation, so the kernels clamp every ``ts`` index into range (no out-of-bounds read) and
+make the step's time NaN, which turns every output element into NaN (the same under the
+interpreter). An empty grid is rejected on the host (its length is a shape). Schemas:
+``cld_fast.opdefs`` "half_step_", "sscs_step_", "affine_step".
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (as_bd, as_bkd, check_float_state, elementwise_config, launcher, tile_coords,
-                      tile_grid, to_compute)
+from ._common import (NAN, check_index, check_sde, check_shape, check_state, device_guard, elementwise_config,
+                      launch, store, tile_coords, tile_grid, to_compute)
+from .coefficients import (PF_DRIFT, EM, affine_coefficients, half_step_coefficients, load_sde,
+                           sscs_coefficients)
+from .perturb import NOISE_EPS, NOISE_NONE, NOISE_SEED, noise_mode
 from .philox import TAG_AFFINE, TAG_HALF_STEP, TAG_SSCS, load_key, normal_z0, normals2, normals4
 
-NOISE_NONE = 0
-NOISE_EPS = 1
-NOISE_SEED = 2
+
+@triton.jit
+def _grid_time(ts_ptr, s_ts, i, last):
+    """ts[clamp(i, 0, last)] as float64 (an index outside the grid reads its nearest end)."""
+    j = tl.minimum(tl.maximum(i, 0), last)
+    return tl.load(ts_ptr + j * s_ts).to(tl.float64)
 
 
 @triton.jit
-def _row_value(rp, k, s_tc, F64: tl.constexpr):
-    return to_compute(tl.load(rp + k * s_tc), F64)
+def _step_times(step_ptr, ts_ptr, s_ts, n_ts, NEEDS_T1: tl.constexpr):
+    """(step, t0, t1): step int64; t0 = ts[step], NaN unless 0 <= step and (step + 1 <= S when
+    NEEDS_T1, else step <= S); t1 = ts[step + 1] (clamped)."""
+    step = tl.load(step_ptr).to(tl.int64)
+    last = n_ts - 1
+    if NEEDS_T1:
+        valid = (step >= 0) & (step < last)
+    else:
+        valid = (step >= 0) & (step <= last)
+    t0 = tl.where(valid, _grid_time(ts_ptr, s_ts, step, last), NAN)
+    t1 = _grid_time(ts_ptr, s_ts, step + 1, last)
+    return step, t0, t1
 
 
 @triton.jit
-def _half(x, v, rp, s_tc, K0: tl.constexpr, ex, ev, HAS_NOISE: tl.constexpr, F64: tl.constexpr):
-    """One analytic half step with table columns K0 .. K0 + 6 = a_xx a_xv a_vx a_vv l11 l21 l22."""
-    a_xx = _row_value(rp, K0 + 0, s_tc, F64)
-    a_xv = _row_value(rp, K0 + 1, s_tc, F64)
-    a_vx = _row_value(rp, K0 + 2, s_tc, F64)
-    a_vv = _row_value(rp, K0 + 3, s_tc, F64)
-    nx = a_xx * x + a_xv * v
-    nv = a_vx * x + a_vv * v
+def _apply_half(x, v, a_xx, a_xv, a_vx, a_vv, l11, l21, l22, ex, ev, HAS_NOISE: tl.constexpr, F64: tl.constexpr):
+    """(x, v) <- A (x, v) [+ L (ex, ev)] with float64 scalar coefficients cast to the compute dtype."""
+    nx = to_compute(a_xx, F64) * x + to_compute(a_xv, F64) * v
+    nv = to_compute(a_vx, F64) * x + to_compute(a_vv, F64) * v
     if HAS_NOISE:
-        l11 = _row_value(rp, K0 + 4, s_tc, F64)
-        l21 = _row_value(rp, K0 + 5, s_tc, F64)
-        l22 = _row_value(rp, K0 + 6, s_tc, F64)
-        nx = nx + l11 * ex
-        nv = nv + l21 * ex + l22 * ev
+        nx = nx + to_compute(l11, F64) * ex
+        nv = nv + to_compute(l21, F64) * ex + to_compute(l22, F64) * ev
     return nx, nv
 
 
 @triton.jit
 def _half_step_kernel(
-    u_ptr, table_ptr, step_ptr, eps_ptr, seed_ptr,
-    B, D, n_col_tiles,
-    s_ub, s_us, s_ud, s_tr, s_tc, s_eb, s_es, s_ed,
+    u_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr,
+    B, D, n_col_tiles, n_ts,
+    s_ub, s_us, s_ud, s_ts, s_sde, s_eb, s_es, s_ed,
     NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
-    step = tl.load(step_ptr).to(tl.int64)
-    rp = table_ptr + step * s_tr
+    step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, True)
+    beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
+    a_xx, a_xv, a_vx, a_vv, l11, l21, l22 = half_step_coefficients(t0, t0 - t1, beta0, beta1, m_inv)
     up = u_ptr + rows * s_ub + cols * s_ud
     x = to_compute(tl.load(up, mask=mask, other=0.0), F64)
     v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), F64)
-    if NOISE == 1:
+    if NOISE == NOISE_EPS:
         ep = eps_ptr + rows * s_eb + cols * s_ed
         ex = to_compute(tl.load(ep, mask=mask, other=0.0), F64)
         ev = to_compute(tl.load(ep + s_es, mask=mask, other=0.0), F64)
-        x, v = _half(x, v, rp, s_tc, 0, ex, ev, True, F64)
-    elif NOISE == 2:
+    elif NOISE == NOISE_SEED:
         k0, k1 = load_key(seed_ptr)
         z0, z1 = normals2(rows * D + cols, k0, k1, step.to(tl.uint32), TAG_HALF_STEP)
-        x, v = _half(x, v, rp, s_tc, 0, to_compute(z0, F64), to_compute(z1, F64), True, F64)
+        ex = to_compute(z0, F64)
+        ev = to_compute(z1, F64)
     else:
-        x, v = _half(x, v, rp, s_tc, 0, x, v, False, F64)
-    tl.store(up, x.to(u_ptr.dtype.element_ty), mask=mask)
-    tl.store(up + s_us, v.to(u_ptr.dtype.element_ty), mask=mask)
+        ex = x
+        ev = v
+    x, v = _apply_half(x, v, a_xx, a_xv, a_vx, a_vv, l11, l21, l22, ex, ev, NOISE != NOISE_NONE, F64)
+    store(up, x, mask)
+    store(up + s_us, v, mask)
 
 
 @triton.jit
 def _sscs_step_kernel(
-    u_ptr, y_ptr, table_ptr, step_ptr, eps_ptr, seed_ptr,
-    B, D, n_col_tiles,
-    s_ub, s_us, s_ud, s_yb, s_yd, s_tr, s_tc, s_eb, s_es, s_ed,
-    NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr,
+    B, D, n_col_tiles, n_ts,
+    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_es, s_ed,
+    MIXED: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
-    step = tl.load(step_ptr).to(tl.int64)
-    rp = table_ptr + step * s_tr
-    alpha = _row_value(rp, 0, s_tc, F64)
-    kappa = _row_value(rp, 1, s_tc, F64)
+    step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, True)
+    t2 = _grid_time(ts_ptr, s_ts, step + 2, n_ts - 1)
+    beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
+    (alpha, kappa, c_xx, c_xv, c_vx, c_vv, c11, c21, c22,
+     o_xx, o_xv, o_vx, o_vv, o11, o21, o22) = sscs_coefficients(t0, t1, t2, step + 2 <= n_ts - 1,
+                                                                beta0, beta1, m_inv, gamma, neps, MIXED)
     up = u_ptr + rows * s_ub + cols * s_ud
     x = to_compute(tl.load(up, mask=mask, other=0.0), F64)
     v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), F64)
     y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), F64)
-    v = alpha * v + kappa * y
-    if NOISE == 1:
+    v = to_compute(alpha, F64) * v + to_compute(kappa, F64) * y
+    if NOISE == NOISE_EPS:
         ep = eps_ptr + rows * s_eb + cols * s_ed
         z0 = to_compute(tl.load(ep, mask=mask, other=0.0), F64)
         z1 = to_compute(tl.load(ep + s_es, mask=mask, other=0.0), F64)
         z2 = to_compute(tl.load(ep + 2 * s_es, mask=mask, other=0.0), F64)
         z3 = to_compute(tl.load(ep + 3 * s_es, mask=mask, other=0.0), F64)
-        x, v = _half(x, v, rp, s_tc, 2, z0, z1, True, F64)
-        x, v = _half(x, v, rp, s_tc, 9, z2, z3, True, F64)
-    elif NOISE == 2:
+    elif NOISE == NOISE_SEED:
         k0, k1 = load_key(seed_ptr)
-        z0, z1, z2, z3 = normals4(rows * D + cols, k0, k1, step.to(tl.uint32), TAG_SSCS)
-        x, v = _half(x, v, rp, s_tc, 2, to_compute(z0, F64), to_compute(z1, F64), True, F64)
-        x, v = _half(x, v, rp, s_tc, 9, to_compute(z2, F64), to_compute(z3, F64), True, F64)
+        n0, n1, n2, n3 = normals4(rows * D + cols, k0, k1, step.to(tl.uint32), TAG_SSCS)
+        z0 = to_compute(n0, F64)
+        z1 = to_compute(n1, F64)
+        z2 = to_compute(n2, F64)
+        z3 = to_compute(n3, F64)
     else:
-        x, v = _half(x, v, rp, s_tc, 2, x, v, False, F64)
-        x, v = _half(x, v, rp, s_tc, 9, x, v, False, F64)
-    tl.store(up, x.to(u_ptr.dtype.element_ty), mask=mask)
-    tl.store(up + s_us, v.to(u_ptr.dtype.element_ty), mask=mask)
+        z0 = x
+        z1 = x
+        z2 = x
+        z3 = x
+    noisy = NOISE != NOISE_NONE
+    x, v = _apply_half(x, v, c_xx, c_xv, c_vx, c_vv, c11, c21, c22, z0, z1, noisy, F64)
+    x, v = _apply_half(x, v, o_xx, o_xv, o_vx, o_vv, o11, o21, o22, z2, z3, noisy, F64)
+    store(up, x, mask)
+    store(up + s_us, v, mask)
 
 
 @triton.jit
 def _affine_step_kernel(
-    u_ptr, y_ptr, table_ptr, step_ptr, eps_ptr, seed_ptr, out_ptr,
-    B, D, n_col_tiles,
-    s_ub, s_us, s_ud, s_yb, s_yd, s_tr, s_tc, s_eb, s_ed, s_ob, s_os, s_od,
-    NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, out_ptr,
+    B, D, n_col_tiles, n_ts,
+    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_ed, s_ob, s_os, s_od,
+    KIND: tl.constexpr, MIXED: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
-    step = tl.load(step_ptr).to(tl.int64)
-    rp = table_ptr + step * s_tr
-    c_xx = _row_value(rp, 0, s_tc, F64)
-    c_xv = _row_value(rp, 1, s_tc, F64)
-    c_vx = _row_value(rp, 2, s_tc, F64)
-    c_vv = _row_value(rp, 3, s_tc, F64)
-    c_vy = _row_value(rp, 4, s_tc, F64)
+    step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, KIND != PF_DRIFT)
+    beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
+    if KIND == PF_DRIFT:
+        h = t0 * 0.0
+    else:
+        h = t0 - t1
+    c_xx, c_xv, c_vx, c_vv, c_vy, sigma = affine_coefficients(t0, h, beta0, beta1, m_inv, gamma, neps, KIND, MIXED)
     up = u_ptr + rows * s_ub + cols * s_ud
     x = to_compute(tl.load(up, mask=mask, other=0.0), F64)
     v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), F64)
     y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), F64)
-    nx = c_xx * x + c_xv * v
-    nv = c_vx * x + c_vv * v + c_vy * y
-    if NOISE == 1:
-        sigma = _row_value(rp, 5, s_tc, F64)
-        z = to_compute(tl.load(eps_ptr + rows * s_eb + cols * s_ed, mask=mask, other=0.0), F64)
-        nv = nv + sigma * z
-    elif NOISE == 2:
-        sigma = _row_value(rp, 5, s_tc, F64)
-        k0, k1 = load_key(seed_ptr)
-        z = to_compute(normal_z0(rows * D + cols, k0, k1, step.to(tl.uint32), TAG_AFFINE), F64)
-        nv = nv + sigma * z
+    nx = to_compute(c_xx, F64) * x + to_compute(c_xv, F64) * v
+    nv = to_compute(c_vx, F64) * x + to_compute(c_vv, F64) * v + to_compute(c_vy, F64) * y
+    if KIND == EM:
+        if NOISE == NOISE_EPS:
+            z = to_compute(tl.load(eps_ptr + rows * s_eb + cols * s_ed, mask=mask, other=0.0), F64)
+            nv = nv + to_compute(sigma, F64) * z
+        elif NOISE == NOISE_SEED:
+            k0, k1 = load_key(seed_ptr)
+            z = to_compute(normal_z0(rows * D + cols, k0, k1, step.to(tl.uint32), TAG_AFFINE), F64)
+            nv = nv + to_compute(sigma, F64) * z
     op = out_ptr + rows * s_ob + cols * s_od
-    tl.store(op, nx.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(op + s_os, nv.to(out_ptr.dtype.element_ty), mask=mask)
+    store(op, nx, mask)
+    store(op + s_os, nv, mask)
 
 
-def _check_u(u, name="u"):
-    check_float_state(u, name)
-    if u.dim() != 3 or u.shape[1] != 2:
-        raise ValueError(f"triton backend: {name} must be (B, 2, D), got {tuple(u.shape)}")
-    return u.shape[0], u.shape[2]
+# ---- host launchers ------------------------------------------------------------------------
 
 
-def _check_table(table, cols, name):
-    if table.dim() != 2 or table.shape[1] != cols:
-        raise ValueError(f"triton backend: {name} table must be (S, {cols}), got {tuple(table.shape)}")
+def _check_grid(ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor, min_len: int):
+    if ts.dim() != 1 or ts.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"triton backend: ts must be a 1-D float32/float64 tensor, got {tuple(ts.shape)} {ts.dtype}")
+    if ts.shape[0] < min_len:
+        raise ValueError(f"triton backend: ts holds {ts.shape[0]} time points; step needs at least {min_len}")
+    check_index(step, "step")
+    check_sde(sde)
 
 
-def _noise_mode(eps, seed):
+def _check_noise(eps, seed, shape):
     if eps is not None:
-        return NOISE_EPS
-    return NOISE_SEED if seed is not None else NOISE_NONE
+        check_shape(eps, shape, "eps")
+    if seed is not None:
+        check_index(seed, "seed")
 
 
-def half_step_(u, table, step, eps=None, seed=None, block_b=None, block_d=None):
-    """One analytic half step in place on u (B, 2, D) with row ``step`` of a (S, 7) table."""
-    B, D = _check_u(u)
-    _check_table(table, 7, "half-step")
+def half_step_(u: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
+               eps: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+               block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
+    """Reverse linear half step ts[step] -> ts[step + 1] in place on u (B, 2, D) (opdefs "half_step_").
+
+    ts: (S + 1,) grid, step: (1,) int64 (read in-kernel), sde: (5,) float64; eps (B, 2, D) or seed (1,) int64.
+    """
+    B, D = check_state(u, "u")
+    _check_grid(ts, step, sde, 2)
+    _check_noise(eps, seed, (B, 2, D))
     if B * D == 0:
-        return u
-    if eps is not None:
-        eps = as_bkd(eps, B, 2, D, "eps")
-    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=eps is None and seed is not None)
+        return
+    noise = noise_mode(eps, seed)
+    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=noise == NOISE_SEED.value)
     n_col, grid = tile_grid(B, D, bb, bd)
-    # Placeholders for absent tensors are read-only inputs (never ``u``: see perturb.py).
-    eps_ = eps if eps is not None else step
+    # Placeholders for absent tensors are read-only inputs that are never dereferenced (never ``u``).
     es = eps.stride() if eps is not None else (0, 0, 0)
-    launcher(_half_step_kernel)[grid](
-        u, table, step, eps_, seed if seed is not None else step,
-        B, D, n_col,
-        u.stride(0), u.stride(1), u.stride(2), table.stride(0), table.stride(1),
-        es[0], es[1], es[2],
-        NOISE=_noise_mode(eps, seed), F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
-        num_warps=warps,
-    )
-    return u
+    with device_guard(u.device):
+        launch(_half_step_kernel, grid,
+               u, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step,
+               B, D, n_col, ts.shape[0],
+               u.stride(0), u.stride(1), u.stride(2), ts.stride(0), sde.stride(0), es[0], es[1], es[2],
+               NOISE=noise, F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
 
 
-def sscs_step_(u, y, table, step, eps=None, seed=None, block_b=None, block_d=None):
-    """Fused SSCS update in place on u (B, 2, D) with row ``step`` of a (S, 16) table."""
-    B, D = _check_u(u)
-    _check_table(table, 16, "SSCS")
+def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
+               mixed: bool, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+               block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
+    """Fused SSCS update after a network evaluation at ts[step], in place on u (opdefs "sscs_step_").
+
+    y: (B, D) score, or the network output when ``mixed``; eps (B, 4, D) or seed (1,) int64.
+    """
+    B, D = check_state(u, "u")
+    check_shape(y, (B, D), "y")
+    _check_grid(ts, step, sde, 2)
+    _check_noise(eps, seed, (B, 4, D))
     if B * D == 0:
-        return u
-    y = as_bd(y, B, D, "y")
-    if eps is not None:
-        eps = as_bkd(eps, B, 4, D, "eps")
-    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=eps is None and seed is not None)
+        return
+    noise = noise_mode(eps, seed)
+    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=noise == NOISE_SEED.value)
     n_col, grid = tile_grid(B, D, bb, bd)
-    eps_ = eps if eps is not None else step
     es = eps.stride() if eps is not None else (0, 0, 0)
-    launcher(_sscs_step_kernel)[grid](
-        u, y, table, step, eps_, seed if seed is not None else step,
-        B, D, n_col,
-        u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), table.stride(0), table.stride(1),
-        es[0], es[1], es[2],
-        NOISE=_noise_mode(eps, seed), F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
-        num_warps=warps,
-    )
-    return u
+    with device_guard(u.device):
+        launch(_sscs_step_kernel, grid,
+               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step,
+               B, D, n_col, ts.shape[0],
+               u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), ts.stride(0), sde.stride(0),
+               es[0], es[1], es[2],
+               MIXED=bool(mixed), NOISE=noise, F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
+               num_warps=warps)
 
 
-def affine_step(u, y, table, step, out, eps=None, seed=None, block_b=None, block_d=None):
-    """out = affine step of u with row ``step`` of a (S, 6) table; ``out`` may be ``u``."""
-    B, D = _check_u(u)
-    _check_u(out, "out")
-    if tuple(out.shape) != tuple(u.shape):
-        raise ValueError(f"triton backend: out {tuple(out.shape)} and u {tuple(u.shape)} differ")
-    _check_table(table, 6, "affine")
+def affine_step(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
+                kind: int, mixed: bool, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                out: torch.Tensor, block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
+    """out = affine step of u for ts[step] -> ts[step + 1] (opdefs "affine_step"); ``out`` may be ``u``.
+
+    kind: 0 em (noise z0 from eps (B, D) or the seed), 1 denoise, 2 pf_drift (the forward-time ODE
+    drift at ts[step]); computed in out's dtype.
+    """
+    B, D = check_state(u, "u")
+    check_state(out, "out")
+    check_shape(out, (B, 2, D), "out", (torch.float32, torch.float64))
+    check_shape(y, (B, D), "y")
+    if kind not in (0, 1, 2):
+        raise ValueError(f"triton backend: kind must be 0 (em), 1 (denoise) or 2 (pf_drift), got {kind}")
+    _check_grid(ts, step, sde, 1 if kind == PF_DRIFT.value else 2)
+    _check_noise(eps, seed, (B, D))
     if B * D == 0:
-        return out
-    y = as_bd(y, B, D, "y")
-    if eps is not None:
-        eps = as_bd(eps, B, D, "eps")
-    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=eps is None and seed is not None)
+        return
+    noise = noise_mode(eps, seed) if kind == EM.value else NOISE_NONE.value
+    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=noise == NOISE_SEED.value)
     n_col, grid = tile_grid(B, D, bb, bd)
-    eps_ = eps if eps is not None else step
     es = eps.stride() if eps is not None else (0, 0)
-    launcher(_affine_step_kernel)[grid](
-        u, y, table, step, eps_, seed if seed is not None else step, out,
-        B, D, n_col,
-        u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), table.stride(0), table.stride(1),
-        es[0], es[1], out.stride(0), out.stride(1), out.stride(2),
-        NOISE=_noise_mode(eps, seed), F64=out.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
-        num_warps=warps,
-    )
-    return out
+    with device_guard(u.device):
+        launch(_affine_step_kernel, grid,
+               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, out,
+               B, D, n_col, ts.shape[0],
+               u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), ts.stride(0), sde.stride(0),
+               es[0], es[1], out.stride(0), out.stride(1), out.stride(2),
+               KIND=int(kind), MIXED=bool(mixed), NOISE=noise, F64=out.dtype == torch.float64,
+               BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)

@@ -1,41 +1,41 @@
 """The ``triton`` backend: Triton kernels (``cld_fast.triton_kernels``), one launch per op.
 
-Same contract as ``torch_backend`` (see there for shapes and semantics). Runs on CUDA tensors, or on
-CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton kernels were defined (the Triton
-interpreter; slow, for tests). State float32 (float64 also works); network outputs ``out`` / ``y``
-may be bf16 / fp16; coefficient tables may be float64 (cast inside the kernels, no extra launch).
-Seeds and steps are (1,) int64 device tensors read inside the kernels: no host synchronisation.
+Every op of ``cld_fast.opdefs.OPS`` is registered from its declaration (schema, mutated arguments,
+fake) in the ``cld_fast_triton`` namespace, so it runs inside ``torch.compile``d code without a
+graph break; ``op(name)`` returns ``torch.ops.cld_fast_triton.<name>``, called with the schema's
+arguments positionally. Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set
+before the Triton kernels were defined (the Triton interpreter; slow, for tests). State float32 or
+float64; network outputs may be bf16 / fp16. Coefficients are computed in-kernel from ``t`` / ``ts``
+and the (5,) ``sde`` tensor; seeds and steps are (1,) int64 device tensors read inside the kernels:
+no host synchronisation.
 
-Every op is a PyTorch custom operator in the ``cld_fast_triton`` namespace, so it runs inside
-``torch.compile``d code without a graph break:
-
-* GPU (normal Triton): ``torch.library.triton_op`` with ``wrap_triton`` launches (torch >= 2.6), so
-  Inductor sees the Triton kernels themselves; older torch: ``torch.library.custom_op`` +
-  ``register_fake`` (an opaque op).
-* TRITON_INTERPRET=1: ``custom_op`` + ``register_fake``. ``triton_op`` traces its body with fake
-  tensors, which an interpreted kernel cannot run on, so the op must stay opaque there.
-
-Ops that write their inputs (perturb -> out, half_step / sscs_step -> u, affine_step -> out) return
-nothing at the op level; the functions below return the written tensor as the contract says.
+* GPU (normal Triton): ``torch.library.triton_op`` with ``wrap_triton`` launches, so Inductor sees
+  the Triton kernels themselves.
+* TRITON_INTERPRET=1: ``torch.library.custom_op`` + ``register_fake`` (an opaque op): ``triton_op``
+  traces its body with fake tensors, which an interpreted kernel cannot run on.
+* A torch whose ``triton_op`` / ``custom_op`` lack the ``schema`` argument: ``Library.define`` +
+  ``impl`` + the fake (an opaque op).
 """
+import importlib
+import inspect
 import os
-from typing import Optional
+import pkgutil
+import re
+from typing import Callable, Dict, Optional
 
 import torch
 
+from .. import opdefs
+
 NAME = "triton"
-NAMESPACE = "cld_fast_triton"
-# hsm_loss_bwd reads grad through its strides (the stride-0 gradient of a sum needs no copy).
-STRIDED_LOSS_GRAD = True
+NAMESPACE = opdefs.TRITON_NAMESPACE
 
 try:
     import triton  # noqa: F401
 
+    from .. import triton_kernels as _tk
     from ..triton_kernels import _common as _tk_common
-    from ..triton_kernels import hsm_loss as _tk_loss
-    from ..triton_kernels import mixed_score as _tk_mixed
     from ..triton_kernels import perturb as _tk_perturb
-    from ..triton_kernels import sampler_steps as _tk_steps
 
     _IMPORT_ERROR = ""
 except ImportError as _exc:  # triton missing: the backend reports itself unavailable
@@ -65,6 +65,7 @@ def why_unavailable() -> str:
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels run on ``device`` with a state of ``dtype`` (float32 or float64)."""
     if not is_available() or dtype not in (torch.float32, torch.float64):
         return False
     device = torch.device(device)
@@ -73,75 +74,64 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and _interpreted()
 
 
-# ---- op bodies (plain functions of tensors; launched through wrap_triton where it applies) -----
+def _bodies() -> Dict[str, Callable]:
+    """Op name -> launcher taking the schema's arguments positionally.
+
+    Found by name: every public module of ``cld_fast.triton_kernels`` is scanned for functions named
+    after an op of ``opdefs.OPS``, so a new kernel file needs no edit here.
+    """
+    found: Dict[str, Callable] = {}
+    for info in pkgutil.iter_modules(_tk.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{_tk.__name__}.{info.name}")
+        for name in opdefs.OPS:
+            fn = module.__dict__.get(name)
+            if callable(fn) and getattr(fn, "__module__", None) == module.__name__:
+                if name in found:
+                    raise RuntimeError(f"triton backend: two launchers named {name!r} "
+                                       f"({found[name].__module__} and {module.__name__})")
+                found[name] = fn
+    missing = sorted(set(opdefs.OPS) - set(found))
+    if missing:
+        raise RuntimeError(f"triton backend: no launcher in cld_fast.triton_kernels for {missing}")
+    return found
 
 
-def _perturb_impl(x0: torch.Tensor, coef: torch.Tensor, out: torch.Tensor, eps: Optional[torch.Tensor],
-                  seed: Optional[torch.Tensor], v0: Optional[torch.Tensor]) -> None:
-    _tk_perturb.perturb(x0, coef, out, eps=eps, seed=seed, v0=v0)
+_ANNOTATIONS = {"Tensor": torch.Tensor, "Optional[Tensor]": Optional[torch.Tensor], "int": int, "float": float,
+                "bool": bool}
 
 
-def _hsm_loss_fwd_impl(out: torch.Tensor, u: torch.Tensor, coef: torch.Tensor, eps_v: Optional[torch.Tensor],
-                       seed: Optional[torch.Tensor]) -> torch.Tensor:
-    return _tk_loss.hsm_loss_fwd(out, u, coef, eps_v=eps_v, seed=seed)
+def _typed(d: opdefs.OpDef, body: Callable) -> Callable:
+    """``body`` behind a signature built from ``d.schema``: ``triton_op`` infers the schema from type
+    annotations (torch 2.13 accepts but ignores its ``schema`` argument), so the annotations come
+    from the declaration instead of being written out per op here."""
+    schema = torch._C.parse_schema(d.qualified_schema())
+    params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[str(a.type)])
+              for a in schema.arguments]
+    returns = [_ANNOTATIONS[str(r.type)] for r in schema.returns]
+    if len(returns) > 1:
+        raise NotImplementedError(f"{d.name}: ops with several outputs are not supported")
+
+    def run(*args, **kwargs):
+        return body(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = d.name
+    run.__signature__ = inspect.Signature(params, return_annotation=returns[0] if returns else None)
+    return run
 
 
-def _hsm_loss_bwd_impl(grad: torch.Tensor, out: torch.Tensor, u: torch.Tensor, coef: torch.Tensor,
-                       eps_v: Optional[torch.Tensor], seed: Optional[torch.Tensor]) -> torch.Tensor:
-    return _tk_loss.hsm_loss_bwd(grad, out, u, coef, eps_v=eps_v, seed=seed)
+def _same_schema(registered: str, declared: str) -> bool:
+    """Schemas equal up to what ``triton_op``'s inference writes differently: alias-set names
+    (``Tensor(a0!)`` for ``Tensor(a!)``) and ``SymInt`` for ``int``."""
+    def norm(s):
+        s = re.sub(r"\(([a-z])\d*!\)", r"(\1!)", s.split("::", 1)[-1])
+        return re.sub(r"\bSymInt\b", "int", s)
+    return norm(registered) == norm(declared)
 
 
-def _mixed_score_impl(out: torch.Tensor, u: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    return _tk_mixed.mixed_score(out, u, coef)
-
-
-def _half_step_impl(u: torch.Tensor, table: torch.Tensor, step: torch.Tensor, eps: Optional[torch.Tensor],
-                    seed: Optional[torch.Tensor]) -> None:
-    _tk_steps.half_step_(u, table, step, eps=eps, seed=seed)
-
-
-def _sscs_step_impl(u: torch.Tensor, y: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
-                    eps: Optional[torch.Tensor], seed: Optional[torch.Tensor]) -> None:
-    _tk_steps.sscs_step_(u, y, table, step, eps=eps, seed=seed)
-
-
-def _affine_step_impl(u: torch.Tensor, y: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
-                      out: torch.Tensor, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor]) -> None:
-    _tk_steps.affine_step(u, y, table, step, out, eps=eps, seed=seed)
-
-
-# ---- fake (meta) implementations, for the opaque custom_op registration ---------------------
-
-
-def _fake_none(*args, **kwargs) -> None:
-    return None
-
-
-def _hsm_loss_fwd_fake(out, u, coef, eps_v, seed):
-    acc = torch.float64 if (out.dtype == torch.float64 or u.dtype == torch.float64) else torch.float32
-    return u.new_empty((u.shape[0],), dtype=acc)
-
-
-def _hsm_loss_bwd_fake(grad, out, u, coef, eps_v, seed):
-    return out.new_empty((u.shape[0], u.shape[2]), dtype=out.dtype)
-
-
-def _mixed_score_fake(out, u, coef):
-    return u.new_empty((u.shape[0], u.shape[2]), dtype=u.dtype)
-
-
-_OPS = {
-    # name: (body, mutated args, fake)
-    "perturb": (_perturb_impl, ("out",), _fake_none),
-    "hsm_loss_fwd": (_hsm_loss_fwd_impl, (), _hsm_loss_fwd_fake),
-    "hsm_loss_bwd": (_hsm_loss_bwd_impl, (), _hsm_loss_bwd_fake),
-    "mixed_score": (_mixed_score_impl, (), _mixed_score_fake),
-    "half_step": (_half_step_impl, ("u",), _fake_none),
-    "sscs_step": (_sscs_step_impl, ("u",), _fake_none),
-    "affine_step": (_affine_step_impl, ("out",), _fake_none),
-}
-
-REGISTRATION = ""  # "triton_op", "custom_op" or "" (plain functions), set by _register()
+REGISTRATION = ""  # "triton_op", "custom_op" or "library", set by _register()
+_LIBRARIES = []  # keeps the fallback's torch.library.Library objects alive
 
 
 def _existing(name):
@@ -151,68 +141,55 @@ def _existing(name):
         return None
 
 
-def _register():
-    global REGISTRATION
+def _register_with_library(d: opdefs.OpDef, body: Callable) -> None:
+    """Fallback for a torch without the ``schema`` argument: define, implement, fake."""
+    lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+    lib.define(d.qualified_schema())
+    lib.impl(d.name, body, "CompositeExplicitAutograd")
+    if hasattr(torch.library, "register_fake"):
+        torch.library.register_fake(f"{NAMESPACE}::{d.name}", d.fake, lib=lib)
+    _LIBRARIES.append(lib)
+
+
+def _register() -> str:
+    """Register every op of ``opdefs.OPS`` once per process; returns how (see REGISTRATION)."""
     lib = torch.library
-    use_triton_op = hasattr(lib, "triton_op") and not _interpreted()
-    ops = {}
-    for name, (fn, mutated, fake) in _OPS.items():
-        qualname = f"{NAMESPACE}::{name}"
-        if _existing(name) is None:
-            if use_triton_op:
-                lib.triton_op(qualname, fn, mutates_args=mutated)
-            elif hasattr(lib, "custom_op"):
-                op = lib.custom_op(qualname, fn, mutates_args=mutated)
-                op.register_fake(fake)
-            else:  # pragma: no cover - torch < 2.4: plain calls, no torch.compile integration
-                ops[name] = fn
-                continue
-        ops[name] = _existing(name)
-    if hasattr(lib, "custom_op"):
-        REGISTRATION = "triton_op" if use_triton_op else "custom_op"
-    return ops
+    how = "triton_op" if hasattr(lib, "triton_op") and not _interpreted() else "custom_op"
+    if not hasattr(lib, how):
+        how = "library"
+    bodies = _bodies()
+    for d in opdefs.OPS.values():
+        if _existing(d.name) is not None:
+            continue
+        qualname = f"{NAMESPACE}::{d.name}"
+        body = _typed(d, bodies[d.name])
+        try:
+            if how == "triton_op":
+                lib.triton_op(qualname, body, mutates_args=d.mutates, schema=d.schema)
+            elif how == "custom_op":
+                op = lib.custom_op(qualname, body, mutates_args=d.mutates, schema=d.schema)
+                op.register_fake(d.fake)
+            else:
+                _register_with_library(d, body)
+        except TypeError:  # pragma: no cover - an older torch: no ``schema`` keyword
+            how = "library"
+            _register_with_library(d, body)
+        registered = str(_existing(d.name).default._schema)
+        if not _same_schema(registered, d.qualified_schema()):
+            raise RuntimeError(f"triton backend: {qualname} registered as {registered}, "
+                               f"declared {d.qualified_schema()}")
+    return how
 
 
-_ops = _register() if not _IMPORT_ERROR else {}
+if not _IMPORT_ERROR:
+    REGISTRATION = _register()
 
 
-# ---- the backend contract ----------------------------------------------------------------------
-
-
-def perturb(x0, coef, out, eps=None, seed=None, v0=None):
-    """u = A @ (x0, v0) + L @ eps written into ``out`` (B, 2, D); x0 (B, D), coef (B, 7)."""
-    _ops["perturb"](x0, coef, out, eps, seed, v0)
-    return out
-
-
-def hsm_loss_fwd(out, u, coef, eps_v=None, seed=None):
-    """Per-sample w * sum_d (out + c v - eps_v)^2 -> (B,) float32 (float64 for float64 inputs)."""
-    return _ops["hsm_loss_fwd"](out, u, coef, eps_v, seed)
-
-
-def hsm_loss_bwd(grad, out, u, coef, eps_v=None, seed=None):
-    """d loss / d out = 2 w grad_b (out + c v - eps_v) -> (B, D) in out's dtype; grad (B,)."""
-    return _ops["hsm_loss_bwd"](grad, out, u, coef, eps_v, seed)
-
-
-def mixed_score(out, u, coef):
-    """score = c0 v + c1 out (B, D) in u's dtype; u (B, 2, D), coef (B, 2) = (-1/s_vv, -1/l22)."""
-    return _ops["mixed_score"](out, u, coef)
-
-
-def half_step_(u, table, step, eps=None, seed=None):
-    """One analytic half step (row ``step`` of a (S, 7) table) with noise (z0, z1), in place."""
-    _ops["half_step"](u, table, step, eps, seed)
-    return u
-
-
-def sscs_step_(u, y, table, step, eps=None, seed=None):
-    """Fused SSCS update with row ``step`` of a (S, 16) table, in place."""
-    _ops["sscs_step"](u, y, table, step, eps, seed)
-    return u
-
-
-def affine_step(u, y, table, step, out, eps=None, seed=None):
-    """out = (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z) with row ``step`` of a (S, 6) table."""
-    _ops["affine_step"](u, y, table, step, out, eps, seed)
-    return out
+def op(name: str):
+    """The registered op ``name`` of ``cld_fast.opdefs.OPS`` (``torch.ops.cld_fast_triton.<name>``),
+    called with the schema's arguments positionally; raises if the backend is unavailable."""
+    if name not in opdefs.OPS:
+        raise ValueError(f"unknown op {name!r}; expected one of {tuple(opdefs.OPS)}")
+    if _IMPORT_ERROR:
+        raise RuntimeError(f"triton backend unavailable: {_IMPORT_ERROR}")
+    return getattr(getattr(torch.ops, NAMESPACE), name)
