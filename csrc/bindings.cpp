@@ -1,26 +1,20 @@
-// The cld_fast op schemas (namespace cld_fast) and the Python module cld_fast._C.
+// The Python module cld_fast._C.
 //
-// Importing cld_fast._C runs the static registrations: the schemas below, the CPU kernels
-// (csrc/cpu/ops_cpu.cpp) and, in a CUDA build, the CUDA kernels (csrc/cuda/ops_cuda.cpp binding the
-// kernels of csrc/cuda/*.cu). Python calls them as torch.ops.cld_fast.<op>; the semantics of every
-// op are those of the same-named function of cld_fast/backends/torch_backend.py.
+// Importing it (or loading the shared library with torch.ops.load_library) runs the static
+// registrations of the op implementations: the CPU kernels (csrc/cpu/ops_cpu.cpp) and, in a CUDA
+// build, the CUDA kernels (csrc/cuda/ops_cuda.cpp). The op schemas are not defined here but in
+// Python (cld_fast.opdefs.define_library), before or after this library is loaded; Python calls the
+// ops as torch.ops.cld_fast.<op>. The module itself only holds test probes of the compiled contracts.
 #include <torch/extension.h>
-#include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "cld_coefficients.h"
 #include "cld_philox.h"
 
 namespace cld {
 bool cpu_kernels_compiled();  // csrc/cpu/ops_cpu.cpp
-}
-
-TORCH_LIBRARY(cld_fast, m) {
-  m.def("perturb(Tensor x0, Tensor? v0, Tensor coef, Tensor? eps, Tensor? seed, Tensor(a!) out) -> ()");
-  m.def("hsm_loss_fwd(Tensor out, Tensor u, Tensor coef, Tensor? eps_v, Tensor? seed) -> Tensor");
-  m.def("hsm_loss_bwd(Tensor grad, Tensor out, Tensor u, Tensor coef, Tensor? eps_v, Tensor? seed) -> Tensor");
-  m.def("mixed_score(Tensor out, Tensor u, Tensor coef) -> Tensor");
-  m.def("half_step_(Tensor(a!) u, Tensor table, Tensor step, Tensor? eps, Tensor? seed) -> ()");
-  m.def("sscs_step_(Tensor(a!) u, Tensor y, Tensor table, Tensor step, Tensor? eps, Tensor? seed) -> ()");
-  m.def("affine_step(Tensor u, Tensor y, Tensor table, Tensor step, Tensor? eps, Tensor? seed, Tensor(a!) out) -> ()");
 }
 
 namespace {
@@ -45,6 +39,86 @@ std::pair<at::Tensor, at::Tensor> philox_probe(int64_t seed, int64_t start, int6
   return {bits, unif};
 }
 
+// One probe row: the coefficient columns of `kind` at (t, h).
+std::vector<double> coefficient_row(const std::string& kind, const cld::Params& p, double t, double h, int code,
+                                    bool mixed) {
+  if (kind == "perturb") {
+    const auto k = cld::perturb_coefficients(p, t, code);
+    return {k.a_xx, k.a_xv, k.a_vx, k.a_vv, k.s_xx, k.s_xv, k.s_vv, k.l11, k.l21, k.l22};
+  }
+  if (kind == "loss") {
+    const auto k = cld::loss_coefficients(p, t, code);
+    return {k.c, k.w};
+  }
+  if (kind == "mixed") {
+    const auto k = cld::mixed_coefficients(p, t);
+    return {k.c0, k.c1};
+  }
+  if (kind == "half_step") {
+    const auto k = cld::half_step_coefficients(p, t, h);
+    return {k.a_xx, k.a_xv, k.a_vx, k.a_vv, k.l11, k.l21, k.l22};
+  }
+  if (kind == "score_step") {
+    const auto k = cld::score_step_coefficients(p, t, h, mixed);
+    return {k.alpha, k.kappa};
+  }
+  if (kind == "affine") {
+    const auto k = cld::affine_coefficients(p, t, h, code, mixed);
+    return {k.c_xx, k.c_xv, k.c_vx, k.c_vv, k.c_vy, k.sigma};
+  }
+  TORCH_CHECK(false, "_coefficients_probe: kind must be one of perturb, loss, mixed, half_step, score_step, affine; got '",
+              kind, "'");
+}
+
+// The coefficient functions of cld_coefficients.h evaluated on the host, for tests against
+// cld_fast/sde.py: (N, K) float64, one row per (t[i], h[i]). `code` is the objective (perturb), the
+// weighting (loss) or the affine kind (affine); `mixed` folds the mixed score (score_step, affine).
+at::Tensor coefficients_probe(const std::string& kind, const at::Tensor& t, const at::Tensor& h,
+                              const std::vector<double>& params, int64_t code, bool mixed) {
+  TORCH_CHECK(params.size() == cld::kNumParams, "_coefficients_probe: params must hold ", int(cld::kNumParams),
+              " values (", "beta0, beta1, m_inv, gamma, numerical_eps), got ", params.size());
+  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kDouble && t.device().is_cpu(),
+              "_coefficients_probe: t must be a 1-D float64 CPU tensor");
+  TORCH_CHECK(h.sizes() == t.sizes() && h.scalar_type() == at::kDouble && h.device().is_cpu(),
+              "_coefficients_probe: h must be a float64 CPU tensor of t's shape");
+  const cld::Params p = cld::params_from(params.data());
+  const auto ta = t.accessor<double, 1>();
+  const auto ha = h.accessor<double, 1>();
+  const int64_t n = t.size(0);
+  const int64_t cols = static_cast<int64_t>(coefficient_row(kind, p, 0.5, 0.1, static_cast<int>(code), mixed).size());
+  at::Tensor res = at::empty({n, cols}, at::kDouble);
+  auto r = res.accessor<double, 2>();
+  for (int64_t i = 0; i < n; ++i) {
+    const std::vector<double> row = coefficient_row(kind, p, ta[i], ha[i], static_cast<int>(code), mixed);
+    for (int64_t j = 0; j < cols; ++j) r[i][j] = row[j];
+  }
+  return res;
+}
+
+pybind11::dict codes(const char* const* names, int n) {
+  pybind11::dict d;
+  for (int i = 0; i < n; ++i) d[names[i]] = i;
+  return d;
+}
+
+// The layout compiled into the kernels, for a test against cld_fast.sde / cld_fast.philox.
+pybind11::dict layout() {
+  pybind11::list params;
+  for (int i = 0; i < cld::kNumParams; ++i) params.append(cld::kParamNames[i]);
+  pybind11::dict tags;
+  tags["perturb"] = cld::kTagPerturb;
+  tags["half_step"] = cld::kTagHalfStep;
+  tags["sscs"] = cld::kTagSscs;
+  tags["affine"] = cld::kTagAffine;
+  pybind11::dict d;
+  d["params"] = params;
+  d["objective"] = codes(cld::kObjectiveNames, cld::kNumObjectives);
+  d["weighting"] = codes(cld::kWeightingNames, cld::kNumWeightings);
+  d["kind"] = codes(cld::kAffineKindNames, cld::kNumAffineKinds);
+  d["philox_tags"] = tags;
+  return d;
+}
+
 bool with_cuda() {
 #ifdef CLD_FAST_WITH_CUDA
   return true;
@@ -55,10 +129,14 @@ bool with_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "cld_fast compiled kernels: importing this module registers torch.ops.cld_fast.*";
+  m.doc() = "cld_fast compiled kernels: loading this module registers the torch.ops.cld_fast.* implementations";
   m.def("with_cuda", &with_cuda, "True when the extension was compiled with the CUDA kernels");
   m.attr("has_cpu_kernels") = pybind11::bool_(cld::cpu_kernels_compiled());
   m.def("_philox_probe", &philox_probe, pybind11::arg("seed"), pybind11::arg("start"), pybind11::arg("n"),
         pybind11::arg("step"), pybind11::arg("tag"),
         "(bits (4, n) int64, uniforms (4, n) float32) of the compiled Philox contract; for tests");
+  m.def("_coefficients_probe", &coefficients_probe, pybind11::arg("kind"), pybind11::arg("t"), pybind11::arg("h"),
+        pybind11::arg("params"), pybind11::arg("code") = 0, pybind11::arg("mixed") = false,
+        "(N, K) float64 coefficients of csrc/include/cld_coefficients.h at (t, h); for tests");
+  m.def("_layout", &layout, "parameter order, enum codes and Philox tags compiled into the kernels; for tests");
 }

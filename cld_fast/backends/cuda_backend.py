@@ -1,25 +1,17 @@
 """The ``cuda`` backend: the hand-written CUDA kernels of ``cld_fast._C`` (csrc/cuda), float32 state.
 
-Same contract as ``torch_backend``. The ops are the same ``torch.ops.cld_fast.*`` as the ``cpu``
-backend's (the dispatcher picks the CUDA kernels for CUDA tensors), so the op wrappers are shared
-with ``cpu_backend``; only availability and the supported device / dtype differ. Network outputs
-(``out`` of the loss and the mixed score, ``y`` of the sampler steps) may be float32, bfloat16 or
-float16; seeds and step indices are (1,) int64 CUDA tensors read by the kernels on the device.
+The ops are the same ``torch.ops.cld_fast.<name>`` as the ``cpu`` backend's (the dispatcher picks
+the CUDA kernels for CUDA tensors); only availability and the supported device / dtype differ.
+Network outputs (``out``, ``y``) may be float32, bfloat16 or float16; ``t``, ``ts``, ``step``,
+``sde`` and ``seed`` are read by the kernels on the device (no host synchronisation), and an
+out-of-range ``step`` gives NaN outputs instead of an error.
 """
 from __future__ import annotations
 
 import torch
 
 from .._extension import compiled_parts, load_extension
-from .cpu_backend import (  # noqa: F401  (the backend contract)
-    affine_step,
-    half_step_,
-    hsm_loss_bwd,
-    hsm_loss_fwd,
-    mixed_score,
-    perturb,
-    sscs_step_,
-)
+from .cpu_backend import compiled_op
 
 NAME = "cuda"
 
@@ -41,3 +33,8 @@ def why_unavailable() -> str:
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
     return torch.device(device).type == "cuda" and dtype == torch.float32
+
+
+def op(name: str):
+    """The kernel of op ``name``, taking the ``cld_fast.opdefs`` schema arguments positionally."""
+    return compiled_op(name, NAME, why_unavailable())

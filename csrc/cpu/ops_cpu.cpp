@@ -1,13 +1,15 @@
-// CPU kernels of the cld_fast ops: one fused OpenMP pass (at::parallel_for, OpenMP-backed) per op.
+// CPU kernels of the cld_fast ops (schemas and torch references: cld_fast/opdefs.py).
 //
-// Semantics are those of cld_fast/backends/torch_backend.py, evaluated in the same order so that the
-// explicit-noise paths agree with it to float rounding; the seed paths draw noise by the Philox
-// contract of csrc/include/cld_philox.h (the same uniform bits as cld_fast/philox.py).
+// Each op computes its coefficients once per sample (perturb, loss, mixed score) or once per call
+// (sampler steps) in double with csrc/include/cld_coefficients.h, casts them to the state dtype as
+// the references do, and then runs one fused OpenMP pass (at::parallel_for) over the elements,
+// evaluated in the references' order so explicit-noise results agree with them to float rounding.
+// Seed mode draws noise by the Philox contract of csrc/include/cld_philox.h.
 //
-// Layout: u (B, 2, D) contiguous (x = u[:, 0], v = u[:, 1]); network outputs (B, D); per-sample
-// coefficient tables (B, K); per-step tables (S, K) with the row picked by `step`. State dtype T is
-// float or double; network outputs O are float, double, BFloat16 or Half and are converted to T (or
-// to the loss accumulation type A) on load.
+// Layout inside the kernels: u (B, 2, D) contiguous (x = u[:, 0], v = u[:, 1]), network outputs
+// (B, D). The bindings at the bottom make inputs contiguous and write non-contiguous in-place
+// targets back. State dtype T is float or double; network outputs O are float, double, BFloat16 or
+// Half and are converted to T on load.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "cld_checks.h"
+#include "cld_coefficients.h"
 #include "cld_philox.h"
 
 namespace cld {
@@ -51,12 +54,18 @@ Noise noise_mode(const std::optional<at::Tensor>& eps, const std::optional<at::T
 
 int64_t read_i64(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<int64_t>()[0] : 0; }
 
-// The table row picked by `step`, range-checked (the CPU can afford the check).
-int64_t read_step(const at::Tensor& step, const at::Tensor& table, const char* op) {
-  const int64_t k = step.data_ptr<int64_t>()[0];
-  TORCH_CHECK(k >= 0 && k < table.size(0), op, ": step = ", k, " is out of range for table with ", table.size(0),
-              " rows");
-  return k;
+Params read_params(const at::Tensor& sde) {
+  const auto a = sde.accessor<double, 1>();
+  double p[kNumParams];
+  for (int i = 0; i < kNumParams; ++i) p[i] = a[i];
+  return params_from(p);
+}
+
+// Element i of a 1-D float32 / float64 tensor of any stride, as double (as the references' .to(float64)).
+double time_at(const at::Tensor& t, int64_t i) {
+  const int64_t off = i * t.stride(0);
+  return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[off]
+                                        : static_cast<double>(t.const_data_ptr<float>()[off]);
 }
 
 // Elementwise work per element is small without Philox and ~100 flops with it.
@@ -81,22 +90,44 @@ void for_rows(int64_t B, int64_t D, int64_t grain, const F& f) {
   });
 }
 
+// (B, K) per-sample coefficients in T: row b is f(b) (K doubles), computed once per sample.
+template <typename T, int K, typename F>
+std::vector<T> per_sample(int64_t B, const F& f) {
+  std::vector<T> table(static_cast<size_t>(B * K));
+  at::parallel_for(0, B, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const auto row = f(b);
+      for (int k = 0; k < K; ++k) table[b * K + k] = static_cast<T>(row[k]);
+    }
+  });
+  return table;
+}
+
+template <int K>
+struct Row {
+  double v[K];
+  double operator[](int k) const { return v[k]; }
+};
+
 // ---- perturb ----------------------------------------------------------------------------------
 
 template <typename T>
-void perturb_kernel(const at::Tensor& x0, const std::optional<at::Tensor>& v0, const at::Tensor& coef,
-                    const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
+void perturb_kernel(const at::Tensor& x0, const std::optional<at::Tensor>& v0, const at::Tensor& t, const Params& p,
+                    int objective, const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
                     const at::Tensor& out, int64_t B, int64_t D) {
+  const std::vector<T> coef = per_sample<T, 7>(B, [&](int64_t b) {
+    const PerturbCoefficients k = perturb_coefficients(p, time_at(t, b), objective);
+    return Row<7>{{k.a_xx, k.a_xv, k.a_vx, k.a_vv, k.l11, k.l21, k.l22}};
+  });
   const T* px = x0.data_ptr<T>();
   const T* pv = v0.has_value() ? v0->data_ptr<T>() : nullptr;
-  const T* pc = coef.data_ptr<T>();
+  const T* pc = coef.data();
   const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
   T* po = out.data_ptr<T>();
   const int64_t s = read_i64(seed);
-  const Noise mode = noise_mode(eps, seed);
-  dispatch_noise(mode, [&](auto M) {
-    constexpr Noise mode_c = decltype(M)::value;
-    for_rows(B, D, grain_for(mode_c), [&](int64_t b, int64_t d0, int64_t d1) {
+  dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
+    constexpr Noise M = decltype(Mc)::value;
+    for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
       const T* c = pc + b * 7;
       const T axx = c[0], axv = c[1], avx = c[2], avv = c[3], l11 = c[4], l21 = c[5], l22 = c[6];
       const T* xr = px + b * D;
@@ -112,12 +143,9 @@ void perturb_kernel(const at::Tensor& x0, const std::optional<at::Tensor>& v0, c
           mx = mx + axv * v;
           mv = mv + avv * v;
         }
-        if constexpr (mode_c == Noise::None) {
-          ox[d] = mx;
-          ov[d] = mv;
-        } else {
+        if constexpr (M != Noise::None) {
           T ex, ev;
-          if constexpr (mode_c == Noise::Eps) {
+          if constexpr (M == Noise::Eps) {
             ex = pe[b * 2 * D + d];
             ev = pe[b * 2 * D + D + d];
           } else {
@@ -126,108 +154,133 @@ void perturb_kernel(const at::Tensor& x0, const std::optional<at::Tensor>& v0, c
             ex = static_cast<T>(z0);
             ev = static_cast<T>(z1);
           }
-          ox[d] = mx + l11 * ex;
-          ov[d] = mv + l21 * ex + l22 * ev;
+          mx = mx + l11 * ex;
+          mv = mv + l21 * ex + l22 * ev;
         }
+        ox[d] = mx;
+        ov[d] = mv;
       }
     });
   });
 }
 
-void perturb_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& v0, const at::Tensor& coef,
-                 const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed, const at::Tensor& out) {
-  const Dims n = check_perturb(x0, v0, coef, eps, seed, out, /*allow_double=*/true);
+void perturb_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& v0, const at::Tensor& t, const at::Tensor& sde,
+                 int64_t objective, const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
+                 const at::Tensor& out) {
+  const Dims n = check_perturb(x0, v0, t, sde, objective, eps, seed, out, /*cpu=*/true);
+  const Params p = read_params(sde);
+  const InPlace w(out);
+  const at::Tensor xc = x0.contiguous();
+  const auto vc = contiguous(v0);
+  const auto ec = contiguous(eps);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "cld_fast::perturb", [&] {
-    perturb_kernel<scalar_t>(x0, v0, coef, eps, seed, out, n.B, n.D);
+    perturb_kernel<scalar_t>(xc, vc, t, p, static_cast<int>(objective), ec, seed, w.work, n.B, n.D);
   });
+  w.commit();
 }
 
 // ---- HSM loss ---------------------------------------------------------------------------------
-// r = out + c v - eps_v (in the accumulation type A), loss_b = w_b * sum_d r^2, grad_out = 2 w g r.
+// In the state dtype T: r = out + c v - eps_v, loss_b = scale w_b sum_d r^2, grad_out = 2 scale w_b grad_b r.
 
 // Elements of one row summed by one task; per-(sample, chunk) partial sums are added in chunk order,
-// so the result does not depend on the number of threads.
+// and the samples in sample order, so the result does not depend on the number of threads.
 constexpr int64_t kLossChunk = 8192;
 
-template <typename T, typename O, typename A, Noise M>
-inline A loss_residual(const O* po, const T* pu, const A* pe, int64_t s, A c, int64_t b, int64_t D, int64_t d) {
-  A e;
+template <typename T, typename O, Noise M>
+inline T loss_residual(const O* po, const T* pu, const T* pe, int64_t s, T c, int64_t b, int64_t D, int64_t d) {
+  T e;
   if constexpr (M == Noise::Eps) {
     e = pe[b * D + d];
   } else {
     float z0, z1;
     normals2(s, b * D + d, 0, kTagPerturb, z0, z1);
-    e = static_cast<A>(z1);
+    e = static_cast<T>(z1);
   }
-  const A v = static_cast<A>(pu[b * 2 * D + D + d]);
-  return static_cast<A>(po[b * D + d]) + c * v - e;
+  return static_cast<T>(po[b * D + d]) + c * pu[b * 2 * D + D + d] - e;
 }
 
-template <typename T, typename O, typename A>
-at::Tensor hsm_loss_fwd_kernel(const at::Tensor& out, const at::Tensor& u, const at::Tensor& coef,
-                               const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed,
-                               int64_t B, int64_t D) {
-  at::Tensor loss = at::empty({B}, u.options().dtype(c10::CppTypeToScalarType<A>::value));
-  if (B == 0) return loss;
+// (c, scale * w) per sample in T (the reference casts (c, w) to T, then multiplies w by scale).
+template <typename T>
+std::vector<T> loss_table(const at::Tensor& t, const Params& p, int weighting, double scale, int64_t B) {
+  std::vector<T> table = per_sample<T, 2>(B, [&](int64_t b) {
+    const LossCoefficients k = loss_coefficients(p, time_at(t, b), weighting);
+    return Row<2>{{k.c, k.w}};
+  });
+  for (int64_t b = 0; b < B; ++b) table[b * 2 + 1] = table[b * 2 + 1] * static_cast<T>(scale);
+  return table;
+}
+
+template <typename T, typename O>
+at::Tensor hsm_loss_fwd_kernel(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const Params& p,
+                               int weighting, double scale, int64_t reduction, const std::optional<at::Tensor>& eps_v,
+                               const std::optional<at::Tensor>& seed, int64_t B, int64_t D) {
+  const std::vector<T> cw = loss_table<T>(t, p, weighting, scale, B);
   const O* po = out.data_ptr<O>();
   const T* pu = u.data_ptr<T>();
-  const T* pc = coef.data_ptr<T>();
-  const A* pe = eps_v.has_value() ? eps_v->data_ptr<A>() : nullptr;
-  A* pl = loss.data_ptr<A>();
+  const T* pe = eps_v.has_value() ? eps_v->data_ptr<T>() : nullptr;
   const int64_t s = read_i64(seed);
   const int64_t nch = std::max<int64_t>(1, (D + kLossChunk - 1) / kLossChunk);
   std::vector<double> partial(static_cast<size_t>(B * nch), 0.0);
-  const Noise mode = eps_v.has_value() ? Noise::Eps : Noise::Seed;
-  dispatch_noise(mode, [&](auto Mc) {
+  dispatch_noise(eps_v.has_value() ? Noise::Eps : Noise::Seed, [&](auto Mc) {
     constexpr Noise M = decltype(Mc)::value;
     if constexpr (M != Noise::None) {
       const int64_t grain = std::max<int64_t>(1, grain_for(M) / kLossChunk);
       at::parallel_for(0, B * nch, grain, [&](int64_t lo, int64_t hi) {
-        for (int64_t t = lo; t < hi; ++t) {
-          const int64_t b = t / nch;
-          const int64_t d0 = (t - b * nch) * kLossChunk;
+        for (int64_t j = lo; j < hi; ++j) {
+          const int64_t b = j / nch;
+          const int64_t d0 = (j - b * nch) * kLossChunk;
           const int64_t d1 = std::min(D, d0 + kLossChunk);
-          const A c = static_cast<A>(pc[b * 2]);
+          const T c = cw[b * 2];
           double acc = 0.0;
           for (int64_t d = d0; d < d1; ++d) {
-            const A r = loss_residual<T, O, A, M>(po, pu, pe, s, c, b, D, d);
+            const T r = loss_residual<T, O, M>(po, pu, pe, s, c, b, D, d);
             acc += static_cast<double>(r * r);
           }
-          partial[t] = acc;
+          partial[j] = acc;
         }
       });
     }
   });
+  at::Tensor loss = reduction == 1 ? at::empty({}, u.options()) : at::empty({B}, u.options());
+  T* pl = loss.data_ptr<T>();
+  double total = 0.0;
   for (int64_t b = 0; b < B; ++b) {
     double acc = 0.0;
     for (int64_t k = 0; k < nch; ++k) acc += partial[b * nch + k];
-    pl[b] = static_cast<A>(pc[b * 2 + 1]) * static_cast<A>(acc);
+    const T per_sample_loss = cw[b * 2 + 1] * static_cast<T>(acc);
+    if (reduction == 1) {
+      total += static_cast<double>(per_sample_loss);
+    } else {
+      pl[b] = per_sample_loss;
+    }
   }
+  if (reduction == 1) pl[0] = static_cast<T>(total);
   return loss;
 }
 
-template <typename T, typename O, typename A>
-at::Tensor hsm_loss_bwd_kernel(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u,
-                               const at::Tensor& coef, const std::optional<at::Tensor>& eps_v,
+template <typename T, typename O>
+at::Tensor hsm_loss_bwd_kernel(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u, const at::Tensor& t,
+                               const Params& p, int weighting, double scale, const std::optional<at::Tensor>& eps_v,
                                const std::optional<at::Tensor>& seed, int64_t B, int64_t D) {
+  std::vector<T> cw = loss_table<T>(t, p, weighting, scale, B);
+  const T* pg = grad.data_ptr<T>();
+  const int64_t g_stride = grad.dim() == 0 ? 0 : 1;
+  for (int64_t b = 0; b < B; ++b) cw[b * 2 + 1] = static_cast<T>(2) * (cw[b * 2 + 1] * pg[b * g_stride]);
   at::Tensor res = at::empty({B, D}, out.options());
-  const A* pg = grad.data_ptr<A>();
   const O* po = out.data_ptr<O>();
   const T* pu = u.data_ptr<T>();
-  const T* pc = coef.data_ptr<T>();
-  const A* pe = eps_v.has_value() ? eps_v->data_ptr<A>() : nullptr;
+  const T* pe = eps_v.has_value() ? eps_v->data_ptr<T>() : nullptr;
   O* pr = res.data_ptr<O>();
   const int64_t s = read_i64(seed);
-  const Noise mode = eps_v.has_value() ? Noise::Eps : Noise::Seed;
-  dispatch_noise(mode, [&](auto Mc) {
+  dispatch_noise(eps_v.has_value() ? Noise::Eps : Noise::Seed, [&](auto Mc) {
     constexpr Noise M = decltype(Mc)::value;
     if constexpr (M != Noise::None) {
       for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
-        const A c = static_cast<A>(pc[b * 2]);
-        const A scale = static_cast<A>(2) * (static_cast<A>(pc[b * 2 + 1]) * pg[b]);
+        const T c = cw[b * 2];
+        const T factor = cw[b * 2 + 1];
         for (int64_t d = d0; d < d1; ++d) {
-          const A r = loss_residual<T, O, A, M>(po, pu, pe, s, c, b, D, d);
-          pr[b * D + d] = static_cast<O>(scale * r);
+          const T r = loss_residual<T, O, M>(po, pu, pe, s, c, b, D, d);
+          pr[b * D + d] = static_cast<O>(factor * r);
         }
       });
     }
@@ -235,61 +288,77 @@ at::Tensor hsm_loss_bwd_kernel(const at::Tensor& grad, const at::Tensor& out, co
   return res;
 }
 
-// Calls f(T{}, O{}, A{}) for the state dtype of u and the network-output dtype of out.
+// Calls f(T{}, O{}) for the state dtype of u and the network-output dtype of out (both checked).
 template <typename F>
-void dispatch_loss(const at::Tensor& out, const at::Tensor& u, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cld_fast::hsm_loss", [&] {
+void dispatch_state_net(const at::Tensor& u, const at::Tensor& out, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cld_fast state", [&] {
     using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "cld_fast::hsm_loss", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "cld_fast network output", [&] {
       using O = scalar_t;
-      using A = std::conditional_t<std::is_same_v<T, double> || std::is_same_v<O, double>, double, float>;
-      f(T{}, O{}, A{});
+      f(T{}, O{});
     });
   });
 }
 
-at::Tensor hsm_loss_fwd_cpu(const at::Tensor& out, const at::Tensor& u, const at::Tensor& coef,
-                            const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed) {
-  const Dims n = check_hsm_loss(std::nullopt, out, u, coef, eps_v, seed, true, "cld_fast::hsm_loss_fwd");
+at::Tensor hsm_loss_fwd_cpu(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde,
+                            int64_t weighting, double scale, int64_t reduction, const std::optional<at::Tensor>& eps_v,
+                            const std::optional<at::Tensor>& seed) {
+  const char* op = "cld_fast::hsm_loss_fwd";
+  const Dims n = check_hsm_loss(nullptr, out, u, t, sde, weighting, eps_v, seed, true, op);
+  check_reduction(reduction, op);
+  const Params p = read_params(sde);
+  const at::Tensor oc = out.contiguous(), uc = u.contiguous();
+  const auto ec = contiguous(eps_v);
   at::Tensor loss;
-  dispatch_loss(out, u, [&](auto t, auto o, auto a) {
-    loss = hsm_loss_fwd_kernel<decltype(t), decltype(o), decltype(a)>(out, u, coef, eps_v, seed, n.B, n.D);
+  dispatch_state_net(u, out, [&](auto tt, auto ot) {
+    using T = decltype(tt);
+    using O = decltype(ot);
+    loss = hsm_loss_fwd_kernel<T, O>(oc, uc, t, p, static_cast<int>(weighting), scale, reduction, ec, seed, n.B, n.D);
   });
   return loss;
 }
 
-at::Tensor hsm_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u,
-                            const at::Tensor& coef, const std::optional<at::Tensor>& eps_v,
-                            const std::optional<at::Tensor>& seed) {
-  const Dims n = check_hsm_loss(grad, out, u, coef, eps_v, seed, true, "cld_fast::hsm_loss_bwd");
+at::Tensor hsm_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u, const at::Tensor& t,
+                            const at::Tensor& sde, int64_t weighting, double scale,
+                            const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed) {
+  const char* op = "cld_fast::hsm_loss_bwd";
+  const Dims n = check_hsm_loss(&grad, out, u, t, sde, weighting, eps_v, seed, true, op);
+  const Params p = read_params(sde);
+  const at::Tensor gc = grad.contiguous(), oc = out.contiguous(), uc = u.contiguous();
+  const auto ec = contiguous(eps_v);
   at::Tensor res;
-  dispatch_loss(out, u, [&](auto t, auto o, auto a) {
-    res = hsm_loss_bwd_kernel<decltype(t), decltype(o), decltype(a)>(grad, out, u, coef, eps_v, seed, n.B, n.D);
+  dispatch_state_net(u, out, [&](auto tt, auto ot) {
+    using T = decltype(tt);
+    using O = decltype(ot);
+    res = hsm_loss_bwd_kernel<T, O>(gc, oc, uc, t, p, static_cast<int>(weighting), scale, ec, seed, n.B, n.D);
   });
   return res;
 }
 
 // ---- mixed score ------------------------------------------------------------------------------
 
-at::Tensor mixed_score_cpu(const at::Tensor& out, const at::Tensor& u, const at::Tensor& coef) {
-  const Dims n = check_mixed_score(out, u, coef, true);
+at::Tensor mixed_score_cpu(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde) {
+  const Dims n = check_mixed_score(out, u, t, sde, true);
   const int64_t B = n.B, D = n.D;
+  const Params p = read_params(sde);
+  const at::Tensor oc = out.contiguous(), uc = u.contiguous();
   at::Tensor res = at::empty({B, D}, u.options());
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cld_fast::mixed_score", [&] {
-    using T = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "cld_fast::mixed_score", [&] {
-      using O = scalar_t;
-      const O* po = out.data_ptr<O>();
-      const T* pu = u.data_ptr<T>();
-      const T* pc = coef.data_ptr<T>();
-      T* pr = res.data_ptr<T>();
-      for_rows(B, D, grain_for(Noise::None), [&](int64_t b, int64_t d0, int64_t d1) {
-        const T c0 = pc[b * 2], c1 = pc[b * 2 + 1];
-        const T* vr = pu + b * 2 * D + D;
-        const O* orow = po + b * D;
-        T* rr = pr + b * D;
-        for (int64_t d = d0; d < d1; ++d) rr[d] = c0 * vr[d] + c1 * static_cast<T>(orow[d]);
-      });
+  dispatch_state_net(u, out, [&](auto tt, auto ot) {
+    using T = decltype(tt);
+    using O = decltype(ot);
+    const std::vector<T> coef = per_sample<T, 2>(B, [&](int64_t b) {
+      const MixedCoefficients m = mixed_coefficients(p, time_at(t, b));
+      return Row<2>{{m.c0, m.c1}};
+    });
+    const O* po = oc.data_ptr<O>();
+    const T* pu = uc.data_ptr<T>();
+    T* pr = res.data_ptr<T>();
+    for_rows(B, D, grain_for(Noise::None), [&](int64_t b, int64_t d0, int64_t d1) {
+      const T c0 = coef[b * 2], c1 = coef[b * 2 + 1];
+      const T* vr = pu + b * 2 * D + D;
+      const O* orow = po + b * D;
+      T* rr = pr + b * D;
+      for (int64_t d = d0; d < d1; ++d) rr[d] = c0 * vr[d] + c1 * static_cast<T>(orow[d]);
     });
   });
   return res;
@@ -297,9 +366,33 @@ at::Tensor mixed_score_cpu(const at::Tensor& out, const at::Tensor& u, const at:
 
 // ---- sampler steps ----------------------------------------------------------------------------
 
-// One analytic half step with r = (a_xx a_xv a_vx a_vv l11 l21 l22), noise (ex, ev) when NOISY.
+// The step index, range-checked on the host (the CPU can afford it), and the grid's size.
+struct StepAt {
+  int64_t k, n_ts;
+};
+
+StepAt read_step(const at::Tensor& step, const at::Tensor& ts, bool reads_next, const char* op) {
+  const StepAt s{step.data_ptr<int64_t>()[0], ts.size(0)};
+  check_step_range(s.k, s.n_ts, reads_next, op);
+  return s;
+}
+
+// A half step (a_xx a_xv a_vx a_vv l11 l21 l22) in T.
+template <typename T>
+struct LinearT {
+  T r[7];
+};
+
+template <typename T>
+LinearT<T> to_state(const HalfStep& h) {
+  return LinearT<T>{{static_cast<T>(h.a_xx), static_cast<T>(h.a_xv), static_cast<T>(h.a_vx), static_cast<T>(h.a_vv),
+                     static_cast<T>(h.l11), static_cast<T>(h.l21), static_cast<T>(h.l22)}};
+}
+
+// One analytic half step, noise (ex, ev) when NOISY.
 template <typename T, bool NOISY>
-inline void linear_step(const T* r, T& x, T& v, T ex, T ev) {
+inline void linear_step(const LinearT<T>& c, T& x, T& v, T ex, T ev) {
+  const T* r = c.r;
   T nx = r[0] * x + r[1] * v;
   T nv = r[2] * x + r[3] * v;
   if constexpr (NOISY) {
@@ -310,131 +403,159 @@ inline void linear_step(const T* r, T& x, T& v, T ex, T ev) {
   v = nv;
 }
 
-void half_step_cpu(const at::Tensor& u, const at::Tensor& table, const at::Tensor& step,
+template <typename T>
+void half_step_kernel(const at::Tensor& u, const LinearT<T>& r, int64_t k, const std::optional<at::Tensor>& eps,
+                      const std::optional<at::Tensor>& seed, int64_t B, int64_t D) {
+  T* pu = u.data_ptr<T>();
+  const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
+  const int64_t s = read_i64(seed);
+  dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
+    constexpr Noise M = decltype(Mc)::value;
+    for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
+      T* xr = pu + b * 2 * D;
+      T* vr = xr + D;
+      for (int64_t d = d0; d < d1; ++d) {
+        T x = xr[d], v = vr[d];
+        T ex{}, ev{};
+        if constexpr (M == Noise::Eps) {
+          ex = pe[b * 2 * D + d];
+          ev = pe[b * 2 * D + D + d];
+        } else if constexpr (M == Noise::Seed) {
+          float z0, z1;
+          normals2(s, b * D + d, k, kTagHalfStep, z0, z1);
+          ex = static_cast<T>(z0);
+          ev = static_cast<T>(z1);
+        }
+        linear_step<T, M != Noise::None>(r, x, v, ex, ev);
+        xr[d] = x;
+        vr[d] = v;
+      }
+    });
+  });
+}
+
+void half_step_cpu(const at::Tensor& u, const at::Tensor& ts, const at::Tensor& step, const at::Tensor& sde,
                    const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed) {
   const char* op = "cld_fast::half_step_";
-  const Dims n = check_step(u, nullptr, table, step, eps, seed, 7, 2, true, op);
-  const int64_t B = n.B, D = n.D;
-  const int64_t k = read_step(step, table, op);
-  const int64_t s = read_i64(seed);
+  const Dims n = check_half_step(u, ts, step, sde, eps, seed, true);
+  const StepAt s = read_step(step, ts, /*reads_next=*/true, op);
+  const double t0 = time_at(ts, s.k), t1 = time_at(ts, s.k + 1);
+  const HalfStep h = half_step_coefficients(read_params(sde), t0, t0 - t1);
+  const InPlace w(u);
+  const auto ec = contiguous(eps);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cld_fast::half_step_", [&] {
-    using T = scalar_t;
-    T r[7];
-    std::copy_n(table.data_ptr<T>() + k * 7, 7, r);
-    T* pu = u.data_ptr<T>();
-    const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
-    dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
-      constexpr Noise M = decltype(Mc)::value;
-      for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
-        T* xr = pu + b * 2 * D;
-        T* vr = xr + D;
-        for (int64_t d = d0; d < d1; ++d) {
-          T x = xr[d], v = vr[d];
-          T ex{}, ev{};
-          if constexpr (M == Noise::Eps) {
-            ex = pe[b * 2 * D + d];
-            ev = pe[b * 2 * D + D + d];
-          } else if constexpr (M == Noise::Seed) {
-            float z0, z1;
-            normals2(s, b * D + d, k, kTagHalfStep, z0, z1);
-            ex = static_cast<T>(z0);
-            ev = static_cast<T>(z1);
-          }
-          linear_step<T, M != Noise::None>(r, x, v, ex, ev);
-          xr[d] = x;
-          vr[d] = v;
+    half_step_kernel<scalar_t>(w.work, to_state<scalar_t>(h), s.k, ec, seed, n.B, n.D);
+  });
+  w.commit();
+}
+
+template <typename T, typename O>
+void sscs_step_kernel(const at::Tensor& u, const at::Tensor& y, const SscsStep& c, int64_t k,
+                      const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed, int64_t B,
+                      int64_t D) {
+  const T alpha = static_cast<T>(c.score.alpha), kappa = static_cast<T>(c.score.kappa);
+  const LinearT<T> closing = to_state<T>(c.closing), opening = to_state<T>(c.opening);
+  T* pu = u.data_ptr<T>();
+  const O* py = y.data_ptr<O>();
+  const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
+  const int64_t s = read_i64(seed);
+  dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
+    constexpr Noise M = decltype(Mc)::value;
+    for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
+      T* xr = pu + b * 2 * D;
+      T* vr = xr + D;
+      const O* yr = py + b * D;
+      for (int64_t d = d0; d < d1; ++d) {
+        T z[4] = {};
+        if constexpr (M == Noise::Eps) {
+          for (int j = 0; j < 4; ++j) z[j] = pe[(b * 4 + j) * D + d];
+        } else if constexpr (M == Noise::Seed) {
+          float zf[4];
+          normals4(s, b * D + d, k, kTagSscs, zf);
+          for (int j = 0; j < 4; ++j) z[j] = static_cast<T>(zf[j]);
         }
-      });
+        T x = xr[d];
+        T v = alpha * vr[d] + kappa * static_cast<T>(yr[d]);
+        linear_step<T, M != Noise::None>(closing, x, v, z[0], z[1]);
+        linear_step<T, M != Noise::None>(opening, x, v, z[2], z[3]);
+        xr[d] = x;
+        vr[d] = v;
+      }
     });
   });
 }
 
-void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& table, const at::Tensor& step,
-                   const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed) {
+void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
+                   const at::Tensor& sde, bool mixed, const std::optional<at::Tensor>& eps,
+                   const std::optional<at::Tensor>& seed) {
   const char* op = "cld_fast::sscs_step_";
-  const Dims n = check_step(u, &y, table, step, eps, seed, 16, 4, true, op);
-  const int64_t B = n.B, D = n.D;
-  const int64_t k = read_step(step, table, op);
+  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, true);
+  const StepAt s = read_step(step, ts, /*reads_next=*/true, op);
+  const double t2 = time_at(ts, std::min(s.k + 2, s.n_ts - 1));
+  const SscsStep c = sscs_step_coefficients(read_params(sde), time_at(ts, s.k), time_at(ts, s.k + 1), t2,
+                                            sscs_has_opening(s.k, s.n_ts), mixed);
+  const InPlace w(u);
+  const at::Tensor yc = y.contiguous();
+  const auto ec = contiguous(eps);
+  dispatch_state_net(u, y, [&](auto tt, auto ot) {
+    sscs_step_kernel<decltype(tt), decltype(ot)>(w.work, yc, c, s.k, ec, seed, n.B, n.D);
+  });
+  w.commit();
+}
+
+template <typename T, typename O>
+void affine_step_kernel(const at::Tensor& u, const at::Tensor& y, const Affine& a, bool noisy, int64_t k,
+                        const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
+                        const at::Tensor& out, int64_t B, int64_t D) {
+  const T r[6] = {static_cast<T>(a.c_xx), static_cast<T>(a.c_xv), static_cast<T>(a.c_vx),
+                  static_cast<T>(a.c_vv), static_cast<T>(a.c_vy), static_cast<T>(a.sigma)};
+  const T* pu = u.data_ptr<T>();  // may alias po (an in-place step): each element is read, then written
+  T* po = out.data_ptr<T>();
+  const O* py = y.data_ptr<O>();
+  const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
   const int64_t s = read_i64(seed);
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cld_fast::sscs_step_", [&] {
-    using T = scalar_t;
-    T r[16];
-    std::copy_n(table.data_ptr<T>() + k * 16, 16, r);
-    T* pu = u.data_ptr<T>();
-    const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "cld_fast::sscs_step_", [&] {
-      using O = scalar_t;
-      const O* py = y.data_ptr<O>();
-      dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
-        constexpr Noise M = decltype(Mc)::value;
-        for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
-          T* xr = pu + b * 2 * D;
-          T* vr = xr + D;
-          const O* yr = py + b * D;
-          for (int64_t d = d0; d < d1; ++d) {
-            T z[4] = {};
-            if constexpr (M == Noise::Eps) {
-              for (int j = 0; j < 4; ++j) z[j] = pe[(b * 4 + j) * D + d];
-            } else if constexpr (M == Noise::Seed) {
-              float zf[4];
-              normals4(s, b * D + d, k, kTagSscs, zf);
-              for (int j = 0; j < 4; ++j) z[j] = static_cast<T>(zf[j]);
-            }
-            T x = xr[d];
-            T v = r[0] * vr[d] + r[1] * static_cast<T>(yr[d]);
-            linear_step<T, M != Noise::None>(r + 2, x, v, z[0], z[1]);
-            linear_step<T, M != Noise::None>(r + 9, x, v, z[2], z[3]);
-            xr[d] = x;
-            vr[d] = v;
-          }
-        });
-      });
+  dispatch_noise(noisy ? noise_mode(eps, seed) : Noise::None, [&](auto Mc) {
+    constexpr Noise M = decltype(Mc)::value;
+    for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
+      const T* xr = pu + b * 2 * D;
+      const T* vr = xr + D;
+      T* oxr = po + b * 2 * D;
+      T* ovr = oxr + D;
+      const O* yr = py + b * D;
+      for (int64_t d = d0; d < d1; ++d) {
+        const T x = xr[d], v = vr[d];
+        const T nx = r[0] * x + r[1] * v;
+        T nv = r[2] * x + r[3] * v + r[4] * static_cast<T>(yr[d]);
+        if constexpr (M == Noise::Eps) {
+          nv = nv + r[5] * pe[b * D + d];
+        } else if constexpr (M == Noise::Seed) {
+          nv = nv + r[5] * static_cast<T>(normal_z0(s, b * D + d, k, kTagAffine));
+        }
+        oxr[d] = nx;
+        ovr[d] = nv;
+      }
     });
   });
 }
 
-void affine_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& table, const at::Tensor& step,
-                     const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
-                     const at::Tensor& out) {
+void affine_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
+                     const at::Tensor& sde, int64_t kind, bool mixed, const std::optional<at::Tensor>& eps,
+                     const std::optional<at::Tensor>& seed, const at::Tensor& out) {
   const char* op = "cld_fast::affine_step";
-  const Dims n = check_affine(u, y, table, step, eps, seed, out, true);
-  const int64_t B = n.B, D = n.D;
-  const int64_t k = read_step(step, table, op);
-  const int64_t s = read_i64(seed);
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "cld_fast::affine_step", [&] {
-    using T = scalar_t;
-    T r[6];
-    std::copy_n(table.data_ptr<T>() + k * 6, 6, r);
-    const T* pu = u.data_ptr<T>();  // may alias po (an in-place step): each element is read, then written
-    T* po = out.data_ptr<T>();
-    const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "cld_fast::affine_step", [&] {
-      using O = scalar_t;
-      const O* py = y.data_ptr<O>();
-      dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
-        constexpr Noise M = decltype(Mc)::value;
-        for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
-          const T* xr = pu + b * 2 * D;
-          const T* vr = xr + D;
-          T* oxr = po + b * 2 * D;
-          T* ovr = oxr + D;
-          const O* yr = py + b * D;
-          for (int64_t d = d0; d < d1; ++d) {
-            const T x = xr[d], v = vr[d];
-            const T nx = r[0] * x + r[1] * v;
-            T nv = r[2] * x + r[3] * v + r[4] * static_cast<T>(yr[d]);
-            if constexpr (M == Noise::Eps) {
-              nv = nv + r[5] * pe[b * D + d];
-            } else if constexpr (M == Noise::Seed) {
-              nv = nv + r[5] * static_cast<T>(normal_z0(s, b * D + d, k, kTagAffine));
-            }
-            oxr[d] = nx;
-            ovr[d] = nv;
-          }
-        });
-      });
-    });
+  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, true);
+  const bool drift = kind == kAffinePfDrift;
+  const StepAt s = read_step(step, ts, /*reads_next=*/!drift, op);
+  const double t0 = time_at(ts, s.k);
+  const double h = drift ? 0.0 : t0 - time_at(ts, s.k + 1);
+  const Affine a = affine_coefficients(read_params(sde), t0, h, static_cast<int>(kind), mixed);
+  const InPlace w(out);
+  const at::Tensor src = source_for(u, out, w);
+  const at::Tensor yc = y.contiguous();
+  const auto ec = contiguous(eps);
+  dispatch_state_net(out, y, [&](auto tt, auto ot) {
+    affine_step_kernel<decltype(tt), decltype(ot)>(src, yc, a, kind == kAffineEm, s.k, ec, seed, w.work, n.B, n.D);
   });
+  w.commit();
 }
 
 }  // namespace
@@ -445,6 +566,8 @@ bool cpu_kernels_compiled() { return true; }
 
 }  // namespace cld
 
+// Implementations only: the schemas are defined from Python (cld_fast.opdefs.define_library), before
+// or after this library is loaded.
 TORCH_LIBRARY_IMPL(cld_fast, CPU, m) {
   m.impl("perturb", &cld::cpu::perturb_cpu);
   m.impl("hsm_loss_fwd", &cld::cpu::hsm_loss_fwd_cpu);

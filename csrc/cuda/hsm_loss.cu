@@ -1,16 +1,22 @@
 // CUDA kernels of cld_fast::hsm_loss_fwd and cld_fast::hsm_loss_bwd.
 //
-// With r = out + c v - eps_v (per-sample coef (B, 2) = (c, w), cld_fast.sde.LOSS_COLS; eps_v given, or
-// regenerated in-kernel as z1 of the perturb draw: Philox tag 0, step 0):
-//   forward  loss_b = w_b sum_d r^2       (B,) float32, fp32 accumulation, deterministic (no atomics)
-//   backward g_bd = 2 w_b grad_b r_bd     (B, D) in out's dtype
+// With r = out + c v - eps_v, where (c, w) = cld::loss_coefficients(t_b) are computed per sample on
+// the device (cld_coefficients.h) and eps_v is given or regenerated in-kernel as z1 of the perturb
+// draw (Philox tag kTagPerturb, step 0), and ws_b = float(w_b) * float(scale):
+//   forward  ws_b sum_d r^2 per sample (reduction 0, (B,)) or summed over samples (reduction 1, 0-d)
+//   backward 2 (ws_b grad_b) r_bd       (B, D) in out's dtype
+// float32 accumulation inside a sample, double across chunks and samples; deterministic (no atomics;
+// the chunking depends on (B, D) only).
 //
-// Forward reduction, by row length:
-//   D <= kRowsMaxD   one kernel; a group of G lanes of one warp (G a power of two <= 32) per sample,
-//                    a shuffle reduction inside the group, the group's first lane writes loss_b.
+// Forward, by row length:
+//   D <= kRowsMaxD   a group of G lanes of one warp (G a power of two <= 32) per sample, a shuffle
+//                    reduction inside the group; the group's first lane writes ws_b * sum to the
+//                    output (reduction 0) or to the workspace (reduction 1), each lane having
+//                    computed its sample's coefficients once.
 //   larger D         a 2-D grid of (chunk of kLossChunk elements, sample) blocks, each reducing its
-//                    chunk (warp shuffles, then shared memory) into partials[b, chunk]; then a tiny
-//                    kernel sums each sample's partials in chunk order and scales by w_b.
+//                    chunk into workspace[b, chunk] (scaled by ws_b, computed once per block).
+// Then, where a workspace was used, one more small kernel: per-sample sums over the chunks
+// (reduction 0) or one block summing everything in a fixed order (reduction 1).
 #include "cld_cuda_common.cuh"
 
 namespace cld {
@@ -21,25 +27,33 @@ constexpr int64_t kRowsMaxD = 1024;
 constexpr int64_t kLossChunk = 2048;  // a multiple of 4 (the vector width)
 constexpr int kWarps = kThreads / 32;
 
+int64_t chunks_for(int64_t D, int reduction) {
+  if (D <= kRowsMaxD) return reduction == 1 ? 1 : 0;
+  return (D + kLossChunk - 1) / kLossChunk;
+}
+
 template <typename O>
 struct LossArgs {
-  const O* out;        // (B, D)
-  const float* u;      // (B, 2, D)
-  const float* coef;   // (B, 2)
-  const float* eps_v;  // (B, D) or nullptr: regenerate from the seed
-  const int64_t* seed_ptr;
+  const O* out;    // (B, D)
+  const float* u;  // (B, 2, D)
+  TimeArg t;
+  const double* sde;
+  int weighting;
+  float scale;
+  NoiseArg eps_v;  // eps (B, D), else the seed
   int64_t D;
 
-  __device__ __forceinline__ int64_t seed() const { return eps_v == nullptr ? *seed_ptr : 0; }
+  // (c, ws) of sample b as float: the reference casts (c, w) to the state dtype, then scales w.
+  __device__ __forceinline__ void coefficients(int64_t b, float& c, float& ws) const {
+    const LossCoefficients k = loss_coefficients(load_params(sde), time_at(t, b), weighting);
+    c = static_cast<float>(k.c);
+    ws = static_cast<float>(k.w) * scale;
+  }
 
-  // r for elements d .. d + V - 1 of row b.
   template <int V>
-  __device__ __forceinline__ void residual(int64_t seed, int64_t b, int64_t d, float c, float (&r)[V]) const {
-    float o[V], v[V], e[V];
-    load<V>(out + b * D + d, o);
-    load<V>(u + b * 2 * D + D + d, v);
-    if (eps_v != nullptr) {
-      load<V>(eps_v + b * D + d, e);
+  __device__ __forceinline__ void noise(int64_t seed, int64_t b, int64_t d, float (&e)[V]) const {
+    if (eps_v.eps != nullptr) {
+      load<V>(eps_v.eps + b * D + d, e);
     } else {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
@@ -47,14 +61,23 @@ struct LossArgs {
         normals2(seed, b * D + d + k, 0, kTagPerturb, z0, e[k]);
       }
     }
+  }
+
+  // r for elements d .. d + V - 1 of row b.
+  template <int V>
+  __device__ __forceinline__ void residual(int64_t seed, int64_t b, int64_t d, float c, float (&r)[V]) const {
+    float o[V], v[V], e[V];
+    load<V>(out + b * D + d, o);
+    load<V>(u + b * 2 * D + D + d, v);
+    noise<V>(seed, b, d, e);
 #pragma unroll
     for (int k = 0; k < V; ++k) r[k] = o[k] + c * v[k] - e[k];
   }
 };
 
 template <int V, typename O>
-__global__ void __launch_bounds__(kThreads) loss_rows_kernel(LossArgs<O> a, float* loss, int64_t B, int G) {
-  const int64_t seed = a.seed();
+__global__ void __launch_bounds__(kThreads, kMinBlocks) loss_rows_kernel(LossArgs<O> a, float* dst, int64_t B, int G) {
+  const int64_t seed = read_seed(a.eps_v);
   const int lane = threadIdx.x & 31;
   const int sub = lane & (G - 1);
   const int rows_per_warp = 32 / G;
@@ -64,9 +87,10 @@ __global__ void __launch_bounds__(kThreads) loss_rows_kernel(LossArgs<O> a, floa
   // row0 is the same for the whole warp, so every lane takes part in every shuffle.
   for (int64_t row0 = warp * rows_per_warp; row0 < B; row0 += nwarps * rows_per_warp) {
     const int64_t b = row0 + lane / G;
-    float acc = 0.f;
+    float acc = 0.f, ws = 0.f;
     if (b < B) {
-      const float c = __ldg(a.coef + 2 * b);
+      float c;
+      a.coefficients(b, c, ws);
       for (int64_t j = sub; j < units; j += G) {
         float r[V];
         a.template residual<V>(seed, b, j * V, c, r);
@@ -75,22 +99,23 @@ __global__ void __launch_bounds__(kThreads) loss_rows_kernel(LossArgs<O> a, floa
       }
     }
     for (int off = G >> 1; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (b < B && sub == 0) loss[b] = __ldg(a.coef + 2 * b + 1) * acc;
+    if (b < B && sub == 0) dst[b] = ws * acc;
   }
 }
 
-// Sum of `x` over the block, valid in thread 0; `scratch` holds kWarps floats and may be reused
+// Sum of `x` over the block, valid in thread 0; `scratch` holds kWarps values and may be reused
 // right after the call returns.
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
+template <typename T>
+__device__ __forceinline__ T block_sum(T x, T* scratch) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  float total = 0.f;
+  T total = 0;
   if (warp == 0) {
-    total = lane < kWarps ? scratch[lane] : 0.f;
+    total = lane < kWarps ? scratch[lane] : T(0);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) total += __shfl_xor_sync(0xffffffffu, total, off);
   }
@@ -99,15 +124,18 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
 }
 
 template <int V, typename O>
-__global__ void __launch_bounds__(kThreads) loss_chunks_kernel(LossArgs<O> a, float* partials, int64_t chunks,
+__global__ void __launch_bounds__(kThreads, kMinBlocks) loss_chunks_kernel(LossArgs<O> a, float* partials, int64_t chunks,
                                                                int64_t B) {
   __shared__ float scratch[kWarps];
-  const int64_t seed = a.seed();
+  __shared__ float coef[2];
+  const int64_t seed = read_seed(a.eps_v);
   const int64_t chunk = blockIdx.x;
   const int64_t d_begin = chunk * kLossChunk;
   const int64_t d_end = d_begin + kLossChunk < a.D ? d_begin + kLossChunk : a.D;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const float c = __ldg(a.coef + 2 * b);
+    if (threadIdx.x == 0) a.coefficients(b, coef[0], coef[1]);
+    __syncthreads();
+    const float c = coef[0], ws = coef[1];
     float acc = 0.f;
     for (int64_t d = d_begin + static_cast<int64_t>(threadIdx.x) * V; d < d_end; d += kThreads * V) {
       float r[V];
@@ -115,40 +143,68 @@ __global__ void __launch_bounds__(kThreads) loss_chunks_kernel(LossArgs<O> a, fl
 #pragma unroll
       for (int k = 0; k < V; ++k) acc += r[k] * r[k];
     }
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) partials[b * chunks + chunk] = acc;
+    acc = block_sum(acc, scratch);  // its barriers also keep coef until every thread has read it
+    if (threadIdx.x == 0) partials[b * chunks + chunk] = ws * acc;
   }
 }
 
-__global__ void __launch_bounds__(kThreads) loss_finalize_kernel(const float* __restrict__ partials,
-                                                                 const float* __restrict__ coef,
-                                                                 float* __restrict__ loss, int64_t chunks,
-                                                                 int64_t B) {
+// reduction 0: loss[b] = sum_c partials[b, c]; reduction 1 (a single block): loss[0] = the sum of all.
+__global__ void __launch_bounds__(kThreads) loss_finalize_kernel(const float* __restrict__ partials, int64_t chunks,
+                                                                 float* __restrict__ loss, int64_t B, int reduction) {
+  __shared__ double scratch[kWarps];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double total = 0.0;
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < B; b += stride) {
-    float s = 0.f;
+    double s = 0.0;
     for (int64_t c = 0; c < chunks; ++c) s += partials[b * chunks + c];
-    loss[b] = __ldg(coef + 2 * b + 1) * s;
+    if (reduction == 0) {
+      loss[b] = static_cast<float>(s);
+    } else {
+      total += s;
+    }
+  }
+  if (reduction == 1) {
+    total = block_sum(total, scratch);
+    if (threadIdx.x == 0) loss[0] = static_cast<float>(total);
   }
 }
 
 template <typename O>
 struct LossBwdOp {
+  static constexpr int K = 2;  // c, 2 ws_b grad_b
+
   LossArgs<O> a;
-  const float* grad;  // (B,)
-  O* res;             // (B, D)
+  const float* grad;  // (B,) or 0-d
+  int64_t grad_stride;
+  O* res;  // (B, D)
   int64_t seed;
 
-  __device__ __forceinline__ void prepare() { seed = a.seed(); }
+  template <int V>
+  struct In {
+    float o[V], v[V], e[V];
+  };
+
+  __device__ __forceinline__ void prepare() { seed = read_seed(a.eps_v); }
+
+  __device__ __forceinline__ void row(int64_t b, float* c) const {
+    float ws;
+    a.coefficients(b, c[0], ws);
+    c[1] = 2.f * (ws * __ldg(grad + b * grad_stride));
+  }
 
   template <int V>
-  __device__ __forceinline__ void apply(int64_t b, int64_t d) const {
-    const float c = __ldg(a.coef + 2 * b);
-    const float scale = 2.f * (__ldg(a.coef + 2 * b + 1) * __ldg(grad + b));
+  __device__ __forceinline__ void load(int64_t b, int64_t d, In<V>& in) const {
+    ::cld::cuda::load<V>(a.out + b * a.D + d, in.o);
+    ::cld::cuda::load<V>(a.u + b * 2 * a.D + a.D + d, in.v);
+    a.template noise<V>(seed, b, d, in.e);
+  }
+
+  template <int V>
+  __device__ __forceinline__ void finish(int64_t b, int64_t d, const In<V>& in, const float* c) const {
+    const float cc = c[0], factor = c[1];
     float r[V];
-    a.template residual<V>(seed, b, d, c, r);
 #pragma unroll
-    for (int k = 0; k < V; ++k) r[k] = scale * r[k];
+    for (int k = 0; k < V; ++k) r[k] = factor * (in.o[k] + cc * in.v[k] - in.e[k]);
     store<V>(res + b * a.D + d, r);
   }
 };
@@ -161,53 +217,48 @@ int next_pow2(int64_t x) {
 
 }  // namespace
 
-int64_t hsm_loss_fwd_chunks(int64_t B, int64_t D) {
-  (void)B;
-  return D <= kRowsMaxD ? 0 : (D + kLossChunk - 1) / kLossChunk;
-}
+int64_t hsm_loss_fwd_workspace(int64_t B, int64_t D, int reduction) { return B * chunks_for(D, reduction); }
 
-void launch_hsm_loss_fwd(const void* out, NetType out_type, const float* u, const float* coef, const float* eps_v,
-                         const int64_t* seed, float* loss, float* partials, int64_t chunks, int64_t B, int64_t D,
-                         cudaStream_t stream) {
-  if (B <= 0) return;
-  const int vec = pick_vec(D, {{out, net_bytes(out_type)}, {u, 4}, {eps_v, 4}});
+void launch_hsm_loss_fwd(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde,
+                         int weighting, double scale, int reduction, NoiseArg eps_v, float* loss, float* workspace,
+                         int64_t B, int64_t D, cudaStream_t stream) {
+  if (B <= 0) {
+    if (reduction == 1) cudaMemsetAsync(loss, 0, sizeof(float), stream);  // the sum over no samples
+    return;
+  }
+  const int64_t chunks = chunks_for(D, reduction);
+  const int vec = pick_vec(D, {{out, net_bytes(out_type)}, {u, 4}, {eps_v.eps, 4}});
   dispatch_net(out_type, [&](auto tag) {
     using O = decltype(tag);
-    const LossArgs<O> a{static_cast<const O*>(out), u, coef, eps_v, seed, D};
-    if (chunks == 0) {
-      const int G = next_pow2(std::max<int64_t>(1, D / vec));
-      const int64_t threads = (B + 32 / G - 1) / (32 / G) * 32;
-      const unsigned grid = grid_size(threads);
-      switch (vec) {
-        case 4: loss_rows_kernel<4, O><<<grid, kThreads, 0, stream>>>(a, loss, B, G); break;
-        case 2: loss_rows_kernel<2, O><<<grid, kThreads, 0, stream>>>(a, loss, B, G); break;
-        default: loss_rows_kernel<1, O><<<grid, kThreads, 0, stream>>>(a, loss, B, G); break;
+    const LossArgs<O> a{static_cast<const O*>(out), u, t, sde, weighting, static_cast<float>(scale), eps_v, D};
+    dispatch_vec(vec, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if (D <= kRowsMaxD) {
+        const int G = next_pow2(std::max<int64_t>(1, D / V));
+        const int64_t threads = (B + 32 / G - 1) / (32 / G) * 32;
+        float* dst = chunks == 0 ? loss : workspace;
+        loss_rows_kernel<V, O><<<grid_size(threads), kThreads, 0, stream>>>(a, dst, B, G);
+      } else {
+        const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
+        loss_chunks_kernel<V, O><<<grid, kThreads, 0, stream>>>(a, workspace, chunks, B);
       }
-    } else {
-      const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(std::min<int64_t>(B, 65535)));
-      switch (vec) {
-        case 4: loss_chunks_kernel<4, O><<<grid, kThreads, 0, stream>>>(a, partials, chunks, B); break;
-        case 2: loss_chunks_kernel<2, O><<<grid, kThreads, 0, stream>>>(a, partials, chunks, B); break;
-        default: loss_chunks_kernel<1, O><<<grid, kThreads, 0, stream>>>(a, partials, chunks, B); break;
-      }
-    }
+    });
   });
+  if (chunks > 0) {
+    const unsigned grid = reduction == 1 ? 1u : grid_size(B);
+    loss_finalize_kernel<<<grid, kThreads, 0, stream>>>(workspace, chunks, loss, B, reduction);
+  }
 }
 
-void launch_hsm_loss_fwd_finalize(const float* partials, const float* coef, float* loss, int64_t chunks, int64_t B,
-                                  cudaStream_t stream) {
-  if (B <= 0) return;
-  loss_finalize_kernel<<<grid_size(B), kThreads, 0, stream>>>(partials, coef, loss, chunks, B);
-}
-
-void launch_hsm_loss_bwd(const float* grad, const void* out, NetType out_type, const float* u, const float* coef,
-                         const float* eps_v, const int64_t* seed, void* res, int64_t B, int64_t D,
-                         cudaStream_t stream) {
-  const int vec = pick_vec(D, {{out, net_bytes(out_type)}, {u, 4}, {eps_v, 4}, {res, net_bytes(out_type)}});
+void launch_hsm_loss_bwd(const float* grad, int64_t grad_stride, const void* out, NetType out_type, const float* u,
+                         TimeArg t, const double* sde, int weighting, double scale, NoiseArg eps_v, void* res,
+                         int64_t B, int64_t D, cudaStream_t stream) {
+  const int vec = pick_vec(D, {{out, net_bytes(out_type)}, {u, 4}, {eps_v.eps, 4}, {res, net_bytes(out_type)}});
   dispatch_net(out_type, [&](auto tag) {
     using O = decltype(tag);
-    const LossBwdOp<O> op{{static_cast<const O*>(out), u, coef, eps_v, seed, D}, grad, static_cast<O*>(res), 0};
-    launch_elementwise(op, vec, B, D, stream);
+    const LossArgs<O> a{static_cast<const O*>(out), u, t, sde, weighting, static_cast<float>(scale), eps_v, D};
+    const LossBwdOp<O> op{a, grad, grad_stride, static_cast<O*>(res), 0};
+    launch_rows(op, vec, B, D, stream);
   });
 }
 

@@ -1,10 +1,13 @@
-// Torch binding of the cld_fast CUDA kernels (TORCH_LIBRARY_IMPL for the CUDA dispatch key).
+// Torch binding of the cld_fast CUDA kernels (TORCH_LIBRARY_IMPL for the CUDA dispatch key; the
+// schemas are defined from Python by cld_fast.opdefs.define_library, before or after this library
+// is loaded).
 //
 // Built by setup.py only in a CUDA build (CLD_FAST_WITH_CUDA); the kernels themselves live in
 // csrc/cuda/*.cu behind the plain-C++ launchers of cld_cuda_launch.h. This file checks arguments
-// (cld_checks.h, shared with the CPU binding), allocates outputs and workspaces on the caching
-// allocator, and launches on the current stream: no host synchronisation anywhere (the step and
-// seed tensors are read by the kernels on the device).
+// (cld_checks.h, shared with the CPU binding), makes inputs contiguous (non-contiguous in-place
+// targets are updated through a contiguous copy), allocates outputs and workspaces on the caching
+// allocator, and launches on the current stream under a device guard: no host synchronisation
+// anywhere (t, ts, step, sde and seed are read by the kernels on the device).
 #ifdef CLD_FAST_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -38,96 +41,129 @@ NetType net_type(const at::Tensor& t) {
 const float* fptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 const int64_t* iptr(const std::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<int64_t>() : nullptr; }
 
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
-
-void perturb_cuda(const at::Tensor& x0, const std::optional<at::Tensor>& v0, const at::Tensor& coef,
-                  const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed, const at::Tensor& out) {
-  check_cuda(out, "cld_fast::perturb", "out");
-  const Dims n = check_perturb(x0, v0, coef, eps, seed, out, /*allow_double=*/false);
-  const c10::cuda::CUDAGuard guard(out.device());
-  launch_perturb(x0.data_ptr<float>(), fptr(v0), coef.data_ptr<float>(), fptr(eps), iptr(seed),
-                 out.data_ptr<float>(), n.B, n.D, stream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// t (B,) or ts: any stride, read in place.
+TimeArg times(const at::Tensor& t) {
+  return TimeArg{t.data_ptr(), t.stride(0), t.size(0), t.scalar_type() == at::kDouble};
 }
 
-at::Tensor hsm_loss_fwd_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& coef,
+NoiseArg noise(const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed) {
+  return NoiseArg{fptr(eps), iptr(seed)};
+}
+
+// The (5,) parameters as a contiguous pointer (kernel_params tensors already are).
+const double* params(const at::Tensor& sde_c) { return sde_c.data_ptr<double>(); }
+
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+void perturb_cuda(const at::Tensor& x0, const std::optional<at::Tensor>& v0, const at::Tensor& t, const at::Tensor& sde,
+                  int64_t objective, const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
+                  const at::Tensor& out) {
+  check_cuda(out, "cld_fast::perturb", "out");
+  const Dims n = check_perturb(x0, v0, t, sde, objective, eps, seed, out, /*cpu=*/false);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const InPlace w(out);
+  const at::Tensor xc = x0.contiguous(), sc = sde.contiguous();
+  const auto vc = contiguous(v0), ec = contiguous(eps);
+  launch_perturb(xc.data_ptr<float>(), fptr(vc), times(t), params(sc), static_cast<int>(objective), noise(ec, seed),
+                 w.work.data_ptr<float>(), n.B, n.D, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  w.commit();
+}
+
+at::Tensor hsm_loss_fwd_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde,
+                             int64_t weighting, double scale, int64_t reduction,
                              const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed) {
   const char* op = "cld_fast::hsm_loss_fwd";
   check_cuda(u, op, "u");
-  const Dims n = check_hsm_loss(std::nullopt, out, u, coef, eps_v, seed, false, op);
+  const Dims n = check_hsm_loss(nullptr, out, u, t, sde, weighting, eps_v, seed, false, op);
+  check_reduction(reduction, op);
   const c10::cuda::CUDAGuard guard(u.device());
-  at::Tensor loss = at::empty({n.B}, u.options().dtype(at::kFloat));
-  const int64_t chunks = hsm_loss_fwd_chunks(n.B, n.D);
-  at::Tensor partials;
-  if (chunks > 0) partials = at::empty({n.B, chunks}, u.options().dtype(at::kFloat));
-  float* pp = chunks > 0 ? partials.data_ptr<float>() : nullptr;
-  launch_hsm_loss_fwd(out.data_ptr(), net_type(out), u.data_ptr<float>(), coef.data_ptr<float>(), fptr(eps_v),
-                      iptr(seed), loss.data_ptr<float>(), pp, chunks, n.B, n.D, stream());
+  const at::Tensor oc = out.contiguous(), uc = u.contiguous(), sc = sde.contiguous();
+  const auto ec = contiguous(eps_v);
+  at::Tensor loss = reduction == 1 ? at::empty({}, u.options()) : at::empty({n.B}, u.options());
+  const int64_t ws = hsm_loss_fwd_workspace(n.B, n.D, static_cast<int>(reduction));
+  at::Tensor workspace;
+  if (ws > 0) workspace = at::empty({ws}, u.options());
+  launch_hsm_loss_fwd(oc.data_ptr(), net_type(oc), uc.data_ptr<float>(), times(t), params(sc),
+                      static_cast<int>(weighting), scale, static_cast<int>(reduction), noise(ec, seed),
+                      loss.data_ptr<float>(), ws > 0 ? workspace.data_ptr<float>() : nullptr, n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (chunks > 0) {
-    launch_hsm_loss_fwd_finalize(pp, coef.data_ptr<float>(), loss.data_ptr<float>(), chunks, n.B, stream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
   return loss;
 }
 
-at::Tensor hsm_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u,
-                             const at::Tensor& coef, const std::optional<at::Tensor>& eps_v,
-                             const std::optional<at::Tensor>& seed) {
+at::Tensor hsm_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u, const at::Tensor& t,
+                             const at::Tensor& sde, int64_t weighting, double scale,
+                             const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed) {
   const char* op = "cld_fast::hsm_loss_bwd";
   check_cuda(u, op, "u");
-  const Dims n = check_hsm_loss(grad, out, u, coef, eps_v, seed, false, op);
+  const Dims n = check_hsm_loss(&grad, out, u, t, sde, weighting, eps_v, seed, false, op);
   const c10::cuda::CUDAGuard guard(u.device());
+  const at::Tensor gc = grad.contiguous(), oc = out.contiguous(), uc = u.contiguous(), sc = sde.contiguous();
+  const auto ec = contiguous(eps_v);
   at::Tensor res = at::empty({n.B, n.D}, out.options());
-  launch_hsm_loss_bwd(grad.data_ptr<float>(), out.data_ptr(), net_type(out), u.data_ptr<float>(),
-                      coef.data_ptr<float>(), fptr(eps_v), iptr(seed), res.data_ptr(), n.B, n.D, stream());
+  launch_hsm_loss_bwd(gc.data_ptr<float>(), gc.dim() == 0 ? 0 : 1, oc.data_ptr(), net_type(oc), uc.data_ptr<float>(),
+                      times(t), params(sc), static_cast<int>(weighting), scale, noise(ec, seed), res.data_ptr(), n.B,
+                      n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return res;
 }
 
-at::Tensor mixed_score_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& coef) {
+at::Tensor mixed_score_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde) {
   check_cuda(u, "cld_fast::mixed_score", "u");
-  const Dims n = check_mixed_score(out, u, coef, false);
+  const Dims n = check_mixed_score(out, u, t, sde, false);
   const c10::cuda::CUDAGuard guard(u.device());
+  const at::Tensor oc = out.contiguous(), uc = u.contiguous(), sc = sde.contiguous();
   at::Tensor res = at::empty({n.B, n.D}, u.options());
-  launch_mixed_score(out.data_ptr(), net_type(out), u.data_ptr<float>(), coef.data_ptr<float>(),
-                     res.data_ptr<float>(), n.B, n.D, stream());
+  launch_mixed_score(oc.data_ptr(), net_type(oc), uc.data_ptr<float>(), times(t), params(sc), res.data_ptr<float>(),
+                     n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return res;
 }
 
-void half_step_cuda(const at::Tensor& u, const at::Tensor& table, const at::Tensor& step,
+void half_step_cuda(const at::Tensor& u, const at::Tensor& ts, const at::Tensor& step, const at::Tensor& sde,
                     const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed) {
-  const char* op = "cld_fast::half_step_";
-  check_cuda(u, op, "u");
-  const Dims n = check_step(u, nullptr, table, step, eps, seed, 7, 2, false, op);
+  check_cuda(u, "cld_fast::half_step_", "u");
+  const Dims n = check_half_step(u, ts, step, sde, eps, seed, false);
   const c10::cuda::CUDAGuard guard(u.device());
-  launch_half_step(u.data_ptr<float>(), table.data_ptr<float>(), table.size(0), step.data_ptr<int64_t>(), fptr(eps),
-                   iptr(seed), n.B, n.D, stream());
+  const InPlace w(u);
+  const at::Tensor sc = sde.contiguous();
+  const auto ec = contiguous(eps);
+  launch_half_step(w.work.data_ptr<float>(), times(ts), step.data_ptr<int64_t>(), params(sc), noise(ec, seed), n.B,
+                   n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  w.commit();
 }
 
-void sscs_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& table, const at::Tensor& step,
-                    const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed) {
-  const char* op = "cld_fast::sscs_step_";
-  check_cuda(u, op, "u");
-  const Dims n = check_step(u, &y, table, step, eps, seed, 16, 4, false, op);
+void sscs_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
+                    const at::Tensor& sde, bool mixed, const std::optional<at::Tensor>& eps,
+                    const std::optional<at::Tensor>& seed) {
+  check_cuda(u, "cld_fast::sscs_step_", "u");
+  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, false);
   const c10::cuda::CUDAGuard guard(u.device());
-  launch_sscs_step(u.data_ptr<float>(), y.data_ptr(), net_type(y), table.data_ptr<float>(), table.size(0),
-                   step.data_ptr<int64_t>(), fptr(eps), iptr(seed), n.B, n.D, stream());
+  const InPlace w(u);
+  const at::Tensor yc = y.contiguous(), sc = sde.contiguous();
+  const auto ec = contiguous(eps);
+  launch_sscs_step(w.work.data_ptr<float>(), yc.data_ptr(), net_type(yc), times(ts), step.data_ptr<int64_t>(),
+                   params(sc), mixed, noise(ec, seed), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  w.commit();
 }
 
-void affine_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& table, const at::Tensor& step,
-                      const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
-                      const at::Tensor& out) {
-  const char* op = "cld_fast::affine_step";
-  check_cuda(out, op, "out");
-  const Dims n = check_affine(u, y, table, step, eps, seed, out, false);
+void affine_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
+                      const at::Tensor& sde, int64_t kind, bool mixed, const std::optional<at::Tensor>& eps,
+                      const std::optional<at::Tensor>& seed, const at::Tensor& out) {
+  check_cuda(out, "cld_fast::affine_step", "out");
+  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, false);
   const c10::cuda::CUDAGuard guard(out.device());
-  launch_affine_step(u.data_ptr<float>(), y.data_ptr(), net_type(y), table.data_ptr<float>(), table.size(0),
-                     step.data_ptr<int64_t>(), fptr(eps), iptr(seed), out.data_ptr<float>(), n.B, n.D, stream());
+  const InPlace w(out);
+  const at::Tensor src = source_for(u, out, w);
+  const at::Tensor yc = y.contiguous(), sc = sde.contiguous();
+  const auto ec = contiguous(eps);
+  launch_affine_step(src.data_ptr<float>(), yc.data_ptr(), net_type(yc), times(ts), step.data_ptr<int64_t>(),
+                     params(sc), static_cast<int>(kind), mixed, noise(ec, seed), w.work.data_ptr<float>(), n.B, n.D,
+                     stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  w.commit();
 }
 
 }  // namespace

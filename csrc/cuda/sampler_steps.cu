@@ -1,9 +1,10 @@
 // CUDA kernels of the sampler steps: cld_fast::half_step_, cld_fast::sscs_step_ and
-// cld_fast::affine_step. Each reads its coefficient row (cld_fast.sde HALF_COLS / SSCS_COLS /
-// AFFINE_COLS) from a per-step table at the step index held in device memory, so a sampler loop
-// launches one kernel per step with no host synchronisation and can be captured in a CUDA graph.
-// In-kernel noise: half step tag 1 (z0, z1), SSCS tag 2 (z0..z3), affine tag 3 (z0), counter word
-// c2 = the step value.
+// cld_fast::affine_step. Each reads the step index, the grid points ts[step], ts[step + 1] (and
+// ts[step + 2] for SSCS) and the CLD parameters on the device and computes its step's coefficients
+// there (cld_coefficients.h, once per block), so a sampler loop launches one kernel per step with no
+// host synchronisation and no step table, and can be captured in a CUDA graph. A step outside the
+// grid gives NaN outputs. In-kernel noise: half step tag kTagHalfStep (z0, z1), SSCS kTagSscs
+// (z0..z3), affine kTagAffine (z0, kind em only); counter word c2 = the step.
 #include "cld_cuda_common.cuh"
 
 namespace cld {
@@ -23,20 +24,37 @@ __device__ __forceinline__ void linear_step(const float* r, float& x, float& v, 
   v = nv;
 }
 
+// What every step op reads on the device besides its data.
+struct StepArgs {
+  TimeArg ts;
+  const int64_t* step;
+  const double* sde;
+  NoiseArg noise;
+
+  __device__ __forceinline__ bool noisy() const { return noise.eps != nullptr || noise.seed != nullptr; }
+};
+
 struct HalfStepOp {
-  float* u;  // (B, 2, D), in place
-  const float* table;
-  int64_t S;
-  const int64_t* step_ptr;
-  const float* eps;  // (B, 2, D) or nullptr
-  const int64_t* seed_ptr;
+  static constexpr int K = 7;
+  static constexpr int kParts = 1;
+
+  float* u;  // (B, 2, D), in place; eps (B, 2, D)
+  StepArgs s;
   int64_t D;
-  float r[7];
+  float r[K];
   int64_t step, seed;
 
-  __device__ __forceinline__ void prepare() {
-    step = load_row<7>(table, S, step_ptr, r);
-    seed = seed_ptr != nullptr ? *seed_ptr : 0;
+  __device__ __forceinline__ void part(int, float* c) const {
+    const StepIndex k = read_step(s.step, s.ts, /*reads_next=*/true);
+    const double t0 = grid_at(s.ts, k.k), t1 = grid_at(s.ts, k.k + 1);
+    store_half_step(c, half_step_coefficients(load_params(s.sde), t0, t0 - t1), k.valid);
+  }
+
+  __device__ __forceinline__ void prepare(const float* c) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) r[j] = c[j];
+    step = *s.step;
+    seed = read_seed(s.noise);
   }
 
   template <int V>
@@ -45,9 +63,9 @@ struct HalfStepOp {
     float* px = u + b * 2 * D + d;
     load<V>(px, x);
     load<V>(px + D, v);
-    if (eps != nullptr || seed_ptr != nullptr) {
+    if (s.noisy()) {
       float ex[V], ev[V];
-      noise_pair<V>(eps, seed, b, d, D, step, kTagHalfStep, ex, ev);
+      noise_pair<V>(s.noise.eps, seed, b, d, D, step, kTagHalfStep, ex, ev);
 #pragma unroll
       for (int k = 0; k < V; ++k) linear_step<true>(r, x[k], v[k], ex[k], ev[k]);
     } else {
@@ -59,22 +77,41 @@ struct HalfStepOp {
   }
 };
 
+// Coefficients: alpha kappa | closing half step (7) | opening half step (7).
 template <typename Y>
 struct SscsStepOp {
-  float* u;     // (B, 2, D), in place
-  const Y* y;   // (B, D) network output
-  const float* table;
-  int64_t S;
-  const int64_t* step_ptr;
-  const float* eps;  // (B, 4, D) or nullptr
-  const int64_t* seed_ptr;
+  static constexpr int K = 16;
+  static constexpr int kParts = 3;  // score step, closing and opening half steps
+
+  float* u;    // (B, 2, D), in place; eps (B, 4, D)
+  const Y* y;  // (B, D) network output
+  StepArgs s;
+  bool mixed;
   int64_t D;
-  float r[16];
+  float r[K];
   int64_t step, seed;
 
-  __device__ __forceinline__ void prepare() {
-    step = load_row<16>(table, S, step_ptr, r);
-    seed = seed_ptr != nullptr ? *seed_ptr : 0;
+  __device__ __forceinline__ void part(int i, float* c) const {
+    const StepIndex k = read_step(s.step, s.ts, /*reads_next=*/true);
+    const SscsTimes tm = sscs_times(grid_at(s.ts, k.k), grid_at(s.ts, k.k + 1), grid_at(s.ts, k.k + 2));
+    const Params p = load_params(s.sde);
+    if (i == 0) {
+      const ScoreStep a = score_step_coefficients(p, tm.t0, tm.h, mixed);
+      const double v[2] = {a.alpha, a.kappa};
+      store_coefficients<2>(c, v, k.valid);
+    } else if (i == 1) {
+      store_half_step(c + 2, half_step_coefficients(p, tm.t_close, tm.h_close), k.valid);
+    } else {
+      const bool opening = sscs_has_opening(k.k, s.ts.size);
+      store_half_step(c + 9, opening ? half_step_coefficients(p, tm.t_open, tm.h_open) : identity_half_step(), k.valid);
+    }
+  }
+
+  __device__ __forceinline__ void prepare(const float* c) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) r[j] = c[j];
+    step = *s.step;
+    seed = read_seed(s.noise);
   }
 
   template <int V>
@@ -86,16 +123,16 @@ struct SscsStepOp {
     load<V>(y + b * D + d, yy);
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = r[0] * v[k] + r[1] * yy[k];
-    if (eps != nullptr) {
+    if (s.noise.eps != nullptr) {
       float z[4][V];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) load<V>(eps + (b * 4 + j) * D + d, z[j]);
+      for (int j = 0; j < 4; ++j) load<V>(s.noise.eps + (b * 4 + j) * D + d, z[j]);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         linear_step<true>(r + 2, x[k], v[k], z[0][k], z[1][k]);
         linear_step<true>(r + 9, x[k], v[k], z[2][k], z[3][k]);
       }
-    } else if (seed_ptr != nullptr) {
+    } else if (s.noise.seed != nullptr) {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         float z[4];
@@ -115,23 +152,37 @@ struct SscsStepOp {
   }
 };
 
+// Coefficients: c_xx c_xv c_vx c_vv c_vy sigma.
 template <typename Y>
 struct AffineStepOp {
+  static constexpr int K = 6;
+  static constexpr int kParts = 1;
+
   const float* u;  // (B, 2, D); may be `out` itself: each thread reads its elements before writing them
   const Y* y;      // (B, D)
-  const float* table;
-  int64_t S;
-  const int64_t* step_ptr;
-  const float* eps;  // (B, D) or nullptr
-  const int64_t* seed_ptr;
-  float* out;        // (B, 2, D)
+  StepArgs s;      // eps (B, D)
+  int kind;
+  bool mixed;
+  float* out;  // (B, 2, D)
   int64_t D;
-  float r[6];
+  float r[K];
   int64_t step, seed;
 
-  __device__ __forceinline__ void prepare() {
-    step = load_row<6>(table, S, step_ptr, r);
-    seed = seed_ptr != nullptr ? *seed_ptr : 0;
+  __device__ __forceinline__ void part(int, float* c) const {
+    const bool drift = kind == kAffinePfDrift;
+    const StepIndex k = read_step(s.step, s.ts, /*reads_next=*/!drift);
+    const double t0 = grid_at(s.ts, k.k);
+    const double h = drift ? 0.0 : t0 - grid_at(s.ts, k.k + 1);
+    const Affine a = affine_coefficients(load_params(s.sde), t0, h, kind, mixed);
+    const double v[K] = {a.c_xx, a.c_xv, a.c_vx, a.c_vv, a.c_vy, a.sigma};
+    store_coefficients<K>(c, v, k.valid);
+  }
+
+  __device__ __forceinline__ void prepare(const float* c) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) r[j] = c[j];
+    step = *s.step;
+    seed = read_seed(s.noise);
   }
 
   template <int V>
@@ -146,14 +197,16 @@ struct AffineStepOp {
       nx[k] = r[0] * x[k] + r[1] * v[k];
       nv[k] = r[2] * x[k] + r[3] * v[k] + r[4] * yy[k];
     }
-    if (eps != nullptr) {
-      float e[V];
-      load<V>(eps + b * D + d, e);
+    if (kind == kAffineEm) {
+      if (s.noise.eps != nullptr) {
+        float e[V];
+        load<V>(s.noise.eps + b * D + d, e);
 #pragma unroll
-      for (int k = 0; k < V; ++k) nv[k] = nv[k] + r[5] * e[k];
-    } else if (seed_ptr != nullptr) {
+        for (int k = 0; k < V; ++k) nv[k] = nv[k] + r[5] * e[k];
+      } else if (s.noise.seed != nullptr) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) nv[k] = nv[k] + r[5] * normal_z0(seed, b * D + d + k, step, kTagAffine);
+        for (int k = 0; k < V; ++k) nv[k] = nv[k] + r[5] * normal_z0(seed, b * D + d + k, step, kTagAffine);
+      }
     }
     store<V>(out + o, nx);
     store<V>(out + o + D, nv);
@@ -162,30 +215,30 @@ struct AffineStepOp {
 
 }  // namespace
 
-void launch_half_step(float* u, const float* table, int64_t S, const int64_t* step, const float* eps,
-                      const int64_t* seed, int64_t B, int64_t D, cudaStream_t stream) {
-  const HalfStepOp op{u, table, S, step, eps, seed, D, {}, 0, 0};
-  launch_elementwise(op, pick_vec(D, {{u, 4}, {eps, 4}}), B, D, stream);
+void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* sde, NoiseArg noise, int64_t B,
+                      int64_t D, cudaStream_t stream) {
+  const HalfStepOp op{u, {ts, step, sde, noise}, D, {}, 0, 0};
+  launch_steps(op, pick_vec(D, {{u, 4}, {noise.eps, 4}}), B, D, stream);
 }
 
-void launch_sscs_step(float* u, const void* y, NetType y_type, const float* table, int64_t S, const int64_t* step,
-                      const float* eps, const int64_t* seed, int64_t B, int64_t D, cudaStream_t stream) {
-  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {eps, 4}});
+void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step, const double* sde,
+                      bool mixed, NoiseArg noise, int64_t B, int64_t D, cudaStream_t stream) {
+  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}});
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
-    const SscsStepOp<Y> op{u, static_cast<const Y*>(y), table, S, step, eps, seed, D, {}, 0, 0};
-    launch_elementwise(op, vec, B, D, stream);
+    const SscsStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, mixed, D, {}, 0, 0};
+    launch_steps(op, vec, B, D, stream);
   });
 }
 
-void launch_affine_step(const float* u, const void* y, NetType y_type, const float* table, int64_t S,
-                        const int64_t* step, const float* eps, const int64_t* seed, float* out, int64_t B, int64_t D,
+void launch_affine_step(const float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step,
+                        const double* sde, int kind, bool mixed, NoiseArg noise, float* out, int64_t B, int64_t D,
                         cudaStream_t stream) {
-  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {eps, 4}, {out, 4}});
+  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}, {out, 4}});
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
-    const AffineStepOp<Y> op{u, static_cast<const Y*>(y), table, S, step, eps, seed, out, D, {}, 0, 0};
-    launch_elementwise(op, vec, B, D, stream);
+    const AffineStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, kind, mixed, out, D, {}, 0, 0};
+    launch_steps(op, vec, B, D, stream);
   });
 }
 

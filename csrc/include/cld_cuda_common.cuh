@@ -1,11 +1,18 @@
-// Device helpers shared by the cld_fast CUDA kernel files (csrc/cuda/*.cu). Plain CUDA C++17: no
+// Device helpers shared by the cld_fast CUDA kernel files (csrc/cuda/*.cu). Plain CUDA C++20: no
 // torch headers, so every kernel file compiles with plain nvcc (.ci/compile_cuda.sh).
 //
-// Kernel shape used by the elementwise ops: a grid-stride loop over "units" of V consecutive elements
-// of one sample's row (V = 4, 2 or 1), 64-bit indexing (32-bit where the unit count allows it, which
-// only saves division cost). V > 1 is used when D % V == 0 and every array is aligned to V elements,
-// so float32 state moves in 16-byte loads / stores (8 bytes for bf16 / fp16 network outputs); rows
-// whose length or base pointers do not allow it run the same code with V = 1.
+// Elementwise work is done in "units" of V consecutive elements of one sample's row (V = 4, 2 or
+// 1): V > 1 when D % V == 0 and every array is aligned to V elements, so float32 data moves in
+// 16-byte loads / stores (8 bytes for bf16 / fp16 network outputs). Indices are 64-bit (32-bit
+// where the unit count allows it, which only saves division cost).
+//
+// Coefficients come from cld_coefficients.h in double on the device, never once per element:
+//   row_kernel   (per-sample coefficients) a block takes a tile of kThreads units, its first threads
+//                compute the coefficients of the (few) rows the tile spans into shared memory while
+//                every thread's loads (and Philox draws) are in flight, then all finish their units;
+//   step_kernel  (per-step coefficients) one thread per independent part (e.g. the SSCS score step
+//                and its two half steps, in different warps so they run concurrently) computes them
+//                into shared memory once per block; a grid-stride loop then applies them.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +24,7 @@
 #include <initializer_list>
 #include <utility>
 
+#include "cld_coefficients.h"
 #include "cld_cuda_launch.h"
 #include "cld_philox.h"
 
@@ -26,6 +34,10 @@ namespace cuda {
 constexpr int kThreads = 256;        // threads per block of every kernel here
 constexpr int kBlocksPerSM = 8;      // 2048 resident threads per SM on sm_80 / sm_90
 constexpr int kMaxDevices = 64;
+// Resident blocks per SM the kernels that compute double-precision coefficients are built for
+// (at most 85 registers a thread). Without it ptxas squeezes some of them into 64 registers and
+// spills; with 4 (64 registers) they spill too.
+constexpr int kMinBlocks = 3;
 
 // ---- conversions (explicit: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends) ---------
 
@@ -81,15 +93,51 @@ __device__ __forceinline__ void noise_pair(const float* eps, int64_t seed, int64
   }
 }
 
-// Row *step of a (S, K) table into registers; a step outside [0, S) gives a NaN row (visible in the
-// result) instead of reading out of bounds: the kernels never synchronise to check it on the host.
-template <int K>
-__device__ __forceinline__ int64_t load_row(const float* table, int64_t S, const int64_t* step, float (&r)[K]) {
-  const int64_t k = *step;
-  const bool ok = k >= 0 && k < S;
+__device__ __forceinline__ int64_t read_seed(const NoiseArg& n) {
+  return n.eps == nullptr && n.seed != nullptr ? *n.seed : 0;
+}
+
+// ---- coefficients on the device ---------------------------------------------------------------
+
+__device__ __forceinline__ Params load_params(const double* sde) {
+  double p[kNumParams];
 #pragma unroll
-  for (int j = 0; j < K; ++j) r[j] = ok ? __ldg(table + k * K + j) : quiet_nan();
-  return k;
+  for (int i = 0; i < kNumParams; ++i) p[i] = __ldg(sde + i);
+  return params_from(p);
+}
+
+// t[i] as double (float32 times are widened, as the references' .to(float64)).
+__device__ __forceinline__ double time_at(const TimeArg& t, int64_t i) {
+  const int64_t off = i * t.stride;
+  return t.is_double ? __ldg(static_cast<const double*>(t.data) + off)
+                     : static_cast<double>(__ldg(static_cast<const float*>(t.data) + off));
+}
+
+// The step index of a sampler call, and whether it lies in the grid ts. Out-of-range steps are not
+// an error on the device (that would need a host synchronisation): they read clamped grid points
+// and poison the coefficients with NaN.
+struct StepIndex {
+  int64_t k;
+  bool valid;
+};
+
+__device__ __forceinline__ StepIndex read_step(const int64_t* step, const TimeArg& ts, bool reads_next) {
+  const int64_t k = *step;
+  return StepIndex{k, step_in_range(k, ts.size, reads_next)};
+}
+
+// ts[i] with i clamped into the grid.
+__device__ __forceinline__ double grid_at(const TimeArg& ts, int64_t i) { return time_at(ts, clamp_index(i, ts.size)); }
+
+template <int K>
+__device__ __forceinline__ void store_coefficients(float* c, const double (&v)[K], bool valid) {
+#pragma unroll
+  for (int j = 0; j < K; ++j) c[j] = valid ? static_cast<float>(v[j]) : quiet_nan();
+}
+
+__device__ __forceinline__ void store_half_step(float* c, const HalfStep& h, bool valid) {
+  const double v[7] = {h.a_xx, h.a_xv, h.a_vx, h.a_vv, h.l11, h.l21, h.l22};
+  store_coefficients<7>(c, v, valid);
 }
 
 // ---- host side --------------------------------------------------------------------------------
@@ -146,49 +194,114 @@ void dispatch_net(NetType t, const F& f) {
   }
 }
 
-// ---- the elementwise kernel -------------------------------------------------------------------
-// Op provides `prepare()` (per-thread setup: read the step / seed / table row on the device) and
-// `template <int V> apply(b, d)` for elements d .. d + V - 1 of row b.
+// Calls f(std::integral_constant<int, V>{}) for V in {4, 2, 1}.
+template <typename F>
+void dispatch_vec(int vec, const F& f) {
+  switch (vec) {
+    case 4:
+      f(std::integral_constant<int, 4>{});
+      break;
+    case 2:
+      f(std::integral_constant<int, 2>{});
+      break;
+    default:
+      f(std::integral_constant<int, 1>{});
+      break;
+  }
+}
+
+// Whether a loop over `units` work items with `grid` blocks keeps every index it forms below 2^32.
+inline bool fits_u32(int64_t units, unsigned grid) {
+  return units + static_cast<int64_t>(grid) * kThreads < (int64_t(1) << 32);
+}
+
+// ---- per-sample coefficients: the tiled row kernel ----------------------------------------------
+// Op provides
+//   static constexpr int K                          floats of coefficients per row
+//   template <int V> struct In                      what a thread loads for one unit
+//   prepare()                                       per-thread setup (e.g. read the seed)
+//   row(b, c)                                       the K coefficients of row b into c (double math)
+//   template <int V> load(b, d, in)                 loads (and noise draws) of elements d .. d + V - 1
+//   template <int V> finish(b, d, in, c)            compute and store them with row b's coefficients c
 
 template <int V, typename Index, typename Op>
-__global__ void __launch_bounds__(kThreads) elementwise_kernel(Op op, int64_t B, int64_t D) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) row_kernel(Op op, int64_t B, int64_t D) {
+  __shared__ float coef[kThreads * Op::K];
   op.prepare();
   const Index units_per_row = static_cast<Index>(D / V);
   const Index n = static_cast<Index>(B) * units_per_row;
-  const Index stride = static_cast<Index>(gridDim.x) * static_cast<Index>(blockDim.x);
-  for (Index j = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += stride) {
+  const Index stride = static_cast<Index>(gridDim.x) * kThreads;
+  // `tile` is uniform over the block, so every thread reaches both barriers of every iteration.
+  for (Index tile = static_cast<Index>(blockIdx.x) * kThreads; tile < n; tile += stride) {
+    const Index j = tile + threadIdx.x;
+    const bool active = j < n;
+    const Index b = (active ? j : tile) / units_per_row;
+    const Index d = (j - b * units_per_row) * V;
+    typename Op::template In<V> in;
+    if (active) op.template load<V>(b, d, in);
+    const Index b0 = tile / units_per_row;
+    const Index last = (n - tile > kThreads ? tile + kThreads : n) - 1;
+    if (threadIdx.x <= last / units_per_row - b0) op.row(b0 + threadIdx.x, coef + threadIdx.x * Op::K);
+    __syncthreads();
+    if (active) op.template finish<V>(b, d, in, coef + (b - b0) * Op::K);
+    __syncthreads();  // the next tile rewrites coef
+  }
+}
+
+template <typename Op>
+void launch_rows(const Op& op, int vec, int64_t B, int64_t D, cudaStream_t stream) {
+  if (B <= 0 || D <= 0) return;
+  dispatch_vec(vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    const int64_t units = B * (D / V);
+    const unsigned grid = grid_size(units);
+    if (fits_u32(units, grid)) {
+      row_kernel<V, uint32_t, Op><<<grid, kThreads, 0, stream>>>(op, B, D);
+    } else {
+      row_kernel<V, int64_t, Op><<<grid, kThreads, 0, stream>>>(op, B, D);
+    }
+  });
+}
+
+// ---- per-step coefficients: the step kernel ---------------------------------------------------
+// Op provides
+//   static constexpr int K, kParts                  floats of coefficients, independent parts
+//   part(i, c)                                      part i of the coefficients into c (double math;
+//                                                   run by lane 0 of warp i, so parts overlap)
+//   prepare(c)                                      per-thread setup from the coefficients c
+//   template <int V> apply(b, d)                    elements d .. d + V - 1 of row b
+
+template <int V, typename Index, typename Op>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) step_kernel(Op op, int64_t B, int64_t D) {
+  static_assert(Op::kParts <= kThreads / 32, "one warp per coefficient part");
+  __shared__ float coef[Op::K];
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0 && warp < Op::kParts) op.part(warp, coef);
+  __syncthreads();
+  op.prepare(coef);
+  const Index units_per_row = static_cast<Index>(D / V);
+  const Index n = static_cast<Index>(B) * units_per_row;
+  const Index stride = static_cast<Index>(gridDim.x) * kThreads;
+  for (Index j = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; j < n; j += stride) {
     const Index b = j / units_per_row;
     const Index d = (j - b * units_per_row) * V;
     op.template apply<V>(static_cast<int64_t>(b), static_cast<int64_t>(d));
   }
 }
 
-template <int V, typename Op>
-void launch_elementwise_v(const Op& op, int64_t B, int64_t D, cudaStream_t stream) {
-  const int64_t units = B * (D / V);
-  const unsigned grid = grid_size(units);
-  // 32-bit indices while every index the loop forms stays below 2^32.
-  if (units + static_cast<int64_t>(grid) * kThreads < (int64_t(1) << 32)) {
-    elementwise_kernel<V, uint32_t, Op><<<grid, kThreads, 0, stream>>>(op, B, D);
-  } else {
-    elementwise_kernel<V, int64_t, Op><<<grid, kThreads, 0, stream>>>(op, B, D);
-  }
-}
-
 template <typename Op>
-void launch_elementwise(const Op& op, int vec, int64_t B, int64_t D, cudaStream_t stream) {
+void launch_steps(const Op& op, int vec, int64_t B, int64_t D, cudaStream_t stream) {
   if (B <= 0 || D <= 0) return;
-  switch (vec) {
-    case 4:
-      launch_elementwise_v<4>(op, B, D, stream);
-      break;
-    case 2:
-      launch_elementwise_v<2>(op, B, D, stream);
-      break;
-    default:
-      launch_elementwise_v<1>(op, B, D, stream);
-      break;
-  }
+  dispatch_vec(vec, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    const int64_t units = B * (D / V);
+    const unsigned grid = grid_size(units);
+    if (fits_u32(units, grid)) {
+      step_kernel<V, uint32_t, Op><<<grid, kThreads, 0, stream>>>(op, B, D);
+    } else {
+      step_kernel<V, int64_t, Op><<<grid, kThreads, 0, stream>>>(op, B, D);
+    }
+  });
 }
 
 }  // namespace cuda

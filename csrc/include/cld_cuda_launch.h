@@ -2,13 +2,13 @@
 // kernel files compile with plain nvcc (no torch headers) and the torch binding
 // (csrc/cuda/ops_cuda.cpp) compiles with the host compiler.
 //
-// Every launcher enqueues exactly one kernel on `stream` (none when there is no work) and returns
-// without synchronising; the binding checks cudaGetLastError() (C10_CUDA_KERNEL_LAUNCH_CHECK) after
-// each call. Layouts and semantics are those of cld_fast/backends/torch_backend.py: u (B, 2, D)
-// contiguous float32 state, network outputs (B, D) in float32 / bfloat16 / float16, per-sample
-// coefficients (B, K), per-step tables (S, K) whose row is picked by `*step` read on the device,
-// seeds read on the device. Optional pointers are nullptr when absent; noise comes from `eps` when
-// given, else from the Philox contract (cld_philox.h) when `seed` is given, else there is none.
+// Semantics are those of the torch references in cld_fast/opdefs.py. Layouts: u (B, 2, D)
+// contiguous float32 state, network outputs (B, D) contiguous in float32 / bfloat16 / float16.
+// Everything the result depends on is read by the kernels on the device: the times t (B,) or the
+// grid ts, the step index, the (5,) float64 CLD parameters `sde` (cld_coefficients.h computes the
+// coefficients from them in double) and the seed. Nothing here synchronises; a step outside the grid
+// gives NaN outputs. Optional pointers are nullptr when absent; noise comes from `eps` when given,
+// else from the Philox contract (cld_philox.h) when `seed` is given, else there is none.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -20,41 +20,54 @@ namespace cuda {
 // dtype of a network output / score argument.
 enum class NetType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
-// u = A @ (x0, v0) + L @ eps into out (B, 2, D); coef (B, 7).
-void launch_perturb(const float* x0, const float* v0, const float* coef, const float* eps, const int64_t* seed,
+// A 1-D float32 / float64 tensor of forward times with any stride (t: size B; ts: size S + 1).
+struct TimeArg {
+  const void* data;
+  int64_t stride;
+  int64_t size;
+  bool is_double;
+};
+
+// Explicit noise (float32, the op's layout) or a (1,) int64 seed on the device, or neither.
+struct NoiseArg {
+  const float* eps;
+  const int64_t* seed;
+};
+
+// out (B, 2, D) = A(t) (x0, v0) + L(t) (z0, z1); objective: cld::Objective.
+void launch_perturb(const float* x0, const float* v0, TimeArg t, const double* sde, int objective, NoiseArg noise,
                     float* out, int64_t B, int64_t D, cudaStream_t stream);
 
-// The HSM loss forward is one kernel (small D: a few lanes per sample) or two (large D: per-(sample,
-// chunk) partial sums, then launch_hsm_loss_fwd_finalize). hsm_loss_fwd_chunks(B, D) is the number of
-// chunks per sample, so the caller allocates B * chunks floats of workspace; 0 means one kernel and no
-// workspace. Deterministic (no atomics), fp32 accumulation.
-int64_t hsm_loss_fwd_chunks(int64_t B, int64_t D);
-void launch_hsm_loss_fwd(const void* out, NetType out_type, const float* u, const float* coef, const float* eps_v,
-                         const int64_t* seed, float* loss, float* partials, int64_t chunks, int64_t B, int64_t D,
-                         cudaStream_t stream);
-void launch_hsm_loss_fwd_finalize(const float* partials, const float* coef, float* loss, int64_t chunks, int64_t B,
-                                  cudaStream_t stream);
+// HSM loss forward: scale w_b sum_d r^2 with r = out + c v - eps_v, per sample into loss (B,)
+// (reduction 0) or summed over samples into loss (0-d, reduction 1). Deterministic (no atomics):
+// one kernel, plus a final reduce when hsm_loss_fwd_workspace(B, D, reduction) > 0, the number of
+// floats of workspace the caller provides (it depends on (B, D, reduction) only).
+int64_t hsm_loss_fwd_workspace(int64_t B, int64_t D, int reduction);
+void launch_hsm_loss_fwd(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde,
+                         int weighting, double scale, int reduction, NoiseArg eps_v, float* loss, float* workspace,
+                         int64_t B, int64_t D, cudaStream_t stream);
 
-// d loss / d out = 2 w grad_b (out + c v - eps_v) into res (B, D) of out_type.
-void launch_hsm_loss_bwd(const float* grad, const void* out, NetType out_type, const float* u, const float* coef,
-                         const float* eps_v, const int64_t* seed, void* res, int64_t B, int64_t D,
-                         cudaStream_t stream);
+// res (B, D) of out_type = 2 scale w_b grad_b r; grad 0-d (grad_stride 0) or (B,).
+void launch_hsm_loss_bwd(const float* grad, int64_t grad_stride, const void* out, NetType out_type, const float* u,
+                         TimeArg t, const double* sde, int weighting, double scale, NoiseArg eps_v, void* res,
+                         int64_t B, int64_t D, cudaStream_t stream);
 
-// res = c0 v + c1 out (B, D) float32; coef (B, 2).
-void launch_mixed_score(const void* out, NetType out_type, const float* u, const float* coef, float* res, int64_t B,
-                        int64_t D, cudaStream_t stream);
+// res (B, D) float32 = -v / s_vv(t) - out / l22(t).
+void launch_mixed_score(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde, float* res,
+                        int64_t B, int64_t D, cudaStream_t stream);
 
-// In place: one analytic half step with row *step of table (S, 7); eps (B, 2, D).
-void launch_half_step(float* u, const float* table, int64_t S, const int64_t* step, const float* eps,
-                      const int64_t* seed, int64_t B, int64_t D, cudaStream_t stream);
+// In place: the reverse linear half step ts[*step] -> ts[*step + 1]; eps (B, 2, D).
+void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* sde, NoiseArg noise, int64_t B,
+                      int64_t D, cudaStream_t stream);
 
-// In place: fused SSCS update with row *step of table (S, 16); y (B, D); eps (B, 4, D).
-void launch_sscs_step(float* u, const void* y, NetType y_type, const float* table, int64_t S, const int64_t* step,
-                      const float* eps, const int64_t* seed, int64_t B, int64_t D, cudaStream_t stream);
+// In place: the fused SSCS update after a network evaluation at ts[*step]; y (B, D); eps (B, 4, D).
+void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step, const double* sde,
+                      bool mixed, NoiseArg noise, int64_t B, int64_t D, cudaStream_t stream);
 
-// out = affine step of u with row *step of table (S, 6); out may be u itself; eps (B, D).
-void launch_affine_step(const float* u, const void* y, NetType y_type, const float* table, int64_t S,
-                        const int64_t* step, const float* eps, const int64_t* seed, float* out, int64_t B, int64_t D,
+// out = the affine step of u for ts[*step] -> ts[*step + 1] (kind: cld::AffineKind); out may be u
+// itself; eps (B, D), used by kind em only.
+void launch_affine_step(const float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step,
+                        const double* sde, int kind, bool mixed, NoiseArg noise, float* out, int64_t B, int64_t D,
                         cudaStream_t stream);
 
 }  // namespace cuda

@@ -18,19 +18,12 @@
 // Plain C++17 plus CUDA qualifiers: no torch, no curand; included by csrc/cpu and csrc/cuda.
 #pragma once
 
-#include <stdint.h>
-
-#if !defined(__CUDA_ARCH__)
-#include <cmath>
-#endif
+#include "cld_hd.h"
 
 #if defined(__CUDACC__)
-#define CLD_HD __host__ __device__ __forceinline__
 // libdevice's accurate implementations (what logf / sincosf call without --use_fast_math).
 extern "C" __device__ float __nv_logf(float);
 extern "C" __device__ void __nv_sincosf(float, float*, float*);
-#else
-#define CLD_HD inline
 #endif
 
 namespace cld {
@@ -43,7 +36,7 @@ constexpr float kUniformScale = 4.6566127342e-10f;
 constexpr float kTwoPi = 6.28318530717958647692f;  // float32(2 pi), as philox.box_muller
 constexpr float kBoxMullerMinU = 1.0e-7f;
 
-// Op tags (counter word c3), as cld_fast.philox.TAG_*.
+// Op tags (counter word c3), as cld_fast.philox.TAG_* (the bindings' _layout() lists them).
 constexpr uint32_t kTagPerturb = 0;
 constexpr uint32_t kTagHalfStep = 1;
 constexpr uint32_t kTagSscs = 2;
