@@ -14,8 +14,7 @@ import importlib
 
 from . import backends  # callable: cld_fast.backends() lists the backends that can run here
 from .checks import value_checks
-from .ops import (Noise, TrainingTimes, em_step_, half_step_, hsm_loss, mixed_score, perturb, pf_drift, sscs_step_,
-                  training_times)
+from .ops import Noise, em_step_, half_step_, hsm_loss, mixed_score, perturb, pf_drift, sscs_step_
 from .sde import CLD, VPSDE, PerturbationKernel
 
 __version__ = "0.1.0"
@@ -39,5 +38,5 @@ def __getattr__(name):
 
 __all__ = [
     "CLD", "VPSDE", "PerturbationKernel", "Noise", "perturb", "hsm_loss", "mixed_score", "half_step_",
-    "sscs_step_", "em_step_", "pf_drift", "training_times", "TrainingTimes", "backends", "value_checks", *_LAZY,
+    "sscs_step_", "em_step_", "pf_drift", "backends", "value_checks", *_LAZY,
 ]

@@ -1,9 +1,11 @@
-"""Public CLD ops: check inputs, take coefficients from ``cld_fast.sde``, dispatch to a backend.
+"""Public CLD ops: check inputs, dispatch one fused kernel to a backend.
 
 Layouts: data x has shape (B, C, ...) (2-D data: (B, D)); the state u = (x, v) has shape
 (B, 2C, ...) with x in the first C channels and v in the last C. Every kernel sees u as a
 (B, 2, D) view, so the buffer ``perturb`` writes is the one the network consumes. Times are forward
-times t in (0, 1], t = 0 is data.
+times t in (0, 1], t = 0 is data. Kernels take the times and the CLD parameters
+(``sde.kernel_params``) and compute their coefficients themselves; the ops are declared once in
+``cld_fast.opdefs``.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import backends, checks, philox
-from .sde import AFFINE_COLS, CLD, HALF_COLS, SSCS_COLS
+from . import backends, checks, opdefs, philox
+from .sde import AFFINE_KIND_CODES, CLD, OBJECTIVE_CODES, WEIGHTING_CODES, kernel_params
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,13 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _state_view(u: torch.Tensor) -> torch.Tensor:
+    """The (B, 2, D) view of a state u (B, 2C, ...) that kernels write into (u must be viewable)."""
     return u.view(u.shape[0], 2, -1)
+
+
+def _state_read(u: torch.Tensor) -> torch.Tensor:
+    """u as (B, 2, D) for reading: a view where the layout allows, else a contiguous copy."""
+    return u.reshape(u.shape[0], 2, -1)
 
 
 def _check_sde(sde, name="sde"):
@@ -50,83 +58,33 @@ def _check_sde(sde, name="sde"):
         raise TypeError(f"{name} must be a cld_fast.CLD, got {type(sde).__name__}")
 
 
-@dataclass(frozen=True)
-class TrainingTimes:
-    """Times, coefficient tables and a noise seed for one training batch, on the data's device.
-
-    ``t`` (B,) float32 (float64 for a float64 state), ``perturb`` (B, 7) and ``loss`` (B, 2) in the
-    state dtype, ``seed`` (1,) int64 for in-kernel Philox noise. All are contiguous views of one
-    buffer built by ``training_times`` on the host and moved in one pinned, non-blocking copy, so a
-    training step runs no coefficient kernels, no seed kernel, and never synchronises the host.
-    """
-
-    t: torch.Tensor
-    perturb: torch.Tensor
-    loss: torch.Tensor
-    seed: torch.Tensor
+def _run(mod, name, *args):
+    """Call op ``name`` of backend module ``mod`` with the opdefs schema arguments."""
+    return mod.op(name)(*args)
 
 
-def training_times(batch: int, sde: CLD, device, generator: Optional[torch.Generator] = None, loss_eps: float = 1e-5,
-                   weighting: str = "reweightedv2", dtype: torch.dtype = torch.float32,
-                   loss_scale: float = 1.0) -> TrainingTimes:
-    """Draw t ~ U(loss_eps, 1) and a Philox seed on the host and precompute the coefficient tables.
-
-    Args:
-        batch: B. sde: the CLD. device: where the data lives. generator: a CPU generator (or None).
-        loss_eps: smallest training time. weighting: loss weighting. dtype: state dtype.
-        loss_scale: multiplies the weight column of the loss table. With ``1 / batch``,
-            ``hsm_loss(..., reduction="sum")`` is the batch mean, and its backward is a view: the
-            step then needs no mean and no gradient-scaling kernel.
-    Returns:
-        TrainingTimes on ``device``; pass ``tt.t`` to the network and ``coefficients=tt.perturb``
-        (and ``seed=tt.seed`` for in-kernel noise) to ``perturb``, ``coefficients=tt.loss`` to ``hsm_loss``.
-    """
-    _check_sde(sde)
-    checks.optional_int(batch, "batch", minimum=1)
-    if not 0.0 < loss_eps < 1.0:
-        raise ValueError(f"loss_eps must lie in (0, 1), got {loss_eps}")
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError("generator must be a CPU generator: training times are drawn on the host")
-    if dtype not in checks.STATE_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-    t = torch.rand(batch, generator=generator, dtype=torch.float64) * (1.0 - loss_eps) + loss_eps
-    seed = torch.randint(0, philox.SEED_BOUND, (1,), generator=generator, dtype=torch.int64)
-    values = torch.cat([t, sde.perturbation_kernel(t, "hsm").table().flatten(),
-                        (sde.loss_coefficients(t, weighting) * torch.tensor([1.0, float(loss_scale)],
-                                                                            dtype=torch.float64)).flatten()]).to(dtype)
-    # One integer buffer of the state dtype's width: the seed's 8 bytes first, then the float values
-    # written through a float view, so the seed's bits never pass through a float copy.
-    word = torch.int32 if dtype == torch.float32 else torch.int64
-    head = 8 // values.element_size()
-    buf = torch.empty(head + values.numel(), dtype=word)
-    buf[:head] = seed.view(word)
-    buf[head:].view(dtype).copy_(values)
-    device = torch.device(device)
-    if device.type == "cuda":
-        buf = buf.pin_memory().to(device, non_blocking=True)
-    else:
-        buf = buf.to(device)
-    vals = buf[head:].view(dtype)
-    b = batch
-    return TrainingTimes(t=vals[:b], perturb=vals[b:8 * b].view(b, 7), loss=vals[8 * b:10 * b].view(b, 2),
-                         seed=buf[:head].view(torch.int64))
+def _times(t: torch.Tensor) -> torch.Tensor:
+    """t as the kernels read it: float32 or float64 (other float dtypes are widened to float32)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
 
 
 def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm", generator: Optional[torch.Generator] = None,
             eps: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-            coefficients: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Noise]:
-    """Sample u_t ~ p(u_t | x0) of the CLD perturbation kernel in one fused pass.
+            seed: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Noise]:
+    """Sample u_t ~ p(u_t | x0) of the CLD perturbation kernel in one fused launch.
+
+    The kernel computes the mean matrix A(t), the covariance and its 2x2 Cholesky factor L(t) per
+    sample from ``t`` and the CLD parameters itself (float64 per-row math, ``cld_fast.sde``'s
+    formulas), so a call is one launch plus the seed draw; no coefficient ops run on the device.
 
     Args:
         x0: (B, C, ...) or (B, D) data, float32 or float64.
-        t: (B,) forward times in (0, 1].
+        t: (B,) forward times in (0, 1] on x0's device (float32 or float64).
         sde: the CLD.
         objective: "hsm" (v0 marginalised, the default) or "dsm" (v0 ~ N(0, gamma M) drawn here).
         generator: torch.Generator for the noise (its device's default generator when None).
         eps: optional explicit noise (B, 2, D) (eps_x, eps_v), for exact reproduction.
         backend: force a backend (else ``CLD_FAST_BACKEND`` or automatic choice).
-        coefficients: optional precomputed (B, 7) ``sde.perturbation_kernel(t, objective).table()``
-            on x0's device (see ``training_times``); skips the coefficient math here.
         seed: optional (1,) int64 tensor on x0's device: draw the noise in-kernel by the Philox
             contract of ``cld_fast.philox`` with this seed (any backend) instead of from ``generator``.
     Returns:
@@ -134,85 +92,79 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
         noise: a ``Noise`` handle for ``hsm_loss``.
     """
     _check_sde(sde)
+    if objective not in OBJECTIVE_CODES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVE_CODES)}, got {objective!r}")
     checks.tensor(x0, "x0", min_dim=2)
     b = x0.shape[0]
     checks.time(t, b, x0.device)
     checks.finite(x0, "x0")
     d = x0[0].numel()
     mod = backends.select(x0.device, x0.dtype, backend)
-    if coefficients is None:
-        coef = sde.perturbation_kernel(t, objective).table().to(x0.dtype)
-    else:
-        coef = _check_coefficients(coefficients, b, 7, x0, "coefficients").to(x0.dtype)
     u = torch.empty((b, 2 * x0.shape[1]) + tuple(x0.shape[2:]), dtype=x0.dtype, device=x0.device)
-    x2 = _flat(x0)
     v0 = None
     if objective == "dsm":
-        v0 = torch.randn(x2.shape, generator=generator, device=x0.device, dtype=x0.dtype) * math.sqrt(sde.gamma * sde.M)
+        v0 = torch.randn((b, d), generator=generator, device=x0.device, dtype=x0.dtype) * math.sqrt(sde.gamma * sde.M)
     if seed is not None:
         if eps is not None:
             raise ValueError("pass either eps or seed to perturb, not both")
-        if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError("seed must be a (1,) int64 tensor")
-        checks.same_device(x0, "x0", seed=seed)
-        seed = seed.reshape(1)
+        seed = _seed(seed, x0.device)
     elif eps is not None:
         checks.tensor(eps, "eps", dtypes=checks.STATE_DTYPES)
         checks.same_device(x0, "x0", eps=eps)
         if tuple(eps.shape) != (b, 2, d):
             raise ValueError(f"eps must have shape {(b, 2, d)} (eps_x, eps_v per element of x0), got {tuple(eps.shape)}")
-        eps = eps.to(x0.dtype).contiguous()
-    elif mod.NAME in ("triton", "cuda"):
-        seed = philox.seed_from_generator(generator, x0.device)
-    else:
+        checks.finite(eps, "eps")
+        eps = eps.to(x0.dtype)
+    elif mod.NAME == "torch":
         eps = torch.randn((b, 2, d), generator=generator, device=x0.device, dtype=x0.dtype)
-    mod.perturb(x2, coef, _state_view(u), eps=eps, seed=seed, v0=v0)
+    else:
+        seed = philox.seed_from_generator(generator, x0.device)
+    x0 = x0.detach() if x0.requires_grad else x0  # the fused kernel has no backward: never keep x0's graph
+    _run(mod, "perturb", _flat(x0), v0, _times(t), kernel_params(sde, x0.device), OBJECTIVE_CODES[objective],
+         eps, seed, _state_view(u))
     return u, Noise(eps=eps, seed=seed, backend=mod.NAME, objective=objective, numel=b * d)
 
 
 class _HSMLoss(torch.autograd.Function):
-    """Per-sample HSM loss; backward recomputes the residual (eps_v regenerated if seeded)."""
+    """HSM loss; backward is one elementwise kernel (eps_v regenerated from the seed if seeded)."""
 
     @staticmethod
-    def forward(ctx, out2, u3, coef, eps_v, seed, backend_name):
+    def forward(ctx, out2, u3, t, params, weighting, scale, reduction, eps_v, seed, backend_name):
         mod = backends.get(backend_name)
-        loss = mod.hsm_loss_fwd(out2, u3, coef, eps_v, seed)
-        ctx.save_for_backward(out2, u3, coef, eps_v, seed)
-        ctx.backend_name = backend_name
+        loss = _run(mod, "hsm_loss_fwd", out2, u3, t, params, weighting, scale, reduction, eps_v, seed)
+        ctx.save_for_backward(out2, u3, t, params, eps_v, seed)
+        ctx.args = (weighting, scale, backend_name)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out2, u3, coef, eps_v, seed = ctx.saved_tensors
-        mod = backends.get(ctx.backend_name)
-        # The gradient of a sum is an expanded (stride-0) view; backends that read strides take it as is.
-        if not getattr(mod, "STRIDED_LOSS_GRAD", False):
-            grad = grad.contiguous()
-        grad_out = mod.hsm_loss_bwd(grad, out2, u3, coef, eps_v, seed)
+        out2, u3, t, params, eps_v, seed = ctx.saved_tensors
+        weighting, scale, backend_name = ctx.args
+        mod = backends.get(backend_name)
+        grad_out = _run(mod, "hsm_loss_bwd", grad, out2, u3, t, params, weighting, scale, eps_v, seed)
         grad_u = None
         if ctx.needs_input_grad[1]:
+            # d loss / d v = c(t) d loss / d out; only when u itself requires grad (not in training).
+            cw = opdefs.loss_coefficients_from(params, t, weighting).to(u3.dtype)
             grad_u = torch.zeros_like(u3)
-            grad_u[:, 1] = coef[:, 0:1].to(u3.dtype) * grad_out.to(u3.dtype)
-        return grad_out, grad_u, None, None, None, None
+            grad_u[:, 1] = cw[:, 0:1] * grad_out.to(u3.dtype)
+        return grad_out, grad_u, None, None, None, None, None, None, None, None
 
 
-def _check_coefficients(coef, batch, cols, like, name):
-    checks.tensor(coef, name, dtypes=checks.STATE_DTYPES)
-    if tuple(coef.shape) != (batch, cols):
-        raise ValueError(f"{name} must have shape {(batch, cols)}, got {tuple(coef.shape)}")
-    checks.same_device(like, "the data", **{name: coef})
-    return coef
+_REDUCTIONS = ("mean", "sum", "none")
 
 
 def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, noise: Noise,
-             weighting: str = "reweightedv2", reduction: str = "mean", backend: Optional[str] = None,
-             coefficients: Optional[torch.Tensor] = None) -> torch.Tensor:
+             weighting: str = "reweightedv2", reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
     """Hybrid score matching loss of the mixed score parameterisation, fused and differentiable in ``out``.
 
     Per sample, summed over data dimensions:
       ``reweightedv2`` (default): (out + v l22 / s_vv - eps_v)^2
       ``likelihood``: (score + eps_v / l22)^2 beta(t) Gamma with score = -v / s_vv - out / l22.
+    The kernel computes l22, s_vv and the weight from ``t`` itself and reduces over samples too
+    (deterministically), so the forward is one launch (two where a long row is split into chunks)
+    and the backward one elementwise launch.
 
     Args:
         out: (B, C, ...) network output (float32, bfloat16, float16; float64 with a float64 state).
@@ -222,10 +174,8 @@ def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, nois
         noise: the handle ``perturb`` returned with ``u``.
         weighting: "reweightedv2" or "likelihood".
         reduction: "mean" (scalar, the official training loss), "sum", or "none" ((B,) per sample).
-        coefficients: optional precomputed (B, 2) ``sde.loss_coefficients(t, weighting)`` on u's
-            device (see ``training_times``).
     Returns:
-        float32 loss (float64 for a float64 state); gradients flow to ``out``.
+        The loss in u's dtype (float32 or float64); gradients flow to ``out``.
     """
     _check_sde(sde)
     checks.tensor(u, "u", min_dim=2)
@@ -234,7 +184,9 @@ def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, nois
         raise TypeError(f"noise must be the Noise handle returned by cld_fast.perturb, got {type(noise).__name__}")
     if noise.objective != "hsm":
         raise ValueError(f"hsm_loss needs noise from perturb(objective='hsm'), got objective={noise.objective!r}")
-    if reduction not in ("mean", "sum", "none"):
+    if weighting not in WEIGHTING_CODES:
+        raise ValueError(f"weighting must be one of {tuple(WEIGHTING_CODES)}, got {weighting!r}")
+    if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     x_shape = checks.data_shape_of(u)
     if tuple(out.shape) != x_shape:
@@ -247,30 +199,19 @@ def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, nois
     d = out[0].numel()
     if noise.numel != b * d:
         raise ValueError(f"noise was drawn for {noise.numel} elements but u holds {b * d}; pass the noise perturb returned with u")
-    name = noise.backend
-    forced = backend or backends.forced()
-    if forced:
-        name = forced
+    name = backend or backends.forced() or noise.backend
     mod = backends.select(u.device, u.dtype, name)
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    if coefficients is None:
-        coef = sde.loss_coefficients(t, weighting).to(acc)
-    else:
-        if weighting not in ("reweightedv2", "likelihood"):
-            raise ValueError(f"weighting must be one of ('reweightedv2', 'likelihood'), got {weighting!r}")
-        coef = _check_coefficients(coefficients, b, 2, u, "coefficients").to(acc)
-    u3 = _state_view(u.contiguous())
-    eps_v = None if noise.eps is None else noise.eps[:, 1].contiguous()
-    losses = _HSMLoss.apply(_flat(out), u3, coef, eps_v, noise.seed, mod.NAME)
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses
+    eps_v = None if noise.eps is None else noise.eps[:, 1].to(u.dtype)
+    scale = 1.0 / b if reduction == "mean" else 1.0
+    return _HSMLoss.apply(_flat(out), _state_read(u), _times(t), kernel_params(sde, u.device),
+                          WEIGHTING_CODES[weighting], scale, 0 if reduction == "none" else 1, eps_v, noise.seed, mod.NAME)
 
 
 def mixed_score(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, backend: Optional[str] = None) -> torch.Tensor:
-    """Mixed score grad_v log p_t(u) = -v / s_vv(t) - out / l22(t) (HSM kernel); returns x's shape, u's dtype."""
+    """Mixed score grad_v log p_t(u) = -v / s_vv(t) - out / l22(t) (HSM kernel), one launch.
+
+    out (B, C, ...) network output, u (B, 2C, ...) state, t (B,) forward times; returns x's shape in u's dtype.
+    """
     _check_sde(sde)
     checks.tensor(u, "u", min_dim=2)
     checks.tensor(out, "out", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
@@ -280,20 +221,60 @@ def mixed_score(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, b
     checks.same_device(u, "u", out=out)
     checks.time(t, u.shape[0], u.device)
     mod = backends.select(u.device, u.dtype, backend)
-    coef = sde.mixed_score_coefficients(t).to(u.dtype)
-    score = mod.mixed_score(_flat(out), _state_view(u.contiguous()), coef)
+    score = _run(mod, "mixed_score", _flat(out), _state_read(u), _times(t), kernel_params(sde, u.device))
     return score.view(x_shape)
 
 
-def _prepare_step(u, y, tab, cols, step, name_tab, eps, eps_count):
+# ---- sampler steps -------------------------------------------------------------------------------
+
+
+def _grid(ts, device, name="ts") -> torch.Tensor:
+    """A (S + 1,) forward-time grid tensor on ``device`` (float32 / float64; lists are converted)."""
+    if not isinstance(ts, torch.Tensor):
+        ts = torch.tensor(ts, dtype=torch.float64)
+    if not ts.is_floating_point() or ts.dim() != 1 or ts.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D floating tensor of forward times, got {tuple(ts.shape)} {ts.dtype}")
+    if ts.device != torch.device(device) and not (ts.device.type == "cuda" == torch.device(device).type):
+        ts = ts.to(device)
+    if checks.value_checks_enabled() and not bool(((ts >= 0) & (ts <= 1)).all()):
+        raise ValueError(f"{name} must hold forward times in [0, 1]")
+    return _times(ts)
+
+
+def _check_step_range(step, points: int, reads_next: bool, op: str) -> None:
+    """Raise when an int step lies outside the grid. Tensor steps are read in-kernel: the C++ CPU
+    kernels raise the same error, device kernels write NaN (no host sync), the torch reference's
+    IndexError is re-raised by ``_run_step``."""
+    last = points - 2 if reads_next else points - 1
+    if isinstance(step, int) and not isinstance(step, bool) and not 0 <= step <= last:
+        raise ValueError(_step_error(op, step, points, last))
+
+
+def _step_error(op, step, points, last) -> str:
+    if last < 0:
+        return f"{op}: step = {step} is out of range: the time grid ts has {points} point(s), too few for a step"
+    return f"{op}: step = {step} is out of range for a time grid ts of {points} points (valid 0..{last})"
+
+
+def _run_step(mod, name, op, points, *args):
+    """``_run`` for a step op; the torch reference's IndexError for a bad tensor step becomes the usual error."""
+    try:
+        return _run(mod, name, *args)
+    except IndexError as exc:
+        raise ValueError(_step_error(op, "<tensor>", points, points - 2)) from exc
+
+
+def _prepare_step(u, y, ts, sde, step, eps, eps_count, op, reads_next=True):
+    _check_sde(sde)
     checks.tensor(u, "u", min_dim=2)
     x_shape = checks.data_shape_of(u)
-    checks.table(tab, name_tab, cols, u.device)
     if y is not None:
         checks.tensor(y, "y", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
         if tuple(y.shape) != x_shape:
             raise ValueError(f"y (the score or network output) must have the data shape {x_shape}, got {tuple(y.shape)}")
         checks.same_device(u, "u", y=y)
+    ts = _grid(ts, u.device)
+    _check_step_range(step, ts.numel(), reads_next, op)
     step = checks.step_tensor(step, u.device)
     if eps is not None:
         checks.tensor(eps, "eps")
@@ -302,8 +283,9 @@ def _prepare_step(u, y, tab, cols, step, name_tab, eps, eps_count):
         if tuple(eps.shape) != want:
             raise ValueError(f"eps must have shape {want}, got {tuple(eps.shape)}")
         checks.same_device(u, "u", eps=eps)
-        eps = eps.to(u.dtype).contiguous()
-    return x_shape, step, eps
+        checks.finite(eps, "eps")
+        eps = eps.to(u.dtype)
+    return ts, step, eps
 
 
 def _seed(seed, device):
@@ -316,83 +298,99 @@ def _seed(seed, device):
             raise ValueError(f"seed must be in [0, 2**62), got {seed}")
         return torch.tensor([seed], dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1:
-        return seed.reshape(1).to(device)
-    raise TypeError("seed must be None, an int, a torch.Generator or a (1,) int64 tensor")
+        if seed.device != torch.device(device) and not (seed.device.type == "cuda" == torch.device(device).type):
+            raise ValueError(f"seed is on {seed.device} but the data is on {device}")
+        return seed.reshape(1)
+    raise TypeError("seed must be None, an int in [0, 2**62), a torch.Generator or a (1,) int64 tensor")
 
 
 def _inplace(u, fn):
-    """Run an in-place kernel on u's (B, 2, D) view; non-contiguous u goes through a copy."""
-    if u.is_contiguous():
-        fn(_state_view(u))
+    """Run an in-place kernel on u's (B, 2, D) view; a u that has no such view goes through a copy."""
+    try:
+        view = _state_view(u)
+    except RuntimeError:
+        work = u.contiguous()
+        fn(_state_view(work))
+        u.copy_(work)
         return u
-    work = u.contiguous()
-    fn(_state_view(work))
-    u.copy_(work)
+    fn(view)
     return u
 
 
-def half_step_(u: torch.Tensor, table: torch.Tensor, step=0, seed=None, eps: Optional[torch.Tensor] = None,
+def half_step_(u: torch.Tensor, ts, sde: CLD, step=0, seed=None, eps: Optional[torch.Tensor] = None,
                backend: Optional[str] = None) -> torch.Tensor:
-    """In place: one analytic linear half step of the reverse SDE, u <- A u + L z.
+    """In place: the exact linear part of the reverse SDE from forward time ts[step] to ts[step + 1].
+
+    u <- A u + L z, with A and L computed in-kernel from the two times (``CLD.half_step_coefficients``).
 
     Args:
         u: (B, 2C, ...) state, float32/float64.
-        table: (S, 7) per-step rows (``CLD.half_step_coefficients``); row ``step`` is used.
+        ts: (S + 1,) forward-time grid (tensor on u's device, or a list), decreasing.
+        sde: the CLD.
         step: int or (1,) int64 tensor on u's device (read in-kernel: no host sync).
         seed: None (no noise unless ``eps``), an int, a Generator or a (1,) int64 tensor (in-kernel Philox).
         eps: optional explicit noise (B, 2, D).
     """
-    x_shape, step, eps = _prepare_step(u, None, table, HALF_COLS, step, "table", eps, 2)
+    ts, step, eps = _prepare_step(u, None, ts, sde, step, eps, 2, "half_step_")
     mod = backends.select(u.device, u.dtype, backend)
     s = _seed(seed, u.device)
-    tab = table.to(u.dtype)
-    return _inplace(u, lambda u3: mod.half_step_(u3, tab, step, eps=eps, seed=s))
+    params = kernel_params(sde, u.device)
+    return _inplace(u, lambda u3: _run_step(mod, "half_step_", "half_step_", ts.numel(), u3, ts, step, params, eps, s))
 
 
-def sscs_step_(u: torch.Tensor, y: torch.Tensor, table: torch.Tensor, step=0, seed=None,
+def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool = False, seed=None,
                eps: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
-    """In place: the fused SSCS update after a network evaluation (one launch per NFE).
+    """In place: the fused SSCS update after the network evaluation of step i = ``step`` (one launch per NFE).
 
-    v <- alpha v + kappa y (the score Euler step; y is the score, or the raw network output when
-    the table folds in the mixed score), then the closing half step of this step and the opening
-    half step of the next, each with its own noise.
+    With t = ts[i] and h = ts[i] - ts[i + 1]: v <- alpha v + kappa y (the score's Euler step at t;
+    y is the score, or the raw network output when ``mixed`` folds the mixed score into alpha and
+    kappa), then the closing half step t - h/2 -> ts[i + 1] with noise (z0, z1) and, unless this is
+    the last step of the grid, the opening half step of step i + 1 with (z2, z3). Every
+    coefficient is computed in-kernel from ts and the CLD parameters.
 
     Args:
         u: (B, 2C, ...) state; y: (B, C, ...) score or network output (fp32/bf16/fp16).
-        table: (S, 16) rows from ``CLD.sscs_table``; row ``step`` is used.
+        ts: (S + 1,) forward-time grid; sde: the CLD; mixed: y is a mixed-score network output.
         step, seed, eps: as in ``half_step_``; eps has shape (B, 4, D).
     """
-    x_shape, step, eps = _prepare_step(u, y, table, SSCS_COLS, step, "table", eps, 4)
+    ts, step, eps = _prepare_step(u, y, ts, sde, step, eps, 4, "sscs_step_")
     mod = backends.select(u.device, u.dtype, backend)
     s = _seed(seed, u.device)
-    tab = table.to(u.dtype)
+    params = kernel_params(sde, u.device)
     y2 = _flat(y)
-    return _inplace(u, lambda u3: mod.sscs_step_(u3, y2, tab, step, eps=eps, seed=s))
+    return _inplace(u, lambda u3: _run_step(mod, "sscs_step_", "sscs_step_", ts.numel(), u3, y2, ts, step, params, bool(mixed), eps, s))
 
 
-def em_step_(u: torch.Tensor, y: torch.Tensor, table: torch.Tensor, step=0, seed=None,
-             eps: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
-    """In place: an affine reverse step (Euler-Maruyama, or its noise-free "denoise" variant).
+def em_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool = False, denoise: bool = False,
+             seed=None, eps: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """In place: an Euler–Maruyama step of the reverse SDE from ts[step] to ts[step + 1].
 
-    x <- c_xx x + c_xv v; v <- c_vx x + c_vv v + c_vy y + sigma z, with row ``step`` of a (S, 6)
-    table from ``CLD.reverse_affine_coefficients``. eps, if given, has shape (B, D).
+    x <- x - m_inv beta h v; v <- v + beta h (x + Gamma m_inv v + 2 Gamma score) + sqrt(2 Gamma beta h) z.
+    ``denoise=True``: the same step without noise (the official final "denoising" step).
+    ``mixed``: y is a mixed-score network output (folded in-kernel). eps, if given, has shape (B, D).
     """
-    x_shape, step, eps = _prepare_step(u, y, table, AFFINE_COLS, step, "table", eps, 1)
+    ts, step, eps = _prepare_step(u, y, ts, sde, step, eps, 1, "em_step_")
     mod = backends.select(u.device, u.dtype, backend)
-    s = _seed(seed, u.device)
-    tab = table.to(u.dtype)
+    s = None if denoise else _seed(seed, u.device)
+    eps = None if denoise else eps
+    params = kernel_params(sde, u.device)
+    kind = AFFINE_KIND_CODES["denoise" if denoise else "em"]
     y2 = _flat(y)
-    return _inplace(u, lambda u3: mod.affine_step(u3, y2, tab, step, u3, eps=eps, seed=s))
+    return _inplace(u, lambda u3: _run_step(mod, "affine_step", "em_step_", ts.numel(), u3, y2, ts, step, params, kind, bool(mixed), eps, s, u3))
 
 
-def pf_drift(u: torch.Tensor, y: torch.Tensor, table: torch.Tensor, step=0, backend: Optional[str] = None) -> torch.Tensor:
-    """Probability-flow ODE drift du/dt (forward time) as a new (B, 2C, ...) tensor.
+def pf_drift(u: torch.Tensor, y: torch.Tensor, t, sde: CLD, mixed: bool = False, backend: Optional[str] = None) -> torch.Tensor:
+    """Probability-flow ODE drift du/dt (forward time) at time t as a new (B, 2C, ...) tensor.
 
-    Uses row ``step`` of a (S, 6) table from ``CLD.reverse_affine_coefficients(t, 0, "pf_drift")``.
+    t: a float or a one-element tensor on u's device (all samples share the time).
     """
-    x_shape, step, _ = _prepare_step(u, y, table, AFFINE_COLS, step, "table", None, 1)
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        t = torch.tensor([float(t)], dtype=torch.float64)
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        raise ValueError("t must be a float or a one-element tensor (the ODE time shared by all samples)")
+    ts, step, _ = _prepare_step(u, y, t.reshape(1), sde, 0, None, 1, "pf_drift", reads_next=False)
     mod = backends.select(u.device, u.dtype, backend)
-    tab = table.to(u.dtype)
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    mod.affine_step(_state_view(u.contiguous()), _flat(y), tab, step, _state_view(out))
+    _run(mod, "affine_step", _state_read(u), _flat(y), ts, step, kernel_params(sde, u.device),
+         AFFINE_KIND_CODES["pf_drift"], bool(mixed), None, None, _state_view(out))
     return out

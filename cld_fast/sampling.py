@@ -26,7 +26,6 @@ from . import checks, ops, philox
 from .score import NetworkScore
 from .sde import CLD, STRIDINGS, VPSDE, time_grid
 
-METHODS = ("sscs", "em", "ode")
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -79,11 +78,9 @@ def _check_steps(steps) -> int:
     return steps
 
 
-def _check_sde(sde, method: Optional[str] = None):
+def _check_sde(sde):
     if not isinstance(sde, (CLD, VPSDE)):
         raise TypeError(f"sde must be a cld_fast.CLD or cld_fast.VPSDE, got {type(sde).__name__}")
-    if method == "sscs" and isinstance(sde, VPSDE):
-        raise ValueError("method='sscs' (symmetric splitting CLD sampler) needs a CLD; use method='em' or 'ode' for a VPSDE")
 
 
 def _check_striding(striding):
@@ -133,8 +130,8 @@ class _Evaluator:
     """Calls the score function and checks what it returns (metadata only: no host sync).
 
     For a ``NetworkScore`` with the mixed parameterisation and the sampler's own CLD, ``fold`` is True:
-    the raw network output is returned and the samplers fold the mixed-score coefficients into their
-    tables (so the output goes straight into the fused kernel).
+    the raw network output is returned and the fused step kernels fold the mixed-score coefficients
+    in themselves (``mixed=True``), so the output goes straight into the kernel.
     """
 
     def __init__(self, score_fn, sde, x_shape, fold_ok: bool = True):
@@ -146,10 +143,6 @@ class _Evaluator:
         self.x_shape = tuple(x_shape)
         self.sde = sde
         self.calls = 0
-
-    def mixed(self, t):
-        """The (.., 2) mixed-score coefficients to fold at forward times t, or None."""
-        return self.sde.mixed_score_coefficients(t) if self.fold else None
 
     def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         y = self.fn(u, t)
@@ -170,16 +163,18 @@ class _Evaluator:
 # fixed-step plans (shared by cf.sample and cf.SSCSScheduler, so both give the same samples)
 # ----------------------------------------------------------------------------------------------
 class _FixedPlan:
-    """Per-run tables of a fixed-step sampler on the device.
+    """The time grid of a fixed-step run, on the device.
 
     ts: (n + 1,) float64 CPU grid (forward times, 1 -> eps); times: the ``steps`` forward times at
     which the score is evaluated (host floats: the loop times, then eps when denoising).
-    t_net: (n + 1,) device tensor in the state dtype with t_net[i + 1] = ts[i] (SSCS reads it at the
-    step counter after incrementing; EM reads t_net[1:] at the counter before incrementing).
+    grid: ts on the device in float64, read by the fused kernels (step i runs ts[i] -> ts[i + 1]);
+    t_net: ts in the state dtype, the network's times (t_net[i] = ts[i]).
+    opening: (2,) device grid of the SSCS opening half step (ts[0] -> ts[0] - h_0 / 2).
+    denoise_grid: (2,) device grid (eps, 0) of the final noise-free step at t = eps of size eps.
+    VP-SDE runs keep a (n, 3) table of ``VPSDE.reverse_coefficients`` (plain torch ops).
     """
 
-    def __init__(self, sde, method, steps, eps, striding, denoise, mixed_fn, device, dtype):
-        self.method = method
+    def __init__(self, sde, steps, eps, striding, denoise, device, dtype):
         self.steps = steps
         self.eps = eps
         self.denoise = denoise
@@ -189,35 +184,18 @@ class _FixedPlan:
         n = self.n
         self.ts = time_grid(n, eps, striding) if n >= 1 else torch.tensor([1.0], dtype=torch.float64)
         self.times: List[float] = self.ts[:-1].tolist() + ([eps] if denoise else [])
-        t_net = torch.cat([self.ts[:1], self.ts[:-1]])
-        self.t_net = t_net.to(device=self.device, dtype=dtype)
-        self.t_loop = self.t_net[1:]
+        self.grid = self.ts.to(self.device)
+        self.t_net = self.grid.to(dtype)
         self.timesteps = torch.tensor(self.times, dtype=torch.float64).to(device=self.device, dtype=dtype)
-        self.table = self.half = None
+        self.opening = self.table = None
         if n >= 1:
-            ts = self.ts
-            if method == "sscs":
-                table = sde.sscs_table(ts, mixed=mixed_fn is not None)
-                self.table = table.to(device=self.device, dtype=dtype).contiguous()
-                self.half = self.table[:, 2:9].contiguous()
-            elif isinstance(sde, CLD):
-                h = ts[:-1] - ts[1:]
-                mix = mixed_fn(ts[:-1]) if mixed_fn is not None else None
-                table = sde.reverse_affine_coefficients(ts[:-1], h, "em", mixed=mix)
-                self.table = table.to(device=self.device, dtype=dtype).contiguous()
-            else:
-                h = ts[:-1] - ts[1:]
-                self.table = sde.reverse_coefficients(ts[:-1], h, "em").to(device=self.device, dtype=dtype).contiguous()
-        self.denoise_table = None
-        if denoise:
-            te = torch.tensor([eps], dtype=torch.float64)
-            if isinstance(sde, CLD):
-                mix = mixed_fn(te) if mixed_fn is not None else None
-                tab = sde.reverse_affine_coefficients(te, te, "denoise", mixed=mix)
-            else:
-                tab = sde.reverse_coefficients(te, te, "denoise")
-            self.denoise_table = tab.reshape(1, -1).to(device=self.device, dtype=dtype).contiguous()
-            self.t_denoise = torch.full((1,), eps, dtype=torch.float64).to(device=self.device, dtype=dtype)
+            t0, t1 = float(self.ts[0]), float(self.ts[1])
+            self.opening = torch.tensor([t0, t0 - 0.5 * (t0 - t1)], dtype=torch.float64).to(self.device)
+            if isinstance(sde, VPSDE):
+                h = self.ts[:-1] - self.ts[1:]
+                self.table = sde.reverse_coefficients(self.ts[:-1], h, "em").to(device=self.device, dtype=dtype)
+        self.denoise_grid = torch.tensor([eps, 0.0], dtype=torch.float64).to(self.device)
+        self.t_denoise = torch.full((1,), eps, dtype=torch.float64).to(device=self.device, dtype=dtype)
         self.zero_step = torch.zeros(1, dtype=torch.int64, device=self.device)
 
 
@@ -303,67 +281,90 @@ def _progress(progress: bool, total, desc: str):
 # ----------------------------------------------------------------------------------------------
 # SSCS and EM (CLD): one fused kernel per network evaluation, no host sync
 # ----------------------------------------------------------------------------------------------
-def _sscs_begin(plan: _FixedPlan, u, seed, backend):
-    """Opening half step of step 0 (table row 0) and a fresh step counter."""
+def _sscs_begin(plan: _FixedPlan, sde, u, seed, backend):
+    """Opening half step of step 0 and a fresh step counter."""
     step = torch.zeros(1, dtype=torch.int64, device=u.device)
     if plan.n >= 1:
-        ops.half_step_(u, plan.half, step=step, seed=seed, backend=backend)
+        ops.half_step_(u, plan.opening, sde, step=step, seed=seed, backend=backend)
     return step
 
 
-def _sscs_step(plan: _FixedPlan, u, y, step, seed, backend):
-    """The fused rest of the step whose score is y: row ``step`` of the SSCS table (step already incremented)."""
-    ops.sscs_step_(u, y, plan.table, step=step, seed=seed, backend=backend)
+def _sscs_step(plan: _FixedPlan, sde, u, y, step, mixed, seed, backend):
+    """The fused rest of step ``step`` (score Euler step, closing and next opening half steps)."""
+    ops.sscs_step_(u, y, plan.grid, sde, step=step, mixed=mixed, seed=seed, backend=backend)
 
 
-def _cld_denoise(plan: _FixedPlan, u, y, backend):
+def _cld_denoise(plan: _FixedPlan, sde, u, y, mixed, backend):
     """The official last step: a noise-free EM step of the reverse SDE at t = eps with step size eps."""
-    ops.em_step_(u, y, plan.denoise_table, step=plan.zero_step, seed=None, backend=backend)
+    ops.em_step_(u, y, plan.denoise_grid, sde, step=plan.zero_step, mixed=mixed, denoise=True, backend=backend)
 
 
-def _run_sscs(plan, ev, u, seed, bar, callback, cuda_graph, backend):
-    batch = u.shape[0]
-    step = _sscs_begin(plan, u, seed, backend)
+def _run_sscs(run: "SamplerRun", plan: _FixedPlan):
+    u, ev, batch = run.u, run.ev, run.u.shape[0]
+    step = _sscs_begin(plan, run.sde, u, run.seed, run.backend)
 
     def one_step():
-        step.add_(1)
         y = ev(u, _time_vector(plan.t_net, step, batch))
-        _sscs_step(plan, u, y, step, seed, backend)
+        _sscs_step(plan, run.sde, u, y, step, ev.fold, run.seed, run.backend)
+        step.add_(1)
 
-    _run_fixed(one_step, plan.n, 0, plan, u, bar, callback, cuda_graph)
+    _run_fixed(one_step, plan.n, 0, plan, u, run.bar, run.callback, run.cuda_graph)
 
 
-def _run_cld_em(plan, ev, u, seed, bar, callback, cuda_graph, backend):
-    batch = u.shape[0]
+def _run_cld_em(run: "SamplerRun", plan: _FixedPlan):
+    u, ev, batch = run.u, run.ev, run.u.shape[0]
     step = torch.zeros(1, dtype=torch.int64, device=u.device)
 
     def one_step():
-        y = ev(u, _time_vector(plan.t_loop, step, batch))
-        ops.em_step_(u, y, plan.table, step=step, seed=seed, backend=backend)
+        y = ev(u, _time_vector(plan.t_net, step, batch))
+        ops.em_step_(u, y, plan.grid, run.sde, step=step, mixed=ev.fold, seed=run.seed, backend=run.backend)
         step.add_(1)
 
-    _run_fixed(one_step, plan.n, 0, plan, u, bar, callback, cuda_graph)
+    _run_fixed(one_step, plan.n, 0, plan, u, run.bar, run.callback, run.cuda_graph)
 
 
-def _run_vp_em(plan, ev, x, seed, bar, callback, cuda_graph):
-    batch = x.shape[0]
+def _run_vp_em(run: "SamplerRun", plan: _FixedPlan):
+    x, ev, batch = run.u, run.ev, run.u.shape[0]
     step = torch.zeros(1, dtype=torch.int64, device=x.device)
     shape = (-1,) + (1,) * (x.dim() - 1)
 
     def one_step():
-        s = ev(x, _time_vector(plan.t_loop, step, batch)).to(x.dtype)
+        s = ev(x, _time_vector(plan.t_net, step, batch)).to(x.dtype)
         row = plan.table.index_select(0, step)  # (1, 3): c_x c_s sigma
-        z = philox.philox_normals(x.numel(), seed, step, philox.TAG_AFFINE, device=x.device)[0]
+        z = philox.philox_normals(x.numel(), run.seed, step, philox.TAG_AFFINE, device=x.device)[0]
         z = z.view(x.shape).to(x.dtype)
         x.copy_(row[:, 0].view(shape) * x + row[:, 1].view(shape) * s + row[:, 2].view(shape) * z)
         step.add_(1)
 
-    _run_fixed(one_step, plan.n, 0, plan, x, bar, callback, cuda_graph)
+    _run_fixed(one_step, plan.n, 0, plan, x, run.bar, run.callback, run.cuda_graph)
 
 
-def _vp_denoise(plan, x, s):
-    row = plan.denoise_table
-    x.copy_(row[0, 0] * x + row[0, 1] * s.to(x.dtype))
+def _vp_denoise(sde: VPSDE, u, s, eps):
+    """The VP-SDE's noise-free last step at t = eps of size eps (plain torch ops)."""
+    row = sde.reverse_coefficients(torch.tensor([eps], dtype=torch.float64), eps, "denoise").reshape(-1)
+    row = row.to(device=u.device, dtype=u.dtype)
+    return row[0] * u + row[1] * s.to(u.dtype)
+
+
+def _fixed_step_loop(cld_loop):
+    """A registered loop for a fixed-step sampler: the plan, the loop, then the denoising step."""
+
+    def loop(run: "SamplerRun") -> int:
+        plan = _FixedPlan(run.sde, run.steps, run.eps, run.striding, run.denoise, run.u.device, run.u.dtype)
+        if isinstance(run.sde, CLD):
+            cld_loop(run, plan)
+        else:
+            _run_vp_em(run, plan)
+        if plan.denoise:
+            y = run.ev(run.u, plan.t_denoise.expand(run.u.shape[0]))
+            if isinstance(run.sde, CLD):
+                _cld_denoise(plan, run.sde, run.u, y, run.ev.fold, run.backend)
+            else:
+                run.u.copy_(_vp_denoise(run.sde, run.u, y, plan.eps))
+            _after(plan.n, plan, run.u, run.bar, run.callback)
+        return plan.steps
+
+    return loop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,9 +497,8 @@ def _cld_pf_drift(sde: CLD, ev: _Evaluator, backend):
     def f(t, y):
         u = y[0]
         tv = t.reshape(1)
-        table = sde.reverse_affine_coefficients(tv, 0.0, "pf_drift", mixed=ev.mixed(tv)).to(u.dtype)
         out = ev(u, tv.to(u.dtype).expand(u.shape[0]))
-        return [ops.pf_drift(u, out, table, step=_ZERO_STEP.get(u.device), backend=backend)]
+        return [ops.pf_drift(u, out, tv, sde, mixed=ev.fold, backend=backend)]
 
     return f
 
@@ -513,20 +513,96 @@ def _vp_pf_drift(sde: VPSDE, ev: _Evaluator):
     return f
 
 
-class _ZeroSteps:
-    """A cached (1,) int64 zero per device (the step index of one-row tables)."""
+# ----------------------------------------------------------------------------------------------
+# the ODE
+# ----------------------------------------------------------------------------------------------
+def _ode_loop(run: "SamplerRun") -> int:
+    ev, sde, u = run.ev, run.sde, run.u
 
-    def __init__(self):
-        self._cache = {}
+    def on_accept(i, t, y):
+        if run.bar is not None:
+            run.bar.update(1)
+            run.bar.set_postfix(t=f"{t:.4g}", nfe=ev.calls)
+        if run.callback is not None:
+            run.callback(i, t, y[0])
 
-    def get(self, device):
-        key = str(device)
-        if key not in self._cache:
-            self._cache[key] = torch.zeros(1, dtype=torch.int64, device=device)
-        return self._cache[key]
+    f = _cld_pf_drift(sde, ev, run.backend) if isinstance(sde, CLD) else _vp_pf_drift(sde, ev)
+    (u_end,), _, n_acc, _ = dopri5(f, [u], 1.0, run.eps, run.rtol, run.atol, on_accept=on_accept)
+    run.u.copy_(u_end)
+    if run.denoise:
+        y = ev(u, torch.full((u.shape[0],), run.eps, dtype=u.dtype, device=u.device))
+        if isinstance(sde, CLD):
+            grid = torch.tensor([run.eps, 0.0], dtype=torch.float64).to(u.device)
+            ops.em_step_(u, y, grid, sde, step=0, mixed=ev.fold, denoise=True, backend=run.backend)
+        else:
+            u.copy_(_vp_denoise(sde, u, y, run.eps))
+        if run.callback is not None:
+            run.callback(n_acc, run.eps, u)
+    return ev.calls
 
 
-_ZERO_STEP = _ZeroSteps()
+# ----------------------------------------------------------------------------------------------
+# the sampler registry: one loop signature, used by cf.sample, the config and the CLI
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SamplerRun:
+    """Everything a registered sampler loop gets. ``u`` is the state drawn from the prior at t = 1
+    (B, 2C, ...) (VP-SDE: (B, C, ...)); the loop advances it in place to t = eps and returns the
+    number of score evaluations. ``ev(u, t)`` evaluates the checked score (the raw network output
+    when ``ev.fold``: pass ``mixed=ev.fold`` to the fused step ops)."""
+
+    sde: object
+    ev: "_Evaluator"
+    u: torch.Tensor
+    steps: int
+    eps: float
+    striding: str
+    denoise: bool
+    seed: torch.Tensor
+    bar: object
+    callback: Optional[Callable]
+    cuda_graph: bool
+    backend: Optional[str]
+    rtol: float
+    atol: float
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A registered sampler: its loop, the SDEs it handles, and whether ``steps`` fixes its NFE."""
+
+    name: str
+    loop: Callable[[SamplerRun], int]
+    sdes: tuple
+    fixed_steps: bool
+    summary: str
+
+
+SAMPLERS: dict = {}
+
+
+def register_sampler(name: str, loop: Callable[[SamplerRun], int], sdes=(CLD,), fixed_steps: bool = True,
+                     summary: str = "") -> SamplerSpec:
+    """Register ``loop`` as ``cf.sample(method=name)`` (also offered by the config and the CLI)."""
+    if name in SAMPLERS:
+        raise ValueError(f"a sampler named {name!r} is already registered")
+    spec = SamplerSpec(name, loop, tuple(sdes), bool(fixed_steps), summary)
+    SAMPLERS[name] = spec
+    return spec
+
+
+def sampler_names(sde=None) -> tuple:
+    """Names of the registered samplers (those that handle ``sde``'s type, when given)."""
+    return tuple(n for n, s in SAMPLERS.items() if sde is None or isinstance(sde, s.sdes))
+
+
+register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,),
+                 summary="symmetric splitting CLD sampler: exact linear half steps around a score Euler step")
+register_sampler("em", _fixed_step_loop(_run_cld_em), sdes=(CLD, VPSDE),
+                 summary="Euler-Maruyama on the reverse SDE")
+register_sampler("ode", _ode_loop, sdes=(CLD, VPSDE), fixed_steps=False,
+                 summary="probability-flow ODE, adaptive Dormand-Prince 5(4)")
+METHODS = sampler_names()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,13 +618,14 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         score_fn: ``score_fn(u, t)`` with u (B, 2C, ...) (VP-SDE: x (B, C, ...)) and t (B,) forward
             times in the state dtype; returns grad_v log p_t(u) (VP: grad_x log p_t(x)) of the data
             shape. A ``cf.score_fn(model, sde)`` wrapper is recognised and its raw network output is
-            fed to the fused kernels with the mixed-score coefficients folded into the tables.
+            fed to the fused kernels, which fold in the mixed-score coefficients themselves.
         shape: the data shape (B, C, ...) or (B, D).
         sde: ``cf.CLD`` or ``cf.VPSDE``.
         steps: number of score evaluations of "sscs" / "em", the denoising step included (the loop
             takes steps - 1 steps when ``denoise``). Ignored by "ode" (adaptive).
-        method: "sscs" (CLD only, the default), "em" (Euler-Maruyama on the reverse SDE) or "ode"
-            (probability-flow ODE, adaptive Dormand-Prince 5(4) with ``rtol`` / ``atol``).
+        method: a registered sampler (``cld_fast.sampling.SAMPLERS``): "sscs" (CLD only, the
+            default), "em" (Euler-Maruyama on the reverse SDE) or "ode" (probability-flow ODE,
+            adaptive Dormand-Prince 5(4) with ``rtol`` / ``atol``).
         eps: last forward time, in (0, 1).
         striding: "linear" or "quadratic" time grid (see ``cld_fast.sde.time_grid``).
         denoise: end with the official noise-free EM step at t = eps of size eps (one evaluation).
@@ -566,9 +643,13 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
     Returns:
         ``SampleResult(x, v, nfe, u)``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    _check_sde(sde, method)
+    if method not in SAMPLERS:
+        raise ValueError(f"method must be one of {sampler_names()}, got {method!r}")
+    spec = SAMPLERS[method]
+    _check_sde(sde)
+    if not isinstance(sde, spec.sdes):
+        raise ValueError(f"method={method!r} does not handle a {type(sde).__name__}; "
+                         f"use one of {sampler_names(sde)}")
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable as score_fn(u, t), got {type(score_fn).__name__}")
     shape = _check_shape(shape)
@@ -581,14 +662,14 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(i, t, u)")
-    if method == "ode":
+    if not spec.fixed_steps:
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
                 raise ValueError(f"{name} must be a positive float, got {tol!r}")
     device = _default_device(score_fn, generator, device)
     if cuda_graph:
-        if method == "ode":
-            _warn_graph("the adaptive ODE solver picks its steps on the host, so there is no fixed step to capture")
+        if not spec.fixed_steps:
+            _warn_graph(f"the adaptive sampler {method!r} picks its steps on the host, so there is no fixed step to capture")
             cuda_graph = False
         elif device.type != "cuda":
             _warn_graph(f"the samples live on {device.type} and CUDA graphs need CUDA tensors")
@@ -597,63 +678,16 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
     ev = _Evaluator(score_fn, sde, shape)
     with torch.no_grad(), checks.value_checks(False):
         u = prior(sde, shape, generator, device, dtype)
-        if method == "ode":
-            return _sample_ode(ev, sde, u, shape, eps, denoise, progress, callback, rtol, atol, backend)
-        seed = philox.seed_from_generator(generator, device)
-        plan = _FixedPlan(sde, method, steps, eps, striding, denoise, ev.mixed if ev.fold else None, device, dtype)
-        bar = _progress(progress, steps, method)
+        seed = philox.seed_from_generator(generator, device) if spec.fixed_steps else None
+        bar = _progress(progress, steps if spec.fixed_steps else None, method)
+        run = SamplerRun(sde=sde, ev=ev, u=u, steps=steps, eps=eps, striding=striding, denoise=denoise, seed=seed,
+                         bar=bar, callback=callback, cuda_graph=cuda_graph, backend=backend, rtol=rtol, atol=atol)
         try:
-            if isinstance(sde, CLD):
-                if method == "sscs":
-                    _run_sscs(plan, ev, u, seed, bar, callback, cuda_graph, backend)
-                else:
-                    _run_cld_em(plan, ev, u, seed, bar, callback, cuda_graph, backend)
-                if denoise:
-                    y = ev(u, plan.t_denoise.expand(shape[0]))
-                    _cld_denoise(plan, u, y, backend)
-                    _after(plan.n, plan, u, bar, callback)
-            else:
-                _run_vp_em(plan, ev, u, seed, bar, callback, cuda_graph)
-                if denoise:
-                    s = ev(u, plan.t_denoise.expand(shape[0]))
-                    _vp_denoise(plan, u, s)
-                    _after(plan.n, plan, u, bar, callback)
+            nfe = spec.loop(run)
         finally:
             if bar is not None:
                 bar.close()
-    return _result(u, sde, plan.steps)
-
-
-def _sample_ode(ev, sde, u, shape, eps, denoise, progress, callback, rtol, atol, backend):
-    bar = _progress(progress, None, "ode")
-
-    def on_accept(i, t, y):
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(t=f"{t:.4g}", nfe=ev.calls)
-        if callback is not None:
-            callback(i, t, y[0])
-
-    f = _cld_pf_drift(sde, ev, backend) if isinstance(sde, CLD) else _vp_pf_drift(sde, ev)
-    try:
-        (u,), _, n_acc, _ = dopri5(f, [u], 1.0, eps, rtol, atol, on_accept=on_accept)
-        if denoise:
-            te = torch.tensor([eps], dtype=torch.float64)
-            if isinstance(sde, CLD):
-                mix = ev.mixed(te)
-                table = sde.reverse_affine_coefficients(te, te, "denoise", mixed=mix).reshape(1, -1).to(u.device, u.dtype)
-                y = ev(u, torch.full((shape[0],), eps, dtype=u.dtype, device=u.device))
-                ops.em_step_(u, y, table, step=_ZERO_STEP.get(u.device), seed=None, backend=backend)
-            else:
-                row = sde.reverse_coefficients(te, te, "denoise").reshape(1, -1).to(u.device, u.dtype)
-                s = ev(u, torch.full((shape[0],), eps, dtype=u.dtype, device=u.device))
-                u = row[0, 0] * u + row[0, 1] * s.to(u.dtype)
-            if callback is not None:
-                callback(n_acc, eps, u)
-    finally:
-        if bar is not None:
-            bar.close()
-    return _result(u, sde, ev.calls)
+    return _result(run.u, sde, nfe)
 
 
 def _result(u, sde, nfe) -> SampleResult:
@@ -663,4 +697,5 @@ def _result(u, sde, nfe) -> SampleResult:
     return SampleResult(x=u, v=None, nfe=int(nfe), u=u)
 
 
-__all__ = ["sample", "SampleResult", "dopri5", "METHODS"]
+__all__ = ["sample", "SampleResult", "SamplerRun", "SamplerSpec", "SAMPLERS", "register_sampler", "sampler_names",
+           "dopri5", "METHODS"]

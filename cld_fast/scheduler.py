@@ -63,8 +63,7 @@ class SSCSScheduler:
         steps = _check_steps(steps)
         _check_dtype(dtype)
         device = torch.device("cpu") if device is None else torch.device(device)
-        mixed_fn = self.sde.mixed_score_coefficients if self.mixed else None
-        self._plan = _FixedPlan(self.sde, "sscs", steps, self.eps, self.striding, self.denoise, mixed_fn, device, dtype)
+        self._plan = _FixedPlan(self.sde, steps, self.eps, self.striding, self.denoise, device, dtype)
         self.num_inference_steps = steps
         self.timesteps = self._plan.timesteps
         self._i = None
@@ -91,7 +90,7 @@ class SSCSScheduler:
         with torch.no_grad():
             u = prior(self.sde, shape, generator, plan.device, plan.dtype)
             self._seed = philox.seed_from_generator(generator, plan.device)
-            self._step = _sscs_begin(plan, u, self._seed, self.backend)
+            self._step = _sscs_begin(plan, self.sde, u, self._seed, self.backend)
         self._i = 0
         return u
 
@@ -115,10 +114,10 @@ class SSCSScheduler:
             raise ValueError(f"step {self._i} evaluates the score at t = {plan.times[self._i]:.6g}, got t = {t}")
         with torch.no_grad():
             if self._i < plan.n:
+                _sscs_step(plan, self.sde, u, score, self._step, self.mixed, self._seed, self.backend)
                 self._step.add_(1)
-                _sscs_step(plan, u, score, self._step, self._seed, self.backend)
             else:
-                _cld_denoise(plan, u, score, self.backend)
+                _cld_denoise(plan, self.sde, u, score, self.mixed, self.backend)
         self._i += 1
         return u
 

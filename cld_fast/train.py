@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from . import ops
+from . import ops, philox
 from .checks import value_checks
 from .config import TrainConfig
 from .data import DataSource, build_data
@@ -322,24 +322,37 @@ class Trainer:
         eps = self.config.loss_eps
         return torch.rand(batch, generator=generator, device=self.device) * (1.0 - eps) + eps
 
-    def cld_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """HSM loss of the mixed score: perturb (fused), network, ``cf.hsm_loss`` (fused); batch mean.
+    def _host_times(self, batch: int, dtype: torch.dtype):
+        """t ~ U(loss_eps, 1) (B,) and a Philox seed (1,) int64, drawn on the host from the time generator
+        and moved in one pinned, non-blocking copy: no host sync, and the same t for a seed on any device."""
+        eps = self.config.loss_eps
+        t = torch.rand(batch, generator=self.time_generator, dtype=torch.float64) * (1.0 - eps) + eps
+        seed = torch.randint(0, philox.SEED_BOUND, (1,), generator=self.time_generator, dtype=torch.int64)
+        word = torch.int32 if dtype == torch.float32 else torch.int64
+        head = 8 // (torch.finfo(dtype).bits // 8)  # the seed's 8 bytes in words of the time dtype
+        buf = torch.empty(head + batch, dtype=word)
+        buf[:head] = seed.view(word)
+        buf[head:].view(dtype).copy_(t)
+        buf = buf.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else buf.to(self.device)
+        return buf[head:].view(dtype), buf[:head].view(torch.int64)
 
-        t ~ U(loss_eps, 1) comes from the host time generator with its coefficient tables
-        (``cf.training_times``), so the step launches no coefficient kernels.
+    def cld_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """HSM loss of the mixed score: perturb (one fused launch), network, ``cf.hsm_loss`` (fused); batch mean.
+
+        The kernels compute every coefficient from t themselves; t and the Philox seed come from the
+        host time generator in one copy (``_host_times``).
         """
-        b = x0.shape[0]
-        tt = ops.training_times(b, self.sde, x0.device, generator=self.time_generator, loss_eps=self.config.loss_eps,
-                                weighting=self.config.weighting, dtype=x0.dtype, loss_scale=1.0 / b)
-        # On a GPU the noise is drawn in-kernel from the seed that came with the time tables (no seed
-        # kernel); on the CPU from ``generator`` as tensors, as the cpu backend prefers.
-        seed = tt.seed if x0.device.type == "cuda" else None
-        u, noise = ops.perturb(x0, tt.t, self.sde, generator=generator, coefficients=tt.perturb, seed=seed)
+        t, seed = self._host_times(x0.shape[0], x0.dtype)
+        # On a GPU the noise is drawn in-kernel from that seed; on the CPU from ``generator`` as
+        # tensors, which the cpu backend's elementwise loop reads faster than it draws Philox.
+        if x0.device.type == "cuda":
+            u, noise = ops.perturb(x0, t, self.sde, seed=seed)
+        else:
+            eps = torch.randn((x0.shape[0], 2, x0[0].numel()), generator=generator, dtype=x0.dtype)
+            u, noise = ops.perturb(x0, t, self.sde, eps=eps)
         with self._autocast():
-            out = model(self._model_input(u), tt.t)
-        # w already carries 1 / B, so the sum is the batch mean (and its backward is a view)
-        return ops.hsm_loss(out, u, tt.t, self.sde, noise, weighting=self.config.weighting, coefficients=tt.loss,
-                            reduction="sum")
+            out = model(self._model_input(u), t)
+        return ops.hsm_loss(out, u, t, self.sde, noise, weighting=self.config.weighting)
 
     def vp_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """DSM loss of the VP-SDE baseline with the mixed score score = c0 x + c1 out (plain torch).

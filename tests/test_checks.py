@@ -10,7 +10,7 @@ X0 = torch.randn(3, 2, 5)
 T = torch.tensor([0.1, 0.5, 1.0])
 U, NOISE = cf.perturb(X0, T, SDE, backend="torch")
 OUT = torch.randn(3, 2, 5)
-TABLE = SDE.sscs_table(torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)).float()
+TS = torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)
 
 
 def _nan_x0():
@@ -50,17 +50,22 @@ BAD = [
     ("loss t range", lambda: cf.hsm_loss(OUT, U, torch.tensor([0.1, 0.5, 2.0]), SDE, NOISE), ValueError, r"t must lie in \(0, 1\]"),
     ("mixed out shape", lambda: cf.mixed_score(torch.randn(3, 2, 4), U, T, SDE), ValueError, "out must have the data shape"),
     # sampler steps
-    ("table cols", lambda: cf.sscs_step_(U.clone(), OUT, TABLE[:, :7], step=1), ValueError, r"table must have shape \(S, 16\)"),
-    ("table int", lambda: cf.sscs_step_(U.clone(), OUT, TABLE.long(), step=1), TypeError, "table must be a floating-point"),
-    ("y shape", lambda: cf.sscs_step_(U.clone(), torch.randn(3, 5), TABLE, step=1), ValueError, "y .* must have the data shape"),
-    ("step negative", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=-1), ValueError, "step must be >= 0"),
-    ("step float tensor", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=torch.tensor([1.0])), TypeError, "step must be a \\(1,\\) int64"),
-    ("step bool", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=True), TypeError, "step must be an int"),
-    ("seed range", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=1, seed=-5), ValueError, "seed must be in"),
-    ("seed type", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=1, seed="abc"), TypeError, "seed must be None"),
-    ("sscs eps shape", lambda: cf.sscs_step_(U.clone(), OUT, TABLE, step=1, eps=torch.randn(3, 2, 10)), ValueError, r"eps must have shape \(3, 4, 10\)"),
-    ("em table", lambda: cf.em_step_(U.clone(), OUT, TABLE, step=1), ValueError, r"table must have shape \(S, 6\)"),
-    ("half u dtype", lambda: cf.half_step_(U.half(), TABLE[:, 2:9], step=0), TypeError, "u must have dtype"),
+    ("ts 2-d", lambda: cf.sscs_step_(U.clone(), OUT, TS.view(3, 1), SDE, step=1), ValueError, "ts must be a 1-D floating tensor"),
+    ("ts int", lambda: cf.sscs_step_(U.clone(), OUT, TS.long(), SDE, step=1), ValueError, "ts must be a 1-D floating tensor"),
+    ("ts above one", lambda: cf.sscs_step_(U.clone(), OUT, [1.5, 0.5], SDE, step=0), ValueError, r"ts must hold forward times in \[0, 1\]"),
+    ("sscs sde", lambda: cf.sscs_step_(U.clone(), OUT, TS, cf.VPSDE(), step=1), TypeError, "sde must be a cld_fast.CLD"),
+    ("y shape", lambda: cf.sscs_step_(U.clone(), torch.randn(3, 5), TS, SDE, step=1), ValueError, "y .* must have the data shape"),
+    ("step negative", lambda: cf.sscs_step_(U.clone(), OUT, TS, SDE, step=-1), ValueError, r"step = -1 is out of range .* \(valid 0..1\)"),
+    ("step past grid", lambda: cf.sscs_step_(U.clone(), OUT, TS, SDE, step=2), ValueError, r"sscs_step_: step = 2 is out of range for a time grid ts of 3 points"),
+    ("step one-point grid", lambda: cf.half_step_(U.clone(), [0.5], SDE, step=0), ValueError, "too few for a step"),
+    ("step float tensor", lambda: cf.sscs_step_(U.clone(), OUT, TS, SDE, step=torch.tensor([1.0])), TypeError, "step must be a \\(1,\\) int64"),
+    ("step bool", lambda: cf.sscs_step_(U.clone(), OUT, TS, SDE, step=True), TypeError, "step must be an int"),
+    ("seed range", lambda: cf.sscs_step_(U.clone(), OUT, TS, SDE, step=1, seed=-5), ValueError, "seed must be in"),
+    ("seed type", lambda: cf.sscs_step_(U.clone(), OUT, TS, SDE, step=1, seed="abc"), TypeError, "seed must be None"),
+    ("sscs eps shape", lambda: cf.sscs_step_(U.clone(), OUT, TS, SDE, step=1, eps=torch.randn(3, 2, 10)), ValueError, r"eps must have shape \(3, 4, 10\)"),
+    ("em eps nan", lambda: cf.em_step_(U.clone(), OUT, TS, SDE, step=1, eps=torch.full((3, 10), float("nan"))), ValueError, "eps contains NaN"),
+    ("half u dtype", lambda: cf.half_step_(U.half(), TS, SDE, step=0), TypeError, "u must have dtype"),
+    ("pf_drift t", lambda: cf.pf_drift(U, OUT, torch.ones(2), SDE), ValueError, "t must be a float or a one-element tensor"),
 ]
 
 
@@ -88,4 +93,4 @@ def test_device_mismatch_is_named():
     with pytest.raises(ValueError, match="t is on meta but the data is on cpu"):
         cf.perturb(X0, T.to("meta"), SDE)
     with pytest.raises(ValueError, match="y is on meta but u is on cpu"):
-        cf.sscs_step_(U.clone(), OUT.to("meta"), TABLE, step=1)
+        cf.sscs_step_(U.clone(), OUT.to("meta"), TS, SDE, step=1)

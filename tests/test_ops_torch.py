@@ -10,6 +10,7 @@ import torch
 
 import cld_fast as cf
 from cld_fast.sde import CLD
+from cld_fast.sde import kernel_params as sde_kernel_params
 
 B_ODD = [1, 3, 5]
 SHAPES = [(3, 7), (5, 3, 5, 3), (1, 1, 1), (2, 33)]
@@ -154,9 +155,8 @@ def test_hsm_loss_seed_mode_regenerates_eps_v(gen):
     x0 = torch.randn(b, d, generator=gen)
     t = _times(b, gen, torch.float32)
     seed = torch.tensor([123456789], dtype=torch.int64)
-    coef = sde.perturbation_kernel(t).table().float()
     u = torch.empty(b, 2, d)
-    torch_backend.perturb(x0, coef, u, seed=seed)
+    torch_backend.op("perturb")(x0, None, t, sde_kernel_params(sde, "cpu"), 0, None, seed, u)
     z = cf.philox.philox_normals(b * d, 123456789, 0, cf.philox.TAG_PERTURB)
     eps = torch.stack([z[0].view(b, d), z[1].view(b, d)], 1)
     u_ref, noise_ref = cf.perturb(x0, t, sde, eps=eps, backend="torch")
@@ -199,17 +199,16 @@ def test_sscs_step_equals_unfused_official_sequence(gen):
     sde = CLD(beta0=3.0, beta1=0.0)
     b, c = 3, 5
     ts = torch.tensor([1.0, 0.6, 0.25], dtype=torch.float64)
-    table = sde.sscs_table(ts)
     u = torch.randn(b, 2 * c, generator=gen, dtype=torch.float64)
     x, v = u[:, :c].clone(), u[:, c:].clone()
     z = torch.randn(3, 4, b, c, generator=gen, dtype=torch.float64)
     ys = torch.randn(2, b, c, generator=gen, dtype=torch.float64)
-    cf.half_step_(u, table[:, 2:9], step=0, eps=torch.stack([z[0, 0], z[0, 1]], 1), backend="torch")
+    cf.half_step_(u, [1.0, 0.8], sde, step=0, eps=torch.stack([z[0, 0], z[0, 1]], 1), backend="torch")
     x, v = _half_ref(sde, x, v, 1.0, 0.2, z[0, 0], z[0, 1])
     torch.testing.assert_close(u, torch.cat([x, v], 1), rtol=1e-12, atol=1e-12)
     for i in range(2):
         t_i, h = ts[i].item(), (ts[i] - ts[i + 1]).item()
-        cf.sscs_step_(u, ys[i], table, step=i + 1, eps=torch.stack([z[i + 1, j] for j in range(4)], 1), backend="torch")
+        cf.sscs_step_(u, ys[i], ts, sde, step=i, eps=torch.stack([z[i + 1, j] for j in range(4)], 1), backend="torch")
         v = v + 2 * sde.Gamma * (ys[i] + sde.m_inv * v) * sde.beta(t_i).item() * h
         x, v = _half_ref(sde, x, v, t_i - h / 2, h / 2, z[i + 1, 0], z[i + 1, 1])
         if i == 0:
@@ -232,12 +231,10 @@ def test_em_step_and_pf_drift_match_reverse_sde(gen):
     fx, fv = mi * v * beta, (-x - G * mi * v) * beta
     want_x = x - fx * h
     want_v = v - (fv - 2 * G * beta * score) * h + math.sqrt(2 * G * beta * h) * z
-    tab = sde.reverse_affine_coefficients(torch.tensor([0.1, t], dtype=torch.float64), torch.tensor([0.1, h], dtype=torch.float64), "em")
-    cf.em_step_(u, score, tab, step=1, eps=z, backend="torch")
+    cf.em_step_(u, score, [0.9, t, t - h], sde, step=1, eps=z, backend="torch")
     torch.testing.assert_close(u, torch.cat([want_x, want_v], 1), rtol=1e-12, atol=1e-12)
-    drift_tab = sde.reverse_affine_coefficients(torch.tensor([t], dtype=torch.float64), 0.0, "pf_drift")
     u0 = torch.cat([x, v], 1)
-    got = cf.pf_drift(u0, score, drift_tab, backend="torch")
+    got = cf.pf_drift(u0, score, t, sde, backend="torch")
     want = torch.cat([fx, fv - G * beta * score], 1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -245,13 +242,13 @@ def test_em_step_and_pf_drift_match_reverse_sde(gen):
 def test_step_ops_seed_mode_reproducible_and_step_dependent():
     sde = CLD()
     ts = torch.linspace(1.0, 0.1, 4, dtype=torch.float64)
-    table = sde.sscs_table(ts).float()
-    u0 = torch.randn(2, 6)
-    y = torch.randn(2, 3)
+    g = torch.Generator().manual_seed(3)
+    u0 = torch.randn(2, 6, generator=g)
+    y = torch.randn(2, 3, generator=g)
     runs = []
-    for step in (1, 1, 2):
+    for step in (1, 1, 0):
         u = u0.clone()
-        cf.sscs_step_(u, y, table, step=torch.tensor([step]), seed=99, backend="torch")
+        cf.sscs_step_(u, y, ts, sde, step=torch.tensor([step]), seed=99, backend="torch")
         runs.append(u)
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
@@ -259,13 +256,12 @@ def test_step_ops_seed_mode_reproducible_and_step_dependent():
 def test_inplace_ops_handle_non_contiguous_state(gen):
     sde = CLD()
     ts = torch.tensor([1.0, 0.5], dtype=torch.float64)
-    table = sde.sscs_table(ts)
     u = torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64)
     u_cl = u.clone().to(memory_format=torch.channels_last)
     y = torch.randn(2, 2, 3, 3, generator=gen, dtype=torch.float64)
     eps = torch.randn(2, 4, 18, generator=gen, dtype=torch.float64)
-    cf.sscs_step_(u, y, table, step=1, eps=eps, backend="torch")
-    cf.sscs_step_(u_cl, y, table, step=1, eps=eps, backend="torch")
+    cf.sscs_step_(u, y, ts, sde, step=0, eps=eps, backend="torch")
+    cf.sscs_step_(u_cl, y, ts, sde, step=0, eps=eps, backend="torch")
     assert u_cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(u_cl, u, rtol=0, atol=0)
     x0 = torch.randn(5, 3, generator=gen).t()  # non-contiguous (3, 5)
@@ -285,70 +281,42 @@ def test_value_checks_can_be_switched_off():
         cf.perturb(x0, torch.tensor([0.5, 0.9]), sde)
 
 
-def test_training_times_tables_match_on_device_math():
+def test_perturb_seed_is_the_philox_contract_and_checked():
+    """A seeded perturb equals the explicit-noise one with the Philox normals of that seed."""
     sde = CLD()
-    g = torch.Generator().manual_seed(5)
-    tt = cf.ops.training_times(6, sde, "cpu", generator=g, weighting="likelihood")
-    assert tt.t.shape == (6,) and tt.t.dtype == torch.float32
-    assert bool(((tt.t >= 1e-5) & (tt.t <= 1)).all())
-    x0 = torch.randn(6, 4)
-    eps = torch.randn(6, 2, 4)
-    a, na = cf.perturb(x0, tt.t, sde, eps=eps, coefficients=tt.perturb)
-    b, nb = cf.perturb(x0, tt.t, sde, eps=eps)
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    out = torch.randn(6, 4)
-    la = cf.hsm_loss(out, a, tt.t, sde, na, weighting="likelihood", coefficients=tt.loss, reduction="none")
-    lb = cf.hsm_loss(out, a, tt.t, sde, na, weighting="likelihood", reduction="none")
-    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"coefficients must have shape \(6, 7\)"):
-        cf.perturb(x0, tt.t, sde, coefficients=tt.loss)
-    with pytest.raises(ValueError, match="loss_eps"):
-        cf.ops.training_times(6, sde, "cpu", loss_eps=0.0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_training_times_layout_and_seed(dtype):
-    """One buffer: contiguous tables, and a seed whose 8 bytes survive the packing bit for bit."""
-    sde = CLD()
-    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-    tt = cf.ops.training_times(5, sde, "cpu", generator=g1, dtype=dtype)
-    t_ref = torch.rand(5, generator=g2, dtype=torch.float64) * (1.0 - 1e-5) + 1e-5
-    seed_ref = torch.randint(0, 2 ** 62, (1,), generator=g2, dtype=torch.int64)
-    assert tt.seed.dtype == torch.int64 and tt.seed.shape == (1,) and torch.equal(tt.seed, seed_ref)
-    assert tt.t.dtype == dtype and tt.perturb.dtype == dtype
-    for tab in (tt.t, tt.perturb, tt.loss):
-        assert tab.is_contiguous()
-    torch.testing.assert_close(tt.t, t_ref.to(dtype))
-    torch.testing.assert_close(tt.perturb, sde.perturbation_kernel(t_ref).table().to(dtype))
-    torch.testing.assert_close(tt.loss, sde.loss_coefficients(t_ref).to(dtype))
-    # a seeded perturb equals the explicit-noise one with the philox normals of that seed
-    x0 = torch.randn(5, 4, dtype=dtype)
-    u, noise = cf.perturb(x0, tt.t, sde, coefficients=tt.perturb, seed=tt.seed, backend="torch")
-    z = cf.philox.philox_normals(20, int(seed_ref), 0, cf.philox.TAG_PERTURB)
-    eps = torch.stack([z[0].view(5, 4), z[1].view(5, 4)], 1).to(dtype)
-    u_ref, _ = cf.perturb(x0, tt.t, sde, eps=eps, backend="torch")
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.randn(5, 4, generator=g)
+    t = _times(5, g, torch.float32)
+    seed = torch.tensor([424242], dtype=torch.int64)
+    u, noise = cf.perturb(x0, t, sde, seed=seed, backend="torch")
+    z = cf.philox.philox_normals(20, 424242, 0, cf.philox.TAG_PERTURB)
+    eps = torch.stack([z[0].view(5, 4), z[1].view(5, 4)], 1)
+    u_ref, _ = cf.perturb(x0, t, sde, eps=eps, backend="torch")
     torch.testing.assert_close(u, u_ref)
     assert noise.seed is not None and noise.eps is None
     with pytest.raises(ValueError, match="either eps or seed"):
-        cf.perturb(x0, tt.t, sde, eps=eps, seed=tt.seed)
-    with pytest.raises(TypeError, match="seed must be a"):
-        cf.perturb(x0, tt.t, sde, seed=torch.tensor([1.0]))
+        cf.perturb(x0, t, sde, eps=eps, seed=seed)
+    with pytest.raises(TypeError, match="seed must be"):
+        cf.perturb(x0, t, sde, seed=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="objective must be one of"):
+        cf.perturb(x0, t, sde, objective="bogus")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_scaled_sum_is_the_mean_and_its_gradient(backend):
+def test_mean_reduction_is_the_mean_and_its_gradient(backend):
     if backend not in cf.backends():
         pytest.skip(f"{backend} backend not built")
     sde = CLD()
     b = 6
-    tt = cf.ops.training_times(b, sde, "cpu", generator=torch.Generator().manual_seed(2), loss_scale=1.0 / b)
-    x0 = torch.randn(b, 3, 5)
-    u, noise = cf.perturb(x0, tt.t, sde, coefficients=tt.perturb, seed=tt.seed, backend=backend)
-    out1 = torch.randn(b, 3, 5, requires_grad=True)
+    g = torch.Generator().manual_seed(2)
+    t = _times(b, g, torch.float32)
+    x0 = torch.randn(b, 3, 5, generator=g)
+    u, noise = cf.perturb(x0, t, sde, seed=torch.tensor([77]), backend=backend)
+    out1 = torch.randn(b, 3, 5, generator=g, requires_grad=True)
     out2 = out1.detach().clone().requires_grad_(True)
-    a = cf.hsm_loss(out1, u, tt.t, sde, noise, coefficients=tt.loss, reduction="sum", backend=backend)
-    m = cf.hsm_loss(out2, u, tt.t, sde, noise, reduction="mean", backend=backend)
-    torch.testing.assert_close(a, m, rtol=1e-5, atol=1e-6)
-    a.backward()
+    per_sample = cf.hsm_loss(out1, u, t, sde, noise, reduction="none", backend=backend)
+    m = cf.hsm_loss(out2, u, t, sde, noise, reduction="mean", backend=backend)
+    torch.testing.assert_close(per_sample.mean(), m, rtol=1e-5, atol=1e-6)
+    per_sample.mean().backward()
     m.backward()
     torch.testing.assert_close(out1.grad, out2.grad, rtol=1e-5, atol=1e-7)

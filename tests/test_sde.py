@@ -140,25 +140,6 @@ def test_score_and_affine_coefficients_are_the_reverse_sde():
         sde.reverse_affine_coefficients(t, h, "heun")
 
 
-def test_sscs_table_layout():
-    sde = CLD()
-    ts = torch.tensor([1.0, 0.7, 0.4, 0.1], dtype=torch.float64)
-    tab = sde.sscs_table(ts)
-    assert tab.shape == (4, cf.sde.SSCS_COLS)
-    torch.testing.assert_close(tab[0, 2:9], sde.half_step_coefficients(1.0, 0.15), rtol=1e-14, atol=0)
-    assert tab[0, 0] == 1 and tab[0, 1] == 0
-    # row i + 1: score step at ts[i], closing half to ts[i + 1], opening half of the next step
-    torch.testing.assert_close(tab[2, 0:2], sde.score_step_coefficients(0.7, 0.3), rtol=1e-14, atol=0)
-    torch.testing.assert_close(tab[2, 2:9], sde.half_step_coefficients(0.55, 0.15), rtol=1e-13, atol=0)
-    torch.testing.assert_close(tab[2, 9:16], sde.half_step_coefficients(0.4, 0.15), rtol=1e-13, atol=0)
-    assert tab[3, 9:16].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
-    mixed = sde.sscs_table(ts, mixed=True)
-    c = sde.mixed_score_coefficients(ts[1])
-    e = 2 * sde.Gamma * sde.beta(0.7) * 0.3
-    assert math.isclose(mixed[2, 0].item(), 1 + e * sde.m_inv + e * c[0].item(), rel_tol=1e-13)
-    assert math.isclose(mixed[2, 1].item(), e * c[1].item(), rel_tol=1e-13)
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -13,13 +13,7 @@ from cld_fast.ema import ExponentialMovingAverage
 from cld_fast.train import NonFiniteLossError, Trainer, resolve_precision, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread is fastest and immune to CPU contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread is fastest
 
 
 def _toy(**kw):
@@ -61,9 +55,9 @@ def _reference_kernel(t, beta0=4.0, beta1=0.0, m_inv=4.0, gamma=0.04, num_eps=1e
 def _reference_loss(weighting):
     def loss_fn(model, x0, gen):
         b, d = x0.shape
-        # t ~ U(loss_eps, 1) drawn on the host in float64, as cf.training_times draws it
+        # t ~ U(loss_eps, 1) drawn on the host in float64, as Trainer._host_times draws it
         t = (torch.rand(b, generator=gen, dtype=torch.float64) * (1.0 - 1e-5) + 1e-5).float()
-        torch.randint(0, 2 ** 62, (1,), generator=gen)                # the Philox seed training_times draws
+        torch.randint(0, 2 ** 62, (1,), generator=gen)                # the Philox seed _host_times draws
         eps = torch.randn((b, 2, d), generator=gen)                  # (eps_x, eps_v), as perturb draws them
         a_xx, a_vx, l11, l21, l22, s_vv, beta, Gamma = _reference_kernel(t)
         col = lambda c: c[:, None]  # noqa: E731
