@@ -120,7 +120,7 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     python_requires=">=3.9",
-    install_requires=["torch>=2.1", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest", "scipy", "mpmath", "matplotlib", "triton>=3.6"],
         "triton": ["triton"],

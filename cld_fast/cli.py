@@ -17,7 +17,7 @@ import sys
 import time
 
 EXAMPLES_TRAIN = """examples:
-  cld-fast train                                  toy preset: 2-D multimodal swiss roll, CPU, ~2 min
+  cld-fast train                                  toy preset: 2-D Gaussian mixture (8 modes), CPU, ~2 min
   cld-fast train --data gmm --steps 5000          Gaussian mixture instead
   cld-fast train --preset cifar10 --data-path data/cifar-10-batches-py --out runs/c10
   torchrun --nproc_per_node=8 -m cld_fast.cli train --preset cifar10 --data-path ... --out runs/c10
@@ -91,7 +91,10 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("checkpoint", help="a cld-fast checkpoint, a run folder, or an official CLD-SGM checkpoint")
     p.add_argument("--config", help="official checkpoints: a cld_fast.models preset name (default cifar10) or a JSON "
                                     "file with the official config keys")
-    p.add_argument("--method", default="sscs", choices=("sscs", "em", "ode"), help="sampler (default: sscs)")
+    from .sampling import SAMPLERS  # the sampler registry: every registered sampler is a --method
+
+    p.add_argument("--method", default="sscs", choices=tuple(SAMPLERS),
+                   help="sampler: " + "; ".join(f"{n} ({s.summary})" for n, s in SAMPLERS.items()))
     p.add_argument("--steps", type=int, default=100, help="network evaluations for sscs/em (default: 100)")
     p.add_argument("--n", type=int, default=None, help="number of samples (default: 64 images / 2000 points)")
     p.add_argument("--striding", default="linear", choices=("linear", "quadratic"), help="time grid")
@@ -265,10 +268,12 @@ def _sample(args) -> int:
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"cld-fast sample: error: {exc}", file=sys.stderr)
         return 2
-    from .sde import CLD as _CLD
 
-    if args.method == "sscs" and not isinstance(sde, _CLD):
-        print("cld-fast sample: error: SSCS is a CLD sampler; use --method em or ode for a VP-SDE model", file=sys.stderr)
+    from .sampling import sampler_names
+
+    if args.method not in sampler_names(sde):
+        print(f"cld-fast sample: error: --method {args.method} does not handle a {type(sde).__name__} model; "
+              f"use one of {', '.join(sampler_names(sde))}", file=sys.stderr)
         return 2
     is_image = len(shape) == 3
     n = args.n or (64 if is_image else 2000)

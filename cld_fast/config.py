@@ -107,11 +107,16 @@ class TrainConfig:
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(self.ckpt_every >= 0, f"ckpt_every must be >= 0, got {self.ckpt_every}")
-        need(self.sample_method in ("sscs", "em", "ode"), f"sample_method must be sscs, em or ode, got {self.sample_method!r}")
+        from .sampling import SAMPLERS, sampler_names  # the registry of cf.sample
+
+        need(self.sample_method in SAMPLERS, f"sample_method must be one of {sampler_names()}, got {self.sample_method!r}")
         need(self.sample_steps >= 1 and self.eval_steps >= 1, "sample_steps and eval_steps must be >= 1")
         need(self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}")
         if self.sde == "vpsde":
-            need(self.sample_method != "sscs", "SSCS is a CLD sampler; use sample_method 'em' or 'ode' with sde 'vpsde'")
+            from .sde import VPSDE
+
+            need(self.sample_method in sampler_names(VPSDE()),
+                 f"{self.sample_method!r} is a CLD sampler; use one of {sampler_names(VPSDE())} with sde 'vpsde'")
         return self
 
     @property
