@@ -7,12 +7,7 @@ import torch
 from cld_fast import checkpoint as ckpt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread is fastest
 
 
 def _state(value):

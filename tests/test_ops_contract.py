@@ -1,0 +1,196 @@
+"""The op contract: every public op x backend x dtype x layout against the torch reference.
+
+The torch backend runs the ``reference`` functions of ``cld_fast.opdefs`` (float64 coefficients from
+``cld_fast.sde``); every other available backend must agree with it for the same inputs and noise:
+float32 states to 1e-5, float64 to 1e-12 (explicit noise), and in seed mode (in-kernel Philox) to
+float32 rounding of log/cos/sin. Layouts: contiguous, channels_last, sliced (strided), expanded
+(stride 0; not for in-place targets), odd D and D = 1. Backend-specific behaviour (tiling, Philox
+bits, compilation, capture) is tested in tests/test_ops_<backend>.py.
+"""
+import pytest
+import torch
+
+import cld_fast as cf
+from cld_fast.sde import CLD
+
+SDE = CLD(beta0=3.0, beta1=5.0, m_inv=4.0, gamma=0.04, numerical_eps=1e-6)
+LAYOUTS = ["contiguous", "channels_last", "sliced", "expanded", "odd_d", "d1"]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+SEED_TOL = dict(rtol=1e-5, atol=2e-5)
+
+
+def _backends():
+    return [b for b in ("cpu", "triton", "cuda") if b in cf.backends()]
+
+
+def _device(backend):
+    return torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+
+
+def _cases():
+    for backend in ("cpu", "triton", "cuda"):
+        for dtype in (torch.float32, torch.float64):
+            for layout in LAYOUTS:
+                yield pytest.param(backend, dtype, layout, id=f"{backend}-{str(dtype)[6:]}-{layout}")
+
+
+def _skip_unless(backend, dtype):
+    if backend not in cf.backends():
+        pytest.skip(f"{backend} backend not available here")
+    if not cf.backends.get(backend).supports(_device(backend), dtype):
+        pytest.skip(f"{backend} does not take {dtype} states")
+
+
+def _data(layout, b, channels, gen, dtype, device, inplace=False):
+    """A (B, channels, ...) tensor of ``layout`` (values from ``gen``)."""
+    if layout == "d1":  # 2-D data (B, 1); its state is (B, 2)
+        return torch.randn(b, channels, generator=gen, dtype=dtype).to(device)
+    shape = (b, channels, 5, 3) if layout == "odd_d" else (b, channels, 4, 4)
+    if layout == "sliced":
+        return torch.randn(shape[:3] + (2 * shape[3],), generator=gen, dtype=dtype).to(device)[..., ::2]
+    if layout == "expanded" and not inplace:
+        return torch.randn((1,) + shape[1:], generator=gen, dtype=dtype).to(device).expand(shape)
+    x = torch.randn(shape, generator=gen, dtype=dtype).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+def _channels(layout):
+    return 1 if layout == "d1" else 3
+
+
+def _times(b, gen, device, dtype=torch.float32):
+    return (torch.rand(b, generator=gen, dtype=torch.float64) * 0.98 + 0.01).to(device, dtype)
+
+
+def _close(got, want, dtype, seeded=False):
+    tol = SEED_TOL if seeded else TOL[dtype]  # in-kernel normals are float32 (log, cos, sin) everywhere
+    torch.testing.assert_close(got.cpu(), want.cpu(), **tol)
+
+
+@pytest.mark.parametrize("backend, dtype, layout", list(_cases()))
+def test_perturb_and_loss(backend, dtype, layout):
+    _skip_unless(backend, dtype)
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(11)
+    b, c = 5, _channels(layout)
+    x0 = _data(layout, b, c, gen, dtype, dev)
+    d = x0[0].numel()
+    t = _times(b, gen, dev)
+    eps = torch.randn(b, 2, d, generator=gen, dtype=dtype).to(dev)
+    out = _data(layout, b, c, gen, dtype, dev)
+    for objective in ("hsm", "dsm"):
+        g1, g2 = torch.Generator(dev).manual_seed(3), torch.Generator(dev).manual_seed(3)
+        u, noise = cf.perturb(x0, t, SDE, objective=objective, eps=eps, generator=g1, backend=backend)
+        u_ref, noise_ref = cf.perturb(x0, t, SDE, objective=objective, eps=eps, generator=g2, backend="torch")
+        _close(u, u_ref, dtype)
+    u, noise = cf.perturb(x0, t, SDE, eps=eps, backend=backend)
+    u_ref, noise_ref = cf.perturb(x0, t, SDE, eps=eps, backend="torch")
+    for weighting in ("reweightedv2", "likelihood"):
+        for reduction in ("none", "mean"):
+            o1 = out.detach().clone().requires_grad_(True)
+            o2 = out.detach().clone().requires_grad_(True)
+            loss = cf.hsm_loss(o1, u, t, SDE, noise, weighting=weighting, reduction=reduction, backend=backend)
+            ref = cf.hsm_loss(o2, u_ref, t, SDE, noise_ref, weighting=weighting, reduction=reduction, backend="torch")
+            _close(loss, ref, dtype)
+            loss.sum().backward()
+            ref.sum().backward()
+            _close(o1.grad, o2.grad, dtype)
+    _close(cf.mixed_score(out, u, t, SDE, backend=backend), cf.mixed_score(out, u_ref, t, SDE, backend="torch"), dtype)
+
+
+@pytest.mark.parametrize("backend, dtype, layout", list(_cases()))
+def test_perturb_and_loss_seed_mode(backend, dtype, layout):
+    _skip_unless(backend, dtype)
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(12)
+    b, c = 4, _channels(layout)
+    x0 = _data(layout, b, c, gen, dtype, dev)
+    t = _times(b, gen, dev, torch.float64)
+    seed = torch.tensor([987654321], dtype=torch.int64, device=dev)
+    u, noise = cf.perturb(x0, t, SDE, seed=seed, backend=backend)
+    u_ref, noise_ref = cf.perturb(x0, t, SDE, seed=seed, backend="torch")
+    _close(u, u_ref, dtype, seeded=True)
+    out = _data(layout, b, c, gen, dtype, dev)
+    o1 = out.detach().clone().requires_grad_(True)
+    o2 = out.detach().clone().requires_grad_(True)
+    loss = cf.hsm_loss(o1, u_ref, t, SDE, noise, reduction="none", backend=backend)
+    ref = cf.hsm_loss(o2, u_ref, t, SDE, noise_ref, reduction="none", backend="torch")
+    _close(loss, ref, dtype, seeded=True)
+    loss.sum().backward()
+    ref.sum().backward()
+    _close(o1.grad, o2.grad, dtype, seeded=True)
+
+
+def _step_inputs(layout, dtype, dev, gen):
+    b, c = 3, _channels(layout)
+    u = _data(layout, b, 2 * c, gen, dtype, dev, inplace=True)
+    y = _data(layout, b, c, gen, dtype, dev)
+    d = y[0].numel()
+    return u, y, b, d
+
+
+@pytest.mark.parametrize("backend, dtype, layout", list(_cases()))
+def test_sampler_steps(backend, dtype, layout):
+    _skip_unless(backend, dtype)
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(13)
+    ts = torch.tensor([1.0, 0.7, 0.45, 0.2, 0.05], dtype=torch.float64, device=dev)
+    u, y, b, d = _step_inputs(layout, dtype, dev, gen)
+    eps2 = torch.randn(b, 2, d, generator=gen, dtype=dtype).to(dev)
+    eps4 = torch.randn(b, 4, d, generator=gen, dtype=dtype).to(dev)
+    eps1 = torch.randn(b, d, generator=gen, dtype=dtype).to(dev)
+
+    def both(fn):
+        a, r = u.clone(memory_format=torch.preserve_format), u.clone(memory_format=torch.preserve_format)
+        fn(a, backend)
+        fn(r, "torch")
+        _close(a, r, dtype)
+
+    for step in (0, 2, 3):  # step 3 is the last step of the grid: no opening half step after it
+        both(lambda w, be: cf.half_step_(w, ts, SDE, step=step, eps=eps2, backend=be))
+        for mixed in (False, True):
+            both(lambda w, be: cf.sscs_step_(w, y, ts, SDE, step=step, mixed=mixed, eps=eps4, backend=be))
+            both(lambda w, be: cf.em_step_(w, y, ts, SDE, step=step, mixed=mixed, eps=eps1, backend=be))
+            both(lambda w, be: cf.em_step_(w, y, ts, SDE, step=step, mixed=mixed, denoise=True, backend=be))
+            t = ts[step:step + 1]
+            _close(cf.pf_drift(u, y, t, SDE, mixed=mixed, backend=backend),
+                   cf.pf_drift(u, y, t, SDE, mixed=mixed, backend="torch"), dtype)
+    step_t = torch.tensor([1], dtype=torch.int64, device=dev)
+    seed = torch.tensor([5], dtype=torch.int64, device=dev)
+    for fn in (lambda w, be: cf.half_step_(w, ts, SDE, step=step_t, seed=seed, backend=be),
+               lambda w, be: cf.sscs_step_(w, y, ts, SDE, step=step_t, seed=seed, backend=be),
+               lambda w, be: cf.em_step_(w, y, ts, SDE, step=step_t, seed=seed, backend=be)):
+        a, r = u.clone(), u.clone()
+        fn(a, backend)
+        fn(r, "torch")
+        _close(a, r, dtype, seeded=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
+def test_low_precision_network_outputs(backend):
+    """bf16 / fp16 network outputs with a float32 state: within 1e-2 of the float64 reference."""
+    _skip_unless(backend, torch.float32)
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(14)
+    b, c = 4, 3
+    x0 = torch.randn(b, c, 4, 4, generator=gen).to(dev)
+    t = _times(b, gen, dev)
+    eps = torch.randn(b, 2, c * 16, generator=gen).to(dev)
+    u, noise = cf.perturb(x0, t, SDE, eps=eps, backend=backend)
+    u64, noise64 = cf.perturb(x0.double(), t, SDE, eps=eps.double(), backend="torch")
+    ts = torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64, device=dev)
+    for odt in (torch.bfloat16, torch.float16):
+        out = torch.randn(b, c, 4, 4, generator=gen).to(dev, odt)
+        o = out.clone().requires_grad_(True)
+        loss = cf.hsm_loss(o, u, t, SDE, noise, reduction="none", backend=backend)
+        o64 = out.double().requires_grad_(True)
+        ref = cf.hsm_loss(o64, u64, t, SDE, noise64, reduction="none", backend="torch")
+        torch.testing.assert_close(loss.double().cpu(), ref.cpu(), rtol=1e-2, atol=1e-2)
+        loss.sum().backward()
+        ref.sum().backward()
+        assert o.grad.dtype == odt
+        torch.testing.assert_close(o.grad.double().cpu(), o64.grad.cpu(), rtol=1e-2, atol=1e-2)
+        a, r = u.clone(), u64.clone()
+        cf.sscs_step_(a, out, ts, SDE, step=0, mixed=True, backend=backend)
+        cf.sscs_step_(r, out.double(), ts, SDE, step=0, mixed=True, backend="torch")
+        torch.testing.assert_close(a.double().cpu(), r.cpu(), rtol=1e-2, atol=1e-2)
