@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: device description, timers, launch counting, copy bandwidth, Markdown.
+"""Shared benchmark plumbing: device description, timers, op and launch counting, copy bandwidth, Markdown.
 
 Timing rules (every table uses them):
 
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,18 +238,71 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> CopyBandwidth:
     return CopyBandwidth(max(methods.values()), methods, nbytes)
 
 
-# ---- launch and op counting --------------------------------------------------------------------
+# ---- op counting (dispatcher) and launch counting (profiler, GPU) -------------------------------
 
-_OP_PREFIXES = ("aten::", "cld_fast::", "cld_fast_triton::", "prims::")
+ALLOCATION_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty"})
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records every non-view op (aten and custom ops alike) dispatched while it is active.
+
+    Ops that run *inside* an op (a custom op's implementation, a decomposition) are not seen: while
+    the mode handles one call it is switched off, so each public-level dispatch counts once.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.names: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn: Callable[[], object], warmup: bool = True) -> List[str]:
+    """Names (``aten.mul.Tensor``, ``cld_fast.perturb.default``, ...) of the non-view ops one ``fn()`` dispatches.
+
+    ``warmup`` first runs ``fn()`` once unobserved, so one-time work (a cached parameter tensor, a
+    lazily registered op) is not counted. A ``torch.compile``d region is not traced under a dispatch
+    mode (Dynamo runs it eagerly), so compiled code must be counted another way.
+    """
+    if warmup:
+        fn()
+    recorder = _OpRecorder()
+    with recorder:
+        fn()
+    return recorder.names
+
+
+def count_ops(fn: Callable[[], object], warmup: bool = True) -> int:
+    """Number of dispatched non-view aten/custom ops per ``fn()`` call (see ``dispatched_ops``)."""
+    return len(dispatched_ops(fn, warmup=warmup))
+
+
+def is_allocation(name: str) -> bool:
+    """Whether a ``dispatched_ops`` name is a pure allocation (``empty`` and friends: no kernel runs)."""
+    return name.split(".")[1] in ALLOCATION_OPS if name.count(".") >= 1 else False
+
+
+def short_op_names(names: Sequence[str]) -> str:
+    """``aten.mul.Tensor`` x 3 -> ``mul x3``, in first-seen order (for a readable breakdown)."""
+    counts: Dict[str, int] = {}
+    for n in names:
+        parts = n.split(".")
+        key = parts[1] if parts[0] == "aten" and len(parts) > 1 else ".".join(parts[:2])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(k if c == 1 else f"{k} x{c}" for k, c in counts.items())
+
+
 _SYNC_NAMES = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cuStreamSynchronize",
                "cuEventSynchronize", "cuMemcpyDtoH", "cuMemcpyHtoD")
 
 
 @dataclass
 class LaunchCount:
-    launches: Optional[int]          # GPU: kernels + memcpy/memset on the device; CPU: top-level dispatched ops
-    syncs: Optional[int]             # GPU: host synchronisations (stream/event syncs, blocking memcpy)
-    what: str
+    launches: int                    # kernels + memcpy/memset on the GPU
+    syncs: int                       # host synchronisations (stream/event syncs, blocking memcpy)
 
 
 @contextlib.contextmanager
@@ -270,46 +324,45 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def _is_op(name: str) -> bool:
-    return name.startswith(_OP_PREFIXES)
-
-
 def count_launches(fn: Callable[[], object], device: torch.device) -> LaunchCount:
-    """Profile one ``fn()`` (after a warm-up call) with torch.profiler.
+    """GPU only: device activities (kernels, memcpy, memset) and host syncs of one ``fn()`` (torch.profiler).
 
-    GPU: the number of device activities (kernels, memcpy, memset) and of host synchronisations.
-    CPU: the number of top-level operators dispatched (aten::* and cld_fast::* ops not nested in
-    another op; kernels that torch.compile generates are not dispatcher ops and are not counted).
+    Unlike ``count_ops`` this also sees the kernels inside compiled regions and custom ops.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    if device.type != "cuda":
+        raise ValueError("count_launches counts GPU activity; use count_ops on a CPU")
     fn()
     sync(device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with _quiet_stderr():
-        with profile(activities=acts) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
             sync(device)
     events = prof.events()
-    if device.type == "cuda":
-        gpu = [e for e in events if e.device_type == DeviceType.CUDA]
-        syncs = [e for e in events if e.device_type == DeviceType.CPU
-                 and e.name.split("_v")[0] in _SYNC_NAMES]
-        return LaunchCount(len(gpu), len(syncs), "CUDA kernel/memcpy/memset launches (torch.profiler)")
-    n = 0
-    for e in events:
-        if e.device_type != DeviceType.CPU or not _is_op(e.name):
-            continue
-        p, nested = e.cpu_parent, False
-        while p is not None:
-            if _is_op(p.name):
-                nested = True
-                break
-            p = p.cpu_parent
-        if not nested:
-            n += 1
-    return LaunchCount(n, None, "top-level aten/cld_fast ops dispatched (torch.profiler)")
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    syncs = [e for e in events if e.device_type == DeviceType.CPU and e.name.split("_v")[0] in _SYNC_NAMES]
+    return LaunchCount(len(gpu), len(syncs))
+
+
+# ---- torch.compile policy ----------------------------------------------------------------------
+
+_COMPILE = {"kernels_skip": None}
+
+
+def set_kernel_compile_skip(reason: Optional[str]) -> None:
+    """Why the kernel table's torch.compile column is skipped this run (None: it runs)."""
+    _COMPILE["kernels_skip"] = reason
+
+
+def compile_unavailable(kernels: bool = False) -> Optional[str]:
+    """Why torch.compile can't or shouldn't run (None when it may); ``kernels``: for the kernel table."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if env_flag("BENCH_NO_COMPILE"):
+        return "torch.compile switched off (BENCH_NO_COMPILE=1 or --no-compile)"
+    return _COMPILE["kernels_skip"] if kernels else None
 
 
 # ---- Markdown ----------------------------------------------------------------------------------

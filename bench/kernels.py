@@ -1,34 +1,48 @@
-"""Kernel table: perturb, HSM loss forward+backward, fused SSCS step and EM step, per implementation.
+"""Kernel table: each public op, per implementation, as a whole call (op level) and as a bare kernel.
+
+Ops (the calls a training or sampling loop makes; value checks off, as the trainer and samplers run):
+
+    perturb   ``cf.perturb(x0, t, sde)``
+    loss_fwd  ``cf.hsm_loss(out, u, t, sde, noise)`` with ``out`` requiring grad (the training forward)
+    loss_bwd  ``torch.autograd.grad`` of that loss w.r.t. ``out`` (an explicit 0-d grad, graph retained)
+    sscs      ``cf.sscs_step_(u, y, ts, sde, step=k, mixed=True, seed=...)``: one fused SSCS step
+    em        ``cf.em_step_(u, y, ts, sde, step=k, mixed=True, seed=...)``: one Euler-Maruyama step
 
 Implementations (columns that cannot run here show "n/a" with the reason in a footnote):
 
     official  eager PyTorch with the official CLD-SGM structure (``bench/official_style.py``)
-    compile   ``torch.compile`` of our fused math in plain torch (``cld_fast.backends.torch_backend``)
-    triton    our Triton kernels (CUDA only: on a CPU Triton runs only in its interpreter)
+    compile   ``torch.compile`` of the same math: the op's torch reference (``cld_fast.opdefs``),
+              coefficients from t and the CLD parameters and Philox noise included (seed mode)
+    triton    our Triton kernels (timed on CUDA; on a CPU under TRITON_INTERPRET=1 only counted)
     cuda      our CUDA C++ kernels
     cpu       our C++/OpenMP kernels
     torch     our plain-PyTorch reference backend
 
-Every implementation is timed twice where that makes sense:
+Two levels:
 
-* **op**: the whole call a training or sampling loop makes (``cf.perturb(x0, t, sde)``,
-  ``cf.hsm_loss(...)`` + backward, ``cf.sscs_step_``, ``cf.em_step_``), including the per-call
-  coefficient math and dispatch. The official-style baseline is only timed this way: its
-  coefficient math is interleaved with the data passes.
-* **kernel**: the data pass alone, coefficients precomputed (the backend function the op calls;
-  for ``compile``, the compiled function).
+* **op**: the public call above, everything included (input checks, allocation, the seed draw).
+* **kernel**: ``cld_fast.backends.get(name).op(opname)(...)`` with the ``cld_fast.opdefs`` schema
+  arguments made beforehand (for compile, the compiled reference; the official code has no kernel).
 
-Byte model (fp32, N = elements of x, minimum traffic each op must move; coefficient tables are
-negligible): perturb reads x0, writes x and v: 12N bytes. Loss forward reads out and v, backward
-reads out and v and writes the gradient: 20N. SSCS and EM steps read u = (x, v) and y, write u: 20N.
-Noise drawn in-kernel (Philox) moves no bytes; implementations that draw it separately (the
-official code, the torch and cpu backends, which get ``eps`` from ``torch.randn``) move more and
-are charged only the minimum, so their GB/s is an *effective* rate.
+Counts: ``bench.common.count_ops``, the non-view aten/custom ops dispatched per call (a
+``TorchDispatchMode``). Allocations are shown separately, since ``tests/test_launch_counts.py`` counts
+launches as ops minus allocations. A compiled region is invisible to a dispatch mode, so the compile
+column counts the kernels Inductor generated for the graph (plus the ops dispatched around it).
+On a GPU the torch.profiler's device launches and host syncs are shown too.
+
+Byte model (fp32, N = elements of x, minimum traffic; the (B,) times and the (5,) parameters are
+negligible): perturb reads x0 and writes x and v: 12N. Loss forward reads out and v: 8N; backward
+reads out and v and writes the gradient: 12N. SSCS and EM steps read u = (x, v) and y, write u: 20N.
+Noise drawn in-kernel (Philox) moves no bytes; noise handed in as tensors (the official code, the
+torch backend's ``torch.randn`` eps) is extra traffic that is not credited, so their GB/s is an
+*effective* rate.
 """
 from __future__ import annotations
 
 import gc
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -36,32 +50,38 @@ import torch
 
 import cld_fast as cf
 from cld_fast import backends as cf_backends
-from cld_fast import philox
-from cld_fast.backends import torch_backend as tb
+from cld_fast import opdefs, philox
+from cld_fast.sde import AFFINE_KIND_CODES, kernel_params
 
 from . import common
 from . import official_style as off
 
-OPS = ("perturb", "loss", "sscs", "em")
+OPS = ("perturb", "loss_fwd", "loss_bwd", "sscs", "em")
+COUNTED_OPS = ("perturb", "loss_fwd", "loss_bwd", "sscs")   # the op-level count table
 OP_TITLES = {
-    "perturb": "perturb (u = mean + L eps)",
-    "loss": "HSM loss forward + backward",
-    "sscs": "fused SSCS step (score step + 2 half steps)",
-    "em": "Euler-Maruyama step",
+    "perturb": "perturb: cf.perturb(x0, t, sde)",
+    "loss_fwd": "HSM loss forward: cf.hsm_loss(out, u, t, sde, noise)",
+    "loss_bwd": "HSM loss backward",
+    "sscs": "fused SSCS step: cf.sscs_step_",
+    "em": "Euler-Maruyama step: cf.em_step_",
 }
-BYTES_PER_ELEMENT = {"perturb": 12, "loss": 20, "sscs": 20, "em": 20}
+OP_SHORT = {"perturb": "perturb", "loss_fwd": "hsm_loss fwd", "loss_bwd": "hsm_loss bwd", "sscs": "sscs_step_",
+            "em": "em_step_"}
+OPDEF_NAME = {"perturb": "perturb", "loss_fwd": "hsm_loss_fwd", "loss_bwd": "hsm_loss_bwd", "sscs": "sscs_step_",
+              "em": "affine_step"}
+BYTES_PER_ELEMENT = {"perturb": 12, "loss_fwd": 8, "loss_bwd": 12, "sscs": 20, "em": 20}
 IMPLS = ("official", "compile", "triton", "cuda", "cpu", "torch")
 IMPL_TITLES = {
     "official": "eager, official-style",
-    "compile": "torch.compile (our math)",
+    "compile": "torch.compile (same math)",
     "triton": "cld_fast triton",
     "cuda": "cld_fast cuda",
     "cpu": "cld_fast cpu (C++)",
     "torch": "cld_fast torch (reference)",
 }
 OUR_BACKENDS = ("triton", "cuda", "cpu", "torch")
-PERTURB_SEED_BACKENDS = ("triton", "cuda")  # cf.perturb gives these a Philox seed, the others torch.randn noise
-SAMPLER_STEPS = 50                          # grid of the SSCS / EM tables; the timed row is mid-grid
+SAMPLER_STEPS = 50                          # the SSCS / EM grid; the timed step is mid-grid
+WEIGHTING = 0                               # reweightedv2
 
 
 @dataclass(frozen=True)
@@ -97,11 +117,16 @@ class Result:
     impl: str
     op_ms: Optional[float] = None
     kernel_ms: Optional[float] = None
-    launches: Optional[int] = None          # per op call
-    kernel_launches: Optional[int] = None   # per kernel-only call
+    ops: Optional[int] = None               # dispatched non-view ops per op call (compile: see module doc)
+    kernel_ops: Optional[int] = None        # the same per kernel call
+    allocs: Optional[int] = None            # of ``ops``, allocations (empty*)
+    op_names: List[str] = field(default_factory=list)
+    launches: Optional[int] = None          # GPU: device launches per op call (profiler)
+    kernel_launches: Optional[int] = None
     syncs: Optional[int] = None
-    na: Optional[str] = None            # why this implementation could not run
-    notes: List[str] = field(default_factory=list)
+    compile_s: Optional[float] = None       # compile: seconds of the call that compiled the graph
+    na: Optional[str] = None                # why this implementation could not run at all
+    timing_na: Optional[str] = None         # counted, but not timed (the Triton interpreter)
 
     def bytes(self) -> int:
         return BYTES_PER_ELEMENT[self.op] * self.size.numel
@@ -110,8 +135,18 @@ class Result:
         ms = self.op_ms if which == "op" else self.kernel_ms
         return None if ms is None else self.bytes() / (ms * 1e-3) / 1e9
 
+    @property
+    def launch_ops(self) -> Optional[int]:
+        """Dispatched ops that run a kernel: ``ops`` minus allocations (tests/test_launch_counts.py)."""
+        return None if self.ops is None else self.ops - (self.allocs or 0)
+
 
 # ---- availability ------------------------------------------------------------------------------
+
+
+def triton_interpreted() -> bool:
+    """Whether this process runs Triton kernels in the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
@@ -119,14 +154,10 @@ def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
     if impl == "official":
         return None
     if impl == "compile":
-        if not hasattr(torch, "compile"):
-            return "this torch has no torch.compile"
-        if common.env_flag("BENCH_NO_COMPILE"):
-            return "torch.compile switched off (BENCH_NO_COMPILE=1 or --no-compile)"
-        return None
-    if impl == "triton" and device.type != "cuda":
-        return ("Triton is benchmarked on CUDA only: on a CPU it runs only under TRITON_INTERPRET=1, "
-                "an interpreter far too slow to time")
+        return common.compile_unavailable(kernels=True)
+    if impl == "triton" and device.type != "cuda" and not triton_interpreted():
+        return ("Triton needs CUDA; on a CPU it runs only under TRITON_INTERPRET=1 (then this table counts its ops "
+                "but does not time the interpreter)")
     if impl == "cuda" and device.type != "cuda":
         return ("this run times CPU tensors (--device cpu)" if torch.cuda.is_available()
                 else "no CUDA device on this machine")
@@ -140,53 +171,80 @@ def impl_unavailable(impl: str, device: torch.device) -> Optional[str]:
     return None
 
 
-# ---- compiled plain-torch versions of our fused math -------------------------------------------
+def timing_unavailable(impl: str, device: torch.device) -> Optional[str]:
+    """Why ``impl`` is counted but not timed here (None when it is timed)."""
+    if impl == "triton" and device.type == "cpu":
+        return ("TRITON_INTERPRET=1: the Triton interpreter runs the kernels in numpy, far too slow to time; the op "
+                "counts are real (counted at the smallest size)")
+    return None
 
 
-# Seed mode throughout: the same math as the fused triton/cuda kernels, noise contract included (Philox
-# from (seed, step, tag), Box-Muller, eps_v regenerated by the loss instead of stored).
+# ---- torch.compile of the references ------------------------------------------------------------------
 
 
-def _perturb_plain(x2, coef, u3, seed):
-    return tb.perturb(x2, coef, u3, seed=seed)
+@dataclass
+class Compiled:
+    """One compiled op reference: the callable, and what compiling it cost (set on the compiling call)."""
+
+    fn: Callable
+    kernels: Optional[int] = None
+    compile_s: Optional[float] = None
 
 
-def _loss_plain(out2, u3, coef, seed, grad):
-    return tb.hsm_loss_fwd(out2, u3, coef, None, seed).mean(), tb.hsm_loss_bwd(grad, out2, u3, coef, None, seed)
+_COMPILED: Dict[str, Compiled] = {}
 
 
-def _sscs_plain(u3, y2, table, step, seed):
-    return tb.sscs_step_(u3, y2, table, step, seed=seed)
-
-
-def _em_plain(u3, y2, table, step, seed):
-    return tb.affine_step(u3, y2, table, step, u3, seed=seed)
-
-
-_COMPILED: Dict[str, Callable] = {}
-
-
-def compiled(op: str, device: torch.device) -> Callable:
-    """One compiled function per op of the torch backend's seed-mode math."""
+def compiled(op: str, device: torch.device) -> Compiled:
+    """One ``torch.compile`` per op (dynamic shapes) of its ``cld_fast.opdefs`` torch reference."""
     key = f"{op}:{device.type}"
     if key not in _COMPILED:
         import torch._dynamo
 
-        for name in ("recompile_limit", "cache_size_limit"):   # one graph per size and op
+        for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-        fn = {"perturb": _perturb_plain, "loss": _loss_plain, "sscs": _sscs_plain, "em": _em_plain}[op]
-        # One dynamic-shape compile per op (the seed-mode graphs are large: compiling one per size would
-        # cost minutes of the full GPU run's 10-minute budget)
-        _COMPILED[key] = torch.compile(fn, dynamic=True)
+        ref = opdefs.OPS[OPDEF_NAME[op]].reference
+        _COMPILED[key] = Compiled(torch.compile(ref, dynamic=True))
     return _COMPILED[key]
 
 
-# ---- one (op, size) case: inputs and the callables per implementation ----------------------------
+def _inductor_kernel_count() -> Optional[int]:
+    try:
+        from torch._inductor import metrics
+
+        return int(metrics.generated_kernel_count)
+    except Exception:  # noqa: BLE001 - a torch without the metric
+        return None
+
+
+def first_call(comp: Compiled, args: Tuple) -> None:
+    """Call ``comp.fn(*args)``; if that compiled a graph, record its kernel count and compile time."""
+    k0 = _inductor_kernel_count()
+    t0 = time.perf_counter()
+    comp.fn(*args)
+    dt = time.perf_counter() - t0
+    k1 = _inductor_kernel_count()
+    if k0 is not None and k1 is not None and k1 > k0:
+        comp.kernels, comp.compile_s = k1 - k0, dt
+
+
+# ---- one (op, size) case: inputs and the callables per implementation ------------------------------
+
+
+@dataclass
+class Callables:
+    """What one implementation runs: the op-level call, the kernel call (or None), and for compile the
+    ops dispatched around the compiled region (``outside``) and the compiled op."""
+
+    op: Callable[[], object]
+    kernel: Optional[Callable[[], object]] = None
+    outside: Optional[Callable[[], object]] = None
+    comp: Optional[Compiled] = None
+    comp_args: Optional[Tuple] = None
 
 
 class Case:
-    """Inputs for one op at one size, and ``(op_fn, kernel_fn)`` for each implementation."""
+    """Inputs for one op at one size, and the ``Callables`` of each implementation."""
 
     def __init__(self, op: str, size: Size, device: torch.device, seed: int = 0):
         self.op, self.size, self.device = op, size, device
@@ -195,127 +253,140 @@ class Case:
         self.B, self.D = shape[0], math.prod(shape[1:])
         self.sde = cf.CLD()
         self.osde = off.OfficialCLD()
+        self.params = kernel_params(self.sde, device)
         self.x0 = torch.randn(shape, generator=g, device=device)
         self.t32 = torch.rand(self.B, generator=g, device=device) * (1 - 1e-5) + 1e-5
         self.t64 = self.t32.double()
         self.seed = torch.tensor([1234], dtype=torch.int64, device=device)
+        self.scale = 1.0 / self.B                      # reduction "mean", as hsm_loss passes it
+        self.grad = torch.ones((), device=device)      # d loss / d loss for the backward
         if op in ("sscs", "em"):
             self.u0 = self.sde.prior_sampling(shape, generator=g, device=device)
             self.y = torch.randn(shape, generator=g, device=device)
             self.sampler = off.SSCSSampler(self.osde, SAMPLER_STEPS + 1, eps=1e-3, denoising=True)
-            ts = self.sampler.forward_times().to(device)
+            self.ts = self.sampler.forward_times().to(device)   # float64, decreasing; step k: ts[k] -> ts[k + 1]
             self.k = SAMPLER_STEPS // 2
-            if op == "sscs":
-                self.table = self.sde.sscs_table(ts, mixed=True).float()
-                self.step = torch.tensor([self.k], dtype=torch.int64, device=device)   # row k: score step at ts[k-1]
-            else:
-                h = ts[:-1] - ts[1:]
-                mix = self.sde.mixed_score_coefficients(ts[:-1])
-                self.table = self.sde.reverse_affine_coefficients(ts[:-1], h, "em", mixed=mix).float()
-                self.step = torch.tensor([self.k], dtype=torch.int64, device=device)
-        if op == "loss":
+            self.step = torch.tensor([self.k], dtype=torch.int64, device=device)
+        if op in ("loss_fwd", "loss_bwd"):
             self.out = torch.randn(shape, generator=g, device=device).requires_grad_(True)
 
     # -- official-style ---------------------------------------------------------------------------
-    def official(self) -> Callable:
+    def official(self) -> Callables:
         osde, x0, t64 = self.osde, self.x0, self.t64
         if self.op == "perturb":
-            return lambda: off.perturb(osde, x0, t64)
-        if self.op == "loss":
-            u, eps_v = off.perturb(osde, x0, t64)
-            out = self.out
-            model = lambda uu, tt: out  # noqa: E731 - the network output stands in for the network
+            return Callables(lambda: off.perturb(osde, x0, t64))
+        if self.op in ("loss_fwd", "loss_bwd"):
+            return Callables(self._official_loss())
+        return Callables(self._official_step())
 
-            def run():
-                loss = torch.mean(off.loss_from_model(osde, model, u, t64, eps_v))
-                return torch.autograd.grad(loss, out)
+    def _official_loss(self) -> Callable:
+        osde, t64, out, grad = self.osde, self.t64, self.out, self.grad
+        u, eps_v = off.perturb(osde, self.x0, t64)
+        model = lambda uu, tt: out  # noqa: E731 - the network output stands in for the network
+        forward = lambda: torch.mean(off.loss_from_model(osde, model, u, t64, eps_v))  # noqa: E731
+        if self.op == "loss_fwd":
+            return forward
+        loss = forward()
+        return lambda: torch.autograd.grad(loss, out, grad, retain_graph=True)
 
-            return run
-        y, sampler, u0 = self.y, self.sampler, self.u0
+    def _official_step(self) -> Callable:
+        y, sampler, u0, i = self.y, self.sampler, self.u0, self.k
         model = lambda uu, tt: y  # noqa: E731
-        t = sampler.t
-        i = self.k - 1 if self.op == "sscs" else self.k
+        t = sampler.t   # reverse time: t[i] = 1 - ts[i]
         if self.op == "sscs":
             def run():
-                # after the network: Euler score step of step i, its closing half step, the opening
-                # half step of step i + 1 (what one fused launch does per NFE)
+                # after the network at step i: its Euler score step and closing half step, then the
+                # opening half step of step i + 1 (what one fused launch does per NFE)
                 dt = t[i + 1] - t[i]
                 u = sampler.euler_score_dynamics(model, u0, t[i], dt)
                 u = sampler.analytical_dynamics(u, t[i], dt, True)
                 return sampler.analytical_dynamics(u, t[i + 1], t[i + 2] - t[i + 1], True)
 
             return run
-        step_fn = osde.get_discrete_step_fn(off.get_score_fn(osde, model))
+        step_fn = self.osde.get_discrete_step_fn(off.get_score_fn(self.osde, model))
         return lambda: step_fn(u0, t[i], t[i + 1] - t[i])
 
-    # -- our backends -------------------------------------------------------------------------------
-    def ours(self, name: str) -> Tuple[Callable, Callable]:
-        mod = cf_backends.get(name)
-        sde, B, D, dev = self.sde, self.B, self.D, self.device
+    # -- the kernel arguments (opdefs schema order) ----------------------------------------------------
+    def kernel_args(self, noise: Optional[cf.Noise] = None, u: Optional[torch.Tensor] = None,
+                    eps: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None) -> Tuple:
+        """The schema arguments of this op's kernel; ``noise``/``u`` from a perturb call for the loss,
+        ``eps`` or ``seed`` for perturb (seed mode when both are None)."""
+        B, D, p = self.B, self.D, self.params
         if self.op == "perturb":
-            use_seed = name in PERTURB_SEED_BACKENDS   # as cf.perturb decides
-            x0, t32 = self.x0, self.t32
-            coef = sde.perturbation_kernel(t32, "hsm").table().float()
-            x2 = x0.reshape(B, -1)
-            u3 = torch.empty((B, 2, D), device=dev)
-            seed = self.seed
-            if use_seed:
-                kernel = lambda: mod.perturb(x2, coef, u3, seed=seed)  # noqa: E731
-            else:
-                kernel = lambda: mod.perturb(x2, coef, u3, eps=torch.randn((B, 2, D), device=dev))  # noqa: E731
-            return (lambda: cf.perturb(x0, t32, sde, backend=name)), kernel
-        if self.op == "loss":
-            u, noise = cf.perturb(self.x0, self.t32, sde, backend=name)
-            out, t32 = self.out, self.t32
-            coef = sde.loss_coefficients(t32).float()
-            u3, out2 = u.view(B, 2, D), out.detach().reshape(B, D)
-            eps_v = None if noise.eps is None else noise.eps[:, 1].contiguous()
-            grad = torch.full((B,), 1.0 / B, device=dev)
-
-            def op():
-                return torch.autograd.grad(cf.hsm_loss(out, u, t32, sde, noise, backend=name), out)
-
-            def kernel():
-                return (mod.hsm_loss_fwd(out2, u3, coef, eps_v, noise.seed).mean(),
-                        mod.hsm_loss_bwd(grad, out2, u3, coef, eps_v, noise.seed))
-
-            return op, kernel
-        # SSCS / EM steps: a Philox seed for every backend, as cf.sample passes it
-        u = self.u0.clone()
-        u3, y, y2, table, step, seed = u.view(B, 2, D), self.y, self.y.reshape(B, D), self.table, self.step, self.seed
+            seed = self.seed if (eps is None and seed is None) else seed
+            return (self.x0.reshape(B, D), None, self.t32, p, 0, eps, seed,
+                    torch.empty((B, 2, D), device=self.device))
+        if self.op in ("loss_fwd", "loss_bwd"):
+            out2, u3 = self.out.detach().reshape(B, D), u.view(B, 2, D)
+            eps_v = None if noise.eps is None else noise.eps[:, 1]
+            tail = (self.t32, p, WEIGHTING, self.scale)
+            if self.op == "loss_fwd":
+                return (out2, u3) + tail + (1, eps_v, noise.seed)
+            return (self.grad, out2, u3) + tail + (eps_v, noise.seed)
+        u3, y2 = u.view(B, 2, D), self.y.reshape(B, D)
         if self.op == "sscs":
-            return ((lambda: cf.sscs_step_(u, y, table, step, seed=seed, backend=name)),
-                    (lambda: mod.sscs_step_(u3, y2, table, step, seed=seed)))
-        return ((lambda: cf.em_step_(u, y, table, step, seed=seed, backend=name)),
-                (lambda: mod.affine_step(u3, y2, table, step, u3, seed=seed)))
+            return (u3, y2, self.ts, self.step, p, True, None, self.seed)
+        return (u3, y2, self.ts, self.step, p, AFFINE_KIND_CODES["em"], True, None, self.seed, u3)
 
-    # -- torch.compile of the torch backend's math ----------------------------------------------------
-    def compiled(self) -> Tuple[Callable, Callable]:
-        fn = compiled(self.op, self.device)
-        sde, B, D, dev, seed = self.sde, self.B, self.D, self.device, self.seed
-        if self.op in ("perturb", "loss"):
-            x2, t32 = self.x0.reshape(B, -1), self.t32
-            coef = sde.perturbation_kernel(t32, "hsm").table().float()
-            u3 = torch.empty((B, 2, D), device=dev)
-            if self.op == "perturb":
-                def op():
-                    c = sde.perturbation_kernel(t32, "hsm").table().float()
-                    return fn(x2, c, torch.empty((B, 2, D), device=dev), philox.seed_from_generator(None, dev))
+    # -- our backends -------------------------------------------------------------------------------
+    def ours(self, name: str) -> Callables:
+        kernel = cf_backends.get(name).op(OPDEF_NAME[self.op])
+        sde, t32 = self.sde, self.t32
+        if self.op == "perturb":
+            x0 = self.x0
+            # cf.perturb hands the torch backend torch.randn eps and every other backend a Philox seed;
+            # the kernel call gets the same kind of noise, made beforehand
+            eps = torch.randn((self.B, 2, self.D), device=self.device) if name == "torch" else None
+            args = self.kernel_args(eps=eps)
+            return Callables(lambda: cf.perturb(x0, t32, sde, backend=name), lambda: kernel(*args))
+        if self.op in ("loss_fwd", "loss_bwd"):
+            u, noise = cf.perturb(self.x0, t32, sde, backend=name)
+            args = self.kernel_args(noise=noise, u=u)
+            out, grad = self.out, self.grad
+            forward = lambda: cf.hsm_loss(out, u, t32, sde, noise, backend=name)  # noqa: E731
+            if self.op == "loss_fwd":
+                return Callables(forward, lambda: kernel(*args))
+            loss = forward()
+            return Callables(lambda: torch.autograd.grad(loss, out, grad, retain_graph=True), lambda: kernel(*args))
+        u = self.u0.clone()
+        args = self.kernel_args(u=u)
+        y, ts, step, seed = self.y, self.ts, self.step, self.seed
+        if self.op == "sscs":
+            op = lambda: cf.sscs_step_(u, y, ts, sde, step=step, mixed=True, seed=seed, backend=name)  # noqa: E731
+        else:
+            op = lambda: cf.em_step_(u, y, ts, sde, step=step, mixed=True, seed=seed, backend=name)  # noqa: E731
+        return Callables(op, lambda: kernel(*args))
 
-                return op, (lambda: fn(x2, coef, u3, seed))
-            tb.perturb(x2, coef, u3, seed=seed)      # a state whose eps_v the loss regenerates
-            out2 = self.out.detach().reshape(B, D)
-            lcoef = sde.loss_coefficients(t32).float()
-            grad = torch.full((B,), 1.0 / B, device=dev)
+    # -- torch.compile of the reference ----------------------------------------------------------------
+    def compiled(self) -> Callables:
+        comp = compiled(self.op, self.device)
+        if self.op in ("loss_fwd", "loss_bwd"):
+            from cld_fast.backends import torch_backend
 
-            def op():
-                return fn(out2, u3, sde.loss_coefficients(t32).float(), seed, grad)
+            u = torch.empty((self.B, 2, self.D), device=self.device)
+            noise_seed = self.seed
+            torch_backend.op("perturb")(self.x0.reshape(self.B, self.D), None, self.t32, self.params, 0, None,
+                                        noise_seed, u)   # a state whose eps_v the loss regenerates from the seed
+            noise = cf.Noise(eps=None, seed=noise_seed, backend="torch", objective="hsm", numel=u.numel() // 2)
+            args = self.kernel_args(noise=noise, u=u)
+        elif self.op == "perturb":
+            args = self.kernel_args()
+        else:
+            args = self.kernel_args(u=self.u0.clone())
+        fn = comp.fn
+        if self.op != "perturb":
+            return Callables(lambda: fn(*args), lambda: fn(*args), comp=comp, comp_args=args)
+        x2, t32, p, B, D, dev = args[0], self.t32, self.params, self.B, self.D, self.device
 
-            return op, (lambda: fn(out2, u3, lcoef, seed, grad))
-        u3 = self.u0.clone().view(B, 2, D)
-        y2, table, step = self.y.reshape(B, D), self.table, self.step
-        run = lambda: fn(u3, y2, table, step, seed)  # noqa: E731 - no per-call coefficient math for steps
-        return run, run
+        def outside():
+            """What cf.perturb dispatches around its kernel: the output and the seed."""
+            return torch.empty((B, 2, D), device=dev), philox.seed_from_generator(None, dev)
+
+        def op():
+            u3, seed = outside()
+            return fn(x2, None, t32, p, 0, None, seed, u3)
+
+        return Callables(op, lambda: fn(*args), outside=outside, comp=comp, comp_args=args)
 
 
 # ---- running the table ------------------------------------------------------------------------------
@@ -327,14 +398,75 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+def _count(res: Result, impl: str, calls: Callables, device: torch.device) -> None:
+    """Fill the op and kernel counts of ``res`` (and the GPU launch counts)."""
+    if impl == "compile":
+        outside = common.count_ops(calls.outside) if calls.outside is not None else 0
+        k = calls.comp.kernels
+        res.ops = None if k is None else outside + k
+        res.kernel_ops = k
+        res.allocs = sum(1 for n in common.dispatched_ops(calls.outside) if common.is_allocation(n)) if calls.outside else 0
+        res.compile_s = calls.comp.compile_s
+    else:
+        res.op_names = common.dispatched_ops(calls.op)
+        res.ops = len(res.op_names)
+        res.allocs = sum(1 for n in res.op_names if common.is_allocation(n))
+        if calls.kernel is not None:
+            res.kernel_ops = common.count_ops(calls.kernel)
+    if device.type == "cuda":
+        lc = common.count_launches(calls.op, device)
+        res.launches, res.syncs = lc.launches, lc.syncs
+        if calls.kernel is not None:
+            res.kernel_launches = common.count_launches(calls.kernel, device).launches
+
+
+def _time(res: Result, calls: Callables, device: torch.device, target_s: float) -> None:
+    res.op_ms = common.measure(calls.op, device, target_s=target_s, include_host=True).median_ms
+    if calls.kernel is not None:
+        res.kernel_ms = common.measure(calls.kernel, device, target_s=target_s).median_ms
+
+
+def _callables(case: Case, impl: str) -> Callables:
+    if impl == "official":
+        return case.official()
+    if impl == "compile":
+        calls = case.compiled()
+        first_call(calls.comp, calls.comp_args)
+        return calls
+    return case.ours(impl)
+
+
+def _run_one(case: Case, impl: str, device: torch.device, target_s: float, first_size: bool) -> Result:
+    res = Result(case.op, case.size, impl)
+    res.timing_na = timing_unavailable(impl, device)
+    if res.timing_na and not first_size:
+        res.na = "the Triton interpreter: counted at the smallest size only, not timed"
+        return res
+    calls = _callables(case, impl)
+    if not res.timing_na:
+        _time(res, calls, device, target_s)
+    _count(res, impl, calls, device)
+    return res
+
+
+def _log_result(res: Result, log) -> None:
+    head = f"  {res.op:8s} {res.size.name:18s} {res.impl:9s}"
+    if res.na:
+        log(f"{head} n/a ({res.na})")
+        return
+    times = "not timed" if res.op_ms is None else f"op {res.op_ms:9.4f} ms" + (
+        f"  kernel {res.kernel_ms:9.4f} ms" if res.kernel_ms is not None else "")
+    log(f"{head} {times}  ops {res.ops}/{res.kernel_ops}" + (f"  compiled in {res.compile_s:.1f} s" if res.compile_s else ""))
+
+
 def run(device: torch.device, sizes: List[Size], impls=IMPLS, ops=OPS, target_s: float = 0.2,
         log=print) -> List[Result]:
-    """Time every (op, size, implementation); failures become ``Result.na``, never exceptions."""
+    """Time and count every (op, size, implementation); failures become ``Result.na``, never exceptions."""
     results: List[Result] = []
     unavailable = {impl: impl_unavailable(impl, device) for impl in impls}
     with cf.value_checks(False):   # as the built-in trainer and samplers run the ops
         for op in ops:
-            for size in sizes:
+            for n, size in enumerate(sizes):
                 try:
                     case = Case(op, size, device)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest size
@@ -342,33 +474,16 @@ def run(device: torch.device, sizes: List[Size], impls=IMPLS, ops=OPS, target_s:
                         results.append(Result(op, size, impl, na=f"inputs could not be built: {common.short_error(exc)}"))
                     continue
                 for impl in impls:
-                    res = Result(op, size, impl)
-                    results.append(res)
                     if unavailable[impl]:
-                        res.na = unavailable[impl]
+                        results.append(Result(op, size, impl, na=unavailable[impl]))
                         continue
                     try:
-                        if impl == "official":
-                            op_fn, kernel_fn = case.official(), None
-                        elif impl == "compile":
-                            op_fn, kernel_fn = case.compiled()
-                        else:
-                            op_fn, kernel_fn = case.ours(impl)
-                        res.op_ms = common.measure(op_fn, device, target_s=target_s, include_host=True).median_ms
-                        if kernel_fn is not None:
-                            res.kernel_ms = common.measure(kernel_fn, device, target_s=target_s).median_ms
-                        lc = common.count_launches(op_fn, device)
-                        res.launches, res.syncs = lc.launches, lc.syncs
-                        if kernel_fn is not None:
-                            res.kernel_launches = common.count_launches(kernel_fn, device).launches
-                        log(f"  {op:8s} {size.name:18s} {impl:9s} op {res.op_ms:9.4f} ms"
-                            + (f"  kernel {res.kernel_ms:9.4f} ms" if res.kernel_ms is not None else "")
-                            + f"  launches {res.launches}/{res.kernel_launches}")
+                        res = _run_one(case, impl, device, target_s, first_size=(n == 0))
                     except Exception as exc:  # noqa: BLE001 - a column that can't run shows n/a
                         what = "torch.compile failed" if impl == "compile" else f"{impl} failed"
-                        res.na = f"{what}: {common.short_error(exc)}"
-                        res.op_ms = res.kernel_ms = None
-                        log(f"  {op:8s} {size.name:18s} {impl:9s} n/a ({res.na})")
+                        res = Result(op, size, impl, na=f"{what}: {common.short_error(exc)}")
+                    results.append(res)
+                    _log_result(res, log)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                 del case
@@ -379,139 +494,203 @@ def run(device: torch.device, sizes: List[Size], impls=IMPLS, ops=OPS, target_s:
 # ---- Markdown ------------------------------------------------------------------------------------
 
 
-def render(results: List[Result], copy_bw: common.CopyBandwidth, device: torch.device,
-           notes: common.Footnotes, plot_files: Dict[str, str]) -> str:
-    lines = []
-    methods = ", ".join(f"{k} {v:,.1f} GB/s" for k, v in copy_bw.methods.items())
-    cache = ("" if device.type == "cuda" else
-             " " + notes.ref("CPU caches are not flushed between calls, so sizes that fit in the caches can exceed the "
-                             "copy bandwidth, which is measured on large buffers."))
-    lines.append(f"Measured copy bandwidth (bytes read + written, {common.human_bytes(copy_bw.nbytes)} buffers): "
-                 f"**{copy_bw.gbps:,.1f} GB/s** ({methods}). The \"% copy\" columns divide by this.{cache}")
-    lines.append("")
-    lines.append(summary(results, copy_bw, device))
-    lines.append("")
-    launch_what = ("CUDA kernel + memcpy/memset launches per call and host synchronisations per call "
-                   "(torch.profiler)" if device.type == "cuda" else
-                   "top-level operators dispatched per call (aten::* and cld_fast::* not nested in "
-                   "another op; torch.profiler). Kernels generated by torch.compile are not dispatcher "
-                   "ops, so its count shows only the ops around them. There are no host syncs on a CPU")
-    n_launch = notes.ref(launch_what)
-    n_bytes = notes.ref(
-        "GB/s = minimum bytes the op must move / median time. Byte model (fp32, N = elements of x): "
-        "perturb 12N (read x0, write x and v); loss forward + backward 20N (forward reads out and v, "
-        "backward reads out and v and writes the gradient); SSCS step 20N and EM step 20N (read u = (x, v) "
-        "and y, write u). Coefficients are negligible. Noise drawn outside the kernel (the official code; "
-        "torch.randn noise handed to the cpu and torch backends by cld_fast.perturb, and the eps_v their loss reads "
-        "back) is extra traffic that is not credited.")
-    n_op = notes.ref(
-        "op = the whole call a training/sampling loop makes (ours: cld_fast.perturb / hsm_loss + "
-        "torch.autograd.grad / sscs_step_ / em_step_ with value checks off, as the built-in trainer and "
-        "samplers run them; compile: our per-call coefficient math, then the compiled function). "
-        "kernel = the data pass alone with coefficients precomputed (the backend function; for compile, "
-        "the compiled function: one torch.compile per op, dynamic shapes). The official-style code interleaves "
-        "coefficient math with data passes, so it has only an op time."
-        + (" On the GPU, op times start from an idle GPU (synchronised after the cache flush), so host-side "
-           "launch and coefficient work counts; kernel times are GPU time (the launch is enqueued while the "
-           "flush runs)." if device.type == "cuda" else ""))
-    n_noise = notes.ref(
-        "Noise as the library draws it. perturb: cld_fast.perturb gives triton and cuda a Philox seed (noise drawn "
-        "in-kernel; the HSM loss regenerates eps_v from it) and the cpu and torch backends torch.randn noise (their "
-        "loss reads the stored eps_v). SSCS/EM steps: a Philox seed for every backend, as cf.sample passes it (cpu "
-        "draws in-kernel, torch evaluates the Philox contract with plain tensor ops). compile: the torch backend's "
-        "seed-mode math for every op, i.e. exactly the fused kernels' algorithm. official: torch.randn_like. SSCS/EM "
-        "rows use the mixed-score tables of a 50-step linear grid (row 25); the official step recomputes the same "
-        "coefficients from its time grid.")
-    for op in OPS:
-        rows = [r for r in results if r.op == op]
-        if not rows:
-            continue
-        lines.append(f"#### {OP_TITLES[op]}")
-        lines.append("")
-        header = ["size", "implementation", "op ms", f"op GB/s {n_bytes}", "op % copy", "kernel ms",
-                  "kernel GB/s", "kernel % copy", f"{'launches' if device.type == 'cuda' else 'ops'} op / kernel {n_launch}"]
-        if device.type == "cuda":
-            header.append("syncs")
-        header.append("speed-up vs official (op)")
-        table_rows = []
-        sizes = []
-        for r in rows:
-            if r.size not in sizes:
-                sizes.append(r.size)
-        for size in sizes:
-            base = next((r for r in rows if r.size == size and r.impl == "official" and r.op_ms), None)
-            for r in (r for r in rows if r.size == size):
-                name = IMPL_TITLES[r.impl]
-                if r.na:
-                    cells = [notes.na(r.na)] + ["-"] * (len(header) - 3)
-                else:
-                    og, kg = r.gbps("op"), r.gbps("kernel")
-                    cells = [common.fmt(r.op_ms), common.fmt(og), _pct(og, copy_bw.gbps),
-                             common.fmt(r.kernel_ms) if r.kernel_ms is not None else "-",
-                             common.fmt(kg) if kg is not None else "-", _pct(kg, copy_bw.gbps),
-                             _pair(r.launches, r.kernel_launches)]
-                    if device.type == "cuda":
-                        cells.append(str(r.syncs) if r.syncs is not None else "-")
-                    cells.append(f"{base.op_ms / r.op_ms:,.1f}x" if base and r.op_ms else "-")
-                shape = "x".join(map(str, size.shape))
-                label = size.name if size.name == shape else f"{size.name} `{shape}`"
-                table_rows.append([label, name] + cells)
-        lines.append(common.md_table(header, table_rows))
-        lines.append("")
-    lines.append(f"Timing and noise conventions: {n_op} {n_noise}")
-    lines.append("")
-    lines.append(eps_v_savings(sorted({r.size for r in results}, key=lambda s: s.numel)))
-    for key, title in (("gbps", "Effective GB/s per op call"), ("copyfrac", "Fraction of the measured copy bandwidth")):
-        if key in plot_files:
-            lines.append("")
-            lines.append(f"![{title}]({plot_files[key]})")
-    return "\n".join(lines)
-
-
-def summary(results: List[Result], copy_bw: common.CopyBandwidth, device: torch.device) -> str:
-    """At the largest size: kernel % of copy bandwidth and launches per op, per implementation (shown, not asserted)."""
-    ok = [r for r in results if not r.na and r.op_ms]
-    if not ok:
-        return ""
-    big = max((r.size for r in ok), key=lambda s: s.numel)
-    unit = "launches" if device.type == "cuda" else "ops"
-    rows = []
-    for impl in IMPLS:
-        mine = {r.op: r for r in ok if r.impl == impl and r.size == big}
-        if not mine:
-            continue
-        cells = []
-        for op in OPS:
-            r = mine.get(op)
-            if r is None:
-                cells.append("-")
-                continue
-            g = r.gbps("kernel") if r.kernel_ms is not None else r.gbps("op")
-            n = r.kernel_launches if r.kernel_launches is not None else r.launches
-            cells.append(f"{_pct(g, copy_bw.gbps)}, {n} {unit}")
-        p, l = mine.get("perturb"), mine.get("loss")
-        both = "-"
-        if p and l and p.launches is not None and l.launches is not None:
-            kp = p.kernel_launches if p.kernel_launches is not None else p.launches
-            kl = l.kernel_launches if l.kernel_launches is not None else l.launches
-            both = f"{p.launches + l.launches} / {kp + kl}"
-        rows.append([IMPL_TITLES[impl]] + cells + [both])
-    shape = "x".join(map(str, big.shape))
-    return (f"Summary at the largest size ({big.name}, x `{shape}`): kernel bandwidth as % of copy bandwidth and {unit} "
-            "per kernel call (official-style: the whole call). Targets of the spec, for reference only: >= 85% of "
-            "copy bandwidth at large sizes on a GPU, one launch per op, perturb + loss forward and backward in at most "
-            "4 launches.\n\n" + common.md_table(["implementation"] + [OP_TITLES[o].split(" (")[0] for o in OPS]
-                                                 + [f"perturb + loss {unit} (op / kernel)"], rows, align="lrrrrr"))
+def _pct(gbps: Optional[float], ref: float) -> str:
+    if gbps is None or not ref:
+        return "-"
+    return f"{100 * gbps / ref:.1f}%"
 
 
 def _pair(a: Optional[int], b: Optional[int]) -> str:
     return f"{'-' if a is None else a} / {'-' if b is None else b}"
 
 
-def _pct(gbps: Optional[float], ref: float) -> str:
-    if gbps is None or not ref:
+def _sizes_of(results: List[Result]) -> List[Size]:
+    return list(dict.fromkeys(r.size for r in results))
+
+
+def headline_size(results: List[Result]) -> Optional[Size]:
+    """The size the op-level tables show: the largest size with a timed result."""
+    timed = [r.size for r in results if not r.na and r.op_ms]
+    return max(timed, key=lambda s: s.numel) if timed else None
+
+
+def _counted(results: List[Result], op: str, impl: str, size: Optional[Size]) -> Optional[Result]:
+    """The result with counts for (op, impl): at ``size`` if counted there, else the first size counted."""
+    mine = [r for r in results if r.op == op and r.impl == impl and not r.na and r.ops is not None]
+    return next((r for r in mine if r.size == size), mine[0] if mine else None)
+
+
+def _count_cell(r: Optional[Result], size: Optional[Size], notes: common.Footnotes) -> str:
+    if r is None:
         return "-"
-    return f"{100 * gbps / ref:.1f}%"
+    text = f"{r.ops} ({r.launch_ops})"
+    if size is not None and r.size != size:
+        text += " " + notes.ref(f"counted at {r.size.name} (x `{'x'.join(map(str, r.size.shape))}`): the Triton "
+                                "interpreter is too slow for larger sizes; the count does not depend on the size")
+    return text
+
+
+def count_table(results: List[Result], notes: common.Footnotes) -> str:
+    """The op-level count table: dispatched ops per public call, per implementation."""
+    size = headline_size(results)
+    n_ops = notes.ref(
+        "ops = non-view aten/custom ops dispatched per public call (bench.common.count_ops, a TorchDispatchMode), "
+        "allocations included; in brackets the same without allocations (empty*), i.e. the launches "
+        "tests/test_launch_counts.py asserts. Value checks off. compile: Inductor's generated kernels for the graph "
+        "plus the ops dispatched around it (a dispatch mode cannot see inside a compiled region). Issue 11's goal: "
+        "perturb 1 kernel + the seed draw, hsm_loss forward 1 (+1 final reduce if split), backward 1, one SSCS step 1.")
+    rows = []
+    for impl in IMPLS:
+        cells = [_count_cell(_counted(results, op, impl, size), size, notes) for op in COUNTED_OPS]
+        if any(c != "-" for c in cells):
+            rows.append([IMPL_TITLES[impl]] + cells)
+    header = ["implementation"] + [f"`{OP_SHORT[o]}`" for o in COUNTED_OPS]
+    return (f"**Op-level counts** {n_ops}\n\n" + common.md_table(header, rows, align="l" + "r" * len(COUNTED_OPS)))
+
+
+def op_level_table(results: List[Result], copy_bw: common.CopyBandwidth, device: torch.device,
+                   notes: common.Footnotes) -> str:
+    """Per public op at the headline size: ops, time, GB/s and % of copy bandwidth per implementation."""
+    size = headline_size(results)
+    if size is None:
+        return ""
+    gpu = device.type == "cuda"
+    header = ["op", "implementation", "ops (launches)", "ms / call", "GB/s", "% copy"]
+    if gpu:
+        header += ["CUDA launches", "syncs"]
+    header.append("speed-up vs official")
+    rows = []
+    for op in COUNTED_OPS:
+        base = next((r for r in results if r.op == op and r.size == size and r.impl == "official" and r.op_ms), None)
+        for impl in IMPLS:
+            r = next((r for r in results if r.op == op and r.size == size and r.impl == impl), None)
+            if r is None:
+                continue
+            if r.na:
+                cells = [notes.na(r.na)] + ["-"] * (len(header) - 3)
+            else:
+                c = _counted(results, op, impl, size)
+                g = r.gbps("op")
+                cells = [_count_cell(c, size, notes),
+                         common.fmt(r.op_ms) if r.op_ms else notes.na(r.timing_na or "not timed"),
+                         common.fmt(g), _pct(g, copy_bw.gbps)]
+                if gpu:
+                    cells += [str(r.launches) if r.launches is not None else "-", str(r.syncs) if r.syncs is not None else "-"]
+                cells.append(f"{base.op_ms / r.op_ms:,.1f}x" if base and r.op_ms else "-")
+            rows.append([f"`{OP_SHORT[op]}`", IMPL_TITLES[impl]] + cells)
+    shape = "x".join(map(str, size.shape))
+    return (f"**Op level at {size.name} (x `{shape}`)**: the public call as a training or sampling loop makes it.\n\n"
+            + common.md_table(header, rows))
+
+
+def breakdown(results: List[Result]) -> str:
+    """What each of our backends dispatches per public call (names, first counted size)."""
+    rows = []
+    for op in COUNTED_OPS:
+        for impl in OUR_BACKENDS:
+            r = _counted(results, op, impl, headline_size(results))
+            if r is not None and r.op_names:
+                rows.append([f"`{OP_SHORT[op]}`", IMPL_TITLES[impl], str(r.ops), common.short_op_names(r.op_names)])
+    if not rows:
+        return ""
+    return ("Ops dispatched per public call (non-view, in order of first appearance):\n\n"
+            + common.md_table(["op", "backend", "ops", "dispatched"], rows, align="llrl"))
+
+
+def compile_costs(results: List[Result]) -> str:
+    """One line: how long each compiled reference took to compile (first call), and its kernel count."""
+    parts = [f"{OP_SHORT[r.op]} {r.compile_s:.1f} s ({r.kernel_ops} kernels)"
+             for r in results if r.impl == "compile" and r.compile_s]
+    if not parts:
+        return ""
+    return ("torch.compile cost (first call, one dynamic-shape graph per op, this machine): " + "; ".join(parts)
+            + ". Our fused kernels need no compile step.")
+
+
+def detail_tables(results: List[Result], copy_bw: common.CopyBandwidth, device: torch.device,
+                  notes: common.Footnotes) -> List[str]:
+    """One table per op: every size x implementation, op and kernel level."""
+    gpu = device.type == "cuda"
+    n_bytes = notes.ref(
+        "GB/s = minimum bytes the op must move / median time. Byte model (fp32, N = elements of x): perturb 12N "
+        "(read x0, write x and v); loss forward 8N (read out and v); loss backward 12N (read out and v, write the "
+        "gradient); SSCS and EM steps 20N (read u = (x, v) and y, write u). Noise drawn outside the kernel (the "
+        "official code, the torch backend's torch.randn eps and the eps_v its loss reads back) is extra traffic "
+        "that is not credited.")
+    n_levels = notes.ref(
+        "op = the public call (cf.perturb / cf.hsm_loss / torch.autograd.grad of it / cf.sscs_step_ / cf.em_step_, "
+        "value checks off). kernel = cld_fast.backends.get(name).op(opname) called with the cld_fast.opdefs schema "
+        "arguments made beforehand (for compile: the compiled opdefs reference; one torch.compile per op, dynamic "
+        "shapes). The official-style code has no separate kernel." + (
+            " On the GPU, op times start from an idle GPU (synchronised after the cache flush), so host-side work "
+            "counts; kernel times are GPU time." if gpu else ""))
+    tables = []
+    for op in OPS:
+        rows = [r for r in results if r.op == op]
+        if not rows:
+            continue
+        header = ["size", "implementation", "op ms", f"op GB/s {n_bytes}", "op % copy", f"kernel ms {n_levels}",
+                  "kernel GB/s", "kernel % copy", "ops op / kernel"]
+        if gpu:
+            header += ["launches op / kernel", "syncs"]
+        header.append("speed-up vs official (op)")
+        table_rows = []
+        for size in _sizes_of(rows):
+            base = next((r for r in rows if r.size == size and r.impl == "official" and r.op_ms), None)
+            for r in (r for r in rows if r.size == size):
+                table_rows.append(_size_label(size) + [IMPL_TITLES[r.impl]] + _detail_cells(r, base, copy_bw, gpu, notes,
+                                                                                            len(header)))
+        tables.append(f"#### {OP_TITLES[op]}\n\n" + common.md_table(header, table_rows))
+    return tables
+
+
+def _size_label(size: Size) -> List[str]:
+    shape = "x".join(map(str, size.shape))
+    return [size.name if size.name == shape else f"{size.name} `{shape}`"]
+
+
+def _detail_cells(r: Result, base: Optional[Result], copy_bw, gpu: bool, notes, width: int) -> List[str]:
+    if r.na:
+        return [notes.na(r.na)] + ["-"] * (width - 3)
+    og, kg = r.gbps("op"), r.gbps("kernel")
+    op_ms = common.fmt(r.op_ms) if r.op_ms is not None else notes.na(r.timing_na or "not timed")
+    cells = [op_ms, common.fmt(og), _pct(og, copy_bw.gbps),
+             common.fmt(r.kernel_ms) if r.kernel_ms is not None else "-",
+             common.fmt(kg) if kg is not None else "-", _pct(kg, copy_bw.gbps), _pair(r.ops, r.kernel_ops)]
+    if gpu:
+        cells += [_pair(r.launches, r.kernel_launches), str(r.syncs) if r.syncs is not None else "-"]
+    cells.append(f"{base.op_ms / r.op_ms:,.1f}x" if base and r.op_ms else "-")
+    return cells
+
+
+def render(results: List[Result], copy_bw: common.CopyBandwidth, device: torch.device,
+           notes: common.Footnotes, plot_files: Dict[str, str]) -> str:
+    methods = ", ".join(f"{k} {v:,.1f} GB/s" for k, v in copy_bw.methods.items())
+    cache = ("" if device.type == "cuda" else
+             " " + notes.ref("CPU caches are not flushed between calls, so sizes that fit in the caches can exceed the "
+                             "copy bandwidth, which is measured on large buffers."))
+    n_noise = notes.ref(
+        "Noise as the library draws it. perturb: cf.perturb hands the torch backend torch.randn eps (its loss reads "
+        "the stored eps_v) and every other backend a Philox seed (noise drawn in-kernel; the loss regenerates eps_v "
+        "from it). SSCS/EM steps: a Philox seed for every backend, as cf.sample passes it. compile: the opdefs "
+        "references in seed mode (coefficients from t and the CLD parameters, Philox in torch ops), i.e. the fused "
+        "kernels' algorithm. official: torch.randn_like. SSCS/EM: step 25 of a 50-step linear grid, mixed score "
+        "folded in; the official step recomputes the same coefficients from its time grid.")
+    parts = [
+        f"Measured copy bandwidth (bytes read + written, {common.human_bytes(copy_bw.nbytes)} buffers): "
+        f"**{copy_bw.gbps:,.1f} GB/s** ({methods}). The \"% copy\" columns divide by this.{cache}",
+        count_table(results, notes),
+        op_level_table(results, copy_bw, device, notes),
+        breakdown(results),
+        compile_costs(results),
+    ]
+    parts += detail_tables(results, copy_bw, device, notes)
+    parts.append(f"Noise and step conventions: {n_noise}")
+    parts.append(eps_v_savings(sorted({r.size for r in results}, key=lambda s: s.numel)))
+    for key, title in (("gbps", "Effective GB/s per op call"), ("copyfrac", "Fraction of the measured copy bandwidth")):
+        if key in plot_files:
+            parts.append(f"![{title}]({plot_files[key]})")
+    return "\n\n".join(p for p in parts if p)
 
 
 def eps_v_savings(sizes: List[Size]) -> str:
@@ -521,7 +700,7 @@ def eps_v_savings(sizes: List[Size]) -> str:
         n = s.numel
         rows.append([s.name, f"{n:,}", common.human_bytes(4 * n), common.human_bytes(12 * n),
                      f"{100 * 12 / 32:.1f}%", common.human_bytes(8 * n)])
-    return ("**Regenerating eps_v instead of storing it.** The fused loss recomputes eps_v from the "
+    return ("#### Regenerating eps_v instead of storing it\n\nThe fused loss recomputes eps_v from the "
             "perturb call's Philox seed. Storing it would keep one (B, D) fp32 tensor alive from perturb to "
             "backward and move it three times (written by perturb, read by the loss forward and backward), "
             "i.e. 12N extra bytes on top of the 32N minimum of perturb + loss; the official code keeps the "

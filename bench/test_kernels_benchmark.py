@@ -65,19 +65,15 @@ def test_hsm_loss_fwd_bwd(benchmark, backend, data):
 
 def test_sscs_step(benchmark, backend, data):
     benchmark.group = "sscs_step_"
-    table = data["sde"].sscs_table(data["ts"], mixed=True).float()
     step = torch.tensor([STEPS // 2])
     seed = torch.tensor([1234])
     u, y = data["u"].clone(), data["y"]
-    benchmark(cf.sscs_step_, u, y, table, step, seed=seed, backend=backend)
+    benchmark(cf.sscs_step_, u, y, data["ts"], data["sde"], step=step, mixed=True, seed=seed, backend=backend)
 
 
 def test_em_step(benchmark, backend, data):
     benchmark.group = "em_step_"
-    sde, ts = data["sde"], data["ts"]
-    h = ts[:-1] - ts[1:]
-    table = sde.reverse_affine_coefficients(ts[:-1], h, "em", mixed=sde.mixed_score_coefficients(ts[:-1])).float()
     step = torch.tensor([STEPS // 2])
     seed = torch.tensor([1234])
     u, y = data["u"].clone(), data["y"]
-    benchmark(cf.em_step_, u, y, table, step, seed=seed, backend=backend)
+    benchmark(cf.em_step_, u, y, data["ts"], data["sde"], step=step, mixed=True, seed=seed, backend=backend)

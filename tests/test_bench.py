@@ -56,18 +56,18 @@ def test_one_row_per_implementation(report):
 
     _, _, text = report
     for op in kernels.OPS:
-        section = text.split(f"#### {kernels.OP_TITLES[op]}", 1)[1].split("####", 1)[0].split("Timing and noise", 1)[0]
+        section = text.split(f"#### {kernels.OP_TITLES[op]}", 1)[1].split("####", 1)[0].split("Noise and step conventions", 1)[0]
         rows = [ln for ln in section.splitlines() if ln.startswith("| 2x3x4x4 |")]
         names = [ln.split("|")[2].strip() for ln in rows]
         assert names == [kernels.IMPL_TITLES[i] for i in kernels.IMPLS], (op, names)
     # what can't run here says n/a with a footnote, and what can run has numbers
-    torch_row = next(ln for ln in text.splitlines() if "| cld_fast torch (reference) |" in ln)
+    torch_row = next(ln for ln in text.splitlines() if ln.startswith("| 2x3x4x4 | cld_fast torch (reference) |"))
     assert "n/a" not in torch_row
     for impl in ("compile", "triton", "cuda"):   # --no-compile; CPU tensors
-        row = next(ln for ln in text.splitlines() if f"| {kernels.IMPL_TITLES[impl]} |" in ln)
+        row = next(ln for ln in text.splitlines() if ln.startswith(f"| 2x3x4x4 | {kernels.IMPL_TITLES[impl]} |"))
         assert "n/a [^" in row, row
     from cld_fast import backends
 
-    cpu_row = next(ln for ln in text.splitlines() if "| cld_fast cpu (C++) |" in ln)
+    cpu_row = next(ln for ln in text.splitlines() if ln.startswith("| 2x3x4x4 | cld_fast cpu (C++) |"))
     assert ("n/a [^" in cpu_row) == (not backends.get("cpu").is_available())
     assert "## Notes" in text and "[^1]:" in text
