@@ -1,7 +1,7 @@
 """Compile every Triton kernel variant ahead of time for a GPU target, without a GPU.
 
 Each op's real host launcher runs on meta tensors at representative shapes for every variant a call
-can reach (dtypes, noise modes, enums); the launch is intercepted and specialised by Triton's own
+can reach (dtypes, noise modes, enums; each kernel module's ``aot_variants``); the launch is intercepted and specialised by Triton's own
 binder (alignment, stride-1 and int specialisation as a real launch would do), then compiled for
 ``GPUTarget("cuda", ARCH, 32)`` with ptxas' ``-v`` report parsed for registers, spills and stack.
 
@@ -32,9 +32,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from cld_fast.triton_kernels import hsm_loss, mixed_score, perturb, sampler_steps  # noqa: E402
+from cld_fast import opdefs  # noqa: E402
+from cld_fast.backends import triton_backend  # noqa: E402
 
-MODULES = (perturb, hsm_loss, mixed_score, sampler_steps)
+# every module holding an op's launcher (found as the backend finds them), so a new kernel file is compiled too
+MODULES = tuple({sys.modules[f.__module__]: None for f in triton_backend._bodies().values()})
 SHAPES = {"cifar10-b128": (128, 3072), "toy-2d": (4096, 2)}
 META = torch.device("meta")
 _PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads.*?"
@@ -60,49 +62,18 @@ def _empty(*shape, dtype=torch.float32):
 
 
 def _op_calls(B: int, D: int):
-    """(label, thunk) for every variant of every op at (B, D)."""
-    sde, t, ts = _empty(5, dtype=torch.float64), _empty(B), _empty(11)
-    step, seed = _empty(1, dtype=torch.int64), _empty(1, dtype=torch.int64)
-    for sd in (torch.float32, torch.float64):
-        s = str(sd).replace("torch.", "")
-        u, x0 = _empty(B, 2, D, dtype=sd), _empty(B, D, dtype=sd)
-        nets = (sd, torch.bfloat16)
-        for noise_name, noise in (("none", None), ("eps", "eps"), ("seed", "seed")):
-            for objective in (0, 1):
-                for has_v0 in (False, True):
-                    eps = _empty(B, 2, D, dtype=sd) if noise == "eps" else None
-                    yield (f"perturb {s} obj={objective} v0={has_v0} {noise_name}",
-                           lambda o=objective, v=has_v0, e=eps, n=noise: perturb.perturb(
-                               x0, x0 if v else None, t, sde, o, e, seed if n == "seed" else None, u))
-            eps2 = _empty(B, 2, D, dtype=sd) if noise == "eps" else None
-            eps4 = _empty(B, 4, D, dtype=sd) if noise == "eps" else None
-            eps1 = _empty(B, D, dtype=sd) if noise == "eps" else None
-            sd_ = seed if noise == "seed" else None
-            yield (f"half_step {s} {noise_name}",
-                   lambda e=eps2, q=sd_: sampler_steps.half_step_(u, ts, step, sde, e, q))
-            for y_dtype in nets:
-                y = _empty(B, D, dtype=y_dtype)
-                yn = str(y_dtype).replace("torch.", "")
-                for mixed in (False, True):
-                    yield (f"sscs {s} y={yn} mixed={mixed} {noise_name}",
-                           lambda y=y, m=mixed, e=eps4, q=sd_: sampler_steps.sscs_step_(u, y, ts, step, sde, m, e, q))
-                    for kind in ((0, 1, 2) if noise == "none" else (0,)):
-                        yield (f"affine {s} y={yn} kind={kind} mixed={mixed} {noise_name}",
-                               lambda y=y, m=mixed, k=kind, e=eps1, q=sd_: sampler_steps.affine_step(
-                                   u, y, ts, step, sde, k, m, e, q, u))
-        for out_dtype in nets:
-            out = _empty(B, D, dtype=out_dtype)
-            on = str(out_dtype).replace("torch.", "")
-            yield f"mixed_score {s} out={on}", lambda o=out: mixed_score.mixed_score(o, u, t, sde)
-            for noise_name, eps_v, sd_ in (("eps", _empty(B, D, dtype=sd), None), ("seed", None, seed)):
-                for weighting in (0, 1):
-                    for reduction in (0, 1):
-                        yield (f"loss_fwd {s} out={on} w={weighting} red={reduction} {noise_name}",
-                               lambda o=out, w=weighting, r=reduction, e=eps_v, q=sd_: hsm_loss.hsm_loss_fwd(
-                                   o, u, t, sde, w, 0.5, r, e, q))
-                    yield (f"loss_bwd {s} out={on} w={weighting} {noise_name}",
-                           lambda o=out, w=weighting, e=eps_v, q=sd_: hsm_loss.hsm_loss_bwd(
-                               _empty((), dtype=sd), o, u, t, sde, w, 0.5, e, q))
+    """(label, thunk) for every variant of every op at (B, D): each kernel module's ``aot_variants``.
+
+    Raises when an op of ``cld_fast.opdefs.OPS`` has no variant, so a new op cannot skip the check.
+    """
+    labels = []
+    for module in MODULES:
+        for label, thunk in module.aot_variants(B, D, _empty):
+            labels.append(label)
+            yield label, thunk
+    missing = sorted(set(opdefs.OPS) - {label.split()[0] for label in labels})
+    if missing:
+        raise RuntimeError(f"no AOT variants for {missing}: add them to the kernel module's aot_variants()")
 
 
 def _compile(kernel, args, kwargs, target, backend):

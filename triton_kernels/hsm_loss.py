@@ -263,3 +263,23 @@ def hsm_loss_bwd(grad: torch.Tensor, out: torch.Tensor, u: torch.Tensor, t: torc
                WEIGHTING=int(weighting), HAS_EPS=eps_v is not None, F64=u.dtype == torch.float64,
                BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
     return dout
+
+
+def aot_variants(B: int, D: int, empty):
+    """(label, thunk) for every compiled variant of ``hsm_loss_fwd`` / ``hsm_loss_bwd`` at (B, D)
+    (bench/aot_compile.py)."""
+    sde, t, seed = empty(5, dtype=torch.float64), empty(B), empty(1, dtype=torch.int64)
+    for sd in (torch.float32, torch.float64):
+        s = str(sd).replace("torch.", "")
+        u = empty(B, 2, D, dtype=sd)
+        for out_dtype in (sd, torch.bfloat16):
+            out, on = empty(B, D, dtype=out_dtype), str(out_dtype).replace("torch.", "")
+            for noise, eps_v, q in (("eps", empty(B, D, dtype=sd), None), ("seed", None, seed)):
+                for weighting in (0, 1):
+                    for reduction in (0, 1):
+                        yield (f"hsm_loss_fwd {s} out={on} w={weighting} red={reduction} {noise}",
+                               lambda o=out, w=weighting, r=reduction, e=eps_v, q=q, u=u: hsm_loss_fwd(
+                                   o, u, t, sde, w, 0.5, r, e, q))
+                    yield (f"hsm_loss_bwd {s} out={on} w={weighting} {noise}",
+                           lambda o=out, w=weighting, e=eps_v, q=q, u=u, sd=sd: hsm_loss_bwd(
+                               empty((), dtype=sd), o, u, t, sde, w, 0.5, e, q))

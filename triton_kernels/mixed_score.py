@@ -55,3 +55,14 @@ def mixed_score(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch.
                score.stride(0), score.stride(1),
                F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
     return score
+
+
+def aot_variants(B: int, D: int, empty):
+    """(label, thunk) for every compiled variant of ``mixed_score`` at (B, D) (bench/aot_compile.py)."""
+    sde, t = empty(5, dtype=torch.float64), empty(B)
+    for sd in (torch.float32, torch.float64):
+        u = empty(B, 2, D, dtype=sd)
+        for out_dtype in (sd, torch.bfloat16):
+            out = empty(B, D, dtype=out_dtype)
+            label = f"mixed_score {str(sd)[6:]} out={str(out_dtype)[6:]}"
+            yield label, lambda o=out, u=u: mixed_score(o, u, t, sde)

@@ -112,3 +112,19 @@ def perturb(x0: torch.Tensor, v0: Optional[torch.Tensor], t: torch.Tensor, sde: 
                es[0], es[1], es[2], out.stride(0), out.stride(1), out.stride(2),
                OBJECTIVE=int(objective), HAS_V0=v0 is not None, NOISE=noise, F64=out.dtype == torch.float64,
                BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
+
+
+def aot_variants(B: int, D: int, empty):
+    """(label, thunk) for every compiled variant a ``perturb`` call can reach at (B, D); ``empty(*shape,
+    dtype=...)`` makes the (meta) tensors. bench/aot_compile.py compiles them for a GPU target."""
+    sde, t, seed = empty(5, dtype=torch.float64), empty(B), empty(1, dtype=torch.int64)
+    for sd in (torch.float32, torch.float64):
+        s = str(sd).replace("torch.", "")
+        u, x0 = empty(B, 2, D, dtype=sd), empty(B, D, dtype=sd)
+        for noise in ("none", "eps", "seed"):
+            eps = empty(B, 2, D, dtype=sd) if noise == "eps" else None
+            for objective in (0, 1):
+                for has_v0 in (False, True):
+                    yield (f"perturb {s} obj={objective} v0={has_v0} {noise}",
+                           lambda o=objective, v=has_v0, e=eps, n=noise: perturb(
+                               x0, x0 if v else None, t, sde, o, e, seed if n == "seed" else None, u))

@@ -277,3 +277,27 @@ def affine_step(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.
                es[0], es[1], out.stride(0), out.stride(1), out.stride(2),
                KIND=int(kind), MIXED=bool(mixed), NOISE=noise, F64=out.dtype == torch.float64,
                BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
+
+
+def aot_variants(B: int, D: int, empty):
+    """(label, thunk) for every compiled variant of ``half_step_``, ``sscs_step_`` and ``affine_step``
+    at (B, D); ``empty(*shape, dtype=...)`` makes the (meta) tensors (bench/aot_compile.py)."""
+    sde, ts = empty(5, dtype=torch.float64), empty(11)
+    step, seed = empty(1, dtype=torch.int64), empty(1, dtype=torch.int64)
+    for sd in (torch.float32, torch.float64):
+        s = str(sd).replace("torch.", "")
+        u = empty(B, 2, D, dtype=sd)
+        for noise in ("none", "eps", "seed"):
+            explicit = noise == "eps"
+            eps2, eps4 = (empty(B, k, D, dtype=sd) if explicit else None for k in (2, 4))
+            eps1 = empty(B, D, dtype=sd) if explicit else None
+            q = seed if noise == "seed" else None
+            yield f"half_step_ {s} {noise}", lambda e=eps2, q=q: half_step_(u, ts, step, sde, e, q)
+            for y_dtype in (sd, torch.bfloat16):
+                y, yn = empty(B, D, dtype=y_dtype), str(y_dtype).replace("torch.", "")
+                for mixed in (False, True):
+                    yield (f"sscs_step_ {s} y={yn} mixed={mixed} {noise}",
+                           lambda y=y, m=mixed, e=eps4, q=q: sscs_step_(u, y, ts, step, sde, m, e, q))
+                    for kind in ((0, 1, 2) if noise == "none" else (0,)):
+                        yield (f"affine_step {s} y={yn} kind={kind} mixed={mixed} {noise}",
+                               lambda y=y, m=mixed, k=kind, e=eps1, q=q: affine_step(u, y, ts, step, sde, k, m, e, q, u))
