@@ -121,17 +121,6 @@ def step_tensor(step, device: torch.device, name: str = "step") -> torch.Tensor:
     return step.reshape(1)
 
 
-def table(tab, name: str, cols: int, device: torch.device) -> torch.Tensor:
-    """A (S, cols) floating coefficient table on ``device``."""
-    if not isinstance(tab, torch.Tensor) or not tab.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor of shape (S, {cols})")
-    if tab.dim() != 2 or tab.shape[1] != cols:
-        raise ValueError(f"{name} must have shape (S, {cols}), got {tuple(tab.shape)}")
-    if tab.device != torch.device(device) and not (tab.device.type == "cuda" == torch.device(device).type):
-        raise ValueError(f"{name} is on {tab.device} but the data is on {device}")
-    return tab
-
-
 def optional_int(value, name: str, minimum: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

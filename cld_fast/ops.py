@@ -242,10 +242,18 @@ def _grid(ts, device, name="ts") -> torch.Tensor:
 
 
 def _check_step_range(step, points: int, reads_next: bool, op: str) -> None:
-    """Raise when an int step lies outside the grid. Tensor steps are read in-kernel: the C++ CPU
-    kernels raise the same error, device kernels write NaN (no host sync), the torch reference's
-    IndexError is re-raised by ``_run_step``."""
+    """Raise the same ValueError on every backend when the step lies outside the grid.
+
+    An int step is always checked; a tensor step only with value checks on (reading it is a host
+    sync on a GPU). With value checks off the kernels read the step themselves: the Triton and CUDA
+    kernels write NaN for an out-of-range step (no memory outside ``ts`` is read), the C++ CPU
+    kernels raise this error as a RuntimeError, and the torch reference's IndexError is re-raised
+    as this ValueError by ``_run_step``.
+    """
     last = points - 2 if reads_next else points - 1
+    if isinstance(step, torch.Tensor) and checks.value_checks_enabled() and step.numel() == 1 \
+            and step.dtype == torch.int64:
+        step = int(step.reshape(()).item())
     if isinstance(step, int) and not isinstance(step, bool) and not 0 <= step <= last:
         raise ValueError(_step_error(op, step, points, last))
 

@@ -194,3 +194,38 @@ def test_low_precision_network_outputs(backend):
         cf.sscs_step_(a, out, ts, SDE, step=0, mixed=True, backend=backend)
         cf.sscs_step_(r, out.double(), ts, SDE, step=0, mixed=True, backend="torch")
         torch.testing.assert_close(a.double().cpu(), r.cpu(), rtol=1e-2, atol=1e-2)
+
+
+# ---- out-of-range steps: the same error everywhere with value checks on ----------------------------
+STEP_CALLS = {
+    "half_step_": lambda u, y, ts, step, b: cf.half_step_(u, ts, SDE, step=step, backend=b),
+    "sscs_step_": lambda u, y, ts, step, b: cf.sscs_step_(u, y, ts, SDE, step=step, mixed=True, backend=b),
+    "em_step_": lambda u, y, ts, step, b: cf.em_step_(u, y, ts, SDE, step=step, backend=b),
+}
+
+
+@pytest.mark.parametrize("op", sorted(STEP_CALLS))
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("step", [-1, 4, 2**40])
+def test_out_of_range_step_is_one_error_on_every_backend(op, backend, step):
+    """ts of 5 points: valid steps 0..3. Int or tensor step, value checks on: one ValueError everywhere.
+    Value checks off (tensor step read in-kernel): GPU kernels write NaN, never read outside ts."""
+    if backend != "torch":
+        _skip_unless(backend, torch.float32)
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 4, 5, generator=g).to(dev)
+    y = torch.randn(3, 2, 5, generator=g).to(dev)
+    ts = torch.linspace(1.0, 0.1, 5, dtype=torch.float64, device=dev)
+    msg = rf"{op}: step = {step} is out of range for a time grid ts of 5 points \(valid 0\.\.3\)"
+    for s in (step, torch.tensor([step], device=dev)):
+        with pytest.raises(ValueError, match=msg):
+            STEP_CALLS[op](u.clone(), y, ts, s, backend)
+    with cf.value_checks(False):
+        w = u.clone()
+        if backend in ("torch", "cpu"):
+            with pytest.raises((ValueError, RuntimeError), match="out of range"):
+                STEP_CALLS[op](w, y, ts, torch.tensor([step], device=dev), backend)
+        else:
+            STEP_CALLS[op](w, y, ts, torch.tensor([step], device=dev), backend)
+            assert bool(w.isnan().all())

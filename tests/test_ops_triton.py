@@ -121,11 +121,62 @@ def test_backend_interface():
 
 
 def test_device_guard():
-    """Launches make the tensors' CUDA device current (Triton launches on the current device)."""
+    """The guard makes the tensors' CUDA device current (Triton launches on the current device)."""
     guard = _common.device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     with _common.device_guard(torch.device("cpu")):
         pass
+
+
+def test_every_launch_runs_under_the_tensors_device_guard(monkeypatch):
+    """Every kernel launch of every op happens inside ``device_guard(<the tensors' device>)``.
+
+    A fake second device stands in for ``cuda:1``: the guard is recorded instead of entered, so the
+    check runs on a machine with no (or one) GPU.
+    """
+    import contextlib
+    import cld_fast as cf
+    from cld_fast import triton_kernels as tk
+
+    fake = torch.device("cuda", 1)
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        active.append(torch.device(device))
+        try:
+            yield
+        finally:
+            active.pop()
+
+    real_launch = _common.launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        launches.append((getattr(kernel, "__name__", str(kernel)), list(active)))
+        real_launch(kernel, grid, *args, **kwargs)
+
+    for mod in (tk_perturb, tk_loss, tk_mixed, tk_steps, tk_philox, tk.coefficients):
+        if hasattr(mod, "device_guard"):
+            monkeypatch.setattr(mod, "device_guard", lambda d: recording_guard(fake if torch.device(d) == DEV else d))
+        monkeypatch.setattr(mod, "launch", recording_launch)
+    sde = CLD()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 2, 5, generator=g).to(DEV)
+    t = (torch.rand(3, generator=g) * 0.9 + 0.1).to(DEV)
+    out = torch.randn(3, 2, 5, generator=g).to(DEV).requires_grad_(True)
+    ts = torch.linspace(1.0, 0.1, 4, dtype=torch.float64, device=DEV)
+    u, noise = cf.perturb(x0, t, sde, backend="triton")
+    torch.autograd.grad(cf.hsm_loss(out, u, t, sde, noise, backend="triton"), out)
+    cf.mixed_score(out.detach(), u, t, sde, backend="triton")
+    cf.half_step_(u.clone(), ts, sde, step=1, seed=3, backend="triton")
+    cf.sscs_step_(u.clone(), x0, ts, sde, step=1, mixed=True, seed=3, backend="triton")
+    cf.em_step_(u.clone(), x0, ts, sde, step=1, seed=3, backend="triton")
+    cf.pf_drift(u, x0, 0.5, sde, backend="triton")
+    tk_philox.philox_bits(8, torch.tensor([1], device=DEV))
+    names = {n for n, _ in launches}
+    assert len(names) >= 7, names  # perturb, loss fwd (+ finish), loss bwd, mixed, half, sscs, affine, philox
+    for name, guards in launches:
+        assert guards and guards[-1] == fake, f"{name} launched outside the tensors' device guard: {guards}"
 
 
 # ---- Philox --------------------------------------------------------------------------------
