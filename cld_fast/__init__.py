@@ -14,7 +14,8 @@ import importlib
 
 from . import backends  # callable: cld_fast.backends() lists the backends that can run here
 from .checks import value_checks
-from .ops import Noise, em_step_, half_step_, hsm_loss, mixed_score, perturb, pf_drift, sscs_step_
+from .ops import (Noise, em_step_, gddim_history, gddim_step_, half_step_, hsm_loss, mixed_score, perturb, pf_drift,
+                  sscs_step_)
 from .sde import CLD, VPSDE, PerturbationKernel
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ _LAZY = {
     "SampleResult": "sampling",
     "score_fn": "score",
     "SSCSScheduler": "scheduler",
+    "GDDIMScheduler": "scheduler",
     "likelihood": "nll",
 }
 
@@ -38,5 +40,5 @@ def __getattr__(name):
 
 __all__ = [
     "CLD", "VPSDE", "PerturbationKernel", "Noise", "perturb", "hsm_loss", "mixed_score", "half_step_",
-    "sscs_step_", "em_step_", "pf_drift", "backends", "value_checks", *_LAZY,
+    "sscs_step_", "em_step_", "gddim_step_", "gddim_history", "pf_drift", "backends", "value_checks", *_LAZY,
 ]

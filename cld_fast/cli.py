@@ -95,9 +95,15 @@ def _add_sample_parser(sub) -> None:
 
     p.add_argument("--method", default="sscs", choices=tuple(SAMPLERS),
                    help="sampler: " + "; ".join(f"{n} ({s.summary})" for n, s in SAMPLERS.items()))
-    p.add_argument("--steps", type=int, default=100, help="network evaluations for sscs/em (default: 100)")
+    p.add_argument("--steps", type=int, default=100, help="network evaluations for sscs/em/gddim (default: 100)")
+    p.add_argument("--order", type=int, choices=(1, 2, 3), help="gddim: multistep order (default 2)")
+    p.add_argument("--predict", choices=("eps", "x0"), help="gddim: extrapolate eps_R (default) or x0_hat")
     p.add_argument("--n", type=int, default=None, help="number of samples (default: 64 images / 2000 points)")
-    p.add_argument("--striding", default="linear", choices=("linear", "quadratic"), help="time grid")
+    from .sde import STRIDINGS
+
+    p.add_argument("--striding", default=None, choices=STRIDINGS,
+                   help="time grid (default: the sampler's own: " + ", ".join(
+                       f"{n} {s.default_striding}" for n, s in SAMPLERS.items() if s.fixed_steps) + ")")
     p.add_argument("--eps", type=float, default=1e-3, help="last forward time (default: 1e-3)")
     p.add_argument("--no-denoise", action="store_true", help="skip the final noise-free denoising step")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
@@ -282,7 +288,7 @@ def _sample(args) -> int:
     t0 = time.time()
     res = sample(score_fn(net, sde, autocast_dtype=autocast), (n,) + tuple(shape), sde, steps=args.steps,
                  method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
-                 generator=gen, device=device, progress=args.progress)
+                 generator=gen, device=device, progress=args.progress, order=args.order, predict=args.predict)
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0

@@ -41,6 +41,10 @@ Ops (noise tags in brackets):
     affine_step   out <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z0) for the step
                   ts[step] -> ts[step + 1]: kind em (noise), denoise (none), pf_drift (the
                   forward-time ODE drift at ts[step]; ts[step + 1] is not read)            [AFFINE]
+    gddim_step_   exponential-integrator multistep after a network evaluation, row r = table[step]
+                  of ``CLD.gddim_table``: cur = E (x, v, y); u <- Lin u + C_0 cur + sum_j C_j
+                  hist[(step - j) mod K]; hist[step mod K] <- cur. hist (K, B, H, D) in the state
+                  dtype keeps the last K = order - 1 values of cur (H = 2: eps_R; H = 1: x0_hat)
 
 A step outside the grid (step < 0, or step + 1 >= len(ts); pf_drift: step >= len(ts)) is an error
 where the step is known on the host (``cld_fast.ops`` checks CPU steps) and poisons the output
@@ -221,6 +225,29 @@ def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out):
     out[:, 1] = nv
 
 
+def gddim_step_ref(u, hist, y, table, step):
+    r = table.index_select(0, step.reshape(1)).to(u.dtype)  # (1, GDDIM_COLS)
+    x, v, yy = u[:, 0], u[:, 1], y.to(u.dtype)
+    cx = r[:, 0:1] * x + r[:, 1:2] * v + r[:, 2:3] * yy
+    cv = r[:, 3:4] * x + r[:, 4:5] * v + r[:, 5:6] * yy
+    nx = r[:, 6:7] * x + r[:, 7:8] * v + r[:, 10:11] * cx + r[:, 11:12] * cv
+    nv = r[:, 8:9] * x + r[:, 9:10] * v + r[:, 12:13] * cx + r[:, 13:14] * cv
+    k, channels = hist.shape[0], hist.shape[2]
+    for j in range(1, k + 1):  # the j-th previous evaluation sits in slot (step - j) mod k
+        h = hist.index_select(0, torch.remainder(step.reshape(1) - j, k)).squeeze(0).to(u.dtype)
+        c = 10 + 4 * j
+        nx = nx + r[:, c:c + 1] * h[:, 0]
+        nv = nv + r[:, c + 2:c + 3] * h[:, 0]
+        if channels == 2:
+            nx = nx + r[:, c + 1:c + 2] * h[:, 1]
+            nv = nv + r[:, c + 3:c + 4] * h[:, 1]
+    if k:
+        cur = torch.stack([cx, cv], 1)[:, :channels].to(hist.dtype)
+        hist.index_copy_(0, torch.remainder(step.reshape(1), k), cur.unsqueeze(0))
+    u[:, 0] = nx
+    u[:, 1] = nv
+
+
 # ---- fakes (shapes and dtypes only) -------------------------------------------------------------
 
 
@@ -267,6 +294,8 @@ OPS: Dict[str, OpDef] = {d.name: d for d in (
          "(Tensor u, Tensor y, Tensor ts, Tensor step, Tensor sde, int kind, bool mixed, Tensor? eps, Tensor? seed, "
          "Tensor(a!) out) -> ()",
          ("out",), _none, affine_step_ref),
+    _def("gddim_step_", "(Tensor(a!) u, Tensor(b!) hist, Tensor y, Tensor table, Tensor step) -> ()",
+         ("u", "hist"), _none, gddim_step_ref),
 )}
 
 

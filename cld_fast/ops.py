@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends, checks, opdefs, philox
-from .sde import AFFINE_KIND_CODES, CLD, OBJECTIVE_CODES, WEIGHTING_CODES, kernel_params
+from .sde import AFFINE_KIND_CODES, CLD, GDDIM_COLS, GDDIM_PREDICTIONS, OBJECTIVE_CODES, WEIGHTING_CODES, kernel_params
 
 
 @dataclass(frozen=True)
@@ -402,3 +402,65 @@ def pf_drift(u: torch.Tensor, y: torch.Tensor, t, sde: CLD, mixed: bool = False,
     _run(mod, "affine_step", _state_read(u), _flat(y), ts, step, kernel_params(sde, u.device),
          AFFINE_KIND_CODES["pf_drift"], bool(mixed), None, None, _state_view(out))
     return out
+
+
+def gddim_history(u: torch.Tensor, order: int, predict: str = "eps") -> torch.Tensor:
+    """A zeroed ring buffer for ``gddim_step_``: (order - 1, B, H, D) in u's dtype on u's device, H = 2
+    for ``predict="eps"`` (eps_R) and 1 for ``"x0"`` (x0_hat)."""
+    checks.tensor(u, "u", min_dim=2)
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if predict not in GDDIM_PREDICTIONS:
+        raise ValueError(f"predict must be one of {GDDIM_PREDICTIONS}, got {predict!r}")
+    b, d = u.shape[0], u[0].numel() // 2
+    return torch.zeros((order - 1, b, 2 if predict == "eps" else 1, d), dtype=u.dtype, device=u.device)
+
+
+def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: torch.Tensor, step=0,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """In place: one exponential-integrator multistep step of the gDDIM sampler (one launch per NFE).
+
+    With r = table[step] (a row of ``CLD.gddim_table``): cur = E (x, v, y), u <- Lin u + C_0 cur +
+    sum_j C_j hist[(step - j) mod K], and cur goes into hist[step mod K] for the next steps.
+
+    Args:
+        u: (B, 2C, ...) state, float32/float64; y: (B, C, ...) the score function's output at
+            (u, t_step) (the raw network output if the table was made with ``mixed=True``).
+        hist: (K, B, H, D) ring buffer from ``gddim_history`` (K = order - 1), updated in place.
+        table: (S, 22) float64 rows from ``CLD.gddim_table`` on u's device.
+        step: int or (1,) int64 tensor on u's device (read in-kernel: no host sync).
+    """
+    checks.tensor(u, "u", min_dim=2)
+    x_shape = checks.data_shape_of(u)
+    checks.tensor(y, "y", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
+    if tuple(y.shape) != x_shape:
+        raise ValueError(f"y (the score or network output) must have the data shape {x_shape}, got {tuple(y.shape)}")
+    checks.same_device(u, "u", y=y, hist=hist, table=table)
+    b, d = x_shape[0], int(math.prod(x_shape[1:]))
+    if hist.dim() != 4 or hist.shape[0] > 2 or tuple(hist.shape[1:2]) + tuple(hist.shape[3:]) != (b, d) \
+            or hist.shape[2] not in (1, 2) or hist.dtype != u.dtype:
+        raise ValueError(f"hist must be a (K <= 2, {b}, 1 or 2, {d}) {u.dtype} ring buffer (cf.gddim_history), "
+                         f"got {tuple(hist.shape)} {hist.dtype}")
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != GDDIM_COLS \
+            or table.shape[0] < 1 or table.dtype not in (torch.float32, torch.float64):
+        got = f"{tuple(table.shape)} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"table must be a (S >= 1, {GDDIM_COLS}) float tensor from CLD.gddim_table, got {got}")
+    rows = table.shape[0]
+    value = step
+    if isinstance(step, torch.Tensor) and checks.value_checks_enabled() and step.numel() == 1 \
+            and step.dtype == torch.int64:
+        value = int(step.reshape(()).item())
+    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < rows:
+        raise ValueError(f"gddim_step_: step = {value} is out of range for a table of {rows} rows (valid 0..{rows - 1})")
+    step = checks.step_tensor(step, u.device)
+    mod = backends.select(u.device, u.dtype, backend)
+    y2 = _flat(y)
+
+    def run(u3):
+        try:
+            _run(mod, "gddim_step_", u3, hist, y2, table, step)
+        except IndexError as exc:  # the torch reference with a bad tensor step
+            raise ValueError(f"gddim_step_: step = <tensor> is out of range for a table of {rows} rows "
+                             f"(valid 0..{rows - 1})") from exc
+
+    return _inplace(u, run)

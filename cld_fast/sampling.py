@@ -24,7 +24,7 @@ import torch
 
 from . import checks, ops, philox
 from .score import NetworkScore
-from .sde import CLD, STRIDINGS, VPSDE, time_grid
+from .sde import CLD, GDDIM_PREDICTIONS, STRIDINGS, VPSDE, time_grid
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -368,6 +368,51 @@ def _fixed_step_loop(cld_loop):
 
 
 # ----------------------------------------------------------------------------------------------
+# gDDIM: exponential-integrator multistep in the R frame, one fused kernel per network evaluation
+# ----------------------------------------------------------------------------------------------
+GDDIM_DEFAULT_ORDER = 2
+GDDIM_DEFAULT_PREDICT = "eps"
+
+
+class _GDDIMPlan:
+    """A gDDIM run's device state: the coefficient table (``CLD.gddim_table``, float64, made once),
+    the ring buffer of past eps_R / x0_hat, the network times and the (1,) int64 step counter."""
+
+    def __init__(self, sde: CLD, plan: _FixedPlan, u: torch.Tensor, order: Optional[int], predict: Optional[str],
+                 mixed: bool):
+        self.order = GDDIM_DEFAULT_ORDER if order is None else order
+        self.predict = GDDIM_DEFAULT_PREDICT if predict is None else predict
+        self.table = sde.gddim_table(plan.ts, self.order, self.predict, mixed=mixed, denoise=plan.denoise,
+                                     denoise_time=plan.eps).to(u.device)
+        self.hist = ops.gddim_history(u, self.order, self.predict)
+        n = plan.n
+        self.t_net = torch.cat([plan.t_net[:n], plan.t_denoise]) if plan.denoise else plan.t_net[:n]
+        self.step = torch.zeros(1, dtype=torch.int64, device=u.device)
+
+    def advance(self, u: torch.Tensor, y: torch.Tensor, backend) -> None:
+        """The fused step after the network evaluation at t_net[step], then step += 1 (on the device)."""
+        ops.gddim_step_(u, y, self.hist, self.table, step=self.step, backend=backend)
+        self.step.add_(1)
+
+
+def _gddim_loop(run: "SamplerRun") -> int:
+    """Deterministic gDDIM: n = steps - 1 multistep steps (steps with ``denoise=False``), then the Tweedie
+    denoising step at t = eps; each is the network plus one ``gddim_step_`` launch, no host sync."""
+    u, ev, batch = run.u, run.ev, run.u.shape[0]
+    plan = _FixedPlan(run.sde, run.steps, run.eps, run.striding, run.denoise, u.device, u.dtype)
+    g = _GDDIMPlan(run.sde, plan, u, run.order, run.predict, ev.fold)
+
+    def one_step():
+        g.advance(u, ev(u, _time_vector(g.t_net, g.step, batch)), run.backend)
+
+    _run_fixed(one_step, plan.n, 0, plan, u, run.bar, run.callback, run.cuda_graph)
+    if plan.denoise:
+        one_step()
+        _after(plan.n, plan, u, run.bar, run.callback)
+    return plan.steps
+
+
+# ----------------------------------------------------------------------------------------------
 # Dormand-Prince 5(4) on the device
 # ----------------------------------------------------------------------------------------------
 _DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -565,6 +610,8 @@ class SamplerRun:
     backend: Optional[str]
     rtol: float
     atol: float
+    order: Optional[int] = None
+    predict: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -576,17 +623,24 @@ class SamplerSpec:
     sdes: tuple
     fixed_steps: bool
     summary: str
+    default_striding: str = "linear"
+    options: tuple = ()
 
 
 SAMPLERS: dict = {}
 
 
 def register_sampler(name: str, loop: Callable[[SamplerRun], int], sdes=(CLD,), fixed_steps: bool = True,
-                     summary: str = "") -> SamplerSpec:
-    """Register ``loop`` as ``cf.sample(method=name)`` (also offered by the config and the CLI)."""
+                     summary: str = "", default_striding: str = "linear", options=()) -> SamplerSpec:
+    """Register ``loop`` as ``cf.sample(method=name)`` (also offered by the config and the CLI).
+
+    ``default_striding``: the time grid when the caller passes none; ``options``: the names of the
+    sampler-specific ``cf.sample`` arguments it reads from ``SamplerRun`` (e.g. "order", "predict").
+    """
     if name in SAMPLERS:
         raise ValueError(f"a sampler named {name!r} is already registered")
-    spec = SamplerSpec(name, loop, tuple(sdes), bool(fixed_steps), summary)
+    _check_striding(default_striding)
+    spec = SamplerSpec(name, loop, tuple(sdes), bool(fixed_steps), summary, default_striding, tuple(options))
     SAMPLERS[name] = spec
     return spec
 
@@ -596,12 +650,14 @@ def sampler_names(sde=None) -> tuple:
     return tuple(n for n, s in SAMPLERS.items() if sde is None or isinstance(sde, s.sdes))
 
 
-register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,),
+register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,), default_striding="quadratic",
                  summary="symmetric splitting CLD sampler: exact linear half steps around a score Euler step")
 register_sampler("em", _fixed_step_loop(_run_cld_em), sdes=(CLD, VPSDE),
                  summary="Euler-Maruyama on the reverse SDE")
 register_sampler("ode", _ode_loop, sdes=(CLD, VPSDE), fixed_steps=False,
                  summary="probability-flow ODE, adaptive Dormand-Prince 5(4)")
+register_sampler("gddim", _gddim_loop, sdes=(CLD,), default_striding="polynomial", options=("order", "predict"),
+                 summary="deterministic exponential-integrator multistep in the R frame (gDDIM), order 1-3")
 METHODS = sampler_names()
 
 
@@ -609,9 +665,10 @@ METHODS = sampler_names()
 # public entry point
 # ----------------------------------------------------------------------------------------------
 def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, method: str = "sscs", eps: float = 1e-3,
-           striding: str = "linear", denoise: bool = True, generator: Optional[torch.Generator] = None, device=None,
+           striding: Optional[str] = None, denoise: bool = True, generator: Optional[torch.Generator] = None, device=None,
            progress: bool = False, callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
-           cuda_graph: bool = False, rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None) -> SampleResult:
+           cuda_graph: bool = False, rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None,
+           order: Optional[int] = None, predict: Optional[str] = None) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
@@ -624,10 +681,12 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         steps: number of score evaluations of "sscs" / "em", the denoising step included (the loop
             takes steps - 1 steps when ``denoise``). Ignored by "ode" (adaptive).
         method: a registered sampler (``cld_fast.sampling.SAMPLERS``): "sscs" (CLD only, the
-            default), "em" (Euler-Maruyama on the reverse SDE) or "ode" (probability-flow ODE,
-            adaptive Dormand-Prince 5(4) with ``rtol`` / ``atol``).
+            default), "em" (Euler-Maruyama on the reverse SDE), "ode" (probability-flow ODE,
+            adaptive Dormand-Prince 5(4) with ``rtol`` / ``atol``) or "gddim" (CLD only:
+            deterministic exponential-integrator multistep, ``order`` and ``predict``; best at 10-20 NFE).
         eps: last forward time, in (0, 1).
-        striding: "linear" or "quadratic" time grid (see ``cld_fast.sde.time_grid``).
+        striding: "linear", "quadratic", "polynomial" or "log" time grid (``cld_fast.sde.time_grid``);
+            None: the sampler's default (sscs: quadratic, gddim: polynomial, em: linear).
         denoise: end with the official noise-free EM step at t = eps of size eps (one evaluation).
         generator: torch.Generator for the prior and the one Philox seed of the run (same seed, same samples).
         device: where to sample (default: the network's device, else the generator's, else CPU).
@@ -640,6 +699,8 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
             runs the eager loop.
         rtol, atol: tolerances of the ODE solver.
         backend: force a kernel backend (see ``cld_fast.backends``).
+        order: "gddim" only: multistep order 1, 2 (default) or 3.
+        predict: "gddim" only: "eps" (default; extrapolate eps_R) or "x0" (extrapolate E[x0 | u]).
     Returns:
         ``SampleResult(x, v, nfe, u)``.
     """
@@ -655,7 +716,16 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
     shape = _check_shape(shape)
     steps = _check_steps(steps)
     eps = _check_eps(eps)
+    striding = spec.default_striding if striding is None else striding
     _check_striding(striding)
+    for name, value in (("order", order), ("predict", predict)):
+        if value is not None and name not in spec.options:
+            raise ValueError(f"{name}= is an option of {[n for n, s in SAMPLERS.items() if name in s.options]}, "
+                             f"not of method={method!r}")
+    if order is not None and (isinstance(order, bool) or order not in (1, 2, 3)):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    if predict is not None and predict not in GDDIM_PREDICTIONS:
+        raise ValueError(f"predict must be one of {GDDIM_PREDICTIONS}, got {predict!r}")
     _check_dtype(dtype)
     _check_generator(generator)
     if not isinstance(denoise, bool):
@@ -681,7 +751,8 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         seed = philox.seed_from_generator(generator, device) if spec.fixed_steps else None
         bar = _progress(progress, steps if spec.fixed_steps else None, method)
         run = SamplerRun(sde=sde, ev=ev, u=u, steps=steps, eps=eps, striding=striding, denoise=denoise, seed=seed,
-                         bar=bar, callback=callback, cuda_graph=cuda_graph, backend=backend, rtol=rtol, atol=atol)
+                         bar=bar, callback=callback, cuda_graph=cuda_graph, backend=backend, rtol=rtol, atol=atol,
+                         order=order, predict=predict)
         try:
             nfe = spec.loop(run)
         finally:

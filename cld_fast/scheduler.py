@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 import torch
 
 from . import checks, philox
-from .sampling import (_check_dtype, _check_eps, _check_generator, _check_shape, _check_steps, _check_striding,
-                       _cld_denoise, _FixedPlan, _sscs_begin, _sscs_step, prior)
-from .sde import CLD
+from .sampling import (SAMPLERS, _check_dtype, _check_eps, _check_generator, _check_shape, _check_steps,
+                       _check_striding, _cld_denoise, _FixedPlan, _GDDIMPlan, _sscs_begin, _sscs_step, prior)
+from .sde import CLD, GDDIM_PREDICTIONS
 
 
 class SSCSScheduler:
@@ -30,7 +30,7 @@ class SSCSScheduler:
         sde: the ``cf.CLD``.
         steps: score evaluations, the denoising step included (as ``cf.sample``).
         eps: last forward time, in (0, 1).
-        striding: "linear" or "quadratic" time grid.
+        striding: time grid (``cld_fast.sde.time_grid``); None: the sampler's default, as ``cf.sample``.
         denoise: end with the official noise-free EM step at t = eps.
         mixed: False (default): ``step`` takes the score grad_v log p_t(u). True: ``step`` takes the
             raw output of a mixed-score network (out, with score = -v / s_vv - out / l22), folded into
@@ -43,12 +43,15 @@ class SSCSScheduler:
 
     order = 1
 
-    def __init__(self, sde: CLD, steps: int = 50, eps: float = 1e-3, striding: str = "linear", denoise: bool = True,
-                 mixed: bool = False, backend: Optional[str] = None):
+    method = "sscs"
+
+    def __init__(self, sde: CLD, steps: int = 50, eps: float = 1e-3, striding: Optional[str] = None,
+                 denoise: bool = True, mixed: bool = False, backend: Optional[str] = None):
         if not isinstance(sde, CLD):
-            raise TypeError(f"SSCSScheduler needs a cld_fast.CLD, got {type(sde).__name__}")
+            raise TypeError(f"{type(self).__name__} needs a cld_fast.CLD, got {type(sde).__name__}")
         self.sde = sde
         self.eps = _check_eps(eps)
+        striding = SAMPLERS[self.method].default_striding if striding is None else striding
         _check_striding(striding)
         self.striding = striding
         if not isinstance(denoise, bool) or not isinstance(mixed, bool):
@@ -122,4 +125,51 @@ class SSCSScheduler:
         return u
 
 
-__all__ = ["SSCSScheduler"]
+class GDDIMScheduler(SSCSScheduler):
+    """The gDDIM sampler (deterministic exponential-integrator multistep) as a scheduler.
+
+    Same loop as ``SSCSScheduler``; gives the samples of ``cf.sample(score_fn, shape, sde, steps,
+    method="gddim", order=order, predict=predict)`` bit for bit (same prior draw, table and kernels).
+    ``order`` 1-3 (default 2) and ``predict`` "eps" (default) or "x0" as in ``cf.sample``.
+    """
+
+    method = "gddim"
+    order = 2
+
+    def __init__(self, sde: CLD, steps: int = 50, eps: float = 1e-3, striding: Optional[str] = None,
+                 denoise: bool = True, mixed: bool = False, backend: Optional[str] = None, order: int = 2,
+                 predict: str = "eps"):
+        if isinstance(order, bool) or order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        if predict not in GDDIM_PREDICTIONS:
+            raise ValueError(f"predict must be one of {GDDIM_PREDICTIONS}, got {predict!r}")
+        self.order, self.predict = order, predict
+        super().__init__(sde, steps, eps, striding, denoise, mixed, backend)
+
+    def init_noise(self, shape: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Start a run: draw u_1 from the prior and build the run's table and ring buffer."""
+        shape = _check_shape(shape)
+        _check_generator(generator)
+        plan = self._plan
+        with torch.no_grad():
+            u = prior(self.sde, shape, generator, plan.device, plan.dtype)
+            self._gddim = _GDDIMPlan(self.sde, plan, u, self.order, self.predict, self.mixed)
+        self._i = 0
+        return u
+
+    def step(self, score: torch.Tensor, t, u: torch.Tensor) -> torch.Tensor:
+        """Advance u in place past the score evaluation at ``t`` (= ``timesteps[i]``) and return it."""
+        if self._i is None:
+            raise RuntimeError("call init_noise(shape, generator) before step()")
+        plan = self._plan
+        if self._i >= plan.steps:
+            raise RuntimeError(f"all {plan.steps} steps of this run have been taken; call init_noise() to start a new run")
+        if isinstance(t, (int, float)) and abs(float(t) - plan.times[self._i]) > 1e-6:
+            raise ValueError(f"step {self._i} evaluates the score at t = {plan.times[self._i]:.6g}, got t = {t}")
+        with torch.no_grad():
+            self._gddim.advance(u, score, self.backend)
+        self._i += 1
+        return u
+
+
+__all__ = ["SSCSScheduler", "GDDIMScheduler"]

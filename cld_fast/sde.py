@@ -77,6 +77,42 @@ def _q3(y: torch.Tensor) -> torch.Tensor:
     return -torch.expm1(-y) + torch.exp(-y) * (y - 0.5 * y * y)
 
 
+
+GDDIM_PREDICTIONS = ("eps", "x0")
+GDDIM_COLS = 22  # E (6), Lin (4), C_0..C_2 (4 each): see CLD.gddim_table
+
+
+def _legendre(nodes: int):
+    """Gauss-Legendre nodes and weights on [-1, 1], float64 CPU tensors (cached)."""
+    cached = _LEGENDRE.get(nodes)
+    if cached is None:
+        import numpy as np
+
+        x, w = np.polynomial.legendre.leggauss(int(nodes))
+        cached = _LEGENDRE[nodes] = (torch.tensor(x, dtype=torch.float64), torch.tensor(w, dtype=torch.float64))
+    return cached
+
+
+_LEGENDRE: dict = {}
+
+
+def _gauss_legendre(f, lo: torch.Tensor, hi: torch.Tensor, nodes: int) -> torch.Tensor:
+    """int_lo^hi f(tau) dtau elementwise (lo, hi of one shape; f vectorised over float64 tensors)."""
+    x, w = _legendre(nodes)
+    half = 0.5 * (hi - lo)
+    tau = (0.5 * (hi + lo))[..., None] + half[..., None] * x.to(lo.device)
+    return (f(tau) * w.to(lo.device)).sum(-1) * half
+
+
+def _integrate_log(f, lo: torch.Tensor, hi: torch.Tensor, nodes: int, pieces: int = 8) -> torch.Tensor:
+    """int_lo^hi f(tau) dtau for lo, hi > 0 as int f(e^s) e^s ds over ``pieces`` equal parts of [log lo, log hi]
+    (accurate for integrands with a power-law blow-up at tau = 0, such as d theta / dt)."""
+    a, b = torch.log(lo), torch.log(hi)
+    edges = torch.linspace(0.0, 1.0, pieces + 1, dtype=torch.float64, device=lo.device)
+    s_lo = a[..., None] + (b - a)[..., None] * edges[:-1]
+    s_hi = a[..., None] + (b - a)[..., None] * edges[1:]
+    return _gauss_legendre(lambda s: f(torch.exp(s)) * torch.exp(s), s_lo, s_hi, nodes).sum(-1)
+
 @dataclass(frozen=True)
 class PerturbationKernel:
     """Per-sample coefficients of p(u_t | x0[, v0]), every field float64 of shape (B,).
@@ -340,6 +376,161 @@ class CLD:
         return torch.stack(torch.broadcast_tensors(c_xx, c_xv, c_vx, c_vv, c_vy, sigma), dim=-1)
 
 
+    # ---- exponential-integrator multistep in the R frame (gDDIM) ---------------------------
+    # With Sigma(t) = L L^T the HSM covariance, R(t) = L(t) Q(theta(t)) (Q a rotation) solves
+    # dR/dt = (F + D Sigma^-1 / 2) R, F the drift matrix and D = diag(0, 2 Gamma beta), when
+    # d theta / dt = -m_inv beta l22 / l11 (Zhang, Tao & Chen, ICLR 2023, specialised to CLD). In that
+    # frame the probability-flow ODE reads du/dt = F u + (dR/dt - F R) eps with eps = R^-1 (u - a x0_hat),
+    # which stays nearly constant along a trajectory, so a polynomial in eps integrates it accurately.
+    def transition_matrix(self, t, s) -> torch.Tensor:
+        """Psi(t, s): the flow of the forward drift du/dt = F(t) u from time s to time t (either order).
+
+        Returns (..., 2, 2) float64 [[a_xx, a_xv], [a_vx, a_vv]] over the integrated-beta span B(t) - B(s).
+        """
+        b = self.beta_int(t) - self.beta_int(s)
+        g = self.g
+        c = torch.exp(-2.0 * g * b)
+        row_x = torch.stack([c * (1.0 + 2.0 * g * b), c * (4.0 * g * g * b)], -1)
+        row_v = torch.stack([-c * b, c * (1.0 - 2.0 * g * b)], -1)
+        return torch.stack([row_x, row_v], -2)
+
+    def rframe_angle_rate(self, t) -> torch.Tensor:
+        """d theta / dt = -m_inv beta(t) l22(t) / l11(t) of the R frame (float64, t's shape)."""
+        k = self.perturbation_kernel(t, "hsm")
+        return -self.m_inv * self.beta(t) * k.l22 / k.l11
+
+    def rframe_angle(self, t, nodes: int = 64) -> torch.Tensor:
+        """theta(t) = int_1^t d theta, with theta(1) = 0 (the integrator does not depend on this constant).
+
+        The rate grows like t^-3/2 towards t = 0, so the integral runs in log t (``_integrate_log``).
+        """
+        t = _as_time(t)
+        return _integrate_log(self.rframe_angle_rate, torch.ones_like(t), t, nodes)
+
+    def rframe(self, t, theta) -> torch.Tensor:
+        """R(t) = L(t) Q(theta) (..., 2, 2) float64, Q = [[cos, -sin], [sin, cos]]."""
+        k = self.perturbation_kernel(t, "hsm")
+        theta = _as_time(theta, "theta")
+        c, s = torch.cos(theta), torch.sin(theta)
+        row_x = torch.stack([k.l11 * c, -k.l11 * s], -1)
+        row_v = torch.stack([k.l21 * c + k.l22 * s, -k.l21 * s + k.l22 * c], -1)
+        return torch.stack([row_x, row_v], -2)
+
+    def tweedie_coefficients(self, t, mixed: bool = False) -> torch.Tensor:
+        """(..., 3) float64 (k_x, k_v, k_y): E[x0 | u_t] = k_x x + k_v v + k_y y from the velocity score alone.
+
+        With v0 marginalised, grad log p_t(u) = Sigma^-1 (a x0_hat - u) (Tweedie), a = (a_xx, a_vx); its
+        v row fixes x0_hat = (s_v + (Sigma^-1 u)_v) / (Sigma^-1 a)_v. y is s_v = grad_v log p_t(u), or
+        the raw network output of the mixed score (s_v = c0 v + c1 out) when ``mixed``.
+        """
+        k = self.perturbation_kernel(t, "hsm")
+        det = k.s_xx * k.s_vv - k.s_xv * k.s_xv
+        p_vx, p_vv = -k.s_xv / det, k.s_xx / det
+        q = p_vx * k.a_xx + p_vv * k.a_vx
+        k_x, k_v, k_y = p_vx / q, p_vv / q, 1.0 / q
+        if mixed:
+            c0, c1 = -1.0 / k.s_vv, -1.0 / k.l22
+            k_v, k_y = k_v + c0 * k_y, c1 * k_y
+        return torch.stack([k_x, k_v, k_y], -1)
+
+    def full_score_from_velocity_score(self, x, v, s_v, t):
+        """(x0_hat, s_x, eps_R) from the velocity score: the data estimate, grad_x log p_t(u) and
+        eps_R = R(t)^-1 (u - a x0_hat) (R with ``rframe_angle``). x, v, s_v: (B, ...) ; t: (B,). float64."""
+        t = _as_time(t)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        kc = self.tweedie_coefficients(t)
+        col = lambda c: c.reshape(shape)  # noqa: E731
+        x, v, s_v = x.to(torch.float64), v.to(torch.float64), s_v.to(torch.float64)
+        x0 = col(kc[..., 0]) * x + col(kc[..., 1]) * v + col(kc[..., 2]) * s_v
+        k = self.perturbation_kernel(t, "hsm")
+        det = k.s_xx * k.s_vv - k.s_xv * k.s_xv
+        p_xx, p_xv = k.s_vv / det, -k.s_xv / det
+        s_x = col(p_xx * k.a_xx + p_xv * k.a_vx) * x0 - col(p_xx) * x - col(p_xv) * v
+        r_inv = torch.linalg.inv(self.rframe(t, self.rframe_angle(t)))
+        rx, rv = x - col(k.a_xx) * x0, v - col(k.a_vx) * x0
+        eps_x = col(r_inv[..., 0, 0]) * rx + col(r_inv[..., 0, 1]) * rv
+        eps_v = col(r_inv[..., 1, 0]) * rx + col(r_inv[..., 1, 1]) * rv
+        return x0, s_x, (eps_x, eps_v)
+
+    def gddim_table(self, ts, order: int = 2, predict: str = "eps", mixed: bool = False, denoise: bool = True,
+                    nodes: int = 48, denoise_time: Optional[float] = None) -> torch.Tensor:
+        """Per-step coefficients of the exponential-integrator multistep sampler, (S, GDDIM_COLS) float64.
+
+        Step i runs from ts[i] to ts[i + 1] (S = n steps, plus a last row when ``denoise``): with y the
+        score input evaluated at (u, ts[i]) and cur = E (x, v, y) (2 numbers per element), the update is
+        u <- Lin u + C_0 cur + sum_{j >= 1} C_j cur_{i - j}, and cur is kept for the next steps.
+        ``predict="eps"``: cur = eps_R (gDDIM in the R frame), Lin = Psi(t_{i+1}, t_i) and
+        C_j = int Psi(t_{i+1}, tau) (D Sigma^-1 R / 2)(tau) l_j(tau) dtau; ``predict="x0"``: cur = (x0_hat, 0),
+        Lin = R(t_{i+1}) R(t_i)^-1 and C_j = -int R(t_{i+1}) R(tau)^-1 (D Sigma^-1 a / 2)(tau) l_j(tau) dtau;
+        l_j the Lagrange basis on the last min(order, i + 1) evaluation times. The denoising row
+        sets x to E[x0 | u] at ``denoise_time`` (default ts[n]; Tweedie) and keeps v. Columns: E (6, row-major 2x3), Lin (4),
+        C_0, C_1, C_2 (4 each, row-major 2x2). Integrals by ``nodes``-point Gauss-Legendre.
+        """
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        if predict not in GDDIM_PREDICTIONS:
+            raise ValueError(f"predict must be one of {GDDIM_PREDICTIONS}, got {predict!r}")
+        ts = _as_time(ts, "ts").cpu()
+        n = ts.numel() - 1
+        f64 = torch.float64
+        rows = torch.zeros(n + (1 if denoise else 0), GDDIM_COLS, dtype=f64)
+        if n >= 1:
+            theta = torch.zeros(n + 1, dtype=f64)
+            theta[1:] = _integrate_log(self.rframe_angle_rate, ts[:-1], ts[1:], nodes).cumsum(0)
+            x_gl, w_gl = _legendre(nodes)
+            for i in range(n):
+                s, t = ts[i], ts[i + 1]
+                # nodes uniform in log tau (the integrands grow like tau^-3/2 towards 0): dtau = tau dlog tau
+                half, mid = 0.5 * (torch.log(t) - torch.log(s)), 0.5 * (torch.log(t) + torch.log(s))
+                tau = torch.exp(mid + half * x_gl)
+                w_tau = w_gl * half * tau
+                # theta at the nodes: theta(s) + int_s^tau (its own quadrature per node)
+                th_tau = theta[i] + _integrate_log(self.rframe_angle_rate, s.expand_as(tau), tau, 16, pieces=1)
+                r_tau = self.rframe(tau, th_tau)
+                k = self.perturbation_kernel(tau, "hsm")
+                det = k.s_xx * k.s_vv - k.s_xv * k.s_xv
+                # (D Sigma^-1 / 2): only its v row, Gamma beta (Sigma^-1)_{v,:}
+                gb = self.Gamma * self.beta(tau)
+                dsi_v = torch.stack([-k.s_xv / det, k.s_xx / det], -1) * gb[:, None]  # (N, 2)
+                r_s = self.rframe(s, theta[i])
+                r_t = self.rframe(t, theta[i + 1])
+                k_order = min(order, i + 1)
+                basis_nodes = [ts[i - j] for j in range(k_order)]
+                if predict == "eps":
+                    vrow = (dsi_v[:, :, None] * r_tau).sum(1)  # (N, 2): (D Sigma^-1 R / 2) v row
+                    psi = self.transition_matrix(t, tau)  # (N, 2, 2)
+                    integrand = psi[:, :, 1:2] * vrow[:, None, :]  # (N, 2, 2)
+                    lin = self.transition_matrix(t, s)
+                else:
+                    a_v = dsi_v[:, 0] * k.a_xx + dsi_v[:, 1] * k.a_vx  # (D Sigma^-1 a / 2)_v, (N,)
+                    col = torch.linalg.solve(r_tau, torch.stack([torch.zeros_like(a_v), a_v], -1)[..., None])
+                    integrand = torch.zeros(tau.numel(), 2, 2, dtype=f64)
+                    integrand[:, :, 0] = -(r_t @ col)[..., 0]
+                    lin = r_t @ torch.linalg.inv(r_s)
+                rows[i, 6:10] = lin.reshape(4)
+                for j in range(k_order):
+                    ell = torch.ones_like(tau)
+                    for m, tm in enumerate(basis_nodes):
+                        if m != j:
+                            ell = ell * (tau - tm) / (basis_nodes[j] - tm)
+                    cj = (integrand * (ell * w_tau)[:, None, None]).sum(0)
+                    rows[i, 10 + 4 * j:14 + 4 * j] = cj.reshape(4)
+                kc = self.tweedie_coefficients(s, mixed)
+                if predict == "x0":
+                    rows[i, 0:3] = kc
+                else:
+                    ks = self.perturbation_kernel(s, "hsm")
+                    res = torch.stack([torch.stack([1.0 - ks.a_xx * kc[0], -ks.a_xx * kc[1], -ks.a_xx * kc[2]]),
+                                       torch.stack([-ks.a_vx * kc[0], 1.0 - ks.a_vx * kc[1], -ks.a_vx * kc[2]])])
+                    rows[i, 0:6] = (torch.linalg.inv(r_s) @ res).reshape(6)
+        if denoise:
+            last = rows[-1]
+            last[0:3] = self.tweedie_coefficients(ts[-1] if denoise_time is None else float(denoise_time), mixed)
+            last[6:10] = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=f64)
+            last[10] = 1.0
+        return rows
+
+
 _PARAM_CACHE = {}
 _PARAM_OWNERS = {}
 
@@ -456,7 +647,7 @@ class VPSDE:
         return torch.stack([-1.0 / (alpha * alpha + sigma * sigma), -1.0 / sigma], dim=-1)
 
 
-STRIDINGS = ("linear", "quadratic")
+STRIDINGS = ("linear", "quadratic", "polynomial", "log")
 
 
 def time_grid(n: int, eps: float, striding: str = "linear") -> torch.Tensor:
@@ -464,7 +655,8 @@ def time_grid(n: int, eps: float, striding: str = "linear") -> torch.Tensor:
 
     The official CLD-SGM discretisation in reverse time s = 1 - t: s = linspace(0, 1 - eps, n + 1);
     "quadratic" striding maps it to s = (1 - eps) * flip(1 - (s / (1 - eps))^2), so steps shrink
-    quadratically towards the data (t = eps). Step i of a sampler runs from t[i] to t[i + 1].
+    quadratically towards the data (t = eps). "polynomial": uniform in t^(1/3) (rho = 3), the gDDIM
+    sampler's default; "log": uniform in log t. Step i of a sampler runs from t[i] to t[i + 1].
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
@@ -472,6 +664,13 @@ def time_grid(n: int, eps: float, striding: str = "linear") -> torch.Tensor:
         raise ValueError(f"eps must lie in (0, 1), got {eps!r}")
     if striding not in STRIDINGS:
         raise ValueError(f"striding must be one of {STRIDINGS}, got {striding!r}")
+    if striding == "polynomial":
+        lo = float(eps) ** (1.0 / 3.0)
+        ts = (1.0 - torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64) * (1.0 - lo)) ** 3
+        ts[0], ts[-1] = 1.0, float(eps)
+        return ts
+    if striding == "log":
+        return torch.exp(torch.linspace(0.0, math.log(float(eps)), n + 1, dtype=torch.float64))
     s_end = 1.0 - float(eps)
     s = torch.linspace(0.0, s_end, n + 1, dtype=torch.float64)
     if striding == "quadratic":

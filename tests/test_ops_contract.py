@@ -166,6 +166,26 @@ def test_sampler_steps(backend, dtype, layout):
         _close(a, r, dtype, seeded=True)
 
 
+@pytest.mark.parametrize("backend, dtype, layout", list(_cases()))
+def test_gddim_steps(backend, dtype, layout):
+    """Consecutive gDDIM steps of a real table (both predictions, orders 1-3: the ring buffer wraps)."""
+    _skip_unless(backend, dtype)
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(15)
+    u, y, b, d = _step_inputs(layout, dtype, dev, gen)
+    ts = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.02], dtype=torch.float64)
+    for order, predict in ((1, "eps"), (2, "x0"), (3, "eps"), (3, "x0")):
+        table = SDE.gddim_table(ts, order, predict, mixed=True).to(dev)
+        a, r = u.clone(memory_format=torch.preserve_format), u.clone(memory_format=torch.preserve_format)
+        ha, hr = cf.gddim_history(a, order, predict), cf.gddim_history(r, order, predict)
+        for step in range(table.shape[0]):
+            yy = y * (1.0 + 0.1 * step)
+            cf.gddim_step_(a, yy, ha, table, step=step, backend=backend)
+            cf.gddim_step_(r, yy, hr, table, step=step, backend="torch")
+            _close(a, r, dtype)
+            _close(ha, hr, dtype)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_low_precision_network_outputs(backend):
     """bf16 / fp16 network outputs with a float32 state: within 1e-2 of the float64 reference."""
@@ -201,6 +221,8 @@ STEP_CALLS = {
     "half_step_": lambda u, y, ts, step, b: cf.half_step_(u, ts, SDE, step=step, backend=b),
     "sscs_step_": lambda u, y, ts, step, b: cf.sscs_step_(u, y, ts, SDE, step=step, mixed=True, backend=b),
     "em_step_": lambda u, y, ts, step, b: cf.em_step_(u, y, ts, SDE, step=step, backend=b),
+    "gddim_step_": lambda u, y, ts, step, b: cf.gddim_step_(u, y, cf.gddim_history(u, 2), SDE.gddim_table(
+        ts.cpu(), denoise=False).to(ts.device), step=step, backend=b),
 }
 
 
@@ -217,7 +239,8 @@ def test_out_of_range_step_is_one_error_on_every_backend(op, backend, step):
     u = torch.randn(3, 4, 5, generator=g).to(dev)
     y = torch.randn(3, 2, 5, generator=g).to(dev)
     ts = torch.linspace(1.0, 0.1, 5, dtype=torch.float64, device=dev)
-    msg = rf"{op}: step = {step} is out of range for a time grid ts of 5 points \(valid 0\.\.3\)"
+    msg = (rf"{op}: step = {step} is out of range for a table of 4 rows \(valid 0\.\.3\)" if op == "gddim_step_" else
+           rf"{op}: step = {step} is out of range for a time grid ts of 5 points \(valid 0\.\.3\)")
     for s in (step, torch.tensor([step], device=dev)):
         with pytest.raises(ValueError, match=msg):
             STEP_CALLS[op](u.clone(), y, ts, s, backend)

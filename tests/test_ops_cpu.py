@@ -287,6 +287,78 @@ def test_pf_drift_reads_only_ts_at_step():
         _step_call("half_step_", 0, n_ts=1)
 
 
+# ---- gddim_step_ ----------------------------------------------------------------------------------
+
+GDDIM_ROWS = 5
+
+
+def _gddim_table(dtype=torch.float64, seed=7):
+    """(S, 22) random coefficient rows (every column nonzero), a strided (transposed) view."""
+    return (0.5 * _randn(22, GDDIM_ROWS, dtype=torch.float64, seed=seed)).to(dtype).t()
+
+
+def _gddim_run(op, dtype, k, h, y_dtype, steps):
+    """u: a channels_last (B, 2, 96, 128) state viewed as (B, 2, D) (strides (2D, 1, 2)); hist (K, B, H, D)."""
+    b = 3
+    u = _randn(b, 2, 96, 128, dtype=dtype, seed=1).contiguous(memory_format=torch.channels_last).view(b, 2, -1)
+    assert not u.is_contiguous()
+    d = u.shape[2]  # B * D > 2 x 32768 elements: two threads split the work
+    hist = _randn(k, b, h, d, dtype=dtype, seed=2)
+    y = _randn(b, d, dtype=y_dtype, seed=3)
+    table = _gddim_table()
+    for step in steps:
+        op(u, hist, y, table, _i64(step))
+    return u, hist
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("y_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_gddim_step_matches_the_reference(k, channels, dtype, y_dtype, threads):
+    """Consecutive steps 0..S-1 (the ring of K slots wraps), strided in-place u, against opdefs.gddim_step_ref."""
+    steps = list(range(GDDIM_ROWS))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        u, hist = _gddim_run(OPS.gddim_step_, dtype, k, channels, y_dtype, steps)
+    finally:
+        torch.set_num_threads(before)
+    u_ref, hist_ref = _gddim_run(opdefs.gddim_step_ref, dtype, k, channels, y_dtype, steps)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for got, want in ((u, u_ref), (hist, hist_ref)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        scale = want.abs().max().clamp(min=1.0) if want.numel() else 1.0
+        torch.testing.assert_close(got / scale, want / scale, rtol=tol, atol=tol)
+
+
+def test_gddim_step_float32_table_and_non_contiguous_hist():
+    """A float32 table (cast to a float64 state exactly) and a ring buffer updated through a copy."""
+    b, d, k = 2, 9, 2
+    u, y = _randn(b, 2, d, dtype=torch.float64, seed=1), _randn(b, d, dtype=torch.float64, seed=3)
+    base = _randn(k, b, d, 2, dtype=torch.float64, seed=2)
+    hist = base.permute(0, 1, 3, 2)  # (K, B, H, D), not contiguous
+    table = _gddim_table(torch.float32)
+    u_ref, hist_ref = u.clone(), hist.clone()
+    for step in (0, 1, 2, 3):
+        OPS.gddim_step_(u, hist, y, table, _i64(step))
+        opdefs.gddim_step_ref(u_ref, hist_ref, y, table, _i64(step))
+    torch.testing.assert_close(u, u_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hist, hist_ref, rtol=1e-12, atol=1e-12)
+    assert hist.data_ptr() == base.data_ptr()
+
+
+@pytest.mark.parametrize("step", [-1, 5, 7])
+def test_gddim_step_out_of_range_names_the_step_and_the_table(step):
+    u, hist, y = _randn(2, 2, 3), _randn(1, 2, 2, 3), _randn(2, 3)
+    u0, hist0 = u.clone(), hist.clone()
+    msg = rf"cld_fast::gddim_step_: step = {step} is out of range for a table of 5 rows \(valid 0\.\.4\)"
+    with pytest.raises(RuntimeError, match=msg):
+        OPS.gddim_step_(u, hist, y, _gddim_table(), _i64(step))
+    assert torch.equal(u, u0) and torch.equal(hist, hist0)  # nothing written
+
+
 # ---- torch.compile and the op schemas ------------------------------------------------------------
 
 def _opcheck_cases():
@@ -301,6 +373,7 @@ def _opcheck_cases():
         "half_step_": (u.clone(), ts, step, sde, None, seed),
         "sscs_step_": (u.clone(), y, ts, step, sde, True, None, seed),
         "affine_step": (u, y, ts, step, sde, 0, True, None, seed, torch.empty(b, 2, d)),
+        "gddim_step_": (u.clone(), _randn(2, b, 2, d, seed=5), y, _randn(4, 22, dtype=torch.float64, seed=6), step),
     }
 
 
@@ -387,6 +460,24 @@ BAD = {
                                                                     _i64(0), _sde(), 0, False, None, None,
                                                                     buf[5:25].view(2, 2, 5)))(torch.zeros(30)),
                                "overlap"),
+    "gddim hist shape": (lambda: OPS.gddim_step_(_state(), torch.zeros(3, 2, 2, 5), torch.zeros(2, 5),
+                                                 _gddim_table(), _i64(0)), "cld_fast::gddim_step_: hist must be"),
+    "gddim hist channels": (lambda: OPS.gddim_step_(_state(), torch.zeros(1, 2, 3, 5), torch.zeros(2, 5),
+                                                    _gddim_table(), _i64(0)), "hist must be"),
+    "gddim hist dtype": (lambda: OPS.gddim_step_(_state(), torch.zeros(1, 2, 2, 5).double(), torch.zeros(2, 5),
+                                                 _gddim_table(), _i64(0)), "hist must have dtype"),
+    "gddim hist overlaps u": (lambda: (lambda s: OPS.gddim_step_(s, s.view(1, 2, 2, 5), torch.zeros(2, 5),
+                                                                 _gddim_table(), _i64(0)))(_state()),
+                              "hist must not share memory"),
+    "gddim y shape": (lambda: OPS.gddim_step_(_state(), torch.zeros(1, 2, 2, 5), torch.zeros(2, 4), _gddim_table(),
+                                              _i64(0)), "y must have shape"),
+    "gddim table shape": (lambda: OPS.gddim_step_(_state(), torch.zeros(1, 2, 2, 5), torch.zeros(2, 5),
+                                                  torch.zeros(5, 21, dtype=torch.float64), _i64(0)),
+                          r"table must have shape \(S, 22\)"),
+    "gddim table dtype": (lambda: OPS.gddim_step_(_state(), torch.zeros(1, 2, 2, 5), torch.zeros(2, 5),
+                                                  _gddim_table().half(), _i64(0)), "table must be float32 or float64"),
+    "gddim step dtype": (lambda: OPS.gddim_step_(_state(), torch.zeros(1, 2, 2, 5), torch.zeros(2, 5), _gddim_table(),
+                                                 torch.tensor([0], dtype=torch.int32)), "step must be int64"),
 }
 
 

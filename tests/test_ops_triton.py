@@ -507,6 +507,8 @@ _TRACE_SCRIPT = textwrap.dedent(
     t = torch.tensor([0.3, 0.7])
     ts = torch.linspace(1, 1e-3, 4, dtype=torch.float64)
     seed = torch.tensor([5])
+    table = CLD().gddim_table(ts, 3, "eps")
+    hist = torch.zeros(2, B, 2, D)
     def f(x0, out, y, buf, step):
         u = buf.view(B, 2, D)
         ops.perturb(x0, None, t, p, 0, None, seed, u)
@@ -514,6 +516,7 @@ _TRACE_SCRIPT = textwrap.dedent(
         g = ops.hsm_loss_bwd(torch.ones_like(loss), out, u, t, p, 0, 0.5, None, seed)
         ops.sscs_step_(u, y, ts, step, p, True, None, seed)
         ops.affine_step(u, y, ts, step, p, 0, True, None, seed, u)
+        ops.gddim_step_(u, hist, y, table, step)
         return loss, g, ops.mixed_score(y, u, t, p)
     graphs = []
     def fw(gm, example_inputs):  # record the graph; never launch (no GPU here)
@@ -535,14 +538,14 @@ def test_triton_op_registration_traces_without_gpu():
     """The GPU registration (triton_op + wrap_triton, not interpreted) traces with fullgraph=True into
     a graph of the Triton kernels themselves (what Inductor compiles), checked here without a GPU:
     perturb, loss forward (one program: no finish kernel), loss backward, SSCS,
-    affine and mixed score."""
+    affine, gDDIM (two mutated arguments) and mixed score."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("KERNELS")][0]
     _, kernels, _, custom = line.split()
-    assert int(custom) == 0 and int(kernels) == 6, line
+    assert int(custom) == 0 and int(kernels) == 7, line
 
 
 # ---- 64-bit indexing -----------------------------------------------------------------------

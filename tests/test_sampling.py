@@ -84,7 +84,9 @@ def test_vpsde_methods(gm, method):
 
 
 def test_steps_denoise_nfe_and_callback(score, sde):
-    for method in ("sscs", "em"):
+    from cld_fast.sampling import SAMPLERS
+
+    for method in ("sscs", "em", "gddim"):
         for denoise in (True, False):
             calls = []
             counted = []
@@ -98,7 +100,7 @@ def test_steps_denoise_nfe_and_callback(score, sde):
             assert res.nfe == 10 == len(counted) == len(calls)
             assert [i for i, _ in calls] == list(range(10))
             n = 9 if denoise else 10
-            grid = time_grid(n, 1e-3).tolist()
+            grid = time_grid(n, 1e-3, SAMPLERS[method].default_striding).tolist()
             times = grid[:-1] + ([1e-3] if denoise else [])
             assert [t for _, t in calls] == pytest.approx(times)
             assert counted == pytest.approx(times, rel=1e-6)

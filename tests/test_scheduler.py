@@ -75,7 +75,7 @@ def test_scheduler_errors(sde, score):
     with pytest.raises(ValueError):
         cf.SSCSScheduler(sde, eps=0.0)
     with pytest.raises(ValueError):
-        cf.SSCSScheduler(sde, striding="log")
+        cf.SSCSScheduler(sde, striding="bogus")
     sched = cf.SSCSScheduler(sde, steps=2)
     u = torch.zeros(4, 4)
     with pytest.raises(RuntimeError, match="init_noise"):
@@ -89,3 +89,23 @@ def test_scheduler_errors(sde, score):
         sched.step(score(u, t.expand(4)), t, u)
     with pytest.raises(RuntimeError, match="all 2 steps"):
         sched.step(torch.zeros(4, 2), sched.timesteps[-1], u)
+
+
+@pytest.mark.parametrize("steps,denoise,order,predict", [(12, True, 2, "eps"), (7, False, 3, "x0"), (2, True, 1, "eps"),
+                                                         (1, True, 2, "eps")])
+def test_gddim_loop_equals_sample_bit_for_bit(sde, score, steps, denoise, order, predict):
+    shape = (128, 2)
+    res = cf.sample(score, shape, sde, steps=steps, denoise=denoise, method="gddim", order=order, predict=predict,
+                    generator=torch.Generator().manual_seed(5))
+    sched = cf.GDDIMScheduler(sde, steps=steps, denoise=denoise, order=order, predict=predict)
+    assert len(sched.timesteps) == steps
+    u = _loop(sched, score, shape, 5)
+    assert torch.equal(u, res.u)
+
+
+def test_default_striding_is_the_samplers():
+    from cld_fast.sampling import SAMPLERS
+
+    sde = cf.CLD()
+    assert cf.SSCSScheduler(sde).striding == SAMPLERS["sscs"].default_striding == "quadratic"
+    assert cf.GDDIMScheduler(sde).striding == SAMPLERS["gddim"].default_striding == "polynomial"

@@ -123,9 +123,9 @@ def _typed(d: opdefs.OpDef, body: Callable) -> Callable:
 
 def _same_schema(registered: str, declared: str) -> bool:
     """Schemas equal up to what ``triton_op``'s inference writes differently: alias-set names
-    (``Tensor(a0!)`` for ``Tensor(a!)``) and ``SymInt`` for ``int``."""
+    (``Tensor(a0!)``, ``Tensor(a1!)`` for ``Tensor(a!)``, ``Tensor(b!)``) and ``SymInt`` for ``int``."""
     def norm(s):
-        s = re.sub(r"\(([a-z])\d*!\)", r"(\1!)", s.split("::", 1)[-1])
+        s = re.sub(r"\([a-z]\d*!\)", "(!)", s.split("::", 1)[-1])
         return re.sub(r"\bSymInt\b", "int", s)
     return norm(registered) == norm(declared)
 

@@ -558,6 +558,110 @@ void affine_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor&
   w.commit();
 }
 
+// ---- gDDIM step --------------------------------------------------------------------------------
+// Row r = table[step] in T: cur = (cx, cv) = E (x, v, y); u <- Lin u + C_0 cur + sum_j C_j hist[(step - j) mod K];
+// hist[step mod K] <- cur[:H]. Ring (K, B, H, D) contiguous; each element reads its history before
+// overwriting its own slot (slot (step - 2) mod 2 is slot step mod 2 when K = 2).
+
+inline int64_t ring_slot(int64_t i, int64_t k) {
+  const int64_t m = i % k;
+  return m < 0 ? m + k : m;
+}
+
+// nx += c[0] hx + c[1] hv, nv += c[2] hx + c[3] hv (hv only when H = 2), in the reference's order.
+template <typename T, int H>
+inline void add_history(const T* c, T hx, T hv, T& nx, T& nv) {
+  nx = nx + c[0] * hx;
+  nv = nv + c[2] * hx;
+  if constexpr (H == 2) {
+    nx = nx + c[1] * hv;
+    nv = nv + c[3] * hv;
+  }
+}
+
+template <typename T, typename O, int K, int H>
+void gddim_step_kernel(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const T* r, int64_t k,
+                       int64_t B, int64_t D) {
+  T* pu = u.data_ptr<T>();
+  T* ph = K > 0 ? hist.data_ptr<T>() : nullptr;
+  const O* py = y.data_ptr<O>();
+  constexpr int64_t slots = K > 0 ? K : 1;
+  const int64_t slab = B * H * D;  // one ring slot
+  const int64_t own = ring_slot(k, slots) * slab;
+  const int64_t prev1 = ring_slot(k - 1, slots) * slab;
+  const int64_t prev2 = ring_slot(k - 2, slots) * slab;
+  for_rows(B, D, grain_for(Noise::None), [&](int64_t b, int64_t d0, int64_t d1) {
+    T* xr = pu + b * 2 * D;
+    T* vr = xr + D;
+    const O* yr = py + b * D;
+    const int64_t hrow = b * H * D;
+    for (int64_t d = d0; d < d1; ++d) {
+      const T x = xr[d], v = vr[d], yy = static_cast<T>(yr[d]);
+      const T cx = r[0] * x + r[1] * v + r[2] * yy;
+      const T cv = r[3] * x + r[4] * v + r[5] * yy;
+      T nx = r[6] * x + r[7] * v + r[10] * cx + r[11] * cv;
+      T nv = r[8] * x + r[9] * v + r[12] * cx + r[13] * cv;
+      if constexpr (K >= 1) {
+        const T* h = ph + prev1 + hrow + d;
+        add_history<T, H>(r + 14, h[0], H == 2 ? h[D] : T(0), nx, nv);
+      }
+      if constexpr (K >= 2) {
+        const T* h = ph + prev2 + hrow + d;
+        add_history<T, H>(r + 18, h[0], H == 2 ? h[D] : T(0), nx, nv);
+      }
+      if constexpr (K >= 1) {
+        T* h = ph + own + hrow + d;
+        h[0] = cx;
+        if constexpr (H == 2) h[D] = cv;
+      }
+      xr[d] = nx;
+      vr[d] = nv;
+    }
+  });
+}
+
+// Calls f(std::integral_constant<int, K>{}, std::integral_constant<int, H>{}) for the ring's (K, H).
+template <typename F>
+void dispatch_ring(int64_t k, int64_t h, const F& f) {
+  using C0 = std::integral_constant<int, 0>;
+  using C1 = std::integral_constant<int, 1>;
+  using C2 = std::integral_constant<int, 2>;
+  if (k == 0) {
+    f(C0{}, C1{});  // no ring: H is not read
+  } else if (k == 1) {
+    h == 1 ? f(C1{}, C1{}) : f(C1{}, C2{});
+  } else {
+    h == 1 ? f(C2{}, C1{}) : f(C2{}, C2{});
+  }
+}
+
+void gddim_step_cpu(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
+                    const at::Tensor& step) {
+  const char* op = "cld_fast::gddim_step_";
+  const Dims n = check_gddim_step(u, hist, y, table, step, true);
+  const int64_t k = step.data_ptr<int64_t>()[0];
+  check_table_step_range(k, table.size(0), op);
+  double row[kGddimCols];
+  for (int64_t c = 0; c < kGddimCols; ++c) {
+    const int64_t off = k * table.stride(0) + c * table.stride(1);
+    row[c] = table.scalar_type() == at::kDouble ? table.const_data_ptr<double>()[off]
+                                                : static_cast<double>(table.const_data_ptr<float>()[off]);
+  }
+  const InPlace wu(u), wh(hist);
+  const at::Tensor yc = y.contiguous();
+  dispatch_state_net(u, y, [&](auto tt, auto ot) {
+    using T = decltype(tt);
+    using O = decltype(ot);
+    T r[kGddimCols];  // the row cast to the state dtype once, as the reference's table[step].to(u.dtype)
+    for (int64_t c = 0; c < kGddimCols; ++c) r[c] = static_cast<T>(row[c]);
+    dispatch_ring(hist.size(0), hist.size(2), [&](auto kc, auto hc) {
+      gddim_step_kernel<T, O, decltype(kc)::value, decltype(hc)::value>(wu.work, wh.work, yc, r, k, n.B, n.D);
+    });
+  });
+  wh.commit();
+  wu.commit();
+}
+
 }  // namespace
 }  // namespace cpu
 
@@ -576,4 +680,5 @@ TORCH_LIBRARY_IMPL(cld_fast, CPU, m) {
   m.impl("half_step_", &cld::cpu::half_step_cpu);
   m.impl("sscs_step_", &cld::cpu::sscs_step_cpu);
   m.impl("affine_step", &cld::cpu::affine_step_cpu);
+  m.impl("gddim_step_", &cld::cpu::gddim_step_cpu);
 }

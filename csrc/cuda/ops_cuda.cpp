@@ -166,6 +166,29 @@ void affine_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor
   w.commit();
 }
 
+// table (S, 22): any stride, read in place.
+TableArg table_arg(const at::Tensor& table) {
+  return TableArg{table.data_ptr(), table.stride(0), table.stride(1), table.size(0),
+                  table.scalar_type() == at::kDouble};
+}
+
+void gddim_step_cuda(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
+                     const at::Tensor& step) {
+  const char* op = "cld_fast::gddim_step_";
+  check_cuda(u, op, "u");
+  const Dims n = check_gddim_step(u, hist, y, table, step, false);
+  const c10::cuda::CUDAGuard guard(u.device());
+  const InPlace wu(u), wh(hist);
+  const at::Tensor yc = y.contiguous();
+  const int64_t k = hist.size(0);
+  launch_gddim_step(wu.work.data_ptr<float>(), k > 0 ? wh.work.data_ptr<float>() : nullptr, static_cast<int>(k),
+                    static_cast<int>(hist.size(2)), yc.data_ptr(), net_type(yc), table_arg(table),
+                    step.data_ptr<int64_t>(), n.B, n.D, stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  wh.commit();
+  wu.commit();
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace cld
@@ -178,6 +201,7 @@ TORCH_LIBRARY_IMPL(cld_fast, CUDA, m) {
   m.impl("half_step_", &cld::cuda::half_step_cuda);
   m.impl("sscs_step_", &cld::cuda::sscs_step_cuda);
   m.impl("affine_step", &cld::cuda::affine_step_cuda);
+  m.impl("gddim_step_", &cld::cuda::gddim_step_cuda);
 }
 
 #endif  // CLD_FAST_WITH_CUDA

@@ -261,6 +261,50 @@ inline Dims check_affine(const at::Tensor& u, const at::Tensor& y, const at::Ten
   return n;
 }
 
+// ---- gDDIM step --------------------------------------------------------------------------------
+
+constexpr int64_t kGddimCols = 22;  // cld_fast.sde.GDDIM_COLS: E (6), Lin (4), C_0 .. C_2 (4 each)
+
+// hist: the (K, B, H, D) ring buffer of a gDDIM step (K in {0, 1, 2}, H in {1, 2}), in the state
+// dtype, on the state's device, sharing no memory with the state.
+inline void check_ring(const at::Tensor& hist, Dims n, const at::Tensor& state, const char* op, const char* name) {
+  const bool ok = hist.dim() == 4 && hist.size(0) <= 2 && hist.size(1) == n.B &&
+                  (hist.size(2) == 1 || hist.size(2) == 2) && hist.size(3) == n.D;
+  TORCH_CHECK(ok, op, ": ", name, " must be a (K, B, H, D) ring buffer with K in {0, 1, 2}, B = ", n.B,
+              ", H in {1, 2}, D = ", n.D, " (cf. cld_fast.ops.gddim_history), got shape ", shape_str(hist.sizes()));
+  check_dtype(hist, state.scalar_type(), op, name);
+  check_device(hist, state, op, name);
+  const auto overlap = at::get_overlap_status(hist, state);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, op, ": ", name,
+              " must not share memory with the state (both are updated in place)");
+}
+
+// table: (S >= 1, kGddimCols) float32 / float64 coefficient rows (CLD.gddim_table), any stride.
+inline void check_table(const at::Tensor& table, const at::Tensor& ref, const char* op) {
+  TORCH_CHECK(table.dim() == 2 && table.size(0) >= 1 && table.size(1) == kGddimCols, op,
+              ": table must have shape (S, ", kGddimCols, ") with S >= 1 (rows of CLD.gddim_table), got ",
+              shape_str(table.sizes()));
+  check_time_dtype(table, op, "table");
+  check_device(table, ref, op, "table");
+}
+
+// The host-side range check of a step into a table of `rows` coefficient rows (CPU ops).
+inline void check_table_step_range(int64_t k, int64_t rows, const char* op) {
+  TORCH_CHECK(k >= 0 && k < rows, op, ": step = ", k, " is out of range for a table of ", rows, " rows (valid 0..",
+              rows - 1, ")");
+}
+
+inline Dims check_gddim_step(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
+                             const at::Tensor& step, bool cpu) {
+  const char* op = "cld_fast::gddim_step_";
+  const Dims n = check_state(u, cpu, op, "u");
+  check_ring(hist, n, u, op, "hist");
+  check_net(y, n, u, cpu, op, "y");
+  check_table(table, u, op);
+  check_scalar_i64(step, u, op, "step");
+  return n;
+}
+
 // ---- layout -------------------------------------------------------------------------------------
 
 inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {

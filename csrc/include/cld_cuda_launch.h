@@ -28,6 +28,15 @@ struct TimeArg {
   bool is_double;
 };
 
+// A 2-D float32 / float64 table of per-step coefficient rows (rows x columns) with any strides.
+struct TableArg {
+  const void* data;
+  int64_t row_stride;
+  int64_t col_stride;
+  int64_t rows;
+  bool is_double;
+};
+
 // Explicit noise (float32, the op's layout) or a (1,) int64 seed on the device, or neither.
 struct NoiseArg {
   const float* eps;
@@ -69,6 +78,14 @@ void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const
 void launch_affine_step(const float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step,
                         const double* sde, int kind, bool mixed, NoiseArg noise, float* out, int64_t B, int64_t D,
                         cudaStream_t stream);
+
+// In place: the gDDIM multistep after a network evaluation with row r = table[*step] (the
+// (S, 22) rows of CLD.gddim_table, cast to float32 on the device): cur = E (x, v, y), u <- Lin u +
+// C_0 cur + sum_{j=1..K} C_j hist[(*step - j) mod K], hist[*step mod K] <- cur[:H]. hist (K, B, H, D)
+// contiguous float32 ring buffer, K in {0, 1, 2} (nullptr allowed when K = 0), H in {1, 2}; y (B, D).
+// A step outside [0, S) gives NaN in u and in the ring slot written.
+void launch_gddim_step(float* u, float* hist, int K, int H, const void* y, NetType y_type, TableArg table,
+                       const int64_t* step, int64_t B, int64_t D, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace cld
