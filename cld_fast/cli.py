@@ -1,4 +1,4 @@
-"""The ``cld-fast`` command line: ``train``, ``sample`` and ``info``.
+"""The ``cld-fast`` command line: ``train``, ``sample``, ``info`` and ``selftest``.
 
     cld-fast train                                   # 2-D toy CLD model, a couple of minutes on a CPU
     cld-fast train --preset cifar10 --data-path data/cifar-10-batches-py --out runs/cifar10
@@ -7,6 +7,7 @@
     cld-fast sample runs/toy/checkpoints/ckpt_0006000.pt --method sscs --steps 100
     cld-fast sample checkpoint_800000.pth --config cifar10 --steps 150 --n 64   # official CLD-SGM
     cld-fast info
+    cld-fast selftest                                # every op of every backend against the reference
 """
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ EXAMPLES_SAMPLE = """examples:
   cld-fast sample runs/toy --method em --steps 200        newest checkpoint of a run folder
   cld-fast sample checkpoint_800000.pth --config cifar10 --n 64 --steps 150 --device cuda
   cld-fast sample official.pth --config official_config.json --method ode"""
+
+EXAMPLES_SELFTEST = """examples:
+  cld-fast selftest                               every backend on the current device (cuda if available)
+  cld-fast selftest --backend cuda --backend triton   only these backends
+  cld-fast selftest --device cpu --backend cpu,torch --quick
+  TRITON_INTERPRET=1 cld-fast selftest --device cpu   include the Triton kernels (interpreter) on a CPU
+  cld-fast selftest --out selftest.md             also write the table as Markdown
+
+Exit status 0 when every check passed, 1 when one failed or nothing could run, 2 on a usage error."""
 
 
 def _add_train_parser(sub) -> None:
@@ -119,6 +129,25 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
+def _add_selftest_parser(sub) -> None:
+    p = sub.add_parser(
+        "selftest", help="check every op of every backend against the float64 torch reference",
+        description="Run every kernel op of every available backend on one device at a few odd shapes "
+                    "(float32 and float64 states, explicit noise and in-kernel Philox seeds) against the torch "
+                    "reference evaluated in float64, check the Philox words bit for bit, and print a pass/fail "
+                    "table. Takes seconds.",
+        epilog=EXAMPLES_SELFTEST, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--backend", action="append", metavar="NAME",
+                   help="backend(s) to check: cuda, triton, cpu, torch; repeatable or comma separated "
+                        "(default: all)")
+    p.add_argument("--dtype", action="append", choices=("float32", "float64"),
+                   help="state dtype(s) to check, repeatable (default: both)")
+    p.add_argument("--quick", action="store_true", help="two shapes instead of three")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown instead of plain text")
+    p.add_argument("--out", metavar="FILE.md", help="also write the report as Markdown to FILE.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cld-fast",
@@ -128,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_sample_parser(sub)
     sub.add_parser("info", help="versions, backends available, compiled parts, GPU")
+    _add_selftest_parser(sub)
     return parser
 
 
@@ -320,17 +350,56 @@ def _sample(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# selftest
+# ------------------------------------------------------------------------------------------------
+def _selftest(args) -> int:
+    from .selftest import run_selftest
+
+    try:
+        report = run_selftest(device=args.device, backends=args.backend, dtypes=args.dtype, quick=args.quick)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: torch.device() of a malformed name
+        msg = str(exc)
+        print(f"cld-fast selftest: error: {msg[len('selftest: '):] if msg.startswith('selftest: ') else msg}",
+              file=sys.stderr)
+        return 2
+    print(f"cld-fast selftest on {report.device}: backends run: {', '.join(report.backends_run) or 'none'}")
+    for name, why in report.backends_skipped.items():
+        print(f"  {name} skipped: {why}")
+    print()
+    print(report.to_markdown() if args.markdown else report.to_text())
+    print()
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(report.to_markdown())
+        print(f"wrote {os.path.abspath(args.out)}")
+    for row in report.failures():
+        print(f"FAILED {row.backend} {row.op} [{row.mode}] {row.dtype} {row.shape}: {row.note}")
+    if not report.n_passed:
+        print("nothing ran: no requested backend can run on this device")
+    print(f"checked in {report.seconds:.1f} s")
+    print(report.summary())
+    return 0 if report.passed else 1
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "info":
+        from .build_info import info_lines
         from .info import main as info_main
 
-        return info_main()
+        code = info_main()
+        print("\n".join(info_lines()))  # the build report: "cuda build FAILED" + the compiler error's first lines
+        return code
     if args.command == "train":
         return _train(args)
     if args.command == "sample":
         return _sample(args)
+    if args.command == "selftest":
+        return _selftest(args)
     parser.print_help()
     return 0 if args.command is None else 2
 

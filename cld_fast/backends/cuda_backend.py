@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import build_info
 from .._extension import compiled_parts, load_extension
 from .cpu_backend import compiled_op
 
@@ -21,10 +22,14 @@ def is_available() -> bool:
 
 
 def why_unavailable() -> str:
+    """'' when the backend can run; else why not, quoting the build report when the CUDA build failed."""
     ext, why = load_extension()
+    failed = build_info.cuda_failure_message()  # '' unless cld_fast/_build_info.json records a failed CUDA build
     if ext is None:
-        return f"the compiled extension cld_fast._C is not importable ({why})"
+        return f"the compiled extension cld_fast._C is not importable ({why})" + (f"; {failed}" if failed else "")
     if "cuda" not in compiled_parts():
+        if failed:
+            return f"cld_fast._C was built without the CUDA kernels: {failed}"
         return "cld_fast._C was built without the CUDA kernels (no CUDA toolkit or a CPU-only torch at build time)"
     if not torch.cuda.is_available():
         return "torch.cuda.is_available() is False"
