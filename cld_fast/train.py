@@ -823,11 +823,19 @@ def load_for_sampling(path: str, use_ema: bool = True, device=None):
     sd = state["model"]
     shape = tuple(state["data_shape"]) if state.get("data_shape") else _data_shape_from_state(config, sd)
     net = build_network(config, shape)
-    net.load_state_dict(sd)
-    if use_ema:
-        ema = ExponentialMovingAverage(net.parameters())
-        ema.load_state_dict(state["ema"])
-        ema.copy_to(net)
+    if use_ema and not isinstance(state.get("ema"), dict):
+        raise ckpt.CheckpointError(f"{path} has no 'ema' entry; sample with the raw weights (--no-ema, use_ema=False)")
+    try:
+        net.load_state_dict(sd)
+        if use_ema:
+            ema = ExponentialMovingAverage(net.parameters())
+            ema.load_state_dict(state["ema"])
+            ema.copy_to(net)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ckpt.CheckpointError(f"{path} does not fit the network its config describes "
+                                   f"(model {config.model!r}): {detail[:300]}") from exc
     net = net.to(device or "cpu").eval()
     return net, build_sde(config), config, shape
 

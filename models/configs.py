@@ -19,6 +19,8 @@ Presets:
 from __future__ import annotations
 
 import copy
+import json
+import os
 from typing import Any, Dict, Mapping, Union
 
 import torch.nn as nn
@@ -112,7 +114,18 @@ def get_config(name: str) -> Dict[str, Any]:
 
 
 def resolve_config(config: Union[str, Mapping[str, Any], NCSNppConfig]) -> Dict[str, Any]:
-    """A preset name, a dict with official keys, or an ``NCSNppConfig`` -> a plain config dict (copy)."""
+    """A preset name, a dict with official keys, the path of a JSON file holding such a dict, or an
+    ``NCSNppConfig`` -> a plain config dict (copy)."""
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and str(config).lower() not in PRESETS
+                                           and str(config).lower() not in _ALIASES and os.path.isfile(config)):
+        try:
+            with open(config) as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"config file {os.fspath(config)!r} is not readable JSON: {exc}") from exc
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"config file {os.fspath(config)!r} must hold a JSON object, got {type(loaded).__name__}")
+        return dict(loaded)
     if isinstance(config, str):
         return get_config(config)
     if isinstance(config, NCSNppConfig):
