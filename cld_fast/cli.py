@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import math
 import os
 import sys
 import time
@@ -88,6 +87,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--image-size", type=int, help="image-folder data: side of the square crops")
     g.add_argument("--no-flip", action="store_true", default=None, help="images: no random horizontal flips")
     g.add_argument("--dequantize", action="store_true", default=None, help="images: uniform dequantisation")
+    g.add_argument("--bad-images", choices=("fail", "skip"),
+                   help="image folders: every file is decoded before training; an unreadable one stops the run "
+                        "(fail, the default) or is left out with a warning (skip)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, help="steps between loss logs (the only host syncs)")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
@@ -191,7 +193,7 @@ def _overrides(args) -> dict:
         "data_path": "data_path", "npz_key": "npz_key", "image_size": "image_size", "dequantize": "dequantize",
         "log_every": "log_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
         "sample_every": "sample_every", "sample_steps": "sample_steps", "eval_steps": "eval_steps",
-        "eval_samples": "eval_samples",
+        "eval_samples": "eval_samples", "bad_images": "bad_images",
     }
     out = {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
     if args.no_flip:
@@ -221,8 +223,6 @@ def _train(args) -> int:
     _check_out_dir(out, "--out")
     if args.device:
         _check_device(args.device)
-    if args.grad_clip is not None and not math.isfinite(args.grad_clip):
-        raise ValueError(f"--grad-clip must be a finite number (<= 0: off), got {args.grad_clip}")
     overrides = _overrides(args)
     main = int(os.environ.get("RANK", "0")) == 0
     try:
