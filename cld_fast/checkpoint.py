@@ -85,6 +85,7 @@ def atomic_save(obj: Any, path: str) -> str:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets a normal file's mode
         os.replace(tmp, path)
     except BaseException as exc:
         full = _disk_full(exc, directory)
@@ -97,6 +98,12 @@ def atomic_save(obj: Any, path: str) -> str:
         raise
     _fsync_dir(directory)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _disk_full(exc: BaseException, directory: str) -> bool:
