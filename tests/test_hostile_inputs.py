@@ -485,3 +485,27 @@ def test_unknown_model_options_are_rejected():
     assert TrainConfig(model="tiny", model_overrides={"n_channels": 8}).model_overrides == {"n_channels": 8}
     with pytest.raises(ValueError, match="grad_clip must be a finite number"):
         TrainConfig(grad_clip=float("nan"))
+
+
+# ---- finding 3: Triton loss gradient, float64 state and bf16 network output ------------------------
+
+
+@pytest.mark.skipif("triton" not in cf.backends(), reason="triton backend unavailable")
+@pytest.mark.parametrize("weighting", ["reweightedv2", "likelihood"])
+def test_triton_loss_gradient_float64_state_bf16_output(weighting, sde):
+    """Public API, triton against torch: the gradient reaches the bf16 output through float32."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(5, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    eps = torch.randn(5, 2, 18, generator=g, dtype=torch.float64)
+    u, noise = cf.perturb(x0, t, sde, eps=eps, backend="torch")
+    base = torch.randn(5, 2, 3, 3, generator=g).to(torch.bfloat16)
+    grads = {}
+    for backend in ("torch", "triton"):
+        out = base.clone().requires_grad_(True)
+        cf.hsm_loss(out, u, t, sde, noise, weighting=weighting, backend=backend).backward()
+        grads[backend] = out.grad
+    assert grads["triton"].dtype == torch.bfloat16
+    got, want = grads["triton"].double(), grads["torch"].double()
+    assert bool(torch.isfinite(got).all()) and float(got.abs().min()) > 0
+    assert torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())), (got - want).abs().max()
