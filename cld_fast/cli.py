@@ -322,7 +322,7 @@ def _sample(args) -> int:
             default_out = "samples"
             toy = None
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"cld-fast sample: error: {exc}", file=sys.stderr)
+        print(f"cld-fast sample: error: {_describe(exc)}", file=sys.stderr)
         return 2
 
     from .sampling import sampler_names
