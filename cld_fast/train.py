@@ -64,8 +64,8 @@ from .ema import ExponentialMovingAverage
 from .runlock import RunLock
 from .sde import CLD, VPSDE
 
-__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "build_sde", "build_network", "resolve_precision",
-           "load_for_sampling"]
+__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "build_sde", "build_network",
+           "resolve_precision", "load_for_sampling"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,17 +88,16 @@ class NonFiniteLossError(RuntimeError):
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived during training; a checkpoint of the step it ended on was written.
 
-    Attributes: ``signum``, ``step``, ``checkpoint`` (path, or None where the state was not finite),
-    ``exit_code`` (128 + signum: 130 for SIGINT, 143 for SIGTERM).
+    Attributes: ``signum``, ``step``, ``checkpoint`` (the path of the checkpoint of ``step``),
+    ``exit_code`` (128 + signum: 130 for SIGINT, 143 for SIGTERM). A non-finite state raises
+    :class:`NonFiniteLossError` instead, as at any checkpoint.
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
+    def __init__(self, signum: int, step: int, checkpoint: str):
         self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
         self.exit_code = 128 + self.signum
         name = signal.Signals(self.signum).name
-        where = (f"saved {checkpoint}; continue with --resume" if checkpoint
-                 else "no checkpoint was written (nothing new since the last one)")
-        super().__init__(f"interrupted by {name} at step {self.step}: {where}")
+        super().__init__(f"interrupted by {name} at step {self.step}: saved {checkpoint}; continue with --resume")
 
 
 @dataclass
