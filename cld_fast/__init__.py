@@ -24,6 +24,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "sample": "sampling",
     "SampleResult": "sampling",
+    "SamplingError": "sampling",
+    "NonFiniteSamplesError": "sampling",
+    "NFEBudgetError": "sampling",
     "score_fn": "score",
     "SSCSScheduler": "scheduler",
     "GDDIMScheduler": "scheduler",

@@ -19,14 +19,20 @@ folder holding only tensors and plain Python types, so it loads with
 The top-level ``model``/``ema``/``optimizer``/``step`` keys match the official CLD-SGM checkpoint
 layout, so ``cld_fast.models.load_official_checkpoint`` can read these files too.
 
+Loading refuses a checkpoint holding a NaN or inf in any floating tensor (weights, EMA, optimizer
+state), naming the first such tensor and the newest older checkpoint of the folder that is finite
+(or saying there is none): such a file can neither be sampled from nor resumed.
+
 Writes go to a temporary file in the same folder which is flushed, fsync'ed and then renamed over
 the target with ``os.replace`` (atomic on POSIX); a failure at any point removes the temporary file
 and leaves every earlier checkpoint untouched.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 from typing import Any, List, Mapping, Optional
 
@@ -35,7 +41,7 @@ import torch
 __all__ = [
     "FORMAT", "atomic_save", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
     "prune_checkpoints", "checkpoint_path", "resolve_resume", "clean_stale_temp", "CheckpointError",
-    "rng_state_tensors", "restore_rng_states",
+    "rng_state_tensors", "restore_rng_states", "nonfinite_tensors", "last_finite_checkpoint",
 ]
 
 FORMAT = "cld_fast.train/1"
@@ -79,15 +85,38 @@ def atomic_save(obj: Any, path: str) -> str:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets a normal file's mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full(exc, directory)
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from exc
         raise
     _fsync_dir(directory)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(exc: BaseException, directory: str) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC, or torch.save's bare RuntimeError ("unexpected
+    pos ...") with under 16 MiB left next to the half-written temporary file."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(exc, RuntimeError):
+        return False
+    try:
+        return shutil.disk_usage(directory).free < (16 << 20)
+    except OSError:
+        return False
 
 
 def list_checkpoints(directory: str) -> List[str]:
@@ -146,8 +175,57 @@ def clean_stale_temp(directory: str) -> List[str]:
     return removed
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load one of our checkpoints with ``torch.load(..., weights_only=True)``; clear errors otherwise."""
+def nonfinite_tensors(obj: Any, prefix: str = "", limit: int = 1) -> List[str]:
+    """Names (``model['net.0.weight']``, ``ema['shadow_params'][3]`` ...) of floating tensors in a nested
+    dict/list that hold NaN or inf; at most ``limit`` of them (depth-first, in insertion order)."""
+    found: List[str] = []
+
+    def walk(x, name):
+        if len(found) >= limit:
+            return
+        if isinstance(x, torch.Tensor):
+            if (x.is_floating_point() or x.is_complex()) and x.numel() and not bool(torch.isfinite(x).all()):
+                found.append(name)
+        elif isinstance(x, Mapping):
+            for k, v in x.items():
+                walk(v, f"{name}[{k!r}]" if name else str(k))
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{name}[{i}]")
+
+    walk(obj, prefix)
+    return found
+
+
+def _loads_finite(path: str) -> bool:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable counts as not good
+        return False
+    return isinstance(state, dict) and state.get("format") == FORMAT and not nonfinite_tensors(state)
+
+
+def last_finite_checkpoint(directory: str, before: Optional[str] = None) -> Optional[str]:
+    """The newest checkpoint of ``directory`` (older than ``before`` if given) that loads and is finite."""
+    found = list_checkpoints(directory)
+    if before is not None:
+        found = [p for p in found if _step_of(p) < _step_of(before)]
+    for p in reversed(found):
+        if _loads_finite(p):
+            return p
+    return None
+
+
+def _step_of(path: str) -> int:
+    m = _NAME.match(os.path.basename(path))
+    return int(m.group(1)) if m else 2**62
+
+
+def load_checkpoint(path: str, map_location="cpu", check_finite: bool = True) -> dict:
+    """Load one of our checkpoints with ``torch.load(..., weights_only=True)``; clear errors otherwise.
+
+    ``check_finite``: refuse (CheckpointError) a checkpoint with a NaN/inf tensor, naming it.
+    """
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
@@ -162,6 +240,14 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
             "official CLD-SGM checkpoints are loaded with cld_fast.models.load_official_checkpoint "
             "(`cld-fast sample --official ...`)"
         )
+    if check_finite:
+        bad = nonfinite_tensors(state)
+        if bad:
+            good = last_finite_checkpoint(os.path.dirname(os.path.abspath(path)), before=path)
+            hint = (f"the newest finite checkpoint before it is {good} (resume with --resume {good})" if good
+                    else "no earlier checkpoint in its folder is finite")
+            raise CheckpointError(f"checkpoint {path} holds NaN or inf in {bad[0]}; it cannot be sampled from or "
+                                  f"resumed ({hint})")
     return state
 
 

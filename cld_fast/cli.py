@@ -8,14 +8,20 @@
     cld-fast sample checkpoint_800000.pth --config cifar10 --steps 150 --n 64   # official CLD-SGM
     cld-fast info
     cld-fast selftest                                # every op of every backend against the reference
+
+Errors: a user error (bad flag value, missing or bad checkpoint, full disk, locked run folder, ...)
+ends in one line on stderr and exit status 2; the traceback is printed with ``--debug`` or
+``CLD_FAST_DEBUG=1``. SIGINT / SIGTERM during ``train`` save a checkpoint and exit 130 / 143.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import time
+import traceback
 
 EXAMPLES_TRAIN = """examples:
   cld-fast train                                  toy preset: 2-D Gaussian mixture (8 modes), CPU, ~2 min
@@ -81,6 +87,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--image-size", type=int, help="image-folder data: side of the square crops")
     g.add_argument("--no-flip", action="store_true", default=None, help="images: no random horizontal flips")
     g.add_argument("--dequantize", action="store_true", default=None, help="images: uniform dequantisation")
+    g.add_argument("--bad-images", choices=("fail", "skip"),
+                   help="image folders: every file is decoded before training; an unreadable one stops the run "
+                        "(fail, the default) or is left out with a warning (skip)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, help="steps between loss logs (the only host syncs)")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
@@ -158,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(sub)
     sub.add_parser("info", help="versions, backends available, compiled parts, GPU")
     _add_selftest_parser(sub)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or CLD_FAST_DEBUG=1)")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="print the traceback of an error (or CLD_FAST_DEBUG=1)")
     return parser
 
 
@@ -180,7 +193,7 @@ def _overrides(args) -> dict:
         "data_path": "data_path", "npz_key": "npz_key", "image_size": "image_size", "dequantize": "dequantize",
         "log_every": "log_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
         "sample_every": "sample_every", "sample_steps": "sample_steps", "eval_steps": "eval_steps",
-        "eval_samples": "eval_samples",
+        "eval_samples": "eval_samples", "bad_images": "bad_images",
     }
     out = {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
     if args.no_flip:
@@ -193,7 +206,7 @@ def _overrides(args) -> dict:
         opts = {}
         for item in args.model_opt:
             if "=" not in item:
-                raise SystemExit(f"cld-fast train: --model-opt expects KEY=VALUE, got {item!r}")
+                raise ValueError(f"--model-opt expects KEY=VALUE, got {item!r}")
             k, v = item.split("=", 1)
             opts[k.strip()] = _parse_value(v.strip())
         out["model_overrides"] = opts
@@ -202,12 +215,14 @@ def _overrides(args) -> dict:
 
 def _train(args) -> int:
     from . import distributed as dist_utils
-    from .checkpoint import CheckpointError, load_checkpoint, resolve_resume
+    from .checkpoint import load_checkpoint, resolve_resume
     from .config import TrainConfig, get_preset
-    from .data import DataError
     from .train import NonFiniteLossError, train
 
     out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_out_dir(out, "--out")
+    if args.device:
+        _check_device(args.device)
     overrides = _overrides(args)
     main = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -224,9 +239,6 @@ def _train(args) -> int:
     except NonFiniteLossError as exc:
         print(f"cld-fast train: {exc}", file=sys.stderr)
         return 1
-    except (DataError, CheckpointError, FileExistsError, ValueError) as exc:
-        print(f"cld-fast train: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         dist_utils.destroy()
     if main:
@@ -261,7 +273,15 @@ def _sample(args) -> int:
     from .sampling import sample
     from .score import score_fn
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1 (the number of samples), got {args.n}")
+    if args.name is not None and (not args.name.strip() or os.path.basename(args.name) != args.name
+                                  or args.name in (".", "..") or (os.altsep and os.altsep in args.name)):
+        raise ValueError(f"--name must be a plain file stem without folders (it is written inside --out), "
+                         f"got {args.name!r}")
+    if args.out:
+        _check_out_dir(args.out, "--out")
     src = args.checkpoint
     try:
         if os.path.isdir(src):
@@ -302,7 +322,7 @@ def _sample(args) -> int:
             default_out = "samples"
             toy = None
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"cld-fast sample: error: {exc}", file=sys.stderr)
+        print(f"cld-fast sample: error: {_describe(exc)}", file=sys.stderr)
         return 2
 
     from .sampling import sampler_names
@@ -312,7 +332,7 @@ def _sample(args) -> int:
               f"use one of {', '.join(sampler_names(sde))}", file=sys.stderr)
         return 2
     is_image = len(shape) == 3
-    n = args.n or (64 if is_image else 2000)
+    n = args.n if args.n is not None else (64 if is_image else 2000)
     autocast = None if args.precision == "fp32" else args.precision
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
@@ -384,9 +404,125 @@ def _selftest(args) -> int:
     return 0 if report.passed else 1
 
 
+# ------------------------------------------------------------------------------------------------
+# errors: one line on stderr, exit status 2
+# ------------------------------------------------------------------------------------------------
+def _check_device(name: str):
+    """``torch.device(name)`` for a device this machine has, else a ValueError naming ``--device``."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"--device {name}: unsupported device type {device.type!r}")
+    return device
+
+
+def _check_out_dir(path: str, flag: str) -> None:
+    """``path`` must be a folder (existing, or creatable) that this process can write into."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} exists and is not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(os.path.abspath(probe))
+        if parent == os.path.abspath(probe):
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag} {path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {probe} is not writable")
+
+
+def _disk_of(path: str) -> str:
+    """The mount point holding ``path`` (its nearest existing ancestor)."""
+    p = os.path.abspath(path or ".")
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    while not os.path.ismount(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an error: disk-full names the disk, OSErrors their file, newlines folded."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = exc.filename or ""
+        free = ""
+        try:
+            import shutil
+
+            free = f", {shutil.disk_usage(_disk_of(where)).free / 2**20:.0f} MiB free"
+        except OSError:
+            pass
+        msg = f"the disk is full: no space left on {_disk_of(where)}{free}"
+        return msg + (f" while writing {where}" if where else "")
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing entry {text}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _user_errors() -> tuple:
+    from .checkpoint import CheckpointError
+    from .runlock import RunLockedError
+    from .sampling import SamplingError
+
+    return (ValueError, TypeError, KeyError, OSError, CheckpointError, RunLockedError, SamplingError)
+
+
 def main(argv=None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 a check/training failure, 2 a user error,
+    130 / 143 training stopped by SIGINT / SIGTERM after saving a checkpoint)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("CLD_FAST_DEBUG", "").strip().lower() in (
+        "1", "true", "yes", "on")
+    prog = f"cld-fast {args.command}" if args.command else "cld-fast"
+    from .train import TrainingInterrupted
+
+    try:
+        _check_backend_env()
+        return _dispatch(parser, args)
+    except TrainingInterrupted as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, _user_errors()):
+            print(f"{prog}: error: {_describe(exc)}", file=sys.stderr)
+            return 2
+        print(f"{prog}: internal error: {type(exc).__name__}: {_describe(exc)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _check_backend_env() -> None:
+    from . import backends
+
+    try:
+        backends.forced()
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _dispatch(parser, args) -> int:
     if args.command == "info":
         from .build_info import info_lines
         from .info import main as info_main

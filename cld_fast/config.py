@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -55,6 +56,7 @@ class TrainConfig:
     random_flip: bool = True           # images: random horizontal flips
     dequantize: bool = False           # images: uniform dequantisation (x*255 + U(0,1)) / 256
     num_workers: int = 2               # image folders: DataLoader workers
+    bad_images: str = "fail"           # image folders: a file that does not decode: "fail" or "skip"
     # --- network ----------------------------------------------------------------------------
     model: Union[str, Dict[str, Any]] = "toy2d"     # a cld_fast.models preset or a config dict
     model_overrides: Dict[str, Any] = field(default_factory=dict)
@@ -96,12 +98,15 @@ class TrainConfig:
             if not cond:
                 raise ValueError(f"invalid training config: {msg}")
 
+        need(self.bad_images in ("fail", "skip"), f"bad_images must be 'fail' or 'skip', got {self.bad_images!r}")
         need(self.sde in SDES, f"sde must be one of {SDES}, got {self.sde!r}")
         need(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         need(0.0 < self.loss_eps < 1.0, f"loss_eps must be in (0, 1), got {self.loss_eps}")
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a finite number > 0, got {self.lr}")
+        need(isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip),
+             f"grad_clip must be a finite number (<= 0: off), got {self.grad_clip}")
         need(self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
         need(0.0 <= self.ema_decay <= 1.0, f"ema_decay must be in [0, 1], got {self.ema_decay}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -112,6 +117,18 @@ class TrainConfig:
         need(self.sample_method in SAMPLERS, f"sample_method must be one of {sampler_names()}, got {self.sample_method!r}")
         need(self.sample_steps >= 1 and self.eval_steps >= 1, "sample_steps and eval_steps must be >= 1")
         need(self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}")
+        need(isinstance(self.model_overrides, dict), "model_overrides must be a dict")
+        if self.model_overrides:
+            from .models.configs import model_option_names
+
+            base = self.model if isinstance(self.model, dict) else None
+            try:
+                known = model_option_names(base if base is not None else self.model)
+            except ValueError as exc:
+                raise ValueError(f"invalid training config: {exc}") from None
+            unknown = sorted(set(self.model_overrides) - known)
+            need(not unknown, f"unknown model option(s) {unknown} for model {self.model if base is None else 'dict'!r}; "
+                              f"known: {sorted(known)}")
         if self.sde == "vpsde":
             from .sde import VPSDE
 

@@ -34,7 +34,7 @@ import torch
 
 __all__ = [
     "DataError", "ToyData", "SwissRoll", "GaussianMixture", "make_toy", "load_cifar10", "load_npz",
-    "ImageFolder", "ResumableSampler", "DataSource", "build_data", "center", "uncenter", "IMAGE_EXTENSIONS",
+    "ImageFolder", "validate_images", "ResumableSampler", "DataSource", "build_data", "center", "uncenter", "IMAGE_EXTENSIONS",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -254,10 +254,60 @@ def load_npz(path: str, key: Optional[str] = None) -> Tuple[torch.Tensor, bool]:
     return t, False
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """Images under ``root`` (recursively) as uint8 (C, H, W) tensors, resized and centre-cropped to ``size``."""
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
-    def __init__(self, root: str, size: int, channels: int = 3):
+
+def _decode_error(fn: str) -> Optional[str]:
+    """None if ``fn`` decodes completely as an image, else why not (one line)."""
+    from PIL import Image
+
+    try:
+        with Image.open(fn) as im:
+            im.load()
+            if im.size[0] < 1 or im.size[1] < 1:
+                return f"empty image {im.size}"
+    except Exception as exc:  # noqa: BLE001 - any decoder failure makes the file unusable
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def validate_images(files: List[str], policy: str = "fail") -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Decode every file once (threads; PIL releases the GIL while decoding) before training starts.
+
+    ``policy``: ``"fail"`` raises a DataError naming the first bad file (and how many are bad);
+    ``"skip"`` drops the bad files with a warning. Returns (good files, [(bad file, why)]).
+    """
+    if policy not in BAD_IMAGE_POLICIES:
+        raise DataError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        errors = list(pool.map(_decode_error, files))
+    bad = [(f, e) for f, e in zip(files, errors) if e is not None]
+    good = [f for f, e in zip(files, errors) if e is None]
+    if bad and policy == "fail":
+        more = f" (and {len(bad) - 1} more bad file(s))" if len(bad) > 1 else ""
+        raise DataError(f"could not decode image {bad[0][0]!r}: {bad[0][1]}{more}; fix or remove it, or pass "
+                        "--bad-images skip to train without the unreadable files")
+    if bad:
+        import warnings
+
+        warnings.warn(f"skipping {len(bad)} unreadable image(s) of {len(files)}, first {bad[0][0]!r} "
+                      f"({bad[0][1]})", RuntimeWarning, stacklevel=3)
+    if not good:
+        raise DataError(f"none of the {len(files)} image file(s) could be decoded (first: {bad[0][0]!r}: {bad[0][1]})")
+    return good, bad
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images under ``root`` (recursively) as uint8 (C, H, W) tensors, resized and centre-cropped to ``size``.
+
+    Every file is decoded once when the folder is opened (``validate_images``), so a corrupt image
+    stops the run before training starts (``bad_images="fail"``, naming the file) or is left out
+    with a warning (``"skip"``); ``validate=False`` skips the check.
+    """
+
+    def __init__(self, root: str, size: int, channels: int = 3, bad_images: str = "fail", validate: bool = True):
         if root is None:
             raise DataError("folder data needs --data-path pointing at a folder of images")
         if not os.path.isdir(root):
@@ -272,6 +322,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
         self.files = sorted(files)
+        self.skipped: List[Tuple[str, str]] = []
+        if validate:
+            self.files, self.skipped = validate_images(self.files, bad_images)
         self.size = int(size)
         self.mode = {1: "L", 3: "RGB"}[channels]
         self.channels = channels
@@ -456,7 +509,7 @@ def build_data(config, device, rank: int = 0, world_size: int = 1) -> DataSource
         tensor, _ = load_npz(config.data_path, config.npz_key)
         is_image = tensor.dim() == 4
     elif config.data == "folder":
-        folder = ImageFolder(config.data_path, config.image_size)
+        folder = ImageFolder(config.data_path, config.image_size, bad_images=config.bad_images)
         sampler = ResumableSampler(len(folder), per_rank, rank, world_size, seed=config.seed)
         return DataSource(shape=(folder.channels, folder.size, folder.size), is_image=True, device=device,
                           batch_size=per_rank, folder=folder, sampler=sampler, random_flip=config.random_flip,

@@ -308,6 +308,10 @@ def _seed(seed, device):
     if isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1:
         if seed.device != torch.device(device) and not (seed.device.type == "cuda" == torch.device(device).type):
             raise ValueError(f"seed is on {seed.device} but the data is on {device}")
+        if checks.value_checks_enabled():  # a host read: off in the trainer and the samplers
+            value = int(seed.reshape(()).item())
+            if not 0 <= value < philox.SEED_BOUND:
+                raise ValueError(f"seed must be in [0, 2**62), got {value}")
         return seed.reshape(1)
     raise TypeError("seed must be None, an int in [0, 2**62), a torch.Generator or a (1,) int64 tensor")
 
@@ -445,6 +449,7 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
             or table.shape[0] < 1 or table.dtype not in (torch.float32, torch.float64):
         got = f"{tuple(table.shape)} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
         raise ValueError(f"table must be a (S >= 1, {GDDIM_COLS}) float tensor from CLD.gddim_table, got {got}")
+    checks.finite(table, "table")
     rows = table.shape[0]
     value = step
     if isinstance(step, torch.Tensor) and checks.value_checks_enabled() and step.numel() == 1 \

@@ -27,6 +27,29 @@ from .score import NetworkScore
 from .sde import CLD, GDDIM_PREDICTIONS, STRIDINGS, VPSDE, time_grid
 
 _DTYPES = (torch.float32, torch.float64)
+MAX_STEPS = 1_000_000  # far beyond any useful run; above it the per-step tables alone need gigabytes
+ODE_MAX_NFE = 10_000   # default score-evaluation budget of method="ode"
+
+
+class SamplingError(RuntimeError):
+    """A sampler could not produce usable samples (see the subclasses)."""
+
+
+class NonFiniteSamplesError(SamplingError):
+    """The final samples hold NaN or inf (checked once, after the loop). ``result``: the SampleResult."""
+
+    def __init__(self, message: str, result: "SampleResult"):
+        super().__init__(message)
+        self.result = result
+
+
+class NFEBudgetError(SamplingError):
+    """The ODE solver used up ``max_nfe`` score evaluations before reaching t = eps. ``t``: the forward
+    time it reached; ``nfe``: evaluations spent."""
+
+    def __init__(self, message: str, t: float, nfe: int):
+        super().__init__(message)
+        self.t, self.nfe = t, nfe
 
 
 @dataclass
@@ -75,6 +98,9 @@ def _check_steps(steps) -> int:
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (the number of score evaluations, denoising included), got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps = {steps} is more than cld_fast supports ({MAX_STEPS:,} score evaluations); "
+                         "a few hundred steps already match the reverse SDE closely")
     return steps
 
 
@@ -452,7 +478,7 @@ def _rms_norm(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def dopri5(f: Callable, y0: Sequence[torch.Tensor], t0: float, t1: float, rtol: float, atol: float,
-           on_accept: Optional[Callable] = None, max_steps: int = 100_000):
+           on_accept: Optional[Callable] = None, max_steps: int = 100_000, max_nfe: Optional[int] = None):
     """Integrate dy/dt = f(t, y) from t0 to t1 (either direction) with adaptive Dormand-Prince 5(4).
 
     ``y0`` is a list of tensors (the state may have several components, e.g. (u, log p)); ``f(t, y)``
@@ -462,6 +488,9 @@ def dopri5(f: Callable, y0: Sequence[torch.Tensor], t0: float, t1: float, rtol: 
     (safety 0.9, factors in [0.2, 10], no growth right after a rejection), first step by Hairer's
     rule (two evaluations). Everything stays on the device; the one host synchronisation per
     attempted step reads five numbers (accepted, last step, t, new t, next h) at once.
+
+    ``max_nfe``: raise :class:`NFEBudgetError` (naming the time reached) before an attempted step
+    would take the evaluations past it.
 
     Returns (y1, nfe, n_accepted, n_rejected).
     """
@@ -490,7 +519,11 @@ def dopri5(f: Callable, y0: Sequence[torch.Tensor], t0: float, t1: float, rtol: 
     nfe = 2
     n_acc = n_rej = 0
     prev_rejected = torch.zeros((), dtype=torch.bool, device=device)
+    t_host = float(t0)
     for _ in range(max_steps):
+        if max_nfe is not None and nfe + 6 > max_nfe:
+            raise NFEBudgetError(f"dopri5: max_nfe = {max_nfe} evaluations used up at t = {t_host:.6g} "
+                                 f"(integrating from t = {t0:g} to {t1:g})", t_host, nfe)
         remaining = (t_end - t).abs()
         last = h >= remaining
         hs = direction * torch.minimum(h, remaining)
@@ -515,6 +548,8 @@ def dopri5(f: Callable, y0: Sequence[torch.Tensor], t0: float, t1: float, rtol: 
         prev_rejected = ~accept
         # The one host synchronisation of the step: accept?, last step?, t before and after, next h.
         acc, was_last, t_old, t_host, h_host = torch.stack([accept.double(), last.double(), t, t_new, h]).tolist()
+        if not acc:
+            t_host = t_old
         if acc:
             y, k1, t = y_new, k7, t_new
             n_acc += 1
@@ -572,7 +607,13 @@ def _ode_loop(run: "SamplerRun") -> int:
             run.callback(i, t, y[0])
 
     f = _cld_pf_drift(sde, ev, run.backend) if isinstance(sde, CLD) else _vp_pf_drift(sde, ev)
-    (u_end,), _, n_acc, _ = dopri5(f, [u], 1.0, run.eps, run.rtol, run.atol, on_accept=on_accept)
+    try:
+        (u_end,), _, n_acc, _ = dopri5(f, [u], 1.0, run.eps, run.rtol, run.atol, on_accept=on_accept,
+                                       max_nfe=run.max_nfe - (1 if run.denoise else 0))
+    except NFEBudgetError as exc:  # restated with the caller's max_nfe (one evaluation is the denoising step's)
+        raise NFEBudgetError(f"ode: max_nfe = {run.max_nfe} score evaluations used up at t = {exc.t:.6g} (from t = 1 "
+                             f"to eps = {run.eps:g}); the score may be stiff or broken: raise max_nfe or loosen "
+                             "rtol / atol", exc.t, exc.nfe) from None
     run.u.copy_(u_end)
     if run.denoise:
         y = ev(u, torch.full((u.shape[0],), run.eps, dtype=u.dtype, device=u.device))
@@ -612,6 +653,7 @@ class SamplerRun:
     atol: float
     order: Optional[int] = None
     predict: Optional[str] = None
+    max_nfe: int = ODE_MAX_NFE
 
 
 @dataclass(frozen=True)
@@ -668,7 +710,8 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
            striding: Optional[str] = None, denoise: bool = True, generator: Optional[torch.Generator] = None, device=None,
            progress: bool = False, callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
            cuda_graph: bool = False, rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None,
-           order: Optional[int] = None, predict: Optional[str] = None) -> SampleResult:
+           order: Optional[int] = None, predict: Optional[str] = None,
+           max_nfe: Optional[int] = None) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
@@ -701,8 +744,14 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         backend: force a kernel backend (see ``cld_fast.backends``).
         order: "gddim" only: multistep order 1, 2 (default) or 3.
         predict: "gddim" only: "eps" (default; extrapolate eps_R) or "x0" (extrapolate E[x0 | u]).
+        max_nfe: "ode" only: the most score evaluations allowed (default ``ODE_MAX_NFE`` = 10000,
+            the denoising step included); past it :class:`NFEBudgetError` names the time reached.
     Returns:
         ``SampleResult(x, v, nfe, u)``.
+    Raises:
+        NonFiniteSamplesError: the final samples hold NaN or inf (a NaN score, a diverging state);
+            checked once after the loop (one host sync), the SampleResult is its ``result``.
+        NFEBudgetError: "ode" ran out of ``max_nfe``.
     """
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {sampler_names()}, got {method!r}")
@@ -732,6 +781,12 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(i, t, u)")
+    if max_nfe is not None:
+        if spec.fixed_steps:
+            raise ValueError(f"max_nfe= bounds the adaptive ODE solver (method='ode'); method={method!r} takes "
+                             "exactly `steps` score evaluations")
+        if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 8:
+            raise ValueError(f"max_nfe must be an int >= 8 (two to start, six per Dormand-Prince step), got {max_nfe!r}")
     if not spec.fixed_steps:
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
@@ -752,13 +807,22 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         bar = _progress(progress, steps if spec.fixed_steps else None, method)
         run = SamplerRun(sde=sde, ev=ev, u=u, steps=steps, eps=eps, striding=striding, denoise=denoise, seed=seed,
                          bar=bar, callback=callback, cuda_graph=cuda_graph, backend=backend, rtol=rtol, atol=atol,
-                         order=order, predict=predict)
+                         order=order, predict=predict, max_nfe=ODE_MAX_NFE if max_nfe is None else max_nfe)
         try:
             nfe = spec.loop(run)
         finally:
             if bar is not None:
                 bar.close()
-    return _result(run.u, sde, nfe)
+        result = _result(run.u, sde, nfe)
+        # The one check of the run (one host sync, after the loop): a NaN score, a diverging state
+        # or a kernel that poisoned an out-of-range step all end here instead of in silent NaN samples.
+        bad = int((~torch.isfinite(run.u)).sum())
+    if bad:
+        raise NonFiniteSamplesError(
+            f"{method}: {bad} of {run.u.numel()} values of the final state are NaN or inf after {nfe} score "
+            "evaluations; the score function returned NaN/inf or the state diverged (check the network or "
+            "checkpoint, eps and steps)", result)
+    return result
 
 
 def _result(u, sde, nfe) -> SampleResult:
@@ -768,5 +832,5 @@ def _result(u, sde, nfe) -> SampleResult:
     return SampleResult(x=u, v=None, nfe=int(nfe), u=u)
 
 
-__all__ = ["sample", "SampleResult", "SamplerRun", "SamplerSpec", "SAMPLERS", "register_sampler", "sampler_names",
+__all__ = ["sample", "SampleResult", "SamplingError", "NonFiniteSamplesError", "NFEBudgetError", "SamplerRun", "SamplerSpec", "SAMPLERS", "register_sampler", "sampler_names",
            "dopri5", "METHODS"]

@@ -27,6 +27,11 @@ not finite, and it is checked at every log and checkpoint point. A non-finite lo
 with :class:`NonFiniteLossError` naming the step and the last good checkpoint; no checkpoint is
 ever written from non-finite parameters.
 
+The run folder is locked (``cld_fast.runlock``: an OS ``flock`` on ``<run>/.lock``) from the
+start of the trainer to the end of ``run``: a second trainer on the same folder fails with the
+holder's PID. SIGINT / SIGTERM during ``run`` write a checkpoint at the next step boundary and raise
+:class:`TrainingInterrupted` (``cld-fast train`` then exits 130 / 143).
+
 Checkpoints hold the full state (network, EMA, optimizer, GradScaler, step, every rank's RNG
 states, the config as a plain dict) and a resumed run is bitwise identical to an uninterrupted
 one on CPU. Under ``torchrun`` the network is wrapped in DDP, each rank draws its own data, and
@@ -38,7 +43,9 @@ import contextlib
 import copy
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -54,10 +61,11 @@ from .checks import value_checks
 from .config import TrainConfig
 from .data import DataSource, build_data
 from .ema import ExponentialMovingAverage
+from .runlock import RunLock
 from .sde import CLD, VPSDE
 
-__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "build_sde", "build_network", "resolve_precision",
-           "load_for_sampling"]
+__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "build_sde", "build_network",
+           "resolve_precision", "load_for_sampling"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,6 +83,21 @@ class NonFiniteLossError(RuntimeError):
         if last_checkpoint is None:
             where = "No checkpoint had been written yet, and none was written from the bad state."
         super().__init__(f"training stopped: the loss became NaN or inf at step {step}{detail}. {where}")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived during training; a checkpoint of the step it ended on was written.
+
+    Attributes: ``signum``, ``step``, ``checkpoint`` (the path of the checkpoint of ``step``),
+    ``exit_code`` (128 + signum: 130 for SIGINT, 143 for SIGTERM). A non-finite state raises
+    :class:`NonFiniteLossError` instead, as at any checkpoint.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: str):
+        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
+        self.exit_code = 128 + self.signum
+        name = signal.Signals(self.signum).name
+        super().__init__(f"interrupted by {name} at step {self.step}: saved {checkpoint}; continue with --resume")
 
 
 @dataclass
@@ -221,10 +244,16 @@ class Trainer:
         self.verbose = verbose
         self.loss_fn = loss_fn or (self.cld_loss if config.sde == "cld" else self.vp_loss)
         self.t_start = time.time()
-        self._setup()
-        self._data()
-        self._network(model)
-        self._resume(resume)
+        self._lock = RunLock(self.run_dir)
+        self._stop_signal: Optional[int] = None
+        try:
+            self._setup()
+            self._data()
+            self._network(model)
+            self._resume(resume)
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- phase 1 ------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -236,6 +265,8 @@ class Trainer:
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.samples_dir = os.path.join(self.run_dir, "samples")
         if self.is_main:
+            # Held until run() ends (or close()): a second trainer on this folder fails here.
+            self._lock.acquire()
             os.makedirs(self.ckpt_dir, exist_ok=True)
             os.makedirs(self.samples_dir, exist_ok=True)
             ckpt.clean_stale_temp(self.ckpt_dir)
@@ -622,14 +653,18 @@ class Trainer:
         t_train = time.time()
         t_last, step_last = time.time(), self.step
         last_record: Dict[str, Any] = {}
+        previous_handlers = self._install_signal_handlers()
         try:
             while self.step < cfg.steps:
                 self.train_step()
                 if bar is not None:
                     bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                at_log = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                if at_log:
                     last_record = self._log(metrics, bar, t_last, step_last)
                     t_last, step_last = time.time(), self.step
+                if self._should_stop(at_log):
+                    self._stop(bar)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step != cfg.steps:
                     self.save_checkpoint()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != cfg.steps:
@@ -643,9 +678,55 @@ class Trainer:
                 bar = None
             return self._finish(metrics, last_record, train_time)
         finally:
+            self._restore_signal_handlers(previous_handlers)
             if bar is not None:
                 bar.close()
             metrics.close()
+            self._lock.release()
+
+    # -- SIGINT / SIGTERM: checkpoint at the next step boundary ------------------------------------
+    def _install_signal_handlers(self) -> Dict[int, Any]:
+        """Route SIGINT/SIGTERM to a flag read between steps (main thread only; a second SIGINT
+        interrupts at once)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: Dict[int, Any]) -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
+
+    def _should_stop(self, at_log: bool) -> bool:
+        """Whether a signal asked to stop. One rank: every step (a Python flag, no sync). DDP: only at
+        log points, where the ranks already meet, so they all stop at the same step."""
+        if self.world_size == 1:
+            return self._stop_signal is not None
+        if not at_log:
+            return False
+        flag = torch.tensor(float(self._stop_signal or 0), device=self.device)
+        got = int(dist_utils.all_reduce_max(flag).item())
+        if got and self._stop_signal is None:
+            self._stop_signal = got
+        return bool(got)
+
+    def _stop(self, bar) -> None:
+        """Checkpoint the current step and raise :class:`TrainingInterrupted`."""
+        if bar is not None:
+            bar.close()
+        path = self.last_checkpoint
+        if path != os.path.abspath(ckpt.checkpoint_path(self.ckpt_dir, self.step)):
+            path = self.save_checkpoint()
+        raise TrainingInterrupted(self._stop_signal, self.step, path)
 
     # -- phase 6 --------------------------------------------------------------------------------
     def _finish(self, metrics: "_JsonlWriter", last_record: Dict[str, Any], train_time: float) -> TrainResult:
@@ -714,7 +795,8 @@ class Trainer:
         result.extra["eval"] = record["eval"]
 
     def close(self) -> None:
-        """Tear down the process group if this trainer created it."""
+        """Release the run-folder lock; tear down the process group if this trainer created it."""
+        self._lock.release()
         if self.owns_process_group:
             dist_utils.destroy()
             self.owns_process_group = False
@@ -740,11 +822,19 @@ def load_for_sampling(path: str, use_ema: bool = True, device=None):
     sd = state["model"]
     shape = tuple(state["data_shape"]) if state.get("data_shape") else _data_shape_from_state(config, sd)
     net = build_network(config, shape)
-    net.load_state_dict(sd)
-    if use_ema:
-        ema = ExponentialMovingAverage(net.parameters())
-        ema.load_state_dict(state["ema"])
-        ema.copy_to(net)
+    if use_ema and not isinstance(state.get("ema"), dict):
+        raise ckpt.CheckpointError(f"{path} has no 'ema' entry; sample with the raw weights (--no-ema, use_ema=False)")
+    try:
+        net.load_state_dict(sd)
+        if use_ema:
+            ema = ExponentialMovingAverage(net.parameters())
+            ema.load_state_dict(state["ema"])
+            ema.copy_to(net)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ckpt.CheckpointError(f"{path} does not fit the network its config describes "
+                                   f"(model {config.model!r}): {detail[:300]}") from exc
     net = net.to(device or "cpu").eval()
     return net, build_sde(config), config, shape
 

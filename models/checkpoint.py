@@ -108,8 +108,9 @@ def load_official_checkpoint(path: Union[str, os.PathLike, Mapping[str, Any]], c
     Args:
         path: checkpoint file (read with ``torch.load(..., weights_only=True)``), or an already
             loaded checkpoint dict.
-        config: a preset name ('cifar10', 'celebahq256', 'toy2d', 'tiny') or a dict with the official
-            config keys (e.g. the contents of an official config file; non-model keys are ignored).
+        config: a preset name ('cifar10', 'celebahq256', 'toy2d', 'tiny'), a dict with the official
+            config keys (e.g. the contents of an official config file; non-model keys are ignored),
+            or the path of a JSON file holding such a dict (as ``cld-fast sample --config``).
         use_ema: copy the EMA ``shadow_params`` into the trainable parameters (in ``parameters()``
             order), as the official code does for sampling and evaluation. Requires an ``ema`` entry
             in an official-format checkpoint. A plain state_dict carries no EMA tensors and is
@@ -124,7 +125,8 @@ def load_official_checkpoint(path: Union[str, os.PathLike, Mapping[str, Any]], c
     Raises:
         ValueError: on any mismatch (missing keys, unexpected keys, wrong shapes, wrong number or
             shapes of EMA tensors, no EMA entry with ``use_ema=True``), listing the first offending
-            keys. Nothing is loaded partially.
+            keys, or for a weight (or EMA tensor in use) holding NaN or inf, naming it. Nothing is
+            loaded partially.
     """
     if isinstance(path, Mapping):
         ckpt = path
@@ -136,6 +138,11 @@ def load_official_checkpoint(path: Union[str, os.PathLike, Mapping[str, Any]], c
         raise ValueError("use_ema=True but the checkpoint has no 'ema' entry; pass use_ema=False to load the raw "
                          "weights")
 
+    for name, tensors in (("model", sd), ("ema shadow_params", shadow if use_ema else None)):
+        items = tensors.items() if isinstance(tensors, Mapping) else enumerate(tensors or ())
+        for k, v in items:
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                raise ValueError(f"checkpoint tensor {name}[{k!r}] holds NaN or inf; refusing to load it")
     model = build_model(resolve_config(config))
     _check_state_dict(model, sd)
     trainable = _check_ema(model, shadow) if (use_ema and shadow is not None) else None

@@ -19,6 +19,9 @@ Presets:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import os
 from typing import Any, Dict, Mapping, Union
 
 import torch.nn as nn
@@ -26,7 +29,7 @@ import torch.nn as nn
 from .mlp import MLP
 from .ncsnpp import NCSNpp, NCSNppConfig
 
-__all__ = ["PRESETS", "available_configs", "get_config", "resolve_config", "build_model"]
+__all__ = ["PRESETS", "available_configs", "get_config", "resolve_config", "build_model", "model_option_names"]
 
 _CIFAR10: Dict[str, Any] = {
     "name": "ncsnpp",
@@ -112,7 +115,18 @@ def get_config(name: str) -> Dict[str, Any]:
 
 
 def resolve_config(config: Union[str, Mapping[str, Any], NCSNppConfig]) -> Dict[str, Any]:
-    """A preset name, a dict with official keys, or an ``NCSNppConfig`` -> a plain config dict (copy)."""
+    """A preset name, a dict with official keys, the path of a JSON file holding such a dict, or an
+    ``NCSNppConfig`` -> a plain config dict (copy)."""
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and str(config).lower() not in PRESETS
+                                           and str(config).lower() not in _ALIASES and os.path.isfile(config)):
+        try:
+            with open(config) as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"config file {os.fspath(config)!r} is not readable JSON: {exc}") from exc
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"config file {os.fspath(config)!r} must hold a JSON object, got {type(loaded).__name__}")
+        return dict(loaded)
     if isinstance(config, str):
         return get_config(config)
     if isinstance(config, NCSNppConfig):
@@ -120,6 +134,17 @@ def resolve_config(config: Union[str, Mapping[str, Any], NCSNppConfig]) -> Dict[
     if isinstance(config, Mapping):
         return dict(config)
     raise TypeError(f"config must be a preset name, a dict or an NCSNppConfig, got {type(config).__name__}")
+
+
+def model_option_names(config: Union[str, Mapping[str, Any]]) -> set:
+    """The config keys the network that ``config`` names reads (anything else would be ignored)."""
+    cfg = resolve_config(config)
+    name = str(cfg.get("name", "ncsnpp")).lower()
+    if name == "mlp":
+        return {"name", "sde", "data_dim", "input_dim", "hidden_dim"}
+    if name == "ncsnpp":
+        return {f.name for f in dataclasses.fields(NCSNppConfig)}
+    raise ValueError(f"unknown model name {name!r} (expected 'ncsnpp' or 'mlp')")
 
 
 def build_model(config: Union[str, Mapping[str, Any], NCSNppConfig] = "cifar10") -> nn.Module:

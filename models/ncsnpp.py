@@ -158,6 +158,11 @@ class NCSNppConfig:
             raise ValueError("ch_mult must name at least one level")
         if self.n_channels < 4 or self.image_channels < 1 or self.n_resblocks < 0:
             raise ValueError("n_channels >= 4, image_channels >= 1, n_resblocks >= 0 required")
+        factor = 2 ** (len(self.ch_mult) - 1)  # the network halves the image at every level but the last
+        if self.image_size < 1 or self.image_size % factor:
+            raise ValueError(f"image_size {self.image_size} cannot run through {len(self.ch_mult)} resolution levels "
+                             f"(ch_mult {','.join(map(str, self.ch_mult))}): it must be a positive multiple of "
+                             f"{factor}")
         if self.resblock_type not in ("biggan", "ddpm"):
             raise NotImplementedError(f"ResnetBlock {self.resblock_type} is not implemented.")
         if self.progressive not in ("none", "output_skip", "residual"):
