@@ -4,7 +4,8 @@ The torch backend runs the ``reference`` functions of ``cld_fast.opdefs`` (float
 ``cld_fast.sde``); every other available backend must agree with it for the same inputs and noise:
 float32 states to 1e-5, float64 to 1e-12 (explicit noise), and in seed mode (in-kernel Philox) to
 float32 rounding of log/cos/sin. Layouts: contiguous, channels_last, sliced (strided), expanded
-(stride 0; not for in-place targets), odd D and D = 1. Backend-specific behaviour (tiling, Philox
+(stride 0; not for in-place targets), transposed 2-D data (B, D) with a column stride of B, odd D
+and D = 1. Backend-specific behaviour (tiling, Philox
 bits, compilation, capture) is tested in tests/test_ops_<backend>.py.
 """
 import pytest
@@ -14,7 +15,7 @@ import cld_fast as cf
 from cld_fast.sde import CLD
 
 SDE = CLD(beta0=3.0, beta1=5.0, m_inv=4.0, gamma=0.04, numerical_eps=1e-6)
-LAYOUTS = ["contiguous", "channels_last", "sliced", "expanded", "odd_d", "d1"]
+LAYOUTS = ["contiguous", "channels_last", "sliced", "expanded", "transposed", "odd_d", "d1"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 SEED_TOL = dict(rtol=1e-5, atol=2e-5)
 
@@ -45,6 +46,8 @@ def _data(layout, b, channels, gen, dtype, device, inplace=False):
     """A (B, channels, ...) tensor of ``layout`` (values from ``gen``)."""
     if layout == "d1":  # 2-D data (B, 1); its state is (B, 2)
         return torch.randn(b, channels, generator=gen, dtype=dtype).to(device)
+    if layout == "transposed":  # 2-D data (B, C) as the transpose of a (C, B) tensor: strides (1, B)
+        return torch.randn(channels, b, generator=gen, dtype=dtype).to(device).t()
     shape = (b, channels, 5, 3) if layout == "odd_d" else (b, channels, 4, 4)
     if layout == "sliced":
         return torch.randn(shape[:3] + (2 * shape[3],), generator=gen, dtype=dtype).to(device)[..., ::2]
