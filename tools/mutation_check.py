@@ -288,12 +288,24 @@ def run_mutant(m: Mutant, work: str, timeout: float) -> dict:
                 f.write(data)
 
 
-def _table(rows) -> str:
-    lines = ["| id | area | mutant | file | tests | result | s |", "|---|---|---|---|---|---|---|"]
-    for m, r in rows:
-        tests = " ".join(m.tests).replace("|", "\\|")
-        lines.append(f"| {m.id} | {m.area} | {m.why} | `{m.file}` | `{tests}` | {r['result']} | {r['seconds']:.0f} |")
-    return "\n".join(lines)
+def _row(m: Mutant, r: dict) -> str:
+    tests = " ".join(m.tests).replace("|", "\\|")
+    return f"| {m.id} | {m.area} | {m.why} | `{m.file}` | `{tests}` | {r['result']} | {r['seconds']:.0f} |"
+
+
+def _previous_rows(path: str) -> dict:
+    """id -> table line of an earlier results file (so a partial run, e.g. --only, updates its rows)."""
+    rows = {}
+    if path and os.path.exists(path):
+        for line in open(path).read().splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) > 2 and any(cells[1] == m.id for m in MUTANTS):
+                rows[cells[1]] = line
+    return rows
+
+
+def _table(lines) -> str:
+    return "\n".join(["| id | area | mutant | file | tests | result | s |", "|---|---|---|---|---|---|---|", *lines])
 
 
 def main(argv=None) -> int:
@@ -320,17 +332,19 @@ def main(argv=None) -> int:
             r = run_mutant(m, work, args.timeout)
             rows.append((m, r))
             print(f"{m.id:5s} {r['result']:12s} {r['seconds']:6.0f}s  {m.why}  [{r['detail']}]", flush=True)
-        if any(m.rebuild for m in chosen):
-            _build(work)  # leave nothing half-built behind in the copy (it is deleted anyway)
     killed = sum(r["result"] == "KILLED" for _, r in rows)
-    summary = f"{killed} of {len(rows)} mutants killed"
-    text = ("# Mutation check (tools/mutation_check.py)\n\n"
-            f"{summary}. Each mutant is planted alone in a temporary copy of the repository and its tests run "
-            "with `pytest -x`; KILLED means the tests failed, as they must.\n\n" + _table(rows) + "\n")
+    print(f"{killed} of {len(rows)} mutants killed in this run")
     if args.out:
+        lines = _previous_rows(args.out) if args.only or args.no_cpp else {}
+        lines.update({m.id: _row(m, r) for m, r in rows})
+        ordered = [lines[m.id] for m in MUTANTS if m.id in lines]
+        total = sum(" KILLED " in line for line in ordered)
+        text = ("# Mutation check (tools/mutation_check.py)\n\n"
+                f"{total} of {len(ordered)} mutants killed. Each mutant is planted alone in a temporary copy of the "
+                "repository and its tests run with `pytest -x`; KILLED means the tests failed, as they must. "
+                "s: seconds for that mutant (for a C++ mutant, including the rebuild of the extension with it).\n\n" + _table(ordered) + "\n")
         with open(args.out, "w") as f:
             f.write(text)
-    print(summary)
     return 0 if killed == len(rows) else 1
 
 
