@@ -160,3 +160,12 @@ def test_file_and_directory_are_fsynced_around_the_rename(tmp_path, monkeypatch)
     assert file_syncs and file_syncs[-1][1] == events[r][1], events  # the renamed file was fsynced before
     assert ("fsync-dir", os.stat(str(tmp_path)).st_ino) in events[r + 1:], events
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+
+@pytest.mark.parametrize("keep, left", [(3, [3, 4, 5]), (1, [5]), (0, [1, 2, 3, 4, 5])])
+def test_keep_last_n_checkpoints(tmp_path, keep, left):
+    d = str(tmp_path)
+    for step in range(1, 6):
+        ckpt.save_checkpoint(_state(step), d, step, keep=keep)
+    assert [int(os.path.basename(p)[5:12]) for p in ckpt.list_checkpoints(d)] == left
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(d))["step"] == 5

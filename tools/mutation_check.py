@@ -192,7 +192,7 @@ MUTANTS: List[Mutant] = [
     M("M35", "checkpoint", "cld_fast/checkpoint.py", "    _fsync_dir(directory)\n    return path",
       "    return path", [RESUME, "-k", "fsync"], "no directory fsync after the rename"),
     M("M36", "checkpoint", "cld_fast/checkpoint.py", "removed = found[:-keep] if len(found) > keep else []",
-      "removed = found[:-keep + 1] if len(found) > keep else []", ["tests/test_checkpoint.py"],
+      "removed = found[:-keep + 1] if len(found) > keep else []", [RESUME, "-k", "keep_last"],
       "keep-last-N prunes one too many"),
     M("M37", "checkpoint", "cld_fast/checkpoint.py", '        generator.set_state(states["generator"].cpu())',
       "        None  # mutant", ["tests/test_checkpoint.py", RESUME, "-k", "rng or dropout"],
