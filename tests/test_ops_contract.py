@@ -1,10 +1,12 @@
 """The op contract: every public op x backend x dtype x layout against the torch reference.
 
 The torch backend runs the ``reference`` functions of ``cld_fast.opdefs`` (float64 coefficients from
-``cld_fast.sde``); every other available backend must agree with it for the same inputs and noise:
+``cld_fast.sde``) on contiguous copies of the inputs; every available backend (the torch backend itself
+included, on the strided inputs) must agree with it for the same inputs and noise:
 float32 states to 1e-5, float64 to 1e-12 (explicit noise), and in seed mode (in-kernel Philox) to
 float32 rounding of log/cos/sin. Layouts: contiguous, channels_last, sliced (strided), expanded
-(stride 0; not for in-place targets), odd D and D = 1. Backend-specific behaviour (tiling, Philox
+(stride 0; not for in-place targets), transposed 2-D data (B, D) with a column stride of B, odd D
+and D = 1. Backend-specific behaviour (tiling, Philox
 bits, compilation, capture) is tested in tests/test_ops_<backend>.py.
 """
 import pytest
@@ -14,7 +16,7 @@ import cld_fast as cf
 from cld_fast.sde import CLD
 
 SDE = CLD(beta0=3.0, beta1=5.0, m_inv=4.0, gamma=0.04, numerical_eps=1e-6)
-LAYOUTS = ["contiguous", "channels_last", "sliced", "expanded", "odd_d", "d1"]
+LAYOUTS = ["contiguous", "channels_last", "sliced", "expanded", "transposed", "odd_d", "d1"]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 SEED_TOL = dict(rtol=1e-5, atol=2e-5)
 
@@ -28,7 +30,7 @@ def _device(backend):
 
 
 def _cases():
-    for backend in ("cpu", "triton", "cuda"):
+    for backend in ("torch", "cpu", "triton", "cuda"):
         for dtype in (torch.float32, torch.float64):
             for layout in LAYOUTS:
                 yield pytest.param(backend, dtype, layout, id=f"{backend}-{str(dtype)[6:]}-{layout}")
@@ -45,6 +47,8 @@ def _data(layout, b, channels, gen, dtype, device, inplace=False):
     """A (B, channels, ...) tensor of ``layout`` (values from ``gen``)."""
     if layout == "d1":  # 2-D data (B, 1); its state is (B, 2)
         return torch.randn(b, channels, generator=gen, dtype=dtype).to(device)
+    if layout == "transposed":  # 2-D data (B, C) as the transpose of a (C, B) tensor: strides (1, B)
+        return torch.randn(channels, b, generator=gen, dtype=dtype).to(device).t()
     shape = (b, channels, 5, 3) if layout == "odd_d" else (b, channels, 4, 4)
     if layout == "sliced":
         return torch.randn(shape[:3] + (2 * shape[3],), generator=gen, dtype=dtype).to(device)[..., ::2]
@@ -60,6 +64,11 @@ def _channels(layout):
 
 def _times(b, gen, device, dtype=torch.float32):
     return (torch.rand(b, generator=gen, dtype=torch.float64) * 0.98 + 0.01).to(device, dtype)
+
+
+def _c(x):
+    """A contiguous copy: the reference side never sees the layout under test."""
+    return x.contiguous().clone()
 
 
 def _close(got, want, dtype, seeded=False):
@@ -81,21 +90,22 @@ def test_perturb_and_loss(backend, dtype, layout):
     for objective in ("hsm", "dsm"):
         g1, g2 = torch.Generator(dev).manual_seed(3), torch.Generator(dev).manual_seed(3)
         u, noise = cf.perturb(x0, t, SDE, objective=objective, eps=eps, generator=g1, backend=backend)
-        u_ref, noise_ref = cf.perturb(x0, t, SDE, objective=objective, eps=eps, generator=g2, backend="torch")
+        u_ref, noise_ref = cf.perturb(_c(x0), t, SDE, objective=objective, eps=eps, generator=g2, backend="torch")
         _close(u, u_ref, dtype)
     u, noise = cf.perturb(x0, t, SDE, eps=eps, backend=backend)
-    u_ref, noise_ref = cf.perturb(x0, t, SDE, eps=eps, backend="torch")
+    u_ref, noise_ref = cf.perturb(_c(x0), t, SDE, eps=eps, backend="torch")
     for weighting in ("reweightedv2", "likelihood"):
         for reduction in ("none", "mean"):
-            o1 = out.detach().clone().requires_grad_(True)
-            o2 = out.detach().clone().requires_grad_(True)
+            o1 = out.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+            o2 = _c(out.detach()).requires_grad_(True)
             loss = cf.hsm_loss(o1, u, t, SDE, noise, weighting=weighting, reduction=reduction, backend=backend)
             ref = cf.hsm_loss(o2, u_ref, t, SDE, noise_ref, weighting=weighting, reduction=reduction, backend="torch")
             _close(loss, ref, dtype)
             loss.sum().backward()
             ref.sum().backward()
             _close(o1.grad, o2.grad, dtype)
-    _close(cf.mixed_score(out, u, t, SDE, backend=backend), cf.mixed_score(out, u_ref, t, SDE, backend="torch"), dtype)
+    _close(cf.mixed_score(out, u, t, SDE, backend=backend), cf.mixed_score(_c(out), _c(u_ref), t, SDE, backend="torch"),
+           dtype)
 
 
 @pytest.mark.parametrize("backend, dtype, layout", list(_cases()))
@@ -108,7 +118,7 @@ def test_perturb_and_loss_seed_mode(backend, dtype, layout):
     t = _times(b, gen, dev, torch.float64)
     seed = torch.tensor([987654321], dtype=torch.int64, device=dev)
     u, noise = cf.perturb(x0, t, SDE, seed=seed, backend=backend)
-    u_ref, noise_ref = cf.perturb(x0, t, SDE, seed=seed, backend="torch")
+    u_ref, noise_ref = cf.perturb(_c(x0), t, SDE, seed=seed, backend="torch")
     _close(u, u_ref, dtype, seeded=True)
     out = _data(layout, b, c, gen, dtype, dev)
     o1 = out.detach().clone().requires_grad_(True)
@@ -141,28 +151,28 @@ def test_sampler_steps(backend, dtype, layout):
     eps1 = torch.randn(b, d, generator=gen, dtype=dtype).to(dev)
 
     def both(fn):
-        a, r = u.clone(memory_format=torch.preserve_format), u.clone(memory_format=torch.preserve_format)
-        fn(a, backend)
-        fn(r, "torch")
+        a, r = u.clone(memory_format=torch.preserve_format), _c(u)
+        fn(a, backend, y)
+        fn(r, "torch", _c(y))
         _close(a, r, dtype)
 
     for step in (0, 2, 3):  # step 3 is the last step of the grid: no opening half step after it
-        both(lambda w, be: cf.half_step_(w, ts, SDE, step=step, eps=eps2, backend=be))
+        both(lambda w, be, yy: cf.half_step_(w, ts, SDE, step=step, eps=eps2, backend=be))
         for mixed in (False, True):
-            both(lambda w, be: cf.sscs_step_(w, y, ts, SDE, step=step, mixed=mixed, eps=eps4, backend=be))
-            both(lambda w, be: cf.em_step_(w, y, ts, SDE, step=step, mixed=mixed, eps=eps1, backend=be))
-            both(lambda w, be: cf.em_step_(w, y, ts, SDE, step=step, mixed=mixed, denoise=True, backend=be))
+            both(lambda w, be, yy: cf.sscs_step_(w, yy, ts, SDE, step=step, mixed=mixed, eps=eps4, backend=be))
+            both(lambda w, be, yy: cf.em_step_(w, yy, ts, SDE, step=step, mixed=mixed, eps=eps1, backend=be))
+            both(lambda w, be, yy: cf.em_step_(w, yy, ts, SDE, step=step, mixed=mixed, denoise=True, backend=be))
             t = ts[step:step + 1]
             _close(cf.pf_drift(u, y, t, SDE, mixed=mixed, backend=backend),
-                   cf.pf_drift(u, y, t, SDE, mixed=mixed, backend="torch"), dtype)
+                   cf.pf_drift(_c(u), _c(y), t, SDE, mixed=mixed, backend="torch"), dtype)
     step_t = torch.tensor([1], dtype=torch.int64, device=dev)
     seed = torch.tensor([5], dtype=torch.int64, device=dev)
-    for fn in (lambda w, be: cf.half_step_(w, ts, SDE, step=step_t, seed=seed, backend=be),
-               lambda w, be: cf.sscs_step_(w, y, ts, SDE, step=step_t, seed=seed, backend=be),
-               lambda w, be: cf.em_step_(w, y, ts, SDE, step=step_t, seed=seed, backend=be)):
-        a, r = u.clone(), u.clone()
-        fn(a, backend)
-        fn(r, "torch")
+    for fn in (lambda w, be, yy: cf.half_step_(w, ts, SDE, step=step_t, seed=seed, backend=be),
+               lambda w, be, yy: cf.sscs_step_(w, yy, ts, SDE, step=step_t, seed=seed, backend=be),
+               lambda w, be, yy: cf.em_step_(w, yy, ts, SDE, step=step_t, seed=seed, backend=be)):
+        a, r = u.clone(memory_format=torch.preserve_format), _c(u)
+        fn(a, backend, y)
+        fn(r, "torch", _c(y))
         _close(a, r, dtype, seeded=True)
 
 
@@ -176,12 +186,12 @@ def test_gddim_steps(backend, dtype, layout):
     ts = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.02], dtype=torch.float64)
     for order, predict in ((1, "eps"), (2, "x0"), (3, "eps"), (3, "x0")):
         table = SDE.gddim_table(ts, order, predict, mixed=True).to(dev)
-        a, r = u.clone(memory_format=torch.preserve_format), u.clone(memory_format=torch.preserve_format)
+        a, r = u.clone(memory_format=torch.preserve_format), _c(u)
         ha, hr = cf.gddim_history(a, order, predict), cf.gddim_history(r, order, predict)
         for step in range(table.shape[0]):
             yy = y * (1.0 + 0.1 * step)
             cf.gddim_step_(a, yy, ha, table, step=step, backend=backend)
-            cf.gddim_step_(r, yy, hr, table, step=step, backend="torch")
+            cf.gddim_step_(r, _c(yy), hr, table, step=step, backend="torch")
             _close(a, r, dtype)
             _close(ha, hr, dtype)
 

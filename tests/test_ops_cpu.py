@@ -203,7 +203,23 @@ def _threaded_results():
     OPS.perturb(out, None, t, sde, 0, None, seed, p)
     w = u.clone()
     OPS.sscs_step_(w, out, ts, _i64(0), sde, True, None, seed)
-    return res + [p, w]
+    res += [p, w]
+    # every other op, with explicit noise too (its grain is larger: 32768 elements per chunk)
+    eps2 = _randn(b, 2, d, seed=5)
+    p = torch.empty(b, 2, d)
+    OPS.perturb(out, None, t, sde, 0, eps2, None, p)
+    res.append(p)
+    res.append(OPS.hsm_loss_fwd(out, u, t, sde, 1, 0.25, 0, eps2[:, 1], None))
+    res.append(OPS.mixed_score(out, u, t, sde))
+    for noise in ((None, seed), (eps2, None)):
+        w = u.clone()
+        OPS.half_step_(w, ts, _i64(1), sde, *noise)
+        res.append(w)
+    for kind, noise in ((0, (None, seed)), (0, (eps2[:, 0], None)), (1, (None, None)), (2, (None, None))):
+        o = torch.empty(b, 2, d)
+        OPS.affine_step(u, out, ts, _i64(0), sde, kind, kind != 2, *noise, o)
+        res.append(o)
+    return res
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -362,6 +378,7 @@ def test_gddim_step_out_of_range_names_the_step_and_the_table(step):
 # ---- torch.compile and the op schemas ------------------------------------------------------------
 
 def _opcheck_cases():
+    torch.manual_seed(100)  # torch.rand below draws from the global RNG
     b, d = 3, 8
     u, out, y = _randn(b, 2, d, seed=1), _randn(b, d, seed=2), _randn(b, d, seed=3)
     t, sde, ts, seed, step = _times(b), _sde(), _ts(), _i64(SEED), _i64(1)

@@ -1,7 +1,9 @@
 """The public ops on the ``torch`` backend against independent float64 references.
 
 The references here are written from the SPEC formulas directly (Gaussian log-densities,
-unfused official-style SSCS/EM steps), not from the kernels' folded coefficients.
+unfused official-style SSCS/EM steps), not from the kernels' folded coefficients; the perturbation
+kernel's coefficients come from tests/cld_reference.py (textbook closed forms, torch.linalg Cholesky),
+never from ``cld_fast.sde``.
 """
 import math
 
@@ -12,8 +14,21 @@ import cld_fast as cf
 from cld_fast.sde import CLD
 from cld_fast.sde import kernel_params as sde_kernel_params
 
+import cld_reference as R
+
 B_ODD = [1, 3, 5]
 SHAPES = [(3, 7), (5, 3, 5, 3), (1, 1, 1), (2, 33)]
+
+
+def _ref_kernel(sde, t, objective="hsm"):
+    """The perturbation kernel's fields from the independent reference (float64, t's shape)."""
+    from types import SimpleNamespace
+
+    a = R.mean_matrix(sde, t.double())
+    s_xx, s_xv, s_vv = R.covariance(sde, t.double(), objective)
+    l11, l21, l22 = R.cholesky(s_xx, s_xv, s_vv)
+    return SimpleNamespace(a_xx=a[..., 0, 0], a_xv=a[..., 0, 1], a_vx=a[..., 1, 0], a_vv=a[..., 1, 1],
+                           s_xx=s_xx, s_xv=s_xv, s_vv=s_vv, l11=l11, l21=l21, l22=l22)
 
 
 def _times(b, g, dtype=torch.float64):
@@ -31,8 +46,8 @@ def test_perturb_explicit_noise_is_mean_plus_cholesky(shape, dtype, gen):
     u, noise = cf.perturb(x0, t, sde, eps=eps, backend="torch")
     assert u.shape == (shape[0], 2 * shape[1]) + shape[2:] and u.dtype == dtype
     # reference: mean from the SPEC closed form, covariance factor by a float64 Cholesky of Sigma
-    k = sde.perturbation_kernel(t.double(), "hsm")
-    g_, bb = sde.g, sde.beta_int(t.double())
+    k = _ref_kernel(sde, t.double())
+    g_, bb = R.consts(sde)[2], R.big_b(sde, t.double())
     c = torch.exp(-2 * g_ * bb)
     x0d = x0.double().reshape(b, d)
     mean_x = (c * (1 + 2 * g_ * bb))[:, None] * x0d
@@ -58,7 +73,7 @@ def test_perturb_moments_within_five_standard_errors(objective):
     t = torch.full((n,), 0.15, dtype=torch.float64)
     u, _ = cf.perturb(x0, t, sde, objective=objective, generator=g, backend="torch")
     x, v = u[:, :d].flatten(), u[:, d:].flatten()
-    k = sde.perturbation_kernel(t[:1], objective)
+    k = _ref_kernel(sde, t[:1], objective)
     s_xx, s_xv, s_vv = k.s_xx.item(), k.s_xv.item(), k.s_vv.item()
     if objective == "dsm":  # v0 ~ N(0, gamma M) drawn inside: add its contribution
         s0 = sde.gamma * sde.M
@@ -75,6 +90,7 @@ def test_perturb_moments_within_five_standard_errors(objective):
 
 
 def test_perturb_same_generator_seed_same_result():
+    torch.manual_seed(100)  # this test draws from the global RNG
     sde = CLD()
     x0 = torch.randn(3, 5)
     t = torch.tensor([0.1, 0.5, 1.0])
@@ -91,7 +107,7 @@ def test_hsm_target_is_the_true_conditional_score(gen):
     x0 = torch.randn(b, d, generator=gen, dtype=torch.float64)
     t = torch.tensor([1e-3, 0.05, 0.4, 1.0], dtype=torch.float64)
     u, noise = cf.perturb(x0, t, sde, generator=gen, backend="torch")
-    k = sde.perturbation_kernel(t, "hsm")
+    k = _ref_kernel(sde, t)
     mx = k.a_xx[:, None] * x0
     mv = k.a_vx[:, None] * x0
     x = u[:, :d].clone()
@@ -107,7 +123,7 @@ def test_hsm_target_is_the_true_conditional_score(gen):
 
 def _official_loss(out, u, t, sde, eps_v, weighting):
     """The loss as the official code states it, from the mixed score, in float64."""
-    k = sde.perturbation_kernel(t.double(), "hsm")
+    k = _ref_kernel(sde, t.double())
     b = u.shape[0]
     v = u.double().reshape(b, 2, -1)[:, 1]
     o = out.double().reshape(b, -1)
@@ -115,7 +131,7 @@ def _official_loss(out, u, t, sde, eps_v, weighting):
     if weighting == "reweightedv2":
         per = (o + v * (k.l22 / k.s_vv)[:, None] - eps_v.double()) ** 2
     else:
-        per = (score + eps_v.double() / k.l22[:, None]) ** 2 * (sde.beta(t.double()) * sde.Gamma)[:, None]
+        per = (score + eps_v.double() / k.l22[:, None]) ** 2 * (R.beta(sde, t.double()) * R.consts(sde)[1])[:, None]
     return per.sum(1)
 
 
@@ -172,7 +188,7 @@ def test_mixed_score_formula(gen):
     u = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
     out = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
     t = _times(3, gen)
-    k = sde.perturbation_kernel(t, "hsm")
+    k = _ref_kernel(sde, t)
     want = -u[:, 2:] / k.s_vv[:, None, None] - out / k.l22[:, None, None]
     torch.testing.assert_close(cf.mixed_score(out, u, t, sde, backend="torch"), want, rtol=1e-12, atol=1e-12)
 
@@ -273,6 +289,7 @@ def test_inplace_ops_handle_non_contiguous_state(gen):
 
 
 def test_value_checks_can_be_switched_off():
+    torch.manual_seed(101)  # this test draws from the global RNG
     sde = CLD()
     x0 = torch.randn(2, 3)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):

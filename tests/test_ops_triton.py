@@ -524,8 +524,10 @@ _TRACE_SCRIPT = textwrap.dedent(
         outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
         return lambda *a: [None if o is None else torch.zeros(o.meta["val"].shape, dtype=o.meta["val"].dtype)
                            for o in outs]
+    g = torch.Generator().manual_seed(0)
     torch.compile(f, backend=aot_autograd(fw_compiler=fw), fullgraph=True)(
-        torch.randn(B, D), torch.randn(B, D), torch.randn(B, D), torch.zeros(B, 2 * D), torch.tensor([1]))
+        torch.randn(B, D, generator=g), torch.randn(B, D, generator=g), torch.randn(B, D, generator=g),
+        torch.zeros(B, 2 * D), torch.tensor([1]))
     code = graphs[0].code
     print("KERNELS", code.count("triton_kernel_wrapper_functional("), "CUSTOM", code.count("cld_fast_triton"))
     """

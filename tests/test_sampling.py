@@ -13,6 +13,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 B = 4000
 SEEDS = (0, 1)
+# Quality bars, measured with the seeds above (torch 2.13 CPU, 1 thread; deterministic for fixed seeds):
+# energy distances sscs/50 -1.7e-5, 1.85e-4 (mean 8.4e-5); sscs/20 8.5e-5, -6e-6 (mean 4.0e-5);
+# em/20 0.01332, 0.01305 (mean 0.0132); ode -9.8e-5, 6.3e-5 (mean -1.8e-5), NFE 225, 219. Two fresh
+# data samples of B = 4000 give -1.2e-4 and 1.6e-4: SSCS and the ODE sit at that floor, so their bar
+# is ~1.5x the floor (2.5e-4, 8x tighter than the old 0.002) and a sampler bias above sampling noise
+# fails; the EM bar is 1.5x its measured mean so a 2x regression fails.
+ED_FLOOR_BAR = 2.5e-4
+EM20_BAR = 1.5 * 0.0132
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +51,21 @@ def quality(gm, sde, score):
 def test_sscs_50_steps_quality(quality):
     ed, nfes = quality[("sscs", 50)]
     assert nfes == [50, 50]
-    assert ed < 0.002, ed
+    assert ed < ED_FLOOR_BAR, ed
 
 
 def test_sscs_beats_em_at_20_steps(quality):
     sscs, _ = quality[("sscs", 20)]
     em, _ = quality[("em", 20)]
-    assert sscs * 2.0 <= em, (sscs, em)
+    assert sscs < ED_FLOOR_BAR, sscs
+    assert em < EM20_BAR, em
+    assert sscs * 10.0 <= em, (sscs, em)
 
 
 def test_ode_quality_and_nfe(quality):
     ed, nfes = quality[("ode", None)]
-    assert ed < 0.002, ed
-    assert all(20 < n < 2000 for n in nfes)
+    assert ed < ED_FLOOR_BAR, ed
+    assert all(150 < n < 340 for n in nfes), nfes  # measured 225, 219: 1.5x either way
 
 
 @pytest.mark.parametrize("method", ["sscs", "em", "ode"])
@@ -80,7 +90,26 @@ def test_vpsde_methods(gm, method):
     assert torch.equal(a.x, b.x) and a.v is None and a.u is a.x
     if method == "em":
         assert a.nfe == 100
-    assert energy_distance(a.x, gm.sample(2000, torch.Generator().manual_seed(4))) < 0.003
+    # measured 3.8e-5 (em) and 2.35e-4 (ode) at n = 2000 (data-vs-data floor ~2e-4): 3x the larger
+    assert energy_distance(a.x, gm.sample(2000, torch.Generator().manual_seed(4))) < 7e-4
+
+
+def _closed_form_grid(n, eps, striding):
+    """The documented time grids, index by index: linear in t, quadratic (steps shrinking linearly),
+    polynomial (uniform in t^(1/3))."""
+    if striding == "linear":
+        return [1 - (1 - eps) * i / n for i in range(n + 1)]
+    if striding == "quadratic":
+        return [1 - (1 - eps) * (1 - (1 - i / n) ** 2) for i in range(n + 1)]
+    assert striding == "polynomial", striding
+    return [(1 - (1 - eps ** (1 / 3)) * i / n) ** 3 for i in range(n + 1)]
+
+
+def test_default_striding_per_sampler():
+    from cld_fast.sampling import SAMPLERS
+
+    assert {m: SAMPLERS[m].default_striding for m in ("sscs", "em", "gddim")} == {
+        "sscs": "quadratic", "em": "linear", "gddim": "polynomial"}
 
 
 def test_steps_denoise_nfe_and_callback(score, sde):
@@ -100,7 +129,7 @@ def test_steps_denoise_nfe_and_callback(score, sde):
             assert res.nfe == 10 == len(counted) == len(calls)
             assert [i for i, _ in calls] == list(range(10))
             n = 9 if denoise else 10
-            grid = time_grid(n, 1e-3, SAMPLERS[method].default_striding).tolist()
+            grid = _closed_form_grid(n, 1e-3, SAMPLERS[method].default_striding)
             times = grid[:-1] + ([1e-3] if denoise else [])
             assert [t for _, t in calls] == pytest.approx(times)
             assert counted == pytest.approx(times, rel=1e-6)
@@ -125,17 +154,24 @@ def test_ode_nfe_counts_every_evaluation(score, sde):
 
 
 def test_quadratic_striding(score, sde):
+    """Quadratic striding in closed form: step i of n has size (1 - eps) (2 (n - i) - 1) / n^2, so the
+    steps shrink linearly towards the data and add up to 1 - eps."""
     n, eps = 6, 1e-3
-    s = torch.linspace(0, 1 - eps, n + 1, dtype=torch.float64)
-    expect = 1 - (1 - eps) * torch.flip(1 - (s / (1 - eps)) ** 2, dims=[0])
     got = time_grid(n, eps, "quadratic")
-    torch.testing.assert_close(got, expect, rtol=0, atol=1e-15)
-    assert got[0] == 1.0 and got[-1] == pytest.approx(eps)
     h = (got[:-1] - got[1:]).tolist()
-    assert all(h[i] > h[i + 1] for i in range(n - 1))  # denser towards the data
+    assert h == pytest.approx([(1 - eps) * (2 * (n - i) - 1) / n ** 2 for i in range(n)], rel=1e-13)
+    assert got[0] == 1.0 and got[-1] == pytest.approx(eps, rel=1e-13)
     calls = []
     cf.sample(score, (8, 2), sde, steps=n + 1, striding="quadratic", callback=lambda i, t, u: calls.append(t))
     assert calls == pytest.approx(got[:-1].tolist() + [eps])
+
+
+def test_linear_and_polynomial_striding_closed_forms():
+    n, eps = 5, 1e-3
+    lin = time_grid(n, eps, "linear").tolist()
+    assert lin == pytest.approx([1 - (1 - eps) * i / n for i in range(n + 1)], rel=1e-14)
+    poly = time_grid(n, eps, "polynomial").tolist()  # uniform in t^(1/3)
+    assert poly == pytest.approx([(1 - (1 - eps ** (1 / 3)) * i / n) ** 3 for i in range(n + 1)], rel=1e-12)
 
 
 def test_network_score_is_folded(sde, toy_score_net):

@@ -1,0 +1,352 @@
+#!/usr/bin/env python
+"""Plant known bugs one at a time and check that the targeted tests catch each of them.
+
+A small mutation check (issue 15), not a CI gate: every entry of ``MUTANTS`` names a file, an exact
+piece of its text, the text that replaces it and the tests that must then fail. The repository is
+copied once to a temporary folder (the built ``cld_fast/_C*.so`` included; the working tree is never
+touched), each mutant is planted in the copy, its tests run with ``python -m pytest -x``, and the
+file is restored. A C++ mutant (``rebuild=True``) rebuilds the extension in the copy first
+(``MAX_JOBS=2 python setup.py build_ext --inplace``, minutes) and puts the original library back
+afterwards. The kill table is printed and written as Markdown (``tools/mutation_results.md``).
+
+    python tools/mutation_check.py                 # every mutant
+    python tools/mutation_check.py --only S1 M12   # some of them
+    python tools/mutation_check.py --no-cpp        # skip the mutants that need a rebuild
+    python tools/mutation_check.py --list
+
+Keep the list growing: when a bug slips through, add it here with the test that now catches it.
+A mutant whose text is no longer found (the code moved on) is reported as STALE, not as killed.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import List, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(ROOT, "tools", "mutation_results.md")
+
+REF = "tests/test_reference_steps.py"
+BLOCKS = "tests/test_models_blocks.py"
+RESUME = "tests/test_resume_ema_checkpoint.py"
+
+
+@dataclass
+class Mutant:
+    id: str
+    area: str
+    file: str
+    old: str
+    new: str
+    tests: Sequence[str]
+    why: str
+    rebuild: bool = False
+    env: dict = field(default_factory=dict)
+
+
+M = Mutant
+MUTANTS: List[Mutant] = [
+    # ---- the ten survivors of the issue-15 audit ------------------------------------------------------
+    M("S1", "sampling/torch", "cld_fast/opdefs.py",
+      "closing = cld.half_step_coefficients(t0 - 0.5 * h, t0 - 0.5 * h - t1)",
+      "closing = cld.half_step_coefficients(t0, t0 - 0.5 * h - t1)",
+      [REF, "-k", "torch"], "SSCS closing half step starts at t instead of t - h/2 (torch backend)"),
+    M("S1t", "triton", "triton_kernels/coefficients.py",
+      "half_step_coefficients(tc, tc - t1, beta0, beta1, m_inv)",
+      "half_step_coefficients(t0, tc - t1, beta0, beta1, m_inv)",
+      [REF, "-k", "triton"], "SSCS closing half step starts at t (Triton kernel)"),
+    M("S1c", "C++ cpu", "csrc/include/cld_coefficients.h",
+      "return SscsTimes{t0, h, t_close, t_close - t1, t1, 0.5 * (t1 - t2)};",
+      "return SscsTimes{t0, h, t0, t_close - t1, t1, 0.5 * (t1 - t2)};",
+      [REF, "-k", "cpu"], "SSCS closing half step starts at t (C++ kernels)", rebuild=True),
+    M("S2", "sampling", "cld_fast/sampling.py",
+      "                _cld_denoise(plan, run.sde, run.u, y, run.ev.fold, run.backend)",
+      "                None  # mutant: no denoising step",
+      [REF], "final SSCS/EM denoising step is a no-op"),
+    M("S3", "sampling", "cld_fast/sampling.py",
+      "            ops.em_step_(u, y, grid, sde, step=0, mixed=ev.fold, denoise=True, backend=run.backend)",
+      "            None  # mutant: no denoising step",
+      [REF], "final ODE denoising step is a no-op"),
+    M("S4", "sde", "cld_fast/sde.py", "c_x = 1.0 + 0.5 * bh", "c_x = 1.0 - 0.5 * bh",
+      [REF, "-k", "vpsde"], "sign of the VP-SDE Euler-Maruyama drift"),
+    M("S5", "triton", "triton_kernels/perturb.py",
+      "x0_ptr + rows * s_x0b + cols * s_x0d,", "x0_ptr + rows * s_x0b + cols,",
+      ["tests/test_ops_contract.py", "-k", "triton and transposed and perturb"],
+      "Triton perturb kernel ignores the x0 column stride"),
+    M("S6", "models", "models/layers.py",
+      "            x = self.Conv_2(x) if self.conv_shortcut else self.NIN_0(x)\n        if not self.skip_rescale:\n"
+      "            return x + h\n        return (x + h) / _SQRT2",
+      "            x = self.Conv_2(x) if self.conv_shortcut else self.NIN_0(x)\n        if not self.skip_rescale:\n"
+      "            return x + h\n        return x + h",
+      [BLOCKS, "-k", "ddpm"], "DDPM res-block drops its 1/sqrt(2)"),
+    M("S7", "models", "models/ncsnpp.py", "pyramid = (pyramid + h) / sqrt2", "pyramid = pyramid + h",
+      [BLOCKS, "-k", "progressive"], "progressive='residual' drops its 1/sqrt(2)"),
+    M("S8", "ema", "cld_fast/ema.py", "return min(self.decay, (1.0 + n) / (10.0 + n))", "return (1.0 + n) / (10.0 + n)",
+      [RESUME, "-k", "ema"], "EMA warm-up without its min(decay, ...) cap"),
+    M("S9", "checkpoint", "cld_fast/checkpoint.py", '    torch.set_rng_state(states["torch_cpu"].cpu())',
+      "    None  # mutant: global CPU RNG not restored",
+      [RESUME, "-k", "dropout"], "resume does not restore the global CPU RNG"),
+    M("S10", "checkpoint", "cld_fast/checkpoint.py", "            os.fsync(f.fileno())\n", "            pass\n",
+      [RESUME, "-k", "fsync"], "no fsync of the file before the rename"),
+    # ---- core math (cld_fast/sde.py) -------------------------------------------------------------------
+    M("M1", "sde", "cld_fast/sde.py", "        a_vx = -c * b\n", "        a_vx = c * b\n",
+      ["tests/test_sde.py", "tests/test_ops_torch.py"], "sign of the mean matrix entry a_vx"),
+    M("M2", "sde", "cld_fast/sde.py", "s_vv = _q3(y) / (4.0 * g * g)", "s_vv = _q3(y) / (2.0 * g * g)",
+      ["tests/test_sde.py"], "s_vv scale"),
+    M("M3", "sde", "cld_fast/sde.py", "return self.beta0 * t + 0.5 * self.beta1 * t * t",
+      "return self.beta0 * t + self.beta1 * t * t", ["tests/test_sde.py"], "B(t) without the 1/2"),
+    M("M4", "sde", "cld_fast/sde.py", "w = self.beta(t).expand_as(c) * self.Gamma / (k.l22 * k.l22)",
+      "w = self.beta(t).expand_as(c) * self.Gamma / k.l22", ["tests/test_sde.py", "-k", "mixed_and_loss"],
+      "likelihood weighting divides by l22 once"),
+    M("M5", "sde", "cld_fast/sde.py", "torch.stack([-1.0 / k.s_vv, -1.0 / k.l22], dim=-1)",
+      "torch.stack([-1.0 / k.s_vv, -1.0 / k.l11], dim=-1)", ["tests/test_sde.py", "-k", "mixed_and_loss"],
+      "mixed score uses l11 for l22"),
+    M("M6", "sde", "cld_fast/sde.py", "alpha = 1.0 + e * self.m_inv", "alpha = 1.0 + e",
+      ["tests/test_sde.py", REF, "-k", "torch or score_and_affine"], "SSCS score step without m_inv"),
+    M("M7", "sde", "cld_fast/sde.py", "c_vv = 1.0 + G * mi * bh", "c_vv = 1.0 - G * mi * bh",
+      [REF, "-k", "em"], "sign of the friction term of the reverse EM step"),
+    M("M8", "sde", "cld_fast/sde.py", "            c_vy = -G * beta\n", "            c_vy = -2.0 * G * beta\n",
+      [REF, "-k", "pf_drift"], "probability-flow ODE with the SDE's 2 Gamma beta score weight"),
+    M("M9", "sde", "cld_fast/sde.py", 'sigma = torch.sqrt(2.0 * G * bh) if kind == "em"',
+      'sigma = torch.sqrt(G * bh) if kind == "em"', [REF, "-k", "em"], "EM noise scale"),
+    M("M10", "sde", "cld_fast/sde.py", "            c_s = -0.5 * beta\n", "            c_s = -beta\n",
+      [REF, "-k", "vpsde"], "VP-SDE probability-flow score weight"),
+    M("M11", "sde", "cld_fast/sde.py", "s = s_end * torch.flip(1.0 - (s / s_end) ** 2, dims=[0])",
+      "s = s_end * torch.flip(1.0 - (s / s_end) ** 3, dims=[0])",
+      ["tests/test_sampling.py", "-k", "striding"], "quadratic striding exponent"),
+    M("M12", "sde", "cld_fast/sde.py", "l11, l21, l22 = _cholesky2(s_xx, -s_xv, s_vv)",
+      "l11, l21, l22 = _cholesky2(s_xx, s_xv, s_vv)", [REF, "-k", "torch"], "half-step noise correlation sign"),
+    M("M13", "sde", "cld_fast/sde.py", "k_x, k_v, k_y = p_vx / q, p_vv / q, 1.0 / q",
+      "k_x, k_v, k_y = p_vx / q, p_vv / q, -1.0 / q", [REF, "-k", "gddim"], "Tweedie denoising score sign"),
+    M("M14", "sde", "cld_fast/sde.py", "u.narrow(1, shape[1], shape[1]).mul_(math.sqrt(self.M))",
+      "u.narrow(1, shape[1], shape[1]).mul_(self.M)", [REF, "-k", "sampler"], "prior velocity std M instead of sqrt(M)"),
+    M("M15", "sde", "cld_fast/sde.py",
+      "last[0:3] = self.tweedie_coefficients(ts[-1] if denoise_time is None else float(denoise_time), mixed)",
+      "last[0:3] = torch.tensor([1.0, 0.0, 0.0], dtype=f64)", [REF, "-k", "gddim"], "gDDIM denoising step is a no-op"),
+    # ---- the torch backend (cld_fast/opdefs.py) and the ops --------------------------------------------
+    M("M16", "ops/torch", "cld_fast/opdefs.py", "opening = cld.half_step_coefficients(t1, 0.5 * (t1 - t2))",
+      "opening = cld.half_step_coefficients(t1, t1 - t2)", [REF, "-k", "torch"], "SSCS opening half step a full step"),
+    M("M17", "losses", "cld_fast/opdefs.py", "r = out.to(acc) + cw[:, 0:1] * v - eps_v.to(acc)",
+      "r = out.to(acc) - cw[:, 0:1] * v - eps_v.to(acc)", ["tests/test_ops_torch.py", "-k", "loss"],
+      "HSM loss residual sign of the v term"),
+    M("M18", "losses", "cld_fast/opdefs.py", "return ((2.0 * (w * g)).unsqueeze(1) * r).to(out.dtype)",
+      "return ((w * g).unsqueeze(1) * r).to(out.dtype)", ["tests/test_ops_torch.py", "-k", "loss"],
+      "HSM loss gradient without the factor 2"),
+    M("M19", "losses", "cld_fast/ops.py", 'scale = 1.0 / b if reduction == "mean" else 1.0', "scale = 1.0",
+      ["tests/test_ops_torch.py", "-k", "loss"], "loss reduction 'mean' sums"),
+    M("M20", "ops/torch", "cld_fast/opdefs.py", "mv = mv + c[5] * ex + c[6] * ev", "mv = mv + c[6] * ev",
+      ["tests/test_ops_torch.py", "-k", "perturb"], "perturb drops the l21 eps_x term"),
+    # ---- Triton kernels -------------------------------------------------------------------------------
+    M("M21", "triton", "triton_kernels/hsm_loss.py", "(2.0 * (w * g)) * r, mask)", "(w * g) * r, mask)",
+      ["tests/test_ops_contract.py", "-k", "triton and perturb_and_loss and contiguous"],
+      "Triton HSM loss gradient without the factor 2"),
+    M("M22", "triton", "triton_kernels/coefficients.py", "    return -1.0 / s_vv, -1.0 / l22\n",
+      "    return -1.0 / s_vv, 1.0 / l22\n", ["tests/test_ops_contract.py", "-k", "triton and perturb_and_loss and contiguous"],
+      "Triton mixed-score coefficient sign"),
+    M("M23", "triton", "triton_kernels/coefficients.py",
+      "half_step_coefficients(t1, 0.5 * (t1 - t2), beta0, beta1, m_inv)",
+      "half_step_coefficients(t1, t1 - t2, beta0, beta1, m_inv)", [REF, "-k", "triton"],
+      "Triton SSCS opening half step a full step"),
+    # ---- C++ CPU kernels (rebuild) ---------------------------------------------------------------------
+    M("M24", "C++ cpu", "csrc/include/cld_coefficients.h",
+      "CLD_HD double beta_int(const Params& p, double t) { return p.beta0 * t + 0.5 * p.beta1 * t * t; }",
+      "CLD_HD double beta_int(const Params& p, double t) { return p.beta0 * t + p.beta1 * t * t; }",
+      [REF, "-k", "cpu"], "C++ B(t) without the 1/2 (invisible with beta1 = 0)", rebuild=True),
+    # ---- samplers ---------------------------------------------------------------------------------------
+    M("M25", "sampling", "cld_fast/sampling.py",
+      "self.opening = torch.tensor([t0, t0 - 0.5 * (t0 - t1)], dtype=torch.float64)",
+      "self.opening = torch.tensor([t0, t1], dtype=torch.float64)", [REF, "-k", "sscs_sampler"],
+      "SSCS first opening half step a full step"),
+    M("M26", "sampling", "cld_fast/sampling.py", "+ row[:, 2].view(shape) * z)", "+ 0.5 * row[:, 2].view(shape) * z)",
+      [REF, "-k", "vpsde"], "VP-SDE EM noise halved"),
+    M("M27", "sampling", "cld_fast/sampling.py", "    return row[0] * u + row[1] * s.to(u.dtype)\n", "    return u\n",
+      [REF, "-k", "vpsde"], "VP-SDE denoising step is a no-op"),
+    # ---- models -----------------------------------------------------------------------------------------
+    M("M28", "models", "models/layers.py", "return torch.cat([h, y], dim=1)", "return torch.cat([y, h], dim=1)",
+      [BLOCKS, "-k", "combine or input_skip"], "Combine 'cat' in the wrong order"),
+    M("M29", "models", "models/ncsnpp.py", "input_pyramid = (input_pyramid + h) / sqrt2",
+      "input_pyramid = input_pyramid + h", [BLOCKS, "-k", "input_residual"], "progressive_input='residual' drops 1/sqrt(2)"),
+    M("M30", "models", "models/ncsnpp.py", "pyramid = pyramid + pyramid_h", "pyramid = pyramid_h",
+      [BLOCKS, "-k", "output_skip"], "progressive='output_skip' forgets the upsampled pyramid"),
+    M("M31", "models", "models/layers.py", "return F.conv2d(x, self.W.t()[:, :, None, None], self.b)",
+      "return F.conv2d(x, self.W.t()[:, :, None, None])", [BLOCKS, "-k", "ddpm"], "NIN without its bias"),
+    M("M32", "models", "models/layers.py",
+      "        h = self.Conv_0(h)\n        if temb is not None:\n            h = h + self.Dense_0(self.act(temb))[:, :, None, None]\n"
+      "        h = self.act(self.GroupNorm_1(h))\n        h = self.Dropout_0(h)",
+      "        h = self.Conv_0(h)\n        if temb is not None:\n            h = h + self.Dense_0(temb)[:, :, None, None]\n"
+      "        h = self.act(self.GroupNorm_1(h))\n        h = self.Dropout_0(h)",
+      [BLOCKS, "-k", "ddpm"], "DDPM res-block time embedding without the activation"),
+    # ---- EMA ----------------------------------------------------------------------------------------------
+    M("M33", "ema", "cld_fast/ema.py", "torch._foreach_lerp_(self.shadow_params, params, 1.0 - decay)",
+      "torch._foreach_lerp_(self.shadow_params, params, decay)", [RESUME, "-k", "ema"], "EMA weight swapped"),
+    M("M34", "ema", "cld_fast/ema.py", "self.num_updates = None if n is None else int(n)",
+      "self.num_updates = None if n is None else 0", [RESUME, "-k", "ema"], "EMA state loses its update count"),
+    # ---- checkpoints and resume -------------------------------------------------------------------------
+    M("M35", "checkpoint", "cld_fast/checkpoint.py", "    _fsync_dir(directory)\n    return path",
+      "    return path", [RESUME, "-k", "fsync"], "no directory fsync after the rename"),
+    M("M36", "checkpoint", "cld_fast/checkpoint.py", "removed = found[:-keep] if len(found) > keep else []",
+      "removed = found[:-keep + 1] if len(found) > keep else []", [RESUME, "-k", "keep_last"],
+      "keep-last-N prunes one too many"),
+    M("M37", "checkpoint", "cld_fast/checkpoint.py", '        generator.set_state(states["generator"].cpu())',
+      "        None  # mutant", ["tests/test_checkpoint.py", RESUME, "-k", "rng or dropout"],
+      "resume does not restore the training generator"),
+    M("M38", "checkpoint", "cld_fast/checkpoint.py",
+      "            torch.save(obj, f)\n            f.flush()\n            os.fsync(f.fileno())\n        os.replace(tmp, path)\n",
+      "            torch.save(obj, f)\n            os.replace(tmp, path)\n            f.flush()\n            os.fsync(f.fileno())\n",
+      [RESUME, "-k", "crash or fsync"], "rename before the data are flushed and fsynced"),
+    # ---- trainer ------------------------------------------------------------------------------------------
+    M("M39", "train", "cld_fast/train.py", "        self.ema.update(self.params)\n", "",
+      ["tests/test_train.py", "-k", "resume"], "trainer never updates the EMA"),
+    M("M40", "train", "cld_fast/train.py",
+      '        self.ema.load_state_dict(state["ema"])\n', "",
+      ["tests/test_train.py", "-k", "resume"], "resume does not restore the EMA"),
+    M("M41", "train", "cld_fast/train.py", "        self.step = int(state[\"step\"])\n",
+      "        self.step = int(state[\"step\"]) + 1\n", ["tests/test_train.py", "-k", "resume"],
+      "resume off by one step"),
+    M("M42", "triton", "triton_kernels/perturb.py", "    mv = to_compute(a_vx, F64) * x0\n",
+      "    mv = -to_compute(a_vx, F64) * x0\n", ["tests/test_ops_contract.py", "-k", "triton and perturb_and_loss and contiguous"],
+      "Triton perturb mean sign of a_vx"),
+]
+
+
+def _copy_repo(dst: str) -> None:
+    ignore = shutil.ignore_patterns(".git", "build", "__pycache__", "*.egg-info", ".pytest_cache", "runs", "*.o")
+    shutil.copytree(ROOT, dst, ignore=ignore, symlinks=True)
+    # The editable install maps cld_fast.models / cld_fast.triton_kernels to the installed checkout;
+    # links inside the copy's package make Python import the copy's (mutated) sources instead.
+    for name in ("models", "triton_kernels"):
+        link = os.path.join(dst, "cld_fast", name)
+        if not os.path.exists(link):
+            os.symlink(os.path.join("..", name), link)
+
+
+def _env(work: str, extra: dict) -> dict:
+    env = dict(os.environ)
+    env.update({"PYTHONPATH": work, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+    env.update(extra)
+    return env
+
+
+def _check_copy_is_used(work: str) -> None:
+    code = ("import cld_fast, cld_fast.models, cld_fast.triton_kernels, cld_fast.opdefs as o;"
+            "print(cld_fast.__file__); print(cld_fast.models.__file__); print(cld_fast.triton_kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=work, env=_env(work, {}), capture_output=True, text=True)
+    paths = out.stdout.split()
+    if out.returncode != 0 or len(paths) != 3 or not all(os.path.realpath(p).startswith(os.path.realpath(work)) for p in paths):
+        raise SystemExit(f"the temporary copy is not what Python imports: {out.stdout} {out.stderr[-2000:]}")
+
+
+def _build(work: str) -> subprocess.CompletedProcess:
+    env = _env(work, {"MAX_JOBS": os.environ.get("MAX_JOBS", "2")})
+    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=work, env=env,
+                          capture_output=True, text=True)
+
+
+def run_mutant(m: Mutant, work: str, timeout: float) -> dict:
+    path = os.path.join(work, m.file)
+    with open(path) as f:
+        original = f.read()
+    count = original.count(m.old)
+    if count != 1:
+        return {"result": "STALE", "detail": f"old text found {count} times", "seconds": 0.0}
+    libs = {p: open(p, "rb").read() for p in glob.glob(os.path.join(work, "cld_fast", "_C*.so"))} if m.rebuild else {}
+    t0 = time.time()
+    try:
+        with open(path, "w") as f:
+            f.write(original.replace(m.old, m.new))
+        if m.rebuild:
+            b = _build(work)
+            if b.returncode != 0:
+                return {"result": "BUILD-FAILED", "detail": (b.stdout + b.stderr)[-300:], "seconds": time.time() - t0}
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests]
+        try:
+            p = subprocess.run(cmd, cwd=work, env=_env(work, m.env), capture_output=True, text=True, timeout=timeout)
+            rc, tail = p.returncode, (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
+        except subprocess.TimeoutExpired:
+            rc, tail = -1, ["timeout"]
+        if rc == 0:
+            result = "SURVIVED"
+        elif rc == 5:
+            result = "NO-TESTS"
+        elif rc == -1:
+            result = "TIMEOUT"
+        else:
+            result = "KILLED"
+        return {"result": result, "detail": tail[0][:160], "seconds": time.time() - t0}
+    finally:
+        with open(path, "w") as f:
+            f.write(original)
+        for lib, data in libs.items():
+            with open(lib, "wb") as f:
+                f.write(data)
+
+
+def _row(m: Mutant, r: dict) -> str:
+    tests = " ".join(m.tests).replace("|", "\\|")
+    return f"| {m.id} | {m.area} | {m.why} | `{m.file}` | `{tests}` | {r['result']} | {r['seconds']:.0f} |"
+
+
+def _previous_rows(path: str) -> dict:
+    """id -> table line of an earlier results file (so a partial run, e.g. --only, updates its rows)."""
+    rows = {}
+    if path and os.path.exists(path):
+        for line in open(path).read().splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) > 2 and any(cells[1] == m.id for m in MUTANTS):
+                rows[cells[1]] = line
+    return rows
+
+
+def _table(lines) -> str:
+    return "\n".join(["| id | area | mutant | file | tests | result | s |", "|---|---|---|---|---|---|---|", *lines])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="*", help="mutant ids to run (default: all)")
+    ap.add_argument("--no-cpp", action="store_true", help="skip the mutants that rebuild the C++ extension")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant's test run")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="Markdown file for the kill table")
+    args = ap.parse_args(argv)
+    chosen = [m for m in MUTANTS if (not args.only or m.id in args.only) and not (args.no_cpp and m.rebuild)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.id:5s} {m.area:14s} {m.file:34s} {m.why}")
+        return 0
+    if not glob.glob(os.path.join(ROOT, "cld_fast", "_C*.so")):
+        print("warning: no built cld_fast/_C*.so in the repository; cpu-backend tests will skip", file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cld_mutants_") as tmp:
+        work = os.path.join(tmp, "repo")
+        _copy_repo(work)
+        _check_copy_is_used(work)
+        for m in chosen:
+            r = run_mutant(m, work, args.timeout)
+            rows.append((m, r))
+            print(f"{m.id:5s} {r['result']:12s} {r['seconds']:6.0f}s  {m.why}  [{r['detail']}]", flush=True)
+    killed = sum(r["result"] == "KILLED" for _, r in rows)
+    print(f"{killed} of {len(rows)} mutants killed in this run")
+    if args.out:
+        lines = _previous_rows(args.out) if args.only or args.no_cpp else {}
+        lines.update({m.id: _row(m, r) for m, r in rows})
+        ordered = [lines[m.id] for m in MUTANTS if m.id in lines]
+        total = sum(" KILLED " in line for line in ordered)
+        text = ("# Mutation check (tools/mutation_check.py)\n\n"
+                f"{total} of {len(ordered)} mutants killed. Each mutant is planted alone in a temporary copy of the "
+                "repository and its tests run with `pytest -x`; KILLED means the tests failed, as they must. "
+                "s: seconds for that mutant (for a C++ mutant, including the rebuild of the extension with it).\n\n" + _table(ordered) + "\n")
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0 if killed == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
