@@ -6,7 +6,7 @@
 Conventions (the official CLD-SGM sampler's): ``steps`` is the number of score evaluations (NFE)
 including the optional final denoising step, so the SSCS / EM loop runs n = steps - 1 steps when
 ``denoise=True``. The grid comes from ``cld_fast.sde.time_grid`` (forward time t from 1 down to eps,
-linear or quadratic striding). All coefficients come from ``cld_fast.sde``; the loops only drive the
+linear or quadratic striding), or is the caller's ``timesteps``; ``u=`` starts from a given state. All coefficients come from ``cld_fast.sde``; the loops only drive the
 fused ops of ``cld_fast.ops`` with per-step tables, a (1,) int64 device step counter read in-kernel
 and one Philox seed per run, so an SSCS or EM loop launches one fused kernel per network evaluation
 and never synchronises with the host. The ODE solver (adaptive Dormand-Prince 5(4), written here)
@@ -658,8 +658,10 @@ def _ode_loop(run: "SamplerRun") -> int:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class SamplerRun:
-    """Everything a registered sampler loop gets. ``u`` is the state drawn from the prior at t = 1
-    (B, 2C, ...) (VP-SDE: (B, C, ...)); the loop advances it in place to t = eps and returns the
+    """Everything a registered sampler loop gets. ``u`` is the state at t = ``t_start`` (the prior draw
+    at t = 1, or the caller's ``u``) (B, 2C, ...) (VP-SDE: (B, C, ...)); fixed-step loops take their
+    grid from ``timesteps`` when set (``_FixedPlan(..., ts=run.timesteps)``), else from ``steps``,
+    ``eps`` and ``striding``. The loop advances u in place to t = eps and returns the
     number of score evaluations. ``ev(u, t)`` evaluates the checked score (the raw network output
     when ``ev.fold``: pass ``mixed=ev.fold`` to the fused step ops)."""
 
@@ -694,22 +696,27 @@ class SamplerSpec:
     summary: str
     default_striding: str = "linear"
     options: tuple = ()
+    custom_grid: bool = False
 
 
 SAMPLERS: dict = {}
 
 
 def register_sampler(name: str, loop: Callable[[SamplerRun], int], sdes=(CLD,), fixed_steps: bool = True,
-                     summary: str = "", default_striding: str = "linear", options=()) -> SamplerSpec:
+                     summary: str = "", default_striding: str = "linear", options=(),
+                     custom_grid: bool = False) -> SamplerSpec:
     """Register ``loop`` as ``cf.sample(method=name)`` (also offered by the config and the CLI).
 
     ``default_striding``: the time grid when the caller passes none; ``options``: the names of the
-    sampler-specific ``cf.sample`` arguments it reads from ``SamplerRun`` (e.g. "order", "predict").
+    sampler-specific ``cf.sample`` arguments it reads from ``SamplerRun`` (e.g. "order", "predict");
+    ``custom_grid``: the loop honours ``SamplerRun.timesteps`` / ``t_start`` (else ``cf.sample``
+    refuses ``timesteps=`` for it rather than ignore the grid).
     """
     if name in SAMPLERS:
         raise ValueError(f"a sampler named {name!r} is already registered")
     _check_striding(default_striding)
-    spec = SamplerSpec(name, loop, tuple(sdes), bool(fixed_steps), summary, default_striding, tuple(options))
+    spec = SamplerSpec(name, loop, tuple(sdes), bool(fixed_steps), summary, default_striding, tuple(options),
+                       bool(custom_grid))
     SAMPLERS[name] = spec
     return spec
 
@@ -719,13 +726,14 @@ def sampler_names(sde=None) -> tuple:
     return tuple(n for n, s in SAMPLERS.items() if sde is None or isinstance(sde, s.sdes))
 
 
-register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,), default_striding="quadratic",
+register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,), default_striding="quadratic", custom_grid=True,
                  summary="symmetric splitting CLD sampler: exact linear half steps around a score Euler step")
-register_sampler("em", _fixed_step_loop(_run_cld_em), sdes=(CLD, VPSDE),
+register_sampler("em", _fixed_step_loop(_run_cld_em), sdes=(CLD, VPSDE), custom_grid=True,
                  summary="Euler-Maruyama on the reverse SDE")
-register_sampler("ode", _ode_loop, sdes=(CLD, VPSDE), fixed_steps=False,
+register_sampler("ode", _ode_loop, sdes=(CLD, VPSDE), fixed_steps=False, custom_grid=True,
                  summary="probability-flow ODE, adaptive Dormand-Prince 5(4)")
 register_sampler("gddim", _gddim_loop, sdes=(CLD,), default_striding="polynomial", options=("order", "predict"),
+                 custom_grid=True,
                  summary="deterministic exponential-integrator multistep in the R frame (gDDIM), order 1-3")
 METHODS = sampler_names()
 
@@ -756,6 +764,8 @@ def _check_grid(timesteps, steps, eps, striding, denoise, spec: SamplerSpec, has
     if timesteps is None:
         steps = DEFAULT_STEPS if steps is None else _check_steps(steps)
         return None, steps, DEFAULT_EPS if eps is None else _check_eps(eps)
+    if not spec.custom_grid:
+        raise ValueError(f"method={spec.name!r} does not take a custom grid (registered without custom_grid=True)")
     ts = _check_timesteps(timesteps)
     if not has_u and float(ts[0]) != 1.0:
         raise ValueError(f"timesteps must start at 1 (the prior's time) unless u= gives the state at "

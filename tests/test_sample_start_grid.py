@@ -182,3 +182,19 @@ def test_raw_module_is_rejected_with_a_hint(sde, toy_score_net):
         cf.likelihood(model, torch.zeros(SHAPE), sde)
     res = cf.sample(cf.score_fn(model, sde), SHAPE, sde, steps=3, generator=_gen(0))  # the wrapped network runs
     assert res.x.shape == SHAPE
+
+
+def test_a_registered_sampler_without_custom_grid_refuses_timesteps(sde, score):
+    from cld_fast.sampling import SAMPLERS, register_sampler
+
+    def loop(run):  # a fixed-step loop that knows nothing of run.timesteps
+        return run.steps
+
+    register_sampler("_no_grid", loop, sdes=(cf.CLD,))
+    try:
+        assert cf.sample(score, SHAPE, sde, steps=3, method="_no_grid").nfe == 3
+        with pytest.raises(ValueError, match="does not take a custom grid"):
+            cf.sample(score, SHAPE, sde, method="_no_grid", timesteps=[1.0, 0.5, 0.1])
+    finally:
+        del SAMPLERS["_no_grid"]
+    assert all(SAMPLERS[m].custom_grid for m in ("sscs", "em", "gddim", "ode"))
