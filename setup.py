@@ -426,8 +426,11 @@ if __name__ == "__main__":  # setuptools (pip's build backend too) runs this fil
         python_requires=">=3.9",
         install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
         extras_require={
-            "test": ["pytest", "scipy", "mpmath", "matplotlib", "triton>=3.6"],
+            # diffusers in "test": it installs from PyPI in ~13 s with its deps, so CI runs the
+            # diffusers scheduler tests (tests/test_diffusers_scheduler.py skips without it).
+            "test": ["pytest", "scipy", "mpmath", "matplotlib", "triton>=3.6", "diffusers>=0.42"],
             "triton": ["triton"],
+            "diffusers": ["diffusers>=0.42"],
             "bench": ["matplotlib", "pytest-benchmark"],
         },
         entry_points={"console_scripts": ["cld-fast=cld_fast.cli:main"]},

@@ -32,12 +32,22 @@ _LAZY = {
     "GDDIMScheduler": "scheduler",
     "likelihood": "nll",
 }
+# Names that need an optional dependency (diffusers): lazy too, and kept out of __all__ so that
+# `from cld_fast import *` works without it.
+_LAZY_OPTIONAL = {
+    "CLDSSCSScheduler": "diffusers_scheduler",
+    "CLDEMScheduler": "diffusers_scheduler",
+}
+# Submodules offered as attributes before their first import (cf.kdiffusion.sample_sscs).
+_LAZY_MODULES = ("kdiffusion",)
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+    if name in _LAZY or name in _LAZY_OPTIONAL:
+        module = importlib.import_module(f".{_LAZY.get(name) or _LAZY_OPTIONAL[name]}", __name__)
         return getattr(module, name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cld_fast' has no attribute {name!r}")
 
 

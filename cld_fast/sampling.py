@@ -6,7 +6,7 @@
 Conventions (the official CLD-SGM sampler's): ``steps`` is the number of score evaluations (NFE)
 including the optional final denoising step, so the SSCS / EM loop runs n = steps - 1 steps when
 ``denoise=True``. The grid comes from ``cld_fast.sde.time_grid`` (forward time t from 1 down to eps,
-linear or quadratic striding). All coefficients come from ``cld_fast.sde``; the loops only drive the
+linear or quadratic striding), or is the caller's ``timesteps``; ``u=`` starts from a given state. All coefficients come from ``cld_fast.sde``; the loops only drive the
 fused ops of ``cld_fast.ops`` with per-step tables, a (1,) int64 device step counter read in-kernel
 and one Philox seed per run, so an SSCS or EM loop launches one fused kernel per network evaluation
 and never synchronises with the host. The ODE solver (adaptive Dormand-Prince 5(4), written here)
@@ -15,6 +15,7 @@ attempted step: the accept/reject decision (one host synchronisation per attempt
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -124,9 +125,68 @@ def _check_generator(generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def _default_device(score_fn, generator, device) -> torch.device:
+def _check_score_callable(score_fn):
+    if isinstance(score_fn, torch.nn.Module):
+        raise TypeError(f"score_fn is a raw network ({type(score_fn).__name__}): its output is not a score. Wrap it "
+                        "with cf.score_fn(model, sde) (mixed-score output, the official convention) or "
+                        "cf.score_fn(model, sde, mixed=False) (the network outputs grad_v log p_t(u) itself)")
+    if not callable(score_fn):
+        raise TypeError(f"score_fn must be callable as score_fn(u, t), got {type(score_fn).__name__}")
+
+
+def _check_timesteps(timesteps) -> torch.Tensor:
+    """A custom grid of forward times -> (n + 1,) float64 CPU tensor, strictly decreasing, in (0, 1]."""
+    if isinstance(timesteps, torch.Tensor):
+        if not (timesteps.is_floating_point() or timesteps.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"timesteps must be a real tensor of forward times, got dtype {timesteps.dtype}")
+        ts = timesteps.detach().to("cpu", torch.float64)
+    elif isinstance(timesteps, (list, tuple)):
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in timesteps):
+            raise TypeError("timesteps must be a 1-D tensor or a list of floats (forward times)")
+        ts = torch.tensor([float(t) for t in timesteps], dtype=torch.float64)
+    else:
+        raise TypeError(f"timesteps must be a 1-D tensor or a list of floats, got {type(timesteps).__name__}")
+    if ts.dim() != 1 or ts.numel() < 2:
+        raise ValueError(f"timesteps must be 1-D with at least 2 forward times (start, ..., end), got shape "
+                         f"{tuple(ts.shape)}")
+    if not bool(torch.isfinite(ts).all()) or not bool(((ts > 0) & (ts <= 1)).all()):
+        raise ValueError(f"timesteps must lie in (0, 1] (forward times, t = 0 is data), got {ts.tolist()}")
+    if not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"timesteps must be strictly decreasing (from noise towards data), got {ts.tolist()}")
+    return ts
+
+
+def _callback_style(callback) -> Optional[str]:
+    """"args" for callback(i, t, u), "dict" for a k-diffusion-style callback(info), None for no callback."""
+    if callback is None:
+        return None
+    if not callable(callback):
+        raise TypeError("callback must be callable as callback(i, t, u) or callback(info) (a dict)")
+    try:
+        sig = inspect.signature(callback)
+    except (TypeError, ValueError):  # builtins without a signature: the positional form
+        return "args"
+    for style, args in (("args", (0, 1.0, None)), ("dict", ({},))):
+        try:
+            sig.bind(*args)
+            return style
+        except TypeError:
+            pass
+    raise TypeError(f"callback must accept (i, t, u) or one dict argument, got signature {sig}")
+
+
+def _dict_callback(callback):
+    def call(i, t, u):
+        callback({"x": u, "i": i, "t": t})
+
+    return call
+
+
+def _default_device(score_fn, generator, device, u=None) -> torch.device:
     if device is not None:
         return torch.device(device)
+    if u is not None:
+        return u.device
     if isinstance(score_fn, NetworkScore) and isinstance(score_fn.model, torch.nn.Module):
         for p in score_fn.model.parameters():
             return p.device
@@ -161,8 +221,7 @@ class _Evaluator:
     """
 
     def __init__(self, score_fn, sde, x_shape, fold_ok: bool = True):
-        if not callable(score_fn):
-            raise TypeError(f"score_fn must be callable as score_fn(u, t), got {type(score_fn).__name__}")
+        _check_score_callable(score_fn)
         self.fold = bool(fold_ok and isinstance(score_fn, NetworkScore) and score_fn.mixed
                          and isinstance(sde, CLD) and score_fn.sde == sde)
         self.fn = score_fn.raw if self.fold else score_fn
@@ -198,9 +257,13 @@ class _FixedPlan:
     opening: (2,) device grid of the SSCS opening half step (ts[0] -> ts[0] - h_0 / 2).
     denoise_grid: (2,) device grid (eps, 0) of the final noise-free step at t = eps of size eps.
     VP-SDE runs keep a (n, 3) table of ``VPSDE.reverse_coefficients`` (plain torch ops).
+    ``ts``: a custom grid (checked by ``_check_timesteps``) instead of ``time_grid``; it fixes
+    n = len(ts) - 1, eps = ts[-1] and steps = n (+ 1 when denoising).
     """
 
-    def __init__(self, sde, steps, eps, striding, denoise, device, dtype):
+    def __init__(self, sde, steps, eps, striding, denoise, device, dtype, ts: Optional[torch.Tensor] = None):
+        if ts is not None:
+            steps, eps = ts.numel() - 1 + int(denoise), float(ts[-1])
         self.steps = steps
         self.eps = eps
         self.denoise = denoise
@@ -208,7 +271,10 @@ class _FixedPlan:
         self.device = torch.device(device)
         self.dtype = dtype
         n = self.n
-        self.ts = time_grid(n, eps, striding) if n >= 1 else torch.tensor([1.0], dtype=torch.float64)
+        if ts is not None:
+            self.ts = ts.clone()
+        else:
+            self.ts = time_grid(n, eps, striding) if n >= 1 else torch.tensor([1.0], dtype=torch.float64)
         self.times: List[float] = self.ts[:-1].tolist() + ([eps] if denoise else [])
         self.grid = self.ts.to(self.device)
         self.t_net = self.grid.to(dtype)
@@ -376,7 +442,8 @@ def _fixed_step_loop(cld_loop):
     """A registered loop for a fixed-step sampler: the plan, the loop, then the denoising step."""
 
     def loop(run: "SamplerRun") -> int:
-        plan = _FixedPlan(run.sde, run.steps, run.eps, run.striding, run.denoise, run.u.device, run.u.dtype)
+        plan = _FixedPlan(run.sde, run.steps, run.eps, run.striding, run.denoise, run.u.device, run.u.dtype,
+                          ts=run.timesteps)
         if isinstance(run.sde, CLD):
             cld_loop(run, plan)
         else:
@@ -425,7 +492,7 @@ def _gddim_loop(run: "SamplerRun") -> int:
     """Deterministic gDDIM: n = steps - 1 multistep steps (steps with ``denoise=False``), then the Tweedie
     denoising step at t = eps; each is the network plus one ``gddim_step_`` launch, no host sync."""
     u, ev, batch = run.u, run.ev, run.u.shape[0]
-    plan = _FixedPlan(run.sde, run.steps, run.eps, run.striding, run.denoise, u.device, u.dtype)
+    plan = _FixedPlan(run.sde, run.steps, run.eps, run.striding, run.denoise, u.device, u.dtype, ts=run.timesteps)
     g = _GDDIMPlan(run.sde, plan, u, run.order, run.predict, ev.fold)
 
     def one_step():
@@ -608,12 +675,12 @@ def _ode_loop(run: "SamplerRun") -> int:
 
     f = _cld_pf_drift(sde, ev, run.backend) if isinstance(sde, CLD) else _vp_pf_drift(sde, ev)
     try:
-        (u_end,), _, n_acc, _ = dopri5(f, [u], 1.0, run.eps, run.rtol, run.atol, on_accept=on_accept,
+        (u_end,), _, n_acc, _ = dopri5(f, [u], run.t_start, run.eps, run.rtol, run.atol, on_accept=on_accept,
                                        max_nfe=run.max_nfe - (1 if run.denoise else 0))
     except NFEBudgetError as exc:  # restated with the caller's max_nfe (one evaluation is the denoising step's)
-        raise NFEBudgetError(f"ode: max_nfe = {run.max_nfe} score evaluations used up at t = {exc.t:.6g} (from t = 1 "
-                             f"to eps = {run.eps:g}); the score may be stiff or broken: raise max_nfe or loosen "
-                             "rtol / atol", exc.t, exc.nfe) from None
+        raise NFEBudgetError(f"ode: max_nfe = {run.max_nfe} score evaluations used up at t = {exc.t:.6g} (from t = "
+                             f"{run.t_start:g} to eps = {run.eps:g}); the score may be stiff or broken: raise max_nfe "
+                             "or loosen rtol / atol", exc.t, exc.nfe) from None
     run.u.copy_(u_end)
     if run.denoise:
         y = ev(u, torch.full((u.shape[0],), run.eps, dtype=u.dtype, device=u.device))
@@ -632,8 +699,10 @@ def _ode_loop(run: "SamplerRun") -> int:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class SamplerRun:
-    """Everything a registered sampler loop gets. ``u`` is the state drawn from the prior at t = 1
-    (B, 2C, ...) (VP-SDE: (B, C, ...)); the loop advances it in place to t = eps and returns the
+    """Everything a registered sampler loop gets. ``u`` is the state at t = ``t_start`` (the prior draw
+    at t = 1, or the caller's ``u``) (B, 2C, ...) (VP-SDE: (B, C, ...)); fixed-step loops take their
+    grid from ``timesteps`` when set (``_FixedPlan(..., ts=run.timesteps)``), else from ``steps``,
+    ``eps`` and ``striding``. The loop advances u in place to t = eps and returns the
     number of score evaluations. ``ev(u, t)`` evaluates the checked score (the raw network output
     when ``ev.fold``: pass ``mixed=ev.fold`` to the fused step ops)."""
 
@@ -654,6 +723,8 @@ class SamplerRun:
     order: Optional[int] = None
     predict: Optional[str] = None
     max_nfe: int = ODE_MAX_NFE
+    timesteps: Optional[torch.Tensor] = None  # custom (n + 1,) float64 CPU grid (fixed-step samplers)
+    t_start: float = 1.0  # the forward time of ``u`` ("ode": where the integration starts)
 
 
 @dataclass(frozen=True)
@@ -667,22 +738,27 @@ class SamplerSpec:
     summary: str
     default_striding: str = "linear"
     options: tuple = ()
+    custom_grid: bool = False
 
 
 SAMPLERS: dict = {}
 
 
 def register_sampler(name: str, loop: Callable[[SamplerRun], int], sdes=(CLD,), fixed_steps: bool = True,
-                     summary: str = "", default_striding: str = "linear", options=()) -> SamplerSpec:
+                     summary: str = "", default_striding: str = "linear", options=(),
+                     custom_grid: bool = False) -> SamplerSpec:
     """Register ``loop`` as ``cf.sample(method=name)`` (also offered by the config and the CLI).
 
     ``default_striding``: the time grid when the caller passes none; ``options``: the names of the
-    sampler-specific ``cf.sample`` arguments it reads from ``SamplerRun`` (e.g. "order", "predict").
+    sampler-specific ``cf.sample`` arguments it reads from ``SamplerRun`` (e.g. "order", "predict");
+    ``custom_grid``: the loop honours ``SamplerRun.timesteps`` / ``t_start`` (else ``cf.sample``
+    refuses ``timesteps=`` for it rather than ignore the grid).
     """
     if name in SAMPLERS:
         raise ValueError(f"a sampler named {name!r} is already registered")
     _check_striding(default_striding)
-    spec = SamplerSpec(name, loop, tuple(sdes), bool(fixed_steps), summary, default_striding, tuple(options))
+    spec = SamplerSpec(name, loop, tuple(sdes), bool(fixed_steps), summary, default_striding, tuple(options),
+                       bool(custom_grid))
     SAMPLERS[name] = spec
     return spec
 
@@ -692,13 +768,14 @@ def sampler_names(sde=None) -> tuple:
     return tuple(n for n, s in SAMPLERS.items() if sde is None or isinstance(sde, s.sdes))
 
 
-register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,), default_striding="quadratic",
+register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,), default_striding="quadratic", custom_grid=True,
                  summary="symmetric splitting CLD sampler: exact linear half steps around a score Euler step")
-register_sampler("em", _fixed_step_loop(_run_cld_em), sdes=(CLD, VPSDE),
+register_sampler("em", _fixed_step_loop(_run_cld_em), sdes=(CLD, VPSDE), custom_grid=True,
                  summary="Euler-Maruyama on the reverse SDE")
-register_sampler("ode", _ode_loop, sdes=(CLD, VPSDE), fixed_steps=False,
+register_sampler("ode", _ode_loop, sdes=(CLD, VPSDE), fixed_steps=False, custom_grid=True,
                  summary="probability-flow ODE, adaptive Dormand-Prince 5(4)")
 register_sampler("gddim", _gddim_loop, sdes=(CLD,), default_striding="polynomial", options=("order", "predict"),
+                 custom_grid=True,
                  summary="deterministic exponential-integrator multistep in the R frame (gDDIM), order 1-3")
 METHODS = sampler_names()
 
@@ -706,12 +783,62 @@ METHODS = sampler_names()
 # ----------------------------------------------------------------------------------------------
 # public entry point
 # ----------------------------------------------------------------------------------------------
-def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, method: str = "sscs", eps: float = 1e-3,
-           striding: Optional[str] = None, denoise: bool = True, generator: Optional[torch.Generator] = None, device=None,
-           progress: bool = False, callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
-           cuda_graph: bool = False, rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None,
-           order: Optional[int] = None, predict: Optional[str] = None,
-           max_nfe: Optional[int] = None) -> SampleResult:
+def _check_start(u, shape, sde) -> tuple:
+    """The data shape of a run, from ``shape`` and/or a start state ``u`` (checked against each other)."""
+    if u is None:
+        return _check_shape(shape)
+    checks.tensor(u, "u", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
+    if isinstance(sde, CLD):
+        if u.shape[1] % 2:
+            raise ValueError(f"u must be a CLD state (B, 2C, ...) with x and v stacked on dim 1, got shape "
+                             f"{tuple(u.shape)} (odd dim 1)")
+        x_shape = (u.shape[0], u.shape[1] // 2) + tuple(u.shape[2:])
+    else:
+        x_shape = tuple(u.shape)
+    if shape is not None and _check_shape(shape) != x_shape:
+        raise ValueError(f"shape {tuple(shape)} does not match u of shape {tuple(u.shape)} (data shape {x_shape})")
+    checks.finite(u, "u")
+    return x_shape
+
+
+def _check_grid(timesteps, steps, eps, striding, denoise, spec: SamplerSpec, has_u: bool):
+    """(ts or None, steps, eps) of a run: the default grid's or the custom ``timesteps``'."""
+    if timesteps is None:
+        steps = DEFAULT_STEPS if steps is None else _check_steps(steps)
+        return None, steps, DEFAULT_EPS if eps is None else _check_eps(eps)
+    if not spec.custom_grid:
+        raise ValueError(f"method={spec.name!r} does not take a custom grid (registered without custom_grid=True)")
+    ts = _check_timesteps(timesteps)
+    if not has_u and float(ts[0]) != 1.0:
+        raise ValueError(f"timesteps must start at 1 (the prior's time) unless u= gives the state at "
+                         f"t = {float(ts[0]):.6g}")
+    if striding is not None:
+        raise ValueError("striding= and timesteps= are exclusive: timesteps is the grid")
+    if not spec.fixed_steps and ts.numel() != 2:
+        raise ValueError(f"method={spec.name!r} is adaptive: timesteps must be [t_start, t_end], got "
+                         f"{ts.numel()} entries")
+    n_eval = ts.numel() - 1 + int(bool(denoise))
+    if spec.fixed_steps and steps is not None and _check_steps(steps) != n_eval:
+        raise ValueError(f"steps={steps} disagrees with timesteps: {ts.numel()} times give {n_eval} score "
+                         f"evaluations (denoise={denoise}); leave steps unset")
+    if eps is not None and _check_eps(eps) != float(ts[-1]):
+        raise ValueError(f"eps={eps} disagrees with timesteps[-1] = {float(ts[-1])}; leave eps unset")
+    if spec.fixed_steps and n_eval < 1:
+        raise ValueError("timesteps give no score evaluation")
+    return ts, (n_eval if spec.fixed_steps else DEFAULT_STEPS), float(ts[-1])
+
+
+DEFAULT_STEPS = 50
+DEFAULT_EPS = 1e-3
+
+
+def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optional[int] = None, method: str = "sscs",
+           eps: Optional[float] = None, striding: Optional[str] = None, denoise: bool = True,
+           generator: Optional[torch.Generator] = None, device=None, progress: bool = False,
+           callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False,
+           rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None, order: Optional[int] = None,
+           predict: Optional[str] = None, u: Optional[torch.Tensor] = None,
+           timesteps=None) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
@@ -719,15 +846,15 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
             times in the state dtype; returns grad_v log p_t(u) (VP: grad_x log p_t(x)) of the data
             shape. A ``cf.score_fn(model, sde)`` wrapper is recognised and its raw network output is
             fed to the fused kernels, which fold in the mixed-score coefficients themselves.
-        shape: the data shape (B, C, ...) or (B, D).
+        shape: the data shape (B, C, ...) or (B, D); may be None when ``u`` is given.
         sde: ``cf.CLD`` or ``cf.VPSDE``.
         steps: number of score evaluations of "sscs" / "em", the denoising step included (the loop
-            takes steps - 1 steps when ``denoise``). Ignored by "ode" (adaptive).
+            takes steps - 1 steps when ``denoise``); default 50. Ignored by "ode" (adaptive).
         method: a registered sampler (``cld_fast.sampling.SAMPLERS``): "sscs" (CLD only, the
             default), "em" (Euler-Maruyama on the reverse SDE), "ode" (probability-flow ODE,
             adaptive Dormand-Prince 5(4) with ``rtol`` / ``atol``) or "gddim" (CLD only:
             deterministic exponential-integrator multistep, ``order`` and ``predict``; best at 10-20 NFE).
-        eps: last forward time, in (0, 1).
+        eps: last forward time, in (0, 1); default 1e-3.
         striding: "linear", "quadratic", "polynomial" or "log" time grid (``cld_fast.sde.time_grid``);
             None: the sampler's default (sscs: quadratic, gddim: polynomial, em: linear).
         denoise: end with the official noise-free EM step at t = eps of size eps (one evaluation).
@@ -736,6 +863,9 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         progress: show a tqdm bar.
         callback: ``callback(i, t, u)`` after every step (i from 0, t the forward time of that
             step's score evaluation as a float, u the live state); "ode" calls it per accepted step.
+            A callable taking one argument is called k-diffusion style, ``callback(info)``, with
+            exactly the keys ``info = {"x": u, "i": i, "t": t}`` ("x" is the live state u, as
+            k-diffusion names its state; no "denoised": it would cost an extra kernel per step).
         dtype: state dtype, torch.float32 (default) or torch.float64.
         cuda_graph: on CUDA, capture one step (network + fused kernel + counter increment) in a CUDA
             graph after one warm-up step and replay it; elsewhere (or if capture fails) warns and
@@ -744,6 +874,17 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         backend: force a kernel backend (see ``cld_fast.backends``).
         order: "gddim" only: multistep order 1, 2 (default) or 3.
         predict: "gddim" only: "eps" (default; extrapolate eps_R) or "x0" (extrapolate E[x0 | u]).
+        u: start from this state instead of a prior draw: (B, 2C, ...) (VP-SDE: (B, C, ...)) at the
+            first forward time (1, or ``timesteps[0]``); copied into ``dtype`` on ``device`` (default
+            u's device), never modified. The generator still gives the run's Philox seed, so
+            ``u = sde.prior_sampling(shape, generator=g)`` followed by ``generator=g`` reproduces a
+            run without ``u`` bit for bit.
+        timesteps: a custom grid of forward times t_0 > t_1 > ... > t_n in (0, 1] (1-D tensor or
+            list) instead of ``steps`` / ``eps`` / ``striding`` (which must then be left unset or
+            agree): step i runs t_i -> t_{i+1}, the score is evaluated at t_0 .. t_{n-1}, and
+            ``denoise`` adds the final step at eps = t_n (NFE = n + 1, or n without denoising).
+            Without ``u``, t_0 must be 1 (the prior's time). "ode" takes exactly two entries,
+            [t_start, t_end]: the adaptive solver integrates between them (it picks its own steps).
         max_nfe: "ode" only: the most score evaluations allowed (default ``ODE_MAX_NFE`` = 10000,
             the denoising step included); past it :class:`NFEBudgetError` names the time reached.
     Returns:
@@ -760,11 +901,9 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
     if not isinstance(sde, spec.sdes):
         raise ValueError(f"method={method!r} does not handle a {type(sde).__name__}; "
                          f"use one of {sampler_names(sde)}")
-    if not callable(score_fn):
-        raise TypeError(f"score_fn must be callable as score_fn(u, t), got {type(score_fn).__name__}")
-    shape = _check_shape(shape)
-    steps = _check_steps(steps)
-    eps = _check_eps(eps)
+    _check_score_callable(score_fn)
+    shape = _check_start(u, shape, sde)
+    ts, steps, eps = _check_grid(timesteps, steps, eps, striding, denoise, spec, u is not None)
     striding = spec.default_striding if striding is None else striding
     _check_striding(striding)
     for name, value in (("order", order), ("predict", predict)):
@@ -779,8 +918,8 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
     _check_generator(generator)
     if not isinstance(denoise, bool):
         raise TypeError(f"denoise must be a bool, got {type(denoise).__name__}")
-    if callback is not None and not callable(callback):
-        raise TypeError("callback must be callable as callback(i, t, u)")
+    if _callback_style(callback) == "dict":
+        callback = _dict_callback(callback)
     if max_nfe is not None:
         if spec.fixed_steps:
             raise ValueError(f"max_nfe= bounds the adaptive ODE solver (method='ode'); method={method!r} takes "
@@ -791,7 +930,7 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
                 raise ValueError(f"{name} must be a positive float, got {tol!r}")
-    device = _default_device(score_fn, generator, device)
+    device = _default_device(score_fn, generator, device, u)
     if cuda_graph:
         if not spec.fixed_steps:
             _warn_graph(f"the adaptive sampler {method!r} picks its steps on the host, so there is no fixed step to capture")
@@ -802,12 +941,14 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
 
     ev = _Evaluator(score_fn, sde, shape)
     with torch.no_grad(), checks.value_checks(False):
-        u = prior(sde, shape, generator, device, dtype)
+        u = prior(sde, shape, generator, device, dtype) if u is None else u.detach().to(device, dtype, copy=True)
         seed = philox.seed_from_generator(generator, device) if spec.fixed_steps else None
         bar = _progress(progress, steps if spec.fixed_steps else None, method)
         run = SamplerRun(sde=sde, ev=ev, u=u, steps=steps, eps=eps, striding=striding, denoise=denoise, seed=seed,
                          bar=bar, callback=callback, cuda_graph=cuda_graph, backend=backend, rtol=rtol, atol=atol,
-                         order=order, predict=predict, max_nfe=ODE_MAX_NFE if max_nfe is None else max_nfe)
+                         order=order, predict=predict, timesteps=ts if spec.fixed_steps else None,
+                         t_start=1.0 if ts is None else float(ts[0]),
+                         max_nfe=ODE_MAX_NFE if max_nfe is None else max_nfe)
         try:
             nfe = spec.loop(run)
         finally:

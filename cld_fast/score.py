@@ -37,12 +37,29 @@ def _autocast_dtype(value) -> Optional[torch.dtype]:
     raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {value!r}")
 
 
+def network_output(out) -> torch.Tensor:
+    """The output tensor of ``model(u, t)``: a tensor, an object with a tensor ``.sample`` (diffusers'
+    ``UNet2DOutput``) or a 1-tuple holding a tensor (diffusers with ``return_dict=False``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and len(out) == 1 and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"model(u, t) must return a tensor, an object with a tensor .sample (diffusers) or a 1-tuple "
+                    f"of a tensor, got {type(out).__name__}"
+                    + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+
+
 class NetworkScore:
     """A score function grad_v log p_t(u) (grad_x log p_t(x) for a VP-SDE) backed by a network.
 
     Args:
         model: callable ``model(u, t) -> out`` (usually an ``nn.Module``): u (B, 2C, ...) float32 and
-            t (B,) float32 forward times; ``out`` has the data shape (B, C, ...).
+            t (B,) float32 forward times; ``out`` has the data shape (B, C, ...), returned as a tensor,
+            an object with a tensor ``.sample`` (a diffusers ``UNet2DModel``) or a 1-tuple
+            (``return_dict=False``); longer tuples are rejected (which entry is the output is unknown).
         sde: the ``CLD`` (or ``VPSDE``) the network was trained for.
         mixed: True (default, the official ``mixed_score``): score = -v / s_vv(t) - out / l22(t) with the
             HSM kernel (VP-SDE: -x / sigma^2 - out / sigma); False: ``out`` is the score itself.
@@ -96,9 +113,7 @@ class NetworkScore:
         grad = contextlib.nullcontext() if self.is_differentiable else torch.no_grad()
         with grad, self._autocast(u.device):
             out = model(u.to(torch.float32), t.to(torch.float32))
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(f"model(u, t) must return a tensor, got {type(out).__name__}")
-        return out.to(torch.float32)
+        return network_output(out).to(torch.float32)
 
     def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """grad_v log p_t(u) of the data shape, in u's dtype. u (B, 2C, ...) (VP-SDE: x (B, C, ...)), t (B,)."""
@@ -124,7 +139,8 @@ def score_fn(model: Callable, sde: Union[CLD, VPSDE], mixed: bool = True, autoca
 
     Args:
         model: the network (``nn.Module`` or any callable); called with float32 u (B, 2C, ...) and
-            float32 forward times t (B,), in eval mode and without autograd.
+            float32 forward times t (B,), in eval mode and without autograd. It may return a tensor,
+            an object with a tensor ``.sample`` (diffusers' ``UNet2DModel``) or a 1-tuple of a tensor.
         sde: the ``CLD`` (or ``VPSDE``) the network was trained with.
         mixed: True: score = -v / s_vv(t) - out / l22(t) (HSM kernel; the official default);
             False: the network outputs the score directly.
@@ -137,4 +153,4 @@ def score_fn(model: Callable, sde: Union[CLD, VPSDE], mixed: bool = True, autoca
     return NetworkScore(model, sde, mixed=mixed, autocast_dtype=autocast_dtype)
 
 
-__all__ = ["NetworkScore", "score_fn"]
+__all__ = ["NetworkScore", "score_fn", "network_output"]

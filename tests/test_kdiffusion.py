@@ -1,0 +1,103 @@
+"""cld_fast.kdiffusion: k-diffusion-style functions are thin wrappers over cf.sample(u=, timesteps=)."""
+import functools
+
+import pytest
+import torch
+
+import cld_fast as cf
+from cld_fast import kdiffusion as kd
+from cld_fast.sde import time_grid
+from cld_fast.toy import GaussianMixture2D
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = (32, 2)
+TS = time_grid(6, 1e-3, "quadratic")
+
+
+@pytest.fixture(scope="module")
+def score(sde):
+    return GaussianMixture2D().cld_score(sde)
+
+
+def _start(sde, seed=0, dtype=torch.float32):
+    return sde.prior_sampling(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("fn,method,ts", [(kd.sample_sscs, "sscs", TS), (kd.sample_em, "em", TS),
+                                          (kd.sample_gddim, "gddim", TS), (kd.sample_ode, "ode", [1.0, 1e-3])])
+def test_same_samples_as_cf_sample(sde, score, fn, method, ts):
+    u0 = _start(sde)
+    stochastic = method in ("sscs", "em")
+    extra = dict(generator=torch.Generator().manual_seed(7)) if stochastic else {}
+    got = fn(score, u0, ts, sde=sde, disable=True, **extra)
+    extra = dict(generator=torch.Generator().manual_seed(7)) if stochastic else {}
+    ref = cf.sample(score, None, sde, method=method, u=u0, timesteps=ts, **extra)
+    assert torch.equal(got, ref.u)
+    assert got.shape == (SHAPE[0], 2 * SHAPE[1]) and got.dtype == u0.dtype
+
+
+def test_float64_state_stays_float64(sde, score):
+    u0 = _start(sde, dtype=torch.float64)
+    assert kd.sample_gddim(score, u0, TS, sde=sde, disable=True).dtype == torch.float64
+
+
+def test_extra_args_reach_the_model(sde, score):
+    calls = []
+
+    def model(u, t, scale=1.0):
+        calls.append(scale)
+        return scale * score(u, t)
+
+    u0 = _start(sde)
+    got = kd.sample_gddim(model, u0, TS, extra_args={"scale": 0.5}, sde=sde, disable=True)
+    ref = kd.sample_gddim(lambda u, t: 0.5 * score(u, t), u0, TS, sde=sde, disable=True)
+    assert calls == [0.5] * len(TS) and torch.equal(got, ref)
+    with pytest.raises(TypeError, match="extra_args must be a dict"):
+        kd.sample_gddim(model, u0, TS, extra_args=[0.5], sde=sde, disable=True)
+
+
+def test_score_fn_wrapper_with_extra_args_keeps_the_fused_path(sde, toy_score_net):
+    Model = toy_score_net()
+
+    class Labelled(Model):
+        def forward(self, u, t, shift=0.0):
+            return super().forward(u, t) + shift
+
+    net = Labelled().eval()
+    u0 = _start(sde)
+    got = kd.sample_sscs(cf.score_fn(net, sde), u0, TS, extra_args={"shift": 0.25}, disable=True,
+                         generator=torch.Generator().manual_seed(2))  # sde taken from the wrapper
+    wrapped = cf.score_fn(functools.partial(net, shift=0.25), sde)
+    ref = cf.sample(wrapped, None, sde, u=u0, timesteps=TS, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(got, ref.u)
+
+
+def test_callback_dict_and_progress_bar(sde, score, capsys):
+    seen = []
+    kd.sample_sscs(score, _start(sde), TS, callback=lambda d: seen.append((d["i"], d["t"], sorted(d))), sde=sde,
+                   disable=False, generator=torch.Generator().manual_seed(0))
+    assert [s[0] for s in seen] == list(range(len(TS)))
+    assert [s[1] for s in seen] == pytest.approx(TS.tolist(), rel=1e-6)
+    assert all(s[2] == ["i", "t", "x"] for s in seen)
+    assert "sscs" in capsys.readouterr().err  # the tqdm bar
+    kd.sample_sscs(score, _start(sde), TS, sde=sde, disable=True, generator=torch.Generator().manual_seed(0))
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_input(sde, score, toy_score_net):
+    u0 = _start(sde)
+    with pytest.raises(TypeError, match="sde= .* is required"):
+        kd.sample_sscs(score, u0, TS, disable=True)
+    with pytest.raises(TypeError, match="raw network"):
+        kd.sample_sscs(toy_score_net()(), u0, TS, sde=sde, disable=True)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kd.sample_sscs(score, u0.half(), TS, sde=sde, disable=True)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        kd.sample_em(score, u0, TS.flip(0), sde=sde, disable=True)
+    with pytest.raises(ValueError, match=r"\[t_start, t_end\]"):
+        kd.sample_ode(score, u0, TS, sde=sde, disable=True)
+
+
+def test_exported_from_the_package():
+    assert cf.kdiffusion.sample_sscs is kd.sample_sscs
