@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .configs import build_model, resolve_config
+from .layers import rename_legacy_combine_keys
 
 __all__ = ["load_official_checkpoint", "extract_state_dict"]
 
@@ -137,6 +138,7 @@ def load_official_checkpoint(path: Union[str, os.PathLike, Mapping[str, Any]], c
                          "weights")
 
     model = build_model(resolve_config(config))
+    sd = rename_legacy_combine_keys(model, sd)
     _check_state_dict(model, sd)
     trainable = _check_ema(model, shadow) if (use_ema and shadow is not None) else None
 
