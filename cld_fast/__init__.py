@@ -28,6 +28,8 @@ _LAZY = {
     "SSCSScheduler": "scheduler",
     "GDDIMScheduler": "scheduler",
     "likelihood": "nll",
+    "from_official": "official",
+    "OfficialRun": "official",
 }
 
 
