@@ -217,3 +217,17 @@ def test_from_official_bad_inputs_are_clear():
         cf.from_official(tiny_flat(), _net(), batch_size=0)
     with pytest.raises(ValueError, match="denoising"):
         cf.from_official(tiny_flat(denoising="maybe"), _net())
+
+
+def test_readme_parity_snippet_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Parity with the official CLD-SGM code", 1)[1]
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "from_official" in b]
+    assert blocks, "README: no from_official snippet in 'Parity with the official CLD-SGM code'"
+    scope = {}
+    exec(compile(blocks[0], "README.md:parity", "exec"), scope)
+    assert scope["res"].x.shape == (4, 3, 8, 8) and scope["res"].nfe == 20
+    assert scope["run"].sde == cf.CLD(numerical_eps=1e-9)  # the tiny preset's SDE keys: official CIFAR-10
