@@ -31,6 +31,8 @@ _LAZY = {
     "SSCSScheduler": "scheduler",
     "GDDIMScheduler": "scheduler",
     "likelihood": "nll",
+    "from_official": "official",
+    "OfficialRun": "official",
 }
 # Names that need an optional dependency (diffusers): lazy too, and kept out of __all__ so that
 # `from cld_fast import *` works without it.

@@ -131,10 +131,15 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="network autocast on CUDA")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the run's samples/ folder, or ./samples)")
     p.add_argument("--name", help="file stem (default: samples_<method>_<steps>)")
-    p.add_argument("--beta0", type=float, default=4.0, help="official checkpoints: CLD beta0 (default 4)")
-    p.add_argument("--beta1", type=float, default=0.0, help="official checkpoints: CLD beta1 (default 0)")
-    p.add_argument("--m-inv", type=float, default=4.0, help="official checkpoints: CLD m_inv (default 4)")
-    p.add_argument("--gamma", type=float, default=0.04, help="official checkpoints: CLD gamma (default 0.04)")
+    g = p.add_argument_group(
+        "official checkpoints: SDE", "Read from --config (preset or JSON: beta0, beta1, m_inv, gamma, numerical_eps, "
+        "mixed_score, cld_objective); a key it lacks takes the official CIFAR-10 value; these flags override both. "
+        "The SDE used is printed.")
+    g.add_argument("--beta0", type=float, default=None, help="CLD beta0 (CIFAR-10: 4)")
+    g.add_argument("--beta1", type=float, default=None, help="CLD beta1 (CIFAR-10: 0)")
+    g.add_argument("--m-inv", type=float, default=None, help="CLD m_inv (CIFAR-10: 4)")
+    g.add_argument("--gamma", type=float, default=None, help="CLD gamma (CIFAR-10: 0.04)")
+    g.add_argument("--numerical-eps", type=float, default=None, help="CLD numerical_eps (CIFAR-10: 1e-9)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
@@ -301,6 +306,8 @@ def _sample(args) -> int:
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(src)))
             default_out = os.path.join(run_dir, "samples")
             toy = config.data if config.data in ("swissroll", "gmm") else None
+            mixed, objective, sde_source = True, "hsm", "from the checkpoint"
+            score = score_fn(net, sde, autocast_dtype=None if args.precision == "fp32" else args.precision)
         else:
             from .models import load_official_checkpoint
 
@@ -308,20 +315,33 @@ def _sample(args) -> int:
             if os.path.isfile(cfg):
                 with open(cfg) as f:
                     cfg = json.load(f)
-            net = load_official_checkpoint(src, config=cfg, use_ema=not args.no_ema).to(device).eval()
             from .models.configs import resolve_config
 
             mcfg = resolve_config(cfg)
-            from .sde import CLD
+            from .official import SDE_DEFAULTS, build_sde, make_score_fn, sde_settings
 
-            sde = CLD(beta0=args.beta0, beta1=args.beta1, m_inv=args.m_inv, gamma=args.gamma)
+            cli_sde = {"beta0": args.beta0, "beta1": args.beta1, "m_inv": args.m_inv, "gamma": args.gamma,
+                       "numerical_eps": args.numerical_eps}
+            settings = sde_settings(mcfg, **cli_sde)
+            sde = build_sde(settings)
+            mixed, objective = settings["mixed_score"], settings["cld_objective"]
+            given = [k for k, v in cli_sde.items() if v is not None]
+            from_cfg = [k for k in settings["from_config"] if k not in given]
+            sde_source = "; ".join(part for part in (
+                f"from --config {args.config or 'cifar10'}: {', '.join(from_cfg)}" if from_cfg else "",
+                f"from the command line: {', '.join(given)}" if given else "",
+                "other values: the official CIFAR-10 defaults"
+                if len(from_cfg) + len(given) < len(SDE_DEFAULTS) else "") if part)
+            net = load_official_checkpoint(src, config=cfg, use_ema=not args.no_ema).to(device).eval()
+            autocast = None if args.precision == "fp32" else args.precision
+            score = make_score_fn(net, sde, mixed, objective, autocast_dtype=autocast)
             if str(mcfg.get("name", "ncsnpp")).lower() == "mlp":
                 shape = (int(mcfg.get("data_dim", 2)),)
             else:
                 shape = (int(mcfg.get("image_channels", 3)), int(mcfg.get("image_size", 32)), int(mcfg.get("image_size", 32)))
             default_out = "samples"
             toy = None
-    except (CheckpointError, ValueError, KeyError, FileNotFoundError) as exc:
+    except (CheckpointError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as exc:
         print(f"cld-fast sample: error: {_describe(exc)}", file=sys.stderr)
         return 2
 
@@ -333,10 +353,14 @@ def _sample(args) -> int:
         return 2
     is_image = len(shape) == 3
     n = args.n if args.n is not None else (64 if is_image else 2000)
-    autocast = None if args.precision == "fp32" else args.precision
+    from .official import describe_sde
+    from .sde import CLD
+
+    used = describe_sde(sde, mixed, objective) if isinstance(sde, CLD) else repr(sde)
+    print(f"SDE: {used} ({sde_source})")
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
-    res = sample(score_fn(net, sde, autocast_dtype=autocast), (n,) + tuple(shape), sde, steps=args.steps,
+    res = sample(score, (n,) + tuple(shape), sde, steps=args.steps,
                  method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
                  generator=gen, device=device, progress=args.progress, order=args.order, predict=args.predict)
     if device.type == "cuda":

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .configs import build_model, resolve_config
+from .layers import rename_legacy_combine_keys
 
 __all__ = ["load_official_checkpoint", "extract_state_dict"]
 
@@ -144,6 +145,7 @@ def load_official_checkpoint(path: Union[str, os.PathLike, Mapping[str, Any]], c
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 raise ValueError(f"checkpoint tensor {name}[{k!r}] holds NaN or inf; refusing to load it")
     model = build_model(resolve_config(config))
+    sd = rename_legacy_combine_keys(model, sd)
     _check_state_dict(model, sd)
     trainable = _check_ema(model, shadow) if (use_ema and shadow is not None) else None
 

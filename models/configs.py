@@ -4,17 +4,18 @@ Presets:
 
 * ``cifar10``     the official CLD-SGM CIFAR-10 NCSN++ (``configs/default_cifar10.txt``): 107,593,987
                   parameters; this is the network of the released ``checkpoint_800000.pth``.
-* ``celebahq256`` CelebA-HQ-256. The official CLD-SGM CelebA configs (``default_celeba_paper.txt`` /
-                  ``specific_celeba_paper.txt``) were not available to us, so this uses the score_sde
-                  NCSN++ CelebA-HQ-256 settings (``configs/ve/celebahq_256_ncsnpp_continuous.py``:
-                  nf 128, ch_mult 1,1,2,2,2,2,2, 2 res-blocks, attention at 16, BigGAN blocks, FIR,
-                  skip_rescale, progressive output_skip, progressive_input input_skip, combine sum,
-                  Fourier embedding scale 16, dropout 0) adapted for CLD (2C input channels, C output
-                  channels, Fourier embedding of log t). An official CelebA checkpoint may need a
-                  config dict with its own values.
-* ``toy2d``       the MLP for 2-D toy data (official ``name = mlp``).
+* ``celebahq256`` the official CLD-SGM CelebA-HQ-256 model (103,073,795 parameters): no FIR,
+                  progressive none/none, positional embedding of t, 4 res-blocks, ch_mult
+                  1,1,2,2,2,2,2, numerical_eps 1e-6, beta(t) = 0.1 + 6.9 t (see the comment at
+                  ``_CELEBAHQ256`` for where the values come from).
+* ``toy2d``       the MLP for 2-D toy data (official ``name = mlp``, ``configs/default_toy_data.txt``).
 * ``tiny``        a very small NCSN++ for tests (8x8 images, 8..16 channels, every CIFAR-10 option
                   kind exercised: BigGAN FIR blocks, residual input pyramid, attention).
+
+Besides the network keys, the presets carry the official SDE and objective keys (``sde``,
+``beta_type``, ``beta0``, ``beta1``, ``m_inv``, ``gamma``, ``numerical_eps``, ``mixed_score``,
+``cld_objective``, ...): :func:`cld_fast.official.sde_from_config` and ``cld-fast sample --config``
+build the SDE from them. ``build_model`` ignores them.
 """
 from __future__ import annotations
 
@@ -56,18 +57,56 @@ _CIFAR10: Dict[str, Any] = {
     "dropout": 0.1,
     "normalization": "GroupNorm",
     "nonlinearity": "swish",
+    # SDE and objective (official configs/specific_cifar10.txt)
+    "mixed_score": True,
+    "numerical_eps": 1e-9,
+    "beta_type": "linear",
+    "beta0": 4.0,
+    "beta1": 0.0,
+    "m_inv": 4.0,
+    "gamma": 0.04,
+    "cld_objective": "hsm",
+    "loss_eps": 1e-5,
+    "weighting": "reweightedv2",
 }
 
+# Official configs/specific_celeba_*.txt. Those files were not in our reference index; the values
+# are those of the official CelebA-HQ-256 config as transcribed in the fork dashstander/CLD-SGM,
+# configs/celeba_cog.yaml (its cog_predictor.py loads them for 'celeba_hq_256' together with the
+# released celebahq256_600000.pth; its CIFAR-10 transcription, cifar10_cog.yaml, equals the official
+# default_cifar10.txt + specific_cifar10.txt value for value). The official README says the
+# "post_paper" variant uses a non-constant beta(t); these values have one (beta1 = 6.9).
 _CELEBAHQ256: Dict[str, Any] = dict(
     _CIFAR10,
     image_size=256,
+    n_channels=128,
     ch_mult="1,1,2,2,2,2,2",
-    n_resblocks=2,
+    n_resblocks=4,
     attn_resolutions="16",
-    progressive="output_skip",
-    progressive_input="input_skip",
+    resamp_with_conv=True,
+    use_fir=False,
+    fir_kernel="1,3,3,1",
+    skip_rescale=True,
+    resblock_type="biggan",
+    progressive="none",
+    progressive_input="none",
     progressive_combine="sum",
-    dropout=0.0,
+    attention_type="ddpm",
+    init_scale=0.0,
+    fourier_scale=16,
+    conv_size=3,
+    embedding_type="positional",
+    dropout=0.1,
+    mixed_score=True,
+    numerical_eps=1e-6,
+    beta_type="linear",
+    beta0=0.1,
+    beta1=6.9,
+    m_inv=4.0,
+    gamma=0.04,
+    cld_objective="hsm",
+    loss_eps=1e-3,
+    weighting="reweightedv2",
 )
 
 _TOY2D: Dict[str, Any] = {
@@ -75,6 +114,16 @@ _TOY2D: Dict[str, Any] = {
     "sde": "cld",
     "data_dim": 2,
     "hidden_dim": 128,
+    # official configs/default_toy_data.txt
+    "numerical_eps": 1e-6,
+    "beta_type": "linear",
+    "beta0": 4.0,
+    "beta1": 0.0,
+    "m_inv": 4.0,
+    "gamma": 0.04,
+    "cld_objective": "hsm",
+    "loss_eps": 1e-5,
+    "weighting": "reweightedv2",
 }
 
 _TINY: Dict[str, Any] = dict(

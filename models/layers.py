@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ __all__ = [
     "GaussianFourierProjection",
     "NIN",
     "Combine",
+    "rename_legacy_combine_keys",
     "AttnBlockpp",
     "Upsample",
     "Downsample",
@@ -196,22 +197,49 @@ class NIN(nn.Module):
 class Combine(nn.Module):
     """Combine a (projected) input-pyramid tensor with a feature map (``progressive_input='input_skip'``).
 
-    ``Conv`` is a 1x1 convolution dim1 -> dim2. ``forward(x (B, dim1, H, W), y (B, dim2, H, W))``
-    returns ``Conv(x) + y`` (method 'sum', (B, dim2, H, W)) or ``cat([Conv(x), y])`` ('cat', 2*dim2).
+    ``Conv_0`` is a 1x1 convolution dim1 -> dim2 (the official name, so official ``input_skip``
+    checkpoints load). ``forward(x (B, dim1, H, W), y (B, dim2, H, W))`` returns ``Conv_0(x) + y``
+    (method 'sum', (B, dim2, H, W)) or ``cat([Conv_0(x), y])`` ('cat', 2*dim2 channels).
+    State dicts written before the rename (key ``...Conv.weight``) still load: see
+    :func:`rename_legacy_combine_keys`.
     """
 
     def __init__(self, dim1: int, dim2: int, method: str = "cat"):
         super().__init__()
-        self.Conv = conv1x1(dim1, dim2)
+        self.Conv_0 = conv1x1(dim1, dim2)
         if method not in ("cat", "sum"):
             raise ValueError(f"Method {method} not recognized.")
         self.method = method
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("weight", "bias"):
+            old, new = f"{prefix}Conv.{name}", f"{prefix}Conv_0.{name}"
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.Conv(x)
+        h = self.Conv_0(x)
         if self.method == "cat":
             return torch.cat([h, y], dim=1)
         return h + y
+
+
+def rename_legacy_combine_keys(model: nn.Module, state_dict: Mapping[str, Any]) -> dict:
+    """A copy of ``state_dict`` with the pre-rename ``<combine>.Conv.{weight,bias}`` keys of every
+    :class:`Combine` in ``model`` renamed to ``<combine>.Conv_0.*`` (cld_fast checkpoints written
+    before the official name was adopted). Other keys are untouched.
+    """
+    out = dict(state_dict)
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, Combine):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        for name in ("weight", "bias"):
+            old, new = f"{prefix}Conv.{name}", f"{prefix}Conv_0.{name}"
+            if old in out and new not in out:
+                out[new] = out.pop(old)
+    return out
 
 
 class AttnBlockpp(nn.Module):

@@ -88,13 +88,15 @@ class NCSNppConfig:
         progressive: output pyramid, 'none' | 'output_skip' | 'residual'.
         progressive_input: input pyramid, 'none' | 'input_skip' | 'residual'.
         progressive_combine: 'sum' | 'cat' (for input_skip).
-        attention_type: 'ddpm' (the only one in the official code).
+        attention_type: ignored with a warning unless 'ddpm', like the official NCSN++ ignores it
+            (it always uses DDPM attention).
         init_scale: scale of the zero-ish initialisation of the last layer of each block (float).
         fourier_scale: std of the Fourier projection weights (float).
         conv_size: accepted for compatibility; the official network ignores it (3x3 convs).
         embedding_type: 'fourier' (of log t) or 'positional' (of t).
         dropout: dropout probability in residual blocks (float).
-        normalization: 'GroupNorm' (the only one supported, as in the official NCSN++).
+        normalization: ignored with a warning unless 'GroupNorm', like the official NCSN++ ignores it
+            (it always uses GroupNorm).
         nonlinearity: 'swish' | 'silu' | 'elu' | 'relu' | 'lrelu'.
         sde: 'cld' doubles the input channels for (x, v); anything else takes x only.
         name: model name, 'ncsnpp'.
@@ -173,10 +175,14 @@ class NCSNppConfig:
             raise ValueError(f"progressive_combine {self.progressive_combine!r} not recognised (sum, cat)")
         if self.embedding_type not in ("fourier", "positional"):
             raise NotImplementedError(f"Embedding type {self.embedding_type} is not implemented.")
+        # The official NCSN++ reads neither key (it always builds DDPM attention and GroupNorm), so
+        # configs with other values train and load there: accept them too, but say so.
         if self.attention_type != "ddpm":
-            raise NotImplementedError(f"attention_type {self.attention_type!r}: only 'ddpm' is implemented")
+            warnings.warn(f"attention_type {self.attention_type!r} is ignored: the official NCSN++ always uses "
+                          "DDPM self-attention (AttnBlockpp)", UserWarning, stacklevel=3)
         if self.normalization.lower() != "groupnorm":
-            raise NotImplementedError(f"normalization {self.normalization!r}: NCSN++ uses 'GroupNorm'")
+            warnings.warn(f"normalization {self.normalization!r} is ignored: the official NCSN++ always uses "
+                          "GroupNorm", UserWarning, stacklevel=3)
         if self.name != "ncsnpp":
             raise ValueError(f"NCSNppConfig.name must be 'ncsnpp', got {self.name!r}")
         if self.conv_size != 3:

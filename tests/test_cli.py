@@ -73,6 +73,8 @@ def test_train_short_run_then_sample(tmp_path):
 
     res = _run("sample", files["checkpoint"], "--steps", "10", "--n", "200", "--method", "sscs")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "SDE: CLD(beta0=4, beta1=0, m_inv=4, gamma=0.04, numerical_eps=1e-09), mixed_score=True, " \
+           "objective=hsm (from the checkpoint)" in res.stdout
     wrote = _wrote(res.stdout)
     assert os.path.isfile(wrote["png"]) and os.path.isfile(wrote["npz"])
     assert np.load(wrote["npz"])["x"].shape == (200, 2)
@@ -126,3 +128,90 @@ def test_parser_defaults_leave_preset_values():
     assert args.preset == "toy" and args.steps is None and args.resume is None
     args = build_parser().parse_args(["train", "--resume"])
     assert args.resume == "latest"
+
+
+# --- cld-fast sample reads the SDE of an official config (numerical_eps, beta0/1, m_inv, gamma, ...) ---------
+def _official_sde_config(tmp_path, **sde_keys):
+    cfg = json.load(open(os.path.join(FIXTURES, "official_small_config.json")))
+    cfg.update(sde_keys)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    return cfg, str(path)
+
+
+def test_sample_official_reads_the_sde_from_the_config_json(tmp_path, capsys):
+    import cld_fast as cf
+    from cld_fast.models import load_official_checkpoint
+
+    ckpt = os.path.join(FIXTURES, "official_small_checkpoint.pth")
+    cfg, path = _official_sde_config(tmp_path, numerical_eps=1e-6, beta0=3.0, beta1=2.0, m_inv=4.0, gamma=0.04,
+                                     mixed_score=True, cld_objective="hsm", sde="cld", beta_type="linear")
+    assert main(["sample", ckpt, "--config", path, "--steps", "3", "--n", "2", "--seed", "7",
+                 "--out", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert ("SDE: CLD(beta0=3, beta1=2, m_inv=4, gamma=0.04, numerical_eps=1e-06), mixed_score=True, "
+            "objective=hsm") in out
+    assert "from --config" in out and "numerical_eps" in out.split("from --config")[1]
+    z = np.load(tmp_path / "a" / "samples_sscs_3.npz")
+
+    net = load_official_checkpoint(ckpt, config=cfg)
+    def run(sde):
+        res = cf.sample(cf.score_fn(net, sde), (2, 3, 16, 16), sde, steps=3, method="sscs", eps=1e-3,
+                        generator=torch.Generator("cpu").manual_seed(7), device="cpu")
+        return res.x.numpy(), res.v.numpy()
+    expected = run(cf.CLD(beta0=3.0, beta1=2.0, m_inv=4.0, gamma=0.04, numerical_eps=1e-6))
+    np.testing.assert_allclose(z["x"], expected[0], rtol=0, atol=1e-6)  # float32, same code path
+    np.testing.assert_allclose(z["v"], expected[1], rtol=0, atol=1e-5)
+    old = run(cf.CLD(beta0=3.0, beta1=2.0, m_inv=4.0, gamma=0.04))  # numerical_eps dropped (the old CLI)
+    # the final denoising step at t = 1e-3 is where numerical_eps matters: v moves, x barely
+    assert np.abs(z["v"] - old[1]).max() > 1e-2 * np.abs(old[1]).max()
+
+    # a flag overrides the config, and the printout says where each value came from
+    assert main(["sample", ckpt, "--config", path, "--steps", "2", "--n", "1", "--numerical-eps", "1e-9",
+                 "--out", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "numerical_eps=1e-09" in out and "from the command line: numerical_eps" in out
+
+
+def test_sample_official_celebahq_config_uses_its_sde(tmp_path, capsys):
+    from cld_fast.models import build_model, get_config
+
+    # a checkpoint of a (reduced-width) celebahq256 network: the preset's SDE keys must be used
+    cfg = dict(get_config("celebahq256"), n_channels=8, image_size=64, ch_mult="1,2", n_resblocks=1,
+               attn_resolutions="4")
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    ckpt = tmp_path / "c.pth"
+    torch.save({"model": {"module." + k: v for k, v in net.state_dict().items()}}, ckpt)
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert main(["sample", str(ckpt), "--config", str(tmp_path / "c.json"), "--no-ema", "--steps", "2", "--n", "1",
+                 "--out", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "CLD(beta0=0.1, beta1=6.9, m_inv=4, gamma=0.04, numerical_eps=1e-06)" in out
+
+
+@pytest.mark.parametrize("keys,needle", [({"cld_objective": "dsm"}, "cld_objective"),
+                                         ({"mixed_score": False}, "mixed_score")])
+def test_sample_official_dsm_or_non_mixed_is_refused_or_printed(tmp_path, capsys, keys, needle):
+    import inspect
+
+    import cld_fast as cf
+
+    ckpt = os.path.join(FIXTURES, "official_small_checkpoint.pth")
+    _, path = _official_sde_config(tmp_path, **keys)
+    code = main(["sample", ckpt, "--config", path, "--steps", "2", "--n", "1", "--out", str(tmp_path / "o"),
+                 "--device", "cpu"])
+    captured = capsys.readouterr()
+    if "objective" in inspect.signature(cf.score_fn).parameters:
+        assert code == 0 and ("objective=dsm" in captured.out or "mixed_score=False" in captured.out)
+    else:
+        assert code == 2 and needle in captured.err and "Traceback" not in captured.err
+
+
+def test_sample_official_rejects_unsupported_sde_keys(tmp_path, capsys):
+    ckpt = os.path.join(FIXTURES, "official_small_checkpoint.pth")
+    for keys, needle in (({"beta_type": "cosine"}, "beta_type"), ({"sde": "vpsde"}, "sde"),
+                         ({"numerical_eps": "abc"}, "numerical_eps")):
+        _, path = _official_sde_config(tmp_path, **keys)
+        assert main(["sample", ckpt, "--config", path, "--steps", "2", "--n", "1", "--device", "cpu"]) == 2
+        assert needle in capsys.readouterr().err

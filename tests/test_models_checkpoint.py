@@ -143,3 +143,68 @@ def test_no_partial_load_on_error(config, ckpt, monkeypatch, tmp_path):
     with pytest.raises(ValueError):
         load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=False)
     assert not called
+
+
+# --- progressive_input='input_skip': the official Combine layer names its 1x1 conv ``Conv_0`` ---------
+def _input_skip_net(seed=0):
+    from cld_fast.models import build_model, get_config
+
+    cfg = dict(get_config("tiny"), progressive="output_skip", progressive_input="input_skip", ch_mult="1,2,2")
+    torch.manual_seed(seed)
+    return cfg, build_model(cfg).eval()
+
+
+def _combine_indices(net):
+    from cld_fast.models.layers import Combine
+
+    return [i for i, m in enumerate(net.all_modules) if isinstance(m, Combine)]
+
+
+def _official_input_skip_checkpoint(net):
+    """Official format with the official key names: ``module.all_modules.<i>.Conv_0.{weight,bias}``."""
+    combine = set(_combine_indices(net))
+    sd = {}
+    for k, v in net.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "all_modules" and int(parts[1]) in combine and parts[2] in ("Conv", "Conv_0"):
+            k = ".".join(parts[:2] + ["Conv_0"] + parts[3:])
+        sd["module." + k] = v.clone()
+    shadow = [p.detach().clone() + 0.01 for p in net.parameters() if p.requires_grad]
+    return {"model": sd, "ema": {"decay": 0.9999, "num_updates": 3, "shadow_params": shadow}, "step": 3}
+
+
+def test_input_skip_checkpoint_with_official_combine_keys_loads():
+    cfg, net = _input_skip_net()
+    idx = _combine_indices(net)
+    assert len(idx) == 2  # one Combine per downsampling
+    ckpt = _official_input_skip_checkpoint(net)
+    for i in idx:
+        assert f"module.all_modules.{i}.Conv_0.weight" in ckpt["model"]
+        assert f"module.all_modules.{i}.Conv_0.bias" in ckpt["model"]
+    loaded = load_official_checkpoint(ckpt, config=cfg, use_ema=False)
+    g = torch.Generator().manual_seed(5)
+    u, t = torch.randn(2, 6, 8, 8, generator=g), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        assert torch.equal(loaded(u, t), net(u, t))
+    for i in idx:
+        assert torch.equal(loaded.all_modules[i].Conv_0.weight, net.all_modules[i].Conv_0.weight)
+    ema = load_official_checkpoint(ckpt, config=cfg, use_ema=True)
+    for i in idx:  # EMA tensors are in parameters() order; the rename must not shift them
+        assert torch.equal(ema.all_modules[i].Conv_0.weight, net.all_modules[i].Conv_0.weight + 0.01)
+
+
+def test_legacy_combine_conv_keys_still_load():
+    cfg, net = _input_skip_net()
+    legacy = {}
+    for k, v in net.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "all_modules" and int(parts[1]) in _combine_indices(net) and parts[2] == "Conv_0":
+            k = ".".join(parts[:2] + ["Conv"] + parts[3:])
+        legacy[k] = v.clone()
+    assert any(".Conv.weight" in k for k in legacy)
+    _, fresh = _input_skip_net(seed=1)
+    fresh.load_state_dict(legacy, strict=True)  # cld_fast training checkpoints from before the rename
+    loaded = load_official_checkpoint(legacy, config=cfg)
+    u, t = torch.randn(1, 6, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([0.5])
+    with torch.no_grad():
+        assert torch.equal(fresh(u, t), net(u, t)) and torch.equal(loaded(u, t), net(u, t))
