@@ -148,11 +148,25 @@ def _add_selftest_parser(sub) -> None:
     p.add_argument("--out", metavar="FILE.md", help="also write the report as Markdown to FILE.md")
 
 
+def _version_line() -> str:
+    """``cld-fast X (torch Y)``: the package version and the torch it runs on."""
+    from . import __version__
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except Exception:  # noqa: BLE001 - --version must work even with a broken torch
+        torch_version = "not importable"
+    return f"cld-fast {__version__} (torch {torch_version})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cld-fast",
         description="Critically-damped Langevin diffusion, fast: fused kernels, samplers and a trainer.",
         epilog="run 'cld-fast COMMAND --help' for the options of a command")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
     _add_sample_parser(sub)
