@@ -83,6 +83,8 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--dequantize", action="store_true", default=None, help="images: uniform dequantisation")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, help="steps between loss logs (the only host syncs)")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log the scalars to <out>/tensorboard (pip install 'cld_fast[tensorboard]')")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--keep", type=int, help="checkpoints to keep (newest N)")
     g.add_argument("--sample-every", type=int, help="steps between sample plots (0: only at the end)")
@@ -194,7 +196,7 @@ def _overrides(args) -> dict:
         "data_path": "data_path", "npz_key": "npz_key", "image_size": "image_size", "dequantize": "dequantize",
         "log_every": "log_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
         "sample_every": "sample_every", "sample_steps": "sample_steps", "eval_steps": "eval_steps",
-        "eval_samples": "eval_samples",
+        "eval_samples": "eval_samples", "tensorboard": "tensorboard",
     }
     out = {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
     if args.no_flip:
