@@ -293,7 +293,10 @@ def _no_extension(info, reason, torch_missing):
     from setuptools.command.build_py import build_py
 
     report = info.new_report(skipped=reason, torch_missing=torch_missing, cuda_reason=reason)
-    info.write_report(report, [os.path.join(ROOT, "cld_fast")])
+    # The source tree's report describes the extension built in place there (editable installs); a tree
+    # that holds one keeps its report, e.g. when an isolated `pip wheel .` runs in a developer's checkout.
+    if not glob.glob(os.path.join(ROOT, "cld_fast", "_C*.so")) + glob.glob(os.path.join(ROOT, "cld_fast", "_C*.pyd")):
+        info.write_report(report, [os.path.join(ROOT, "cld_fast")])
 
     class ReportingBuildPy(build_py):
         """``build_py`` that also writes the build report into the built package."""

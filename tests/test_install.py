@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -22,6 +21,11 @@ import cld_fast as cf
 from cld_fast import _extension, build_info
 
 ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import tomllib  # Python >= 3.11
+except ImportError:  # pragma: no cover - Python 3.9 / 3.10
+    tomllib = pytest.importorskip("tomli")
 
 
 def _setup_module():
@@ -85,6 +89,17 @@ def test_build_without_torch_installs_pure_python_and_reports_how_to_build(tmp_p
         assert "extension not built" in lines and build_info.BUILD_COMMAND in lines and "FAILED" not in lines
     assert (tree / "build" / "lib" / "cld_fast" / "py.typed").exists()
     assert not list(tree.rglob("*.so")) and not list(tree.rglob("*.o"))
+
+
+def test_build_without_torch_keeps_the_report_of_an_in_place_extension(tmp_path):
+    """An isolated build in a checkout with an in-place build must not relabel that build as missing."""
+    tree = _tiny_tree(tmp_path / "tree")
+    (tree / "cld_fast" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"not really a library")
+    kept = build_info.new_report(cpu_built=True, torch="2.13.0+cpu")
+    build_info.write_report(kept, [str(tree / "cld_fast")])
+    _run_setup(tree, "egg_info", "build_py", hide_torch=True)
+    assert build_info.read_report(str(tree / "cld_fast" / "_build_info.json"))["cpu_built"]
+    assert build_info.read_report(str(tree / "build" / "lib" / "cld_fast" / "_build_info.json"))["torch_missing"]
 
 
 def test_build_with_torch_pins_the_torch_release(tmp_path):
