@@ -22,6 +22,15 @@ through wrapper scripts such as ``exec /usr/local/cuda-13.0/bin/nvcc "$@"`` at /
 choice is exported as CUDA_HOME for torch.utils.cpp_extension (whose own guess, the parent of
 nvcc's folder, is /usr/local for such a wrapper).
 
+torch is not a build requirement (pyproject.toml): under pip's build isolation it would be whatever
+torch pip downloads into the temporary build environment, not the one that runs the package, and the
+extension is not ABI-stable across torch releases. So a plain ``pip install .`` (or ``pip wheel .``)
+finds no torch and installs pure Python (the 'torch' and 'triton' backends); the report and a warning
+at import say so and give the command that builds the extension against the installed torch,
+``pip install --no-build-isolation --no-deps --force-reinstall .`` (``pip install --no-build-isolation
+-e .`` for development). A build with the extension requires exactly the torch release it was built
+against (``torch==X.Y.Z``), and ``import cld_fast`` refuses to load it under another one.
+
 Every build writes a report, ``cld_fast/_build_info.json`` (``cld_fast.build_info``; shown by
 ``cld-fast info``). When an expected CUDA part fails to build, a banner with the first lines of the
 compiler error goes to stderr and the CPU-only extension is built instead (unless
@@ -52,6 +61,7 @@ PACKAGE_DIR = {
     "cld_fast.triton_kernels": "triton_kernels",
     "cld_fast.models": "models",
 }
+PACKAGE_DATA = {"cld_fast": ["py.typed"]}  # py.typed: the package ships inline type hints (PEP 561)
 EXT_NAME = "cld_fast._C"
 ERROR_LINES = 20
 
@@ -269,27 +279,59 @@ def banner(report, outcome):
 # ---- the extension ------------------------------------------------------------------------------
 
 
+def torch_requirement(version=None):
+    """The install requirement on torch: the release the extension is built against (``==``, its local
+    label such as ``+cpu`` dropped), or ``torch>=2.11`` when no extension is built (``version`` None)."""
+    if not version:
+        return "torch>=2.11"
+    return f"torch=={_build_info().public_version(version)}"
+
+
+def _no_extension(info, reason, torch_missing):
+    """(ext_modules, cmdclass, torch requirement) of an install without ``cld_fast._C``: the build report
+    says why, in the source tree now and in the wheel / build folder through ``build_py``."""
+    from setuptools.command.build_py import build_py
+
+    report = info.new_report(skipped=reason, torch_missing=torch_missing, cuda_reason=reason)
+    # The source tree's report describes the extension built in place there (editable installs); a tree
+    # that holds one keeps its report, e.g. when an isolated `pip wheel .` runs in a developer's checkout.
+    if not glob.glob(os.path.join(ROOT, "cld_fast", "_C*.so")) + glob.glob(os.path.join(ROOT, "cld_fast", "_C*.pyd")):
+        info.write_report(report, [os.path.join(ROOT, "cld_fast")])
+
+    class ReportingBuildPy(build_py):
+        """``build_py`` that also writes the build report into the built package."""
+
+        def run(self):
+            super().run()
+            info.write_report(report, [os.path.join(self.build_lib, "cld_fast")])
+
+    return [], {"build_py": ReportingBuildPy}, torch_requirement(None)
+
+
 def _extensions():
-    """Return (ext_modules, cmdclass); empty where torch is missing or the extension is skipped."""
+    """Return (ext_modules, cmdclass, torch requirement); no extension where torch is missing or it is
+    skipped (the build report then says why)."""
     require = _flag("CLD_FAST_REQUIRE_CUDA")
+    info = _build_info()
     if _flag("CLD_FAST_SKIP_CPU_EXT"):
         if require:
             raise SystemExit("cld_fast setup: CLD_FAST_REQUIRE_CUDA=1 conflicts with CLD_FAST_SKIP_CPU_EXT=1")
         _log("CLD_FAST_SKIP_CPU_EXT set: not building cld_fast._C")
-        return [], {}
+        return _no_extension(info, "CLD_FAST_SKIP_CPU_EXT=1", torch_missing=False)
     try:
         import torch
         from torch.utils import cpp_extension as ce
-    except Exception as exc:  # torch missing: pure-Python install
+    except Exception as exc:  # torch missing (pip's build isolation): pure-Python install
         if require:
             raise SystemExit(f"cld_fast setup: CLD_FAST_REQUIRE_CUDA=1 but torch is not importable ({exc})")
-        _log(f"torch not importable ({exc}); building no extension")
-        return [], {}
-    info = _build_info()
+        reason = f"torch was not importable at build time ({type(exc).__name__}: {exc})"
+        _log(f"{reason}; building no extension. The 'torch' and 'triton' backends will work; to build the C++ "
+             f"kernels against your torch run in the source folder: {info.BUILD_COMMAND}")
+        return _no_extension(info, reason, torch_missing=True)
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not cpu_sources:
-        return [], {}
+        return _no_extension(info, "no C++ sources under csrc/", torch_missing=False)
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-std=c++20"]
@@ -412,29 +454,19 @@ def _extensions():
                 for path in info.write_report(rep, dirs):
                     _log(f"build report: {path}")
 
-    return [cuda_ext or cpu_ext], {"build_ext": CldBuildExt.with_options(no_python_abi_suffix=False)}
+    return ([cuda_ext or cpu_ext], {"build_ext": CldBuildExt.with_options(no_python_abi_suffix=False)},
+            torch_requirement(torch.__version__))
 
 
 if __name__ == "__main__":  # setuptools (pip's build backend too) runs this file as __main__
-    ext_modules, cmdclass = _extensions()
+    # Metadata (name, version, licence, extras, scripts) lives in pyproject.toml; the torch requirement
+    # is dynamic: pinned to the release the extension is built against.
+    ext_modules, cmdclass, torch_req = _extensions()
     setup(
-        name="cld_fast",
-        version="0.1.0",
-        description="Fused kernels, samplers and training for critically-damped Langevin diffusion",
         packages=PACKAGES,
         package_dir=PACKAGE_DIR,
-        python_requires=">=3.9",
-        install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
-        extras_require={
-            # diffusers in "test": it installs from PyPI in ~13 s with its deps, so CI runs the
-            # diffusers scheduler tests (tests/test_diffusers_scheduler.py skips without it).
-            "test": ["pytest", "scipy", "mpmath", "matplotlib", "triton>=3.6", "diffusers>=0.42"],
-            "triton": ["triton"],
-            "diffusers": ["diffusers>=0.42"],
-            "bench": ["matplotlib", "pytest-benchmark"],
-        },
-        entry_points={"console_scripts": ["cld-fast=cld_fast.cli:main"]},
+        package_data=PACKAGE_DATA,
+        install_requires=[torch_req, "numpy", "tqdm", "matplotlib"],
         ext_modules=ext_modules,
         cmdclass=cmdclass,
-        zip_safe=False,
     )

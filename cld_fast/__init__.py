@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 
+from . import _extension
 from . import backends  # callable: cld_fast.backends() lists the backends that can run here
 from .checks import value_checks
 from .ops import (Noise, em_step_, gddim_history, gddim_step_, half_step_, hsm_loss, mixed_score, perturb, pf_drift,
@@ -19,6 +20,9 @@ from .ops import (Noise, em_step_, gddim_history, gddim_step_, half_step_, hsm_l
 from .sde import CLD, VPSDE, PerturbationKernel
 
 __version__ = "0.1.0"
+
+# A build for another torch, or an install without the extension, says so once (a UserWarning).
+_extension.check_build()
 
 # Public names that live in modules imported on first use (keeps `import cld_fast` light).
 _LAZY = {
@@ -51,6 +55,11 @@ def __getattr__(name):
     if name in _LAZY_MODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'cld_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    """The module's names including the lazy ones (``dir(cf)``, tab completion)."""
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

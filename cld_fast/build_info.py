@@ -21,6 +21,14 @@ is still visible afterwards: ``cld-fast info`` prints it and the ``cuda`` backen
     torch           torch version at build time
     torch_cuda      torch.version.cuda at build time (null for a CPU build of torch)
     require_cuda    CLD_FAST_REQUIRE_CUDA was set (a CUDA failure then failed the install)
+    skipped         why no build of the extension was attempted ('' when one was): CLD_FAST_SKIP_CPU_EXT,
+                    or torch not importable at build time (``torch_missing``)
+    torch_missing   torch could not be imported by the build, as under pip's build isolation: the
+                    package was installed without ``cld_fast._C`` (``BUILD_COMMAND`` builds it)
+
+The extension is not ABI-stable across torch versions: ``torch_mismatch`` compares the recorded
+``torch`` with the running one and the package refuses to load a mismatched build (see
+``cld_fast._extension``).
 
 This module only uses the standard library: ``setup.py`` loads it by path (before the package can
 be imported) to write the report with ``write_report``; the package reads it with ``read_report``.
@@ -36,7 +44,10 @@ FILENAME = "_build_info.json"
 REPORT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), FILENAME)
 FORMAT = 1
 FIELDS = ("format", "timestamp", "cuda_expected", "cuda_reason", "cuda_built", "cpu_built", "error_head",
-          "cpu_error_head", "cuda_home", "cuda_home_from", "nvcc", "torch", "torch_cuda", "require_cuda")
+          "cpu_error_head", "cuda_home", "cuda_home_from", "nvcc", "torch", "torch_cuda", "require_cuda", "skipped",
+          "torch_missing")
+# Builds the extension against the torch of the environment pip installs into (run in the source folder).
+BUILD_COMMAND = "pip install --no-build-isolation --no-deps --force-reinstall ."
 _KEY = 24  # column width of ``cld-fast info``
 
 
@@ -45,7 +56,7 @@ def new_report(**values) -> dict:
     report = {
         "format": FORMAT, "timestamp": None, "cuda_expected": False, "cuda_reason": "", "cuda_built": False,
         "cpu_built": False, "error_head": [], "cpu_error_head": [], "cuda_home": None, "cuda_home_from": None,
-        "nvcc": None, "torch": None, "torch_cuda": None, "require_cuda": False,
+        "nvcc": None, "torch": None, "torch_cuda": None, "require_cuda": False, "skipped": "", "torch_missing": False,
     }
     unknown = set(values) - set(report)
     if unknown:
@@ -110,6 +121,34 @@ def cuda_failure_message(report: Optional[dict] = None, path: Optional[str] = No
     return text
 
 
+def public_version(version: Optional[str]) -> str:
+    """``'2.13.0+cpu'`` -> ``'2.13.0'`` (the local label names the build flavour, not the release)."""
+    return (version or "").split("+", 1)[0]
+
+
+def torch_mismatch(report: Optional[dict], running: str) -> str:
+    """A message when ``report`` records an extension built against another torch release than
+    ``running`` (``torch.__version__``), else ''. Builds that recorded no torch are not compared."""
+    if not report or not report.get("cpu_built") or not report.get("torch"):
+        return ""
+    if public_version(report["torch"]) == public_version(running):
+        return ""
+    return (f"cld_fast._C was built against torch {report['torch']} but torch {running} is running; "
+            "the extension is not ABI-stable across torch versions, so it is not loaded (the 'cpu' and "
+            "'cuda' backends are off, 'triton' and 'torch' still work). Rebuild it against this torch "
+            f"from the source folder: {BUILD_COMMAND}")
+
+
+def missing_torch_message(report: Optional[dict]) -> str:
+    """A message when the package was built without torch (pip's build isolation), else ''."""
+    if not report or not report.get("torch_missing"):
+        return ""
+    return ("cld_fast was installed without its compiled extension cld_fast._C: torch was not importable "
+            "when it was built (pip's build isolation hides the installed torch). The 'torch' and "
+            "'triton' backends work; for the C++ CPU (and CUDA) kernels build it against your torch "
+            f"from the source folder: {BUILD_COMMAND} (or pip install --no-build-isolation -e .)")
+
+
 def info_lines(report: Optional[dict] = None, path: Optional[str] = None, error_lines: int = 12) -> List[str]:
     """The build report as ``cld-fast info`` prints it (key column of 24 characters).
 
@@ -130,7 +169,13 @@ def info_lines(report: Optional[dict] = None, path: Optional[str] = None, error_
         out.append(f"{'cuda build':<{_KEY}} ok; {home}")
     else:
         out.append(f"{'cuda build':<{_KEY}} not attempted ({report.get('cuda_reason') or 'not expected'})")
-    if not report.get("cpu_built"):
+    if report.get("torch"):
+        out.append(f"{'built against torch':<{_KEY}} {report.get('torch')}")
+    if report.get("skipped"):
+        out.append(f"{'extension not built':<{_KEY}} {report.get('skipped')}")
+        if report.get("torch_missing"):
+            out.append(f"{'to build it':<{_KEY}} {BUILD_COMMAND}  (in the source folder)")
+    elif not report.get("cpu_built"):
         out.append(f"{'cpu build FAILED':<{_KEY}} the extension cld_fast._C was not built")
         out += [f"{'':<{_KEY}} | {ln}" for ln in (report.get("cpu_error_head") or [])[:error_lines]]
     return out

@@ -92,6 +92,8 @@ def _add_train_parser(sub) -> None:
                         "(fail, the default) or is left out with a warning (skip)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-every", type=int, help="steps between loss logs (the only host syncs)")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log the scalars to <out>/tensorboard (pip install 'cld_fast[tensorboard]')")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--keep", type=int, help="checkpoints to keep (newest N)")
     g.add_argument("--sample-every", type=int, help="steps between sample plots (0: only at the end)")
@@ -162,11 +164,25 @@ def _add_selftest_parser(sub) -> None:
     p.add_argument("--out", metavar="FILE.md", help="also write the report as Markdown to FILE.md")
 
 
+def _version_line() -> str:
+    """``cld-fast X (torch Y)``: the package version and the torch it runs on."""
+    from . import __version__
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except Exception:  # noqa: BLE001 - --version must work even with a broken torch
+        torch_version = "not importable"
+    return f"cld-fast {__version__} (torch {torch_version})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cld-fast",
         description="Critically-damped Langevin diffusion, fast: fused kernels, samplers and a trainer.",
         epilog="run 'cld-fast COMMAND --help' for the options of a command")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(sub)
     _add_sample_parser(sub)
@@ -198,7 +214,7 @@ def _overrides(args) -> dict:
         "data_path": "data_path", "npz_key": "npz_key", "image_size": "image_size", "dequantize": "dequantize",
         "log_every": "log_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
         "sample_every": "sample_every", "sample_steps": "sample_steps", "eval_steps": "eval_steps",
-        "eval_samples": "eval_samples", "bad_images": "bad_images",
+        "eval_samples": "eval_samples", "bad_images": "bad_images", "tensorboard": "tensorboard",
     }
     out = {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
     if args.no_flip:

@@ -79,6 +79,7 @@ class TrainConfig:
     num_threads: Optional[int] = None  # CPU intra-op threads (None: torch's default)
     # --- bookkeeping ------------------------------------------------------------------------
     log_every: int = 100
+    tensorboard: bool = False          # also write the logged scalars to <run>/tensorboard (extra)
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
     sample_every: int = 0              # snapshot plot every N steps (0: only at the end)

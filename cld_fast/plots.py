@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["scatter_2d", "image_grid", "quality_figure", "grid_array"]
+__all__ = ["scatter_2d", "image_grid", "quality_figure", "grid_array", "grid_scale", "log_floor_note"]
 
 
 def _plt():
@@ -71,13 +71,27 @@ def scatter_2d(samples, path: str, data=None, title: str = "", limits: Optional[
         plt.close(fig)
 
 
-def grid_array(images, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
-    """(n, C, H, W) images in [-1, 1] -> one (H', W', 3) uint8 grid."""
+def grid_scale(h: int, w: int, min_side: int = 64) -> int:
+    """Integer nearest-neighbour upscaling factor so that an h x w image is at least ``min_side`` pixels
+    on its longer side (1 for images that are already that large)."""
+    return max(1, int(math.ceil(min_side / max(h, w, 1))))
+
+
+def grid_array(images, nrow: Optional[int] = None, pad: int = 2, scale: Optional[int] = None) -> np.ndarray:
+    """(n, C, H, W) images in [-1, 1] -> one (H', W', 3) uint8 grid.
+
+    ``scale``: every pixel becomes a scale x scale block (nearest neighbour, no smoothing), so that
+    16x16 or 32x32 samples are visible in an image viewer; None: ``grid_scale(H, W)`` (4 for 16x16,
+    2 for 32x32, 1 from 64x64 on).
+    """
     x = _np(images)
     if x.ndim != 4:
         raise ValueError(f"images must be (n, C, H, W), got shape {x.shape}")
     x = np.clip((x + 1.0) * 0.5, 0.0, 1.0)
     n, c, h, w = x.shape
+    scale = grid_scale(h, w) if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
     if c == 1:
         x = np.repeat(x, 3, axis=1)
     elif c != 3:
@@ -89,18 +103,33 @@ def grid_array(images, nrow: Optional[int] = None, pad: int = 2) -> np.ndarray:
         r, q = divmod(i, nrow)
         y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
         grid[y0:y0 + h, x0:x0 + w] = x[i].transpose(1, 2, 0)
-    return (grid * 255.0 + 0.5).astype(np.uint8)
+    grid = (grid * 255.0 + 0.5).astype(np.uint8)
+    return np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1) if scale > 1 else grid
 
 
-def image_grid(images, path: str, nrow: Optional[int] = None) -> str:
-    """Save (n, C, H, W) images in [-1, 1] as one PNG grid; returns ``path``."""
+def image_grid(images, path: str, nrow: Optional[int] = None, scale: Optional[int] = None) -> str:
+    """Save (n, C, H, W) images in [-1, 1] as one PNG grid, upscaled as ``grid_array`` says; returns ``path``."""
     plt = _plt()
-    arr = grid_array(images, nrow)
+    arr = grid_array(images, nrow, scale=scale)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     plt.imsave(tmp, arr)
     os.replace(tmp, path)
     return path
+
+
+LOG_FLOOR = 1e-6  # the lowest value a log-scale quality plot draws
+
+
+def log_floor_note(values: Sequence[float], floor: float = LOG_FLOOR) -> str:
+    """'' when every value can be drawn on a log axis, else a note saying which values (<= ``floor``,
+    e.g. negative energy distances within the estimator noise) are drawn at ``floor``."""
+    low = [v for v in values if not v > floor]
+    if not low:
+        return ""
+    shown = ", ".join(f"{v:.2g}" for v in sorted(low)[:3]) + (", ..." if len(low) > 3 else "")
+    return (f"{len(low)} value(s) <= {floor:g} ({shown}; below 0 means within the estimator noise) "
+            f"drawn at {floor:g} as hollow markers")
 
 
 def quality_figure(path: str, samples, data, curves: Dict[str, Sequence[Tuple[int, float]]],
@@ -121,11 +150,19 @@ def quality_figure(path: str, samples, data, curves: Dict[str, Sequence[Tuple[in
     a0.set_title(title or "samples vs. data", fontsize=9)
     for name, pts in curves.items():
         pts = sorted(pts)
-        a1.plot([p[0] for p in pts], [max(p[1], 1e-6) for p in pts], marker="o", label=name)
+        line, = a1.plot([p[0] for p in pts], [max(p[1], LOG_FLOOR) for p in pts], marker="o", label=name)
+        low = [p for p in pts if not p[1] > LOG_FLOOR]
+        if low:  # clamped points: hollow, so they can't be read as measured values
+            a1.plot([p[0] for p in low], [LOG_FLOOR] * len(low), ls="none", marker="o", ms=9, mfc="white",
+                    mec=line.get_color())
     if floor is not None:
-        a1.axhline(max(abs(floor), 1e-6), color="0.5", ls="--", lw=1, label="|data vs. data| (estimator noise)")
+        a1.axhline(max(abs(floor), LOG_FLOOR), color="0.5", ls="--", lw=1, label="|data vs. data| (estimator noise)")
     if baseline is not None:
-        a1.axhline(max(baseline, 1e-6), color="tab:red", ls=":", lw=1.2, label="Gaussian fitted to the data")
+        a1.axhline(max(baseline, LOG_FLOOR), color="tab:red", ls=":", lw=1.2, label="Gaussian fitted to the data")
+    note = log_floor_note([p[1] for pts in curves.values() for p in pts]
+                          + ([baseline] if baseline is not None else []))
+    if note:
+        a1.text(0.01, 0.01, note, transform=a1.transAxes, fontsize=6.5, color="0.3", wrap=True)
     a1.set_xscale("log")
     a1.set_yscale("log")
     a1.set_xlabel("sampler steps (network evaluations)")

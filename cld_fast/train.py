@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import signal
 import sys
@@ -199,20 +200,56 @@ def _make_optimizer(config: TrainConfig, params, device: torch.device) -> torch.
     return torch.optim.Adam(params, foreach=True, **kw)
 
 
-class _JsonlWriter:
-    def __init__(self, path: Optional[str]):
+TENSORBOARD_HINT = "pip install 'cld_fast[tensorboard]' (or pip install tensorboard)"
+
+
+def tensorboard_writer(log_dir: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` for ``log_dir``; ImportError naming the extra to
+    install when the optional ``tensorboard`` package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError(f"tensorboard logging (--tensorboard / TrainConfig.tensorboard) needs the tensorboard "
+                          f"package: {TENSORBOARD_HINT}") from exc
+    return SummaryWriter(log_dir=log_dir)
+
+
+def _scalars(record: Dict[str, Any], prefix: str = ""):
+    """(tag, value) of every finite int/float in ``record`` (nested dicts as 'eval/energy_distance'), bar 'step'."""
+    for key, value in record.items():
+        if key == "step" and not prefix:
+            continue
+        if isinstance(value, dict):
+            yield from _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield f"{prefix}{key}", float(value)
+
+
+class _MetricsWriter:
+    """``metrics.jsonl`` (one JSON record per line) and, when ``tensorboard_dir`` is given, every
+    numeric field of each record as a TensorBoard scalar at ``record['step']``."""
+
+    def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None):
         self.path = path
+        self._tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
         self._f = open(path, "a", buffering=1) if path else None
 
     def write(self, record: Dict[str, Any]) -> None:
         if self._f is not None:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
+        if self._tb is not None:
+            for tag, value in _scalars(record):
+                self._tb.add_scalar(tag, value, global_step=int(record.get("step", 0)))
+            self._tb.flush()
 
     def close(self):
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,7 +263,8 @@ class Trainer:
 
     Args:
         config: a :class:`cld_fast.config.TrainConfig`.
-        run_dir: the run folder (``checkpoints/``, ``samples/``, ``metrics.jsonl``, ``config.json``).
+        run_dir: the run folder (``checkpoints/``, ``samples/``, ``metrics.jsonl``, ``config.json``;
+            ``tensorboard/`` with ``config.tensorboard``).
         model: use this network instead of building one from ``config.model`` (tests, custom nets);
             it is called as ``model(u, t)``.
         resume: None (fresh run; refuses a folder that already holds checkpoints), ``"latest"``
@@ -480,7 +518,7 @@ class Trainer:
         norms = torch._foreach_norm([t.float() for t in tensors])
         return bool(torch.isfinite(torch.stack(norms)).all().item())
 
-    def _log(self, metrics: "_JsonlWriter", bar, t_last: float, step_last: int) -> Dict[str, Any]:
+    def _log(self, metrics: "_MetricsWriter", bar, t_last: float, step_last: int) -> Dict[str, Any]:
         loss_sum = self._loss_sum.clone()
         count = torch.tensor(float(self._loss_count), device=self.device)
         if self.world_size > 1:
@@ -636,7 +674,8 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.config
         self._init_accumulators()
-        metrics = _JsonlWriter(os.path.join(self.run_dir, "metrics.jsonl") if self.is_main else None)
+        tb_dir = os.path.join(self.run_dir, "tensorboard") if (self.is_main and cfg.tensorboard) else None
+        metrics = _MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl") if self.is_main else None, tb_dir)
         if self.is_main:
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=1)
@@ -729,7 +768,7 @@ class Trainer:
         raise TrainingInterrupted(self._stop_signal, self.step, path)
 
     # -- phase 6 --------------------------------------------------------------------------------
-    def _finish(self, metrics: "_JsonlWriter", last_record: Dict[str, Any], train_time: float) -> TrainResult:
+    def _finish(self, metrics: "_MetricsWriter", last_record: Dict[str, Any], train_time: float) -> TrainResult:
         cfg = self.config
         path = self.save_checkpoint()
         result = TrainResult(run_dir=self.run_dir, step=self.step, loss=last_record.get("loss"), checkpoint=path,
@@ -742,7 +781,7 @@ class Trainer:
         result.wall_time = time.time() - self.t_start
         return result
 
-    def _evaluate_toy(self, result: TrainResult, metrics: "_JsonlWriter") -> None:
+    def _evaluate_toy(self, result: TrainResult, metrics: "_MetricsWriter") -> None:
         """Energy distance of EMA samples to fresh data (SSCS, ``eval_steps``), samples .npz, quality figure."""
         import numpy as np
 
@@ -788,6 +827,9 @@ class Trainer:
                     r = self.sample(n, s, m, seed=cfg.seed + 2024, network=net)
                     curves[m].append((s, energy_distance(r.x, ref)))
             record["eval"]["curves"] = {m: [[s, e] for s, e in v] for m, v in curves.items()}
+            note = plots.log_floor_note([e for v in curves.values() for _, e in v] + [gauss_ed])
+            if note:  # the figure's log axis can't show these: say so next to the numbers too
+                record["eval"]["plot_note"] = note
             result.quality_plot = plots.quality_figure(
                 os.path.join(self.run_dir, "quality.png"), res.x, ref, curves, floor=floor, baseline=gauss_ed,
                 title=f"{cfg.data}: {main_method} {cfg.eval_steps} steps, energy distance {ed:.4f}")
