@@ -838,7 +838,7 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
            callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False,
            rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None, order: Optional[int] = None,
            predict: Optional[str] = None, u: Optional[torch.Tensor] = None,
-           timesteps=None) -> SampleResult:
+           timesteps=None, max_nfe: Optional[int] = None) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
