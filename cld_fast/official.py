@@ -25,8 +25,8 @@ import torch
 
 from .sde import CLD
 
-__all__ = ["OfficialRun", "from_official", "flatten_config", "sde_settings", "build_sde", "make_score_fn", "describe_sde",
-           "SDE_DEFAULTS"]
+__all__ = ["OfficialRun", "from_official", "flatten_config", "sde_settings", "build_sde", "make_score_fn",
+           "describe_sde", "SDE_DEFAULTS"]
 
 # Official CIFAR-10 values (configs/specific_cifar10.txt); a config that omits a key gets these.
 SDE_DEFAULTS: Dict[str, Any] = {
@@ -166,7 +166,9 @@ def make_score_fn(model: Callable, sde: CLD, mixed: bool, objective: str, autoca
 
 def _data_shape(flat: Mapping[str, Any]) -> Tuple[int, ...]:
     is_image = flat.get("is_image")
-    is_image = _to_bool(is_image, "is_image") if is_image is not None else str(flat.get("name", "ncsnpp")).lower() != "mlp"
+    if is_image is None:
+        is_image = str(flat.get("name", "ncsnpp")).lower() != "mlp"
+    is_image = _to_bool(is_image, "is_image")
     if not is_image:
         return (int(flat.get("data_dim", 2)),)
     c = int(flat.get("image_channels", flat.get("num_channels", 3)))
