@@ -85,7 +85,7 @@ def test_dry_run_passes_and_writes_the_summary(tmp_path):
     for stage, (status, seconds, budget, log) in rows.items():
         assert int(budget) == budgets[stage]
         assert log == f"{stage}.log" and (out / log).exists()
-        assert float(seconds) <= budgets[stage] + 15
+        assert float(seconds) <= 3 * budgets[stage] + 15  # the dry run's limit: 3x the GPU budget
     for key in ("| device |", "| torch |", "| triton |", "| nvcc |", "| date |", "dry run"):
         assert key in text
     failing = {s: r[0] for s, r in rows.items() if r[0] not in ("pass", "skipped")}
