@@ -209,6 +209,9 @@ def test_sampler_launches_one_kernel_per_nfe():
     with Record() as mode:
         res = cf.sample(lambda u, t: u[:, 2:].neg(), (8, 2), sde, steps=6, method="gddim")
     loop = mode.ops[mode.ops.index("index_select"):]
+    end = len(loop) - loop[::-1].index("add_")  # after the last step-counter increment: the final check
+    loop, tail = loop[:end], loop[end:]
+    assert tail.count("_local_scalar_dense") == 1 and "gddim_step_" not in tail, tail  # one host read, after the loop
     assert res.nfe == 6
     assert loop.count("gddim_step_") == 6, loop
     assert sorted(set(loop)) == ["add_", "gddim_step_", "index_select", "neg"], loop

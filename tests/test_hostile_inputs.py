@@ -509,3 +509,29 @@ def test_triton_loss_gradient_float64_state_bf16_output(weighting, sde):
     got, want = grads["triton"].double(), grads["torch"].double()
     assert bool(torch.isfinite(got).all()) and float(got.abs().min()) > 0
     assert torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("method", ["sscs", "em", "gddim"])
+def test_final_finite_check_adds_no_sync_inside_the_loop(method, sde):
+    """Host reads do not grow with the step count, and the finite check's read follows the last step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    reads = {}
+    for steps in (4, 12):
+        with Record() as rec:
+            cf.sample(lambda u, t: u[:, 2:].neg(), (8, 2), sde, steps=steps, method=method, backend="torch",
+                      generator=torch.Generator().manual_seed(0))
+        reads[steps] = rec.ops.count("_local_scalar_dense")
+        last_read = len(rec.ops) - 1 - rec.ops[::-1].index("_local_scalar_dense")
+        assert rec.ops[last_read - 2:last_read + 1] == ["bitwise_not", "sum", "_local_scalar_dense"], rec.ops[-8:]
+        assert last_read == len(rec.ops) - 1  # nothing runs after the check
+    assert reads[4] == reads[12]
