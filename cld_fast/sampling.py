@@ -137,7 +137,7 @@ class _Evaluator:
     def __init__(self, score_fn, sde, x_shape, fold_ok: bool = True):
         if not callable(score_fn):
             raise TypeError(f"score_fn must be callable as score_fn(u, t), got {type(score_fn).__name__}")
-        self.fold = bool(fold_ok and isinstance(score_fn, NetworkScore) and score_fn.mixed
+        self.fold = bool(fold_ok and isinstance(score_fn, NetworkScore) and score_fn.hsm_mixed
                          and isinstance(sde, CLD) and score_fn.sde == sde)
         self.fn = score_fn.raw if self.fold else score_fn
         self.x_shape = tuple(x_shape)
@@ -289,9 +289,10 @@ def _sscs_begin(plan: _FixedPlan, sde, u, seed, backend):
     return step
 
 
-def _sscs_step(plan: _FixedPlan, sde, u, y, step, mixed, seed, backend):
+def _sscs_step(plan: _FixedPlan, sde, u, y, step, mixed, seed, backend, official_half_steps=False):
     """The fused rest of step ``step`` (score Euler step, closing and next opening half steps)."""
-    ops.sscs_step_(u, y, plan.grid, sde, step=step, mixed=mixed, seed=seed, backend=backend)
+    ops.sscs_step_(u, y, plan.grid, sde, step=step, mixed=mixed, seed=seed, backend=backend,
+                   official_half_steps=official_half_steps)
 
 
 def _cld_denoise(plan: _FixedPlan, sde, u, y, mixed, backend):
@@ -305,7 +306,7 @@ def _run_sscs(run: "SamplerRun", plan: _FixedPlan):
 
     def one_step():
         y = ev(u, _time_vector(plan.t_net, step, batch))
-        _sscs_step(plan, run.sde, u, y, step, ev.fold, run.seed, run.backend)
+        _sscs_step(plan, run.sde, u, y, step, ev.fold, run.seed, run.backend, run.sscs_official_half_steps)
         step.add_(1)
 
     _run_fixed(one_step, plan.n, 0, plan, u, run.bar, run.callback, run.cuda_graph)
@@ -612,6 +613,7 @@ class SamplerRun:
     atol: float
     order: Optional[int] = None
     predict: Optional[str] = None
+    sscs_official_half_steps: bool = False
 
 
 @dataclass(frozen=True)
@@ -651,6 +653,7 @@ def sampler_names(sde=None) -> tuple:
 
 
 register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,), default_striding="quadratic",
+                 options=("sscs_official_half_steps",),
                  summary="symmetric splitting CLD sampler: exact linear half steps around a score Euler step")
 register_sampler("em", _fixed_step_loop(_run_cld_em), sdes=(CLD, VPSDE),
                  summary="Euler-Maruyama on the reverse SDE")
@@ -668,7 +671,8 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
            striding: Optional[str] = None, denoise: bool = True, generator: Optional[torch.Generator] = None, device=None,
            progress: bool = False, callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32,
            cuda_graph: bool = False, rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None,
-           order: Optional[int] = None, predict: Optional[str] = None) -> SampleResult:
+           order: Optional[int] = None, predict: Optional[str] = None,
+           sscs_official_half_steps: bool = False) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
@@ -701,6 +705,10 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         backend: force a kernel backend (see ``cld_fast.backends``).
         order: "gddim" only: multistep order 1, 2 (default) or 3.
         predict: "gddim" only: "eps" (default; extrapolate eps_R) or "x0" (extrapolate E[x0 | u]).
+        sscs_official_half_steps: "sscs" only: reproduce the official CLD-SGM sampler, whose closing
+            half step integrates beta over the first half of the step (``CLD.sscs_closing_half_step``):
+            a known difference for non-constant beta (beta1 != 0), where the default is the exact
+            split; identical for constant beta. For comparing with published numbers.
     Returns:
         ``SampleResult(x, v, nfe, u)``.
     """
@@ -718,7 +726,10 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
     eps = _check_eps(eps)
     striding = spec.default_striding if striding is None else striding
     _check_striding(striding)
-    for name, value in (("order", order), ("predict", predict)):
+    if not isinstance(sscs_official_half_steps, bool):
+        raise TypeError(f"sscs_official_half_steps must be a bool, got {type(sscs_official_half_steps).__name__}")
+    for name, value in (("order", order), ("predict", predict),
+                        ("sscs_official_half_steps", sscs_official_half_steps or None)):
         if value is not None and name not in spec.options:
             raise ValueError(f"{name}= is an option of {[n for n, s in SAMPLERS.items() if name in s.options]}, "
                              f"not of method={method!r}")
@@ -752,7 +763,7 @@ def sample(score_fn: Callable, shape: Sequence[int], sde, steps: int = 50, metho
         bar = _progress(progress, steps if spec.fixed_steps else None, method)
         run = SamplerRun(sde=sde, ev=ev, u=u, steps=steps, eps=eps, striding=striding, denoise=denoise, seed=seed,
                          bar=bar, callback=callback, cuda_graph=cuda_graph, backend=backend, rtol=rtol, atol=atol,
-                         order=order, predict=predict)
+                         order=order, predict=predict, sscs_official_half_steps=sscs_official_half_steps)
         try:
             nfe = spec.loop(run)
         finally:
