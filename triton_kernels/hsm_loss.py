@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ._common import (check_index, check_sde, check_shape, check_state, check_times, device_guard, elementwise_config,
                       gpu_tiles, launch, load_rows, store, tile_coords, tile_grid, to_compute)
-from .coefficients import OBJECTIVE_CODES, OUTPUT_CODES, WEIGHTING_CODES, load_sde, loss_coefficients
+from .coefficients import OBJECTIVE_CODES, OUT_MIXED, OUT_SCORE, OUTPUT_CODES, WEIGHTING_CODES, load_sde, loss_coefficients
 from .philox import TAG_PERTURB, load_key, normal_z1
 
 # Programs the forward aims for when a row block's D can be split: 4 per SM of the largest GPUs
@@ -67,6 +67,19 @@ def _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS: tl.constex
         return to_compute(normal_z1(rows * D + cols, k0, k1, 0, TAG_PERTURB), F64)
 
 
+@triton.jit
+def _residual(o, e, c, a, u_ptr, rows, cols, s_ub, s_us, s_ud, mask, OUTPUT: tl.constexpr, F64: tl.constexpr):
+    """a out + c v - eps_v. Only the mixed output has c != 0 (so only it reads v) and only the score
+    output a != 1."""
+    if OUTPUT == OUT_MIXED:
+        v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
+        return o + c * v - e
+    elif OUTPUT == OUT_SCORE:
+        return a * o - e
+    else:
+        return o - e
+
+
 @triton.jit(do_not_specialize=["bits"])
 def _loss_fwd_kernel(
     out_ptr, u_ptr, t_ptr, sde_ptr, eps_ptr, seed_ptr, part_ptr,
@@ -99,9 +112,8 @@ def _loss_fwd_kernel(
         cols = (col0 + it * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64))[None, :]
         mask = rmask & (cols < D)
         o = to_compute(tl.load(out_ptr + rows * s_ob + cols * s_od, mask=mask, other=0.0), F64)
-        v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
         e = _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS, F64)
-        r = a * o + c * v - e
+        r = _residual(o, e, c, a, u_ptr, rows, cols, s_ub, s_us, s_ud, mask, OUTPUT, F64)
         acc += tl.where(mask, r * r, 0.0)
     per_row = w * tl.sum(acc, axis=1)[:, None]
     if SUM_ROWS:  # the only program: write the 0-d sum over samples
@@ -141,7 +153,7 @@ def _loss_bwd_kernel(
     WEIGHTING: tl.constexpr, HAS_EPS: tl.constexpr, F64: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBJECTIVE: tl.constexpr, OUTPUT: tl.constexpr,
 ):
-    rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
+    rows, _, _ = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     rmask = rows < B
     t = load_rows(t_ptr, rows, s_t, rmask, 1.0)
     beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
@@ -149,16 +161,20 @@ def _loss_bwd_kernel(
     c = to_compute(c64, F64)
     w = to_compute(w64, F64) * _scale(bits, F64)
     a = to_compute(a64, F64)
+    # the columns after the float64 coefficient math, so they are not live across its calls
+    rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     g = to_compute(tl.load(grad_ptr + rows * s_g, mask=rmask, other=0.0), F64)
     k0 = 0
     k1 = 0
     if not HAS_EPS:
         k0, k1 = load_key(seed_ptr)
     o = to_compute(tl.load(out_ptr + rows * s_ob + cols * s_od, mask=mask, other=0.0), F64)
-    v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
     e = _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS, F64)
-    r = a * o + c * v - e
-    store(dout_ptr + rows * s_db + cols * s_dd, (2.0 * (w * g) * a) * r, mask)
+    r = _residual(o, e, c, a, u_ptr, rows, cols, s_ub, s_us, s_ud, mask, OUTPUT, F64)
+    factor = 2.0 * (w * g)
+    if OUTPUT == OUT_SCORE:
+        factor = factor * a
+    store(dout_ptr + rows * s_db + cols * s_dd, factor * r, mask)
 
 
 def _check(out, u, t, sde, weighting, eps_v, seed, objective, output):
