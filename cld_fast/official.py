@@ -145,23 +145,13 @@ def make_score_fn(model: Callable, sde: CLD, mixed: bool, objective: str, autoca
     """``cf.score_fn`` for the official ``mixed_score`` / ``cld_objective`` settings.
 
     The official score is ``-v / s_vv_hsm(t) * mixed + out * noise_multiplier(t)`` with the noise
-    multiplier of the configured objective. ``cf.score_fn`` covers mixed HSM; DSM and non-mixed
-    outputs need its ``objective=`` option, else ``NotImplementedError`` names the missing option
-    (its ``mixed=False`` alone means "the output is the score", not the official non-mixed form).
+    multiplier of the configured objective: ``mixed_score=False`` is ``output="eps"`` (score =
+    -out / l22), not ``mixed=False`` (which means the output is the score itself).
     """
     from .score import score_fn
 
-    params = inspect.signature(score_fn).parameters
-    if "objective" in params:
-        return score_fn(model, sde, mixed=mixed, objective=objective, autocast_dtype=autocast_dtype)
-    if objective != "hsm":
-        raise NotImplementedError(f"config cld_objective={objective!r}: cf.score_fn in this version has no "
-                                  "objective= option, so the DSM noise multiplier cannot be applied")
-    if not mixed:
-        raise NotImplementedError("config mixed_score=False: the official non-mixed score is "
-                                  "out * noise_multiplier(t); cf.score_fn in this version has no objective= "
-                                  "option for it (its mixed=False means the output is the score itself)")
-    return score_fn(model, sde, mixed=True, autocast_dtype=autocast_dtype)
+    return score_fn(model, sde, output="mixed" if mixed else "eps", objective=objective,
+                    autocast_dtype=autocast_dtype)
 
 
 def _data_shape(flat: Mapping[str, Any]) -> Tuple[int, ...]:
@@ -272,7 +262,7 @@ def from_official(config: Any, model_or_checkpoint: Any, use_ema: bool = True, b
         ``steps``, ``method``, ``striding``, ``denoise`` and ``sample()`` / ``likelihood()``.
     Raises:
         NotImplementedError: config options this version cannot reproduce (non-'cld' SDE, a non-linear
-            beta, DSM or non-mixed scores without ``cf.score_fn(objective=...)``).
+            beta).
         TypeError / ValueError: a config or model of the wrong kind, unreadable values.
     """
     flat = flatten_config(config)

@@ -24,20 +24,24 @@ Argument conventions shared by all ops (B samples, D elements of one sample's x)
     eps    explicit noise in the state dtype; seed (1,) int64 for in-kernel Philox
            (``cld_fast.philox``: the op's tag, counter word c2 = step, 0 for perturb); neither: none
     int enums: objective (``sde.OBJECTIVE_CODES``), weighting (``sde.WEIGHTING_CODES``),
-           kind (``sde.AFFINE_KINDS``)
+           output (``sde.OUTPUT_CODES``), kind (``sde.AFFINE_KINDS``)
 
 Ops (noise tags in brackets):
 
     perturb       out <- A(t) (x0, v0) + L(t) (z0, z1)                                   [PERTURB]
-    hsm_loss_fwd  scale * w(t) * sum_d (out + c(t) v - eps_v)^2, per sample (reduction 0, (B,))
-                  or summed over samples (reduction 1, 0-d); in the state dtype
-    hsm_loss_bwd  d loss / d out = 2 scale w grad (out + c v - eps_v); grad 0-d or (B,)
-    mixed_score   -v / s_vv(t) - out / l22(t)                                            (B, D)
+    hsm_loss_fwd  scale * w(t) * sum_d (a(t) out + c(t) v - eps_v)^2, per sample (reduction 0, (B,))
+                  or summed over samples (reduction 1, 0-d); in the state dtype; (c, w, a) of
+                  ``CLD.loss_coefficients(t, weighting, objective, output)``
+    hsm_loss_bwd  d loss / d out = 2 scale w grad a (a out + c v - eps_v); grad 0-d or (B,)
+    mixed_score   c0(t) v + c1(t) out, (c0, c1) of ``CLD.score_coefficients(t, objective, output)``
+                  (default codes: -v / s_vv(t) - out / l22(t))                           (B, D)
     half_step_    u <- reverse linear half step from ts[step] to ts[step + 1]            [HALF_STEP]
     sscs_step_    SSCS after a network evaluation at ts[i], i = step: v <- alpha v + kappa y, the
                   closing half step (ts[i] - h/2 -> ts[i + 1]) with (z0, z1), the opening half step
                   of step i + 1 (ts[i + 1] -> ts[i + 1] - h_{i+1}/2) with (z2, z3) when i + 2 <= S
-                  (else nothing); ``mixed`` folds the mixed score so y is the network output [SSCS]
+                  (else nothing); ``mixed`` folds the mixed score so y is the network output;
+                  ``official_half``: the closing half step spans ts[i] -> ts[i] - h/2 instead
+                  (``CLD.sscs_closing_half_step``, the official sampler's beta integral) [SSCS]
     affine_step   out <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z0) for the step
                   ts[step] -> ts[step + 1]: kind em (noise), denoise (none), pf_drift (the
                   forward-time ODE drift at ts[step]; ts[step + 1] is not read)            [AFFINE]
@@ -58,7 +62,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 from . import philox
-from .sde import AFFINE_KINDS, CLD, WEIGHTINGS, cld_from_params
+from .sde import AFFINE_KINDS, CLD, OBJECTIVES, OUTPUTS, WEIGHTINGS, cld_from_params
 
 NAMESPACE = "cld_fast"
 TRITON_NAMESPACE = "cld_fast_triton"
@@ -100,9 +104,11 @@ def _at(ts: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return ts.index_select(0, index.reshape(1)).to(torch.float64)
 
 
-def loss_coefficients_from(sde: torch.Tensor, t: torch.Tensor, weighting: int) -> torch.Tensor:
-    """(B, 2) float64 (c, w) of the loss for the kernel arguments (sde params tensor, weighting code)."""
-    return _cld(sde).loss_coefficients(t.to(torch.float64), WEIGHTINGS[weighting])
+def loss_coefficients_from(sde: torch.Tensor, t: torch.Tensor, weighting: int, objective: int = 0,
+                           output: int = 0) -> torch.Tensor:
+    """(B, 3) float64 (c, w, a) of the loss for the kernel arguments (sde params tensor, enum codes)."""
+    return _cld(sde).loss_coefficients(t.to(torch.float64), WEIGHTINGS[weighting], OBJECTIVES[objective],
+                                       OUTPUTS[output])
 
 
 def perturb_ref(x0, v0, t, sde, objective, eps, seed, out):
@@ -128,31 +134,31 @@ def perturb_ref(x0, v0, t, sde, objective, eps, seed, out):
     out[:, 1] = mv
 
 
-def _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed):
-    cld = _cld(sde)
+def _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed, objective, output):
+    """(r, scale * w, a): r = a out + c v - eps_v per element, in the state dtype."""
     acc = u.dtype
-    cw = cld.loss_coefficients(t.to(torch.float64), WEIGHTINGS[weighting]).to(acc)
+    cwa = loss_coefficients_from(sde, t, weighting, objective, output).to(acc)
     v = u[:, 1].to(acc)
     if eps_v is None:
         eps_v = _normals(v.shape, seed, torch.zeros_like(seed), philox.TAG_PERTURB, 2, acc)[1]
-    r = out.to(acc) + cw[:, 0:1] * v - eps_v.to(acc)
-    return r, cw[:, 1] * scale
+    r = cwa[:, 2:3] * out.to(acc) + cwa[:, 0:1] * v - eps_v.to(acc)
+    return r, cwa[:, 1] * scale, cwa[:, 2:3]
 
 
-def hsm_loss_fwd_ref(out, u, t, sde, weighting, scale, reduction, eps_v, seed):
-    r, w = _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed)
+def hsm_loss_fwd_ref(out, u, t, sde, weighting, scale, reduction, eps_v, seed, objective=0, output=0):
+    r, w, _ = _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed, objective, output)
     per_sample = w * (r * r).sum(dim=1)
     return per_sample.sum() if reduction == 1 else per_sample
 
 
-def hsm_loss_bwd_ref(grad, out, u, t, sde, weighting, scale, eps_v, seed):
-    r, w = _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed)
+def hsm_loss_bwd_ref(grad, out, u, t, sde, weighting, scale, eps_v, seed, objective=0, output=0):
+    r, w, a = _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed, objective, output)
     g = grad.to(r.dtype).expand(u.shape[0])
-    return ((2.0 * (w * g)).unsqueeze(1) * r).to(out.dtype)
+    return ((2.0 * (w * g)).unsqueeze(1) * (a * r)).to(out.dtype)
 
 
-def mixed_score_ref(out, u, t, sde):
-    c = _cld(sde).mixed_score_coefficients(t.to(torch.float64)).to(u.dtype)
+def mixed_score_ref(out, u, t, sde, objective=0, output=0):
+    c = _cld(sde).score_coefficients(t.to(torch.float64), OBJECTIVES[objective], OUTPUTS[output]).to(u.dtype)
     return c[:, 0:1] * u[:, 1] + c[:, 1:2] * out.to(u.dtype)
 
 
@@ -181,14 +187,14 @@ def half_step_ref(u, ts, step, sde, eps, seed):
     u[:, 1] = nv
 
 
-def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed):
+def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed, official_half=False):
     cld = _cld(sde)
     last = ts.numel() - 1
     t0, t1 = _at(ts, step), _at(ts, step + 1)
     h = t0 - t1
     mix = cld.mixed_score_coefficients(t0) if mixed else None
     ak = cld.score_step_coefficients(t0, h, mixed=mix).to(u.dtype)
-    closing = cld.half_step_coefficients(t0 - 0.5 * h, t0 - 0.5 * h - t1).to(u.dtype)
+    closing = cld.half_step_coefficients(*cld.sscs_closing_half_step(t0, t1, official_half)).to(u.dtype)
     t2 = _at(ts, torch.clamp(step + 2, max=last))
     opening = cld.half_step_coefficients(t1, 0.5 * (t1 - t2))
     identity = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64, device=ts.device)
@@ -255,16 +261,16 @@ def _none(*args, **kwargs) -> None:
     return None
 
 
-def _hsm_loss_fwd_fake(out, u, t, sde, weighting, scale, reduction, eps_v, seed):
+def _hsm_loss_fwd_fake(out, u, t, sde, weighting, scale, reduction, eps_v, seed, objective, output):
     shape = () if reduction == 1 else (u.shape[0],)
     return u.new_empty(shape)
 
 
-def _hsm_loss_bwd_fake(grad, out, u, t, sde, weighting, scale, eps_v, seed):
+def _hsm_loss_bwd_fake(grad, out, u, t, sde, weighting, scale, eps_v, seed, objective, output):
     return out.new_empty((u.shape[0], u.shape[2]))
 
 
-def _mixed_score_fake(out, u, t, sde):
+def _mixed_score_fake(out, u, t, sde, objective, output):
     return u.new_empty((u.shape[0], u.shape[2]))
 
 
@@ -278,17 +284,19 @@ OPS: Dict[str, OpDef] = {d.name: d for d in (
          ("out",), _none, perturb_ref),
     _def("hsm_loss_fwd",
          "(Tensor out, Tensor u, Tensor t, Tensor sde, int weighting, float scale, int reduction, Tensor? eps_v, "
-         "Tensor? seed) -> Tensor",
+         "Tensor? seed, int objective, int output) -> Tensor",
          (), _hsm_loss_fwd_fake, hsm_loss_fwd_ref),
     _def("hsm_loss_bwd",
          "(Tensor grad, Tensor out, Tensor u, Tensor t, Tensor sde, int weighting, float scale, Tensor? eps_v, "
-         "Tensor? seed) -> Tensor",
+         "Tensor? seed, int objective, int output) -> Tensor",
          (), _hsm_loss_bwd_fake, hsm_loss_bwd_ref),
-    _def("mixed_score", "(Tensor out, Tensor u, Tensor t, Tensor sde) -> Tensor", (), _mixed_score_fake, mixed_score_ref),
+    _def("mixed_score", "(Tensor out, Tensor u, Tensor t, Tensor sde, int objective, int output) -> Tensor", (),
+         _mixed_score_fake, mixed_score_ref),
     _def("half_step_", "(Tensor(a!) u, Tensor ts, Tensor step, Tensor sde, Tensor? eps, Tensor? seed) -> ()",
          ("u",), _none, half_step_ref),
     _def("sscs_step_",
-         "(Tensor(a!) u, Tensor y, Tensor ts, Tensor step, Tensor sde, bool mixed, Tensor? eps, Tensor? seed) -> ()",
+         "(Tensor(a!) u, Tensor y, Tensor ts, Tensor step, Tensor sde, bool mixed, Tensor? eps, Tensor? seed, "
+         "bool official_half) -> ()",
          ("u",), _none, sscs_step_ref),
     _def("affine_step",
          "(Tensor u, Tensor y, Tensor ts, Tensor step, Tensor sde, int kind, bool mixed, Tensor? eps, Tensor? seed, "

@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import backends, checks, opdefs, philox
-from .sde import AFFINE_KIND_CODES, CLD, GDDIM_COLS, GDDIM_PREDICTIONS, OBJECTIVE_CODES, WEIGHTING_CODES, kernel_params
+from .sde import (AFFINE_KIND_CODES, CLD, GDDIM_COLS, GDDIM_PREDICTIONS, OBJECTIVE_CODES, OUTPUT_CODES, WEIGHTING_CODES,
+                  kernel_params)
 
 
 @dataclass(frozen=True)
@@ -129,39 +130,45 @@ class _HSMLoss(torch.autograd.Function):
     """HSM loss; backward is one elementwise kernel (eps_v regenerated from the seed if seeded)."""
 
     @staticmethod
-    def forward(ctx, out2, u3, t, params, weighting, scale, reduction, eps_v, seed, backend_name):
+    def forward(ctx, out2, u3, t, params, weighting, scale, reduction, eps_v, seed, backend_name, objective, output):
         mod = backends.get(backend_name)
-        loss = _run(mod, "hsm_loss_fwd", out2, u3, t, params, weighting, scale, reduction, eps_v, seed)
+        loss = _run(mod, "hsm_loss_fwd", out2, u3, t, params, weighting, scale, reduction, eps_v, seed, objective,
+                    output)
         ctx.save_for_backward(out2, u3, t, params, eps_v, seed)
-        ctx.args = (weighting, scale, backend_name)
+        ctx.args = (weighting, scale, backend_name, objective, output)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         out2, u3, t, params, eps_v, seed = ctx.saved_tensors
-        weighting, scale, backend_name = ctx.args
+        weighting, scale, backend_name, objective, output = ctx.args
         mod = backends.get(backend_name)
-        grad_out = _run(mod, "hsm_loss_bwd", grad, out2, u3, t, params, weighting, scale, eps_v, seed)
+        grad_out = _run(mod, "hsm_loss_bwd", grad, out2, u3, t, params, weighting, scale, eps_v, seed, objective,
+                        output)
         grad_u = None
         if ctx.needs_input_grad[1]:
-            # d loss / d v = c(t) d loss / d out; only when u itself requires grad (not in training).
-            cw = opdefs.loss_coefficients_from(params, t, weighting).to(u3.dtype)
+            # d loss / d v = (c / a) d loss / d out; only when u itself requires grad (not in training).
+            cwa = opdefs.loss_coefficients_from(params, t, weighting, objective, output).to(u3.dtype)
             grad_u = torch.zeros_like(u3)
-            grad_u[:, 1] = cw[:, 0:1] * grad_out.to(u3.dtype)
-        return grad_out, grad_u, None, None, None, None, None, None, None, None
+            grad_u[:, 1] = (cwa[:, 0:1] / cwa[:, 2:3]) * grad_out.to(u3.dtype)
+        return grad_out, grad_u, None, None, None, None, None, None, None, None, None, None
 
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
 def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, noise: Noise,
-             weighting: str = "reweightedv2", reduction: str = "mean", backend: Optional[str] = None) -> torch.Tensor:
-    """Hybrid score matching loss of the mixed score parameterisation, fused and differentiable in ``out``.
+             weighting: str = "reweightedv2", reduction: str = "mean", backend: Optional[str] = None,
+             objective: str = "hsm", output: str = "mixed") -> torch.Tensor:
+    """Score matching loss of the official CLD-SGM code (HSM or DSM), fused and differentiable in ``out``.
 
-    Per sample, summed over data dimensions:
-      ``reweightedv2`` (default): (out + v l22 / s_vv - eps_v)^2
-      ``likelihood``: (score + eps_v / l22)^2 beta(t) Gamma with score = -v / s_vv - out / l22.
+    With score = score_fn output for ``output`` (``CLD.score_coefficients``; default the mixed score
+    -v / s_vv - out / l22) and l22, eps_v of the ``objective``'s perturbation kernel, per sample,
+    summed over data dimensions (``CLD.loss_coefficients``):
+      ``reweightedv2`` (default): (-l22 score - eps_v)^2, for the mixed score (out + v l22 / s_vv - eps_v)^2
+      ``reweightedv1``: the same times beta(t) Gamma
+      ``likelihood``: (score + eps_v / l22)^2 beta(t) Gamma.
     The kernel computes l22, s_vv and the weight from ``t`` itself and reduces over samples too
     (deterministically), so the forward is one launch (two where a long row is split into chunks)
     and the backward one elementwise launch.
@@ -172,8 +179,12 @@ def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, nois
         t: (B,) forward times used for ``u``.
         sde: the CLD used for ``u``.
         noise: the handle ``perturb`` returned with ``u``.
-        weighting: "reweightedv2" or "likelihood".
+        weighting: "reweightedv2", "reweightedv1" or "likelihood".
         reduction: "mean" (scalar, the official training loss), "sum", or "none" ((B,) per sample).
+        objective: "hsm" (default) or "dsm" (denoising score matching, official ``cld_objective``):
+            must be the objective ``perturb`` drew ``u`` with.
+        output: what the network outputs: "mixed" (default, official ``mixed_score=True``), "eps"
+            (official ``mixed_score=False``: score = -out / l22) or "score" (out is the score).
     Returns:
         The loss in u's dtype (float32 or float64); gradients flow to ``out``.
     """
@@ -182,8 +193,14 @@ def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, nois
     checks.tensor(out, "out", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
     if not isinstance(noise, Noise):
         raise TypeError(f"noise must be the Noise handle returned by cld_fast.perturb, got {type(noise).__name__}")
-    if noise.objective != "hsm":
-        raise ValueError(f"hsm_loss needs noise from perturb(objective='hsm'), got objective={noise.objective!r}")
+    if objective not in OBJECTIVE_CODES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVE_CODES)}, got {objective!r}")
+    if output not in OUTPUT_CODES:
+        raise ValueError(f"output must be one of {tuple(OUTPUT_CODES)} (what the network predicts), got {output!r}")
+    if noise.objective != objective:
+        raise ValueError(f"noise was drawn by perturb(objective={noise.objective!r}) but hsm_loss got "
+                         f"objective={objective!r}; pass objective={noise.objective!r} (the loss must match the "
+                         f"perturbation kernel)")
     if weighting not in WEIGHTING_CODES:
         raise ValueError(f"weighting must be one of {tuple(WEIGHTING_CODES)}, got {weighting!r}")
     if reduction not in _REDUCTIONS:
@@ -204,14 +221,24 @@ def hsm_loss(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, nois
     eps_v = None if noise.eps is None else noise.eps[:, 1].to(u.dtype)
     scale = 1.0 / b if reduction == "mean" else 1.0
     return _HSMLoss.apply(_flat(out), _state_read(u), _times(t), kernel_params(sde, u.device),
-                          WEIGHTING_CODES[weighting], scale, 0 if reduction == "none" else 1, eps_v, noise.seed, mod.NAME)
+                          WEIGHTING_CODES[weighting], scale, 0 if reduction == "none" else 1, eps_v, noise.seed, mod.NAME,
+                          OBJECTIVE_CODES[objective], OUTPUT_CODES[output])
 
 
-def mixed_score(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, backend: Optional[str] = None) -> torch.Tensor:
-    """Mixed score grad_v log p_t(u) = -v / s_vv(t) - out / l22(t) (HSM kernel), one launch.
+def mixed_score(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, backend: Optional[str] = None,
+                objective: str = "hsm", output: str = "mixed") -> torch.Tensor:
+    """Score grad_v log p_t(u) = c0(t) v + c1(t) out from a network output, one launch.
 
-    out (B, C, ...) network output, u (B, 2C, ...) state, t (B,) forward times; returns x's shape in u's dtype.
+    Default: the mixed score -v / s_vv(t) - out / l22(t) (HSM kernel). ``objective="dsm"`` takes l22
+    from the DSM kernel (the official score function of DSM-trained models); ``output="eps"``:
+    -out / l22 (official ``mixed_score=False``); ``output="score"``: out itself
+    (``CLD.score_coefficients``). out (B, C, ...) network output, u (B, 2C, ...) state, t (B,)
+    forward times; returns x's shape in u's dtype.
     """
+    if objective not in OBJECTIVE_CODES:
+        raise ValueError(f"objective must be one of {tuple(OBJECTIVE_CODES)}, got {objective!r}")
+    if output not in OUTPUT_CODES:
+        raise ValueError(f"output must be one of {tuple(OUTPUT_CODES)} (what the network predicts), got {output!r}")
     _check_sde(sde)
     checks.tensor(u, "u", min_dim=2)
     checks.tensor(out, "out", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
@@ -221,7 +248,8 @@ def mixed_score(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: CLD, b
     checks.same_device(u, "u", out=out)
     checks.time(t, u.shape[0], u.device)
     mod = backends.select(u.device, u.dtype, backend)
-    score = _run(mod, "mixed_score", _flat(out), _state_read(u), _times(t), kernel_params(sde, u.device))
+    score = _run(mod, "mixed_score", _flat(out), _state_read(u), _times(t), kernel_params(sde, u.device),
+                 OBJECTIVE_CODES[objective], OUTPUT_CODES[output])
     return score.view(x_shape)
 
 
@@ -351,7 +379,8 @@ def half_step_(u: torch.Tensor, ts, sde: CLD, step=0, seed=None, eps: Optional[t
 
 
 def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool = False, seed=None,
-               eps: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+               eps: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+               official_half_steps: bool = False) -> torch.Tensor:
     """In place: the fused SSCS update after the network evaluation of step i = ``step`` (one launch per NFE).
 
     With t = ts[i] and h = ts[i] - ts[i + 1]: v <- alpha v + kappa y (the score's Euler step at t;
@@ -364,13 +393,18 @@ def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bo
         u: (B, 2C, ...) state; y: (B, C, ...) score or network output (fp32/bf16/fp16).
         ts: (S + 1,) forward-time grid; sde: the CLD; mixed: y is a mixed-score network output.
         step, seed, eps: as in ``half_step_``; eps has shape (B, 4, D).
+        official_half_steps: the closing half step spans t -> t - h/2 like the official sampler's
+            (``CLD.sscs_closing_half_step``; differs from the default only for non-constant beta).
     """
+    if not isinstance(official_half_steps, bool):
+        raise TypeError(f"official_half_steps must be a bool, got {type(official_half_steps).__name__}")
     ts, step, eps = _prepare_step(u, y, ts, sde, step, eps, 4, "sscs_step_")
     mod = backends.select(u.device, u.dtype, backend)
     s = _seed(seed, u.device)
     params = kernel_params(sde, u.device)
     y2 = _flat(y)
-    return _inplace(u, lambda u3: _run_step(mod, "sscs_step_", "sscs_step_", ts.numel(), u3, y2, ts, step, params, bool(mixed), eps, s))
+    return _inplace(u, lambda u3: _run_step(mod, "sscs_step_", "sscs_step_", ts.numel(), u3, y2, ts, step, params, bool(mixed), eps, s,
+                                                 official_half_steps))
 
 
 def em_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool = False, denoise: bool = False,

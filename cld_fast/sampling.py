@@ -222,7 +222,7 @@ class _Evaluator:
 
     def __init__(self, score_fn, sde, x_shape, fold_ok: bool = True):
         _check_score_callable(score_fn)
-        self.fold = bool(fold_ok and isinstance(score_fn, NetworkScore) and score_fn.mixed
+        self.fold = bool(fold_ok and isinstance(score_fn, NetworkScore) and score_fn.hsm_mixed
                          and isinstance(sde, CLD) and score_fn.sde == sde)
         self.fn = score_fn.raw if self.fold else score_fn
         self.x_shape = tuple(x_shape)
@@ -381,9 +381,10 @@ def _sscs_begin(plan: _FixedPlan, sde, u, seed, backend):
     return step
 
 
-def _sscs_step(plan: _FixedPlan, sde, u, y, step, mixed, seed, backend):
+def _sscs_step(plan: _FixedPlan, sde, u, y, step, mixed, seed, backend, official_half_steps=False):
     """The fused rest of step ``step`` (score Euler step, closing and next opening half steps)."""
-    ops.sscs_step_(u, y, plan.grid, sde, step=step, mixed=mixed, seed=seed, backend=backend)
+    ops.sscs_step_(u, y, plan.grid, sde, step=step, mixed=mixed, seed=seed, backend=backend,
+                   official_half_steps=official_half_steps)
 
 
 def _cld_denoise(plan: _FixedPlan, sde, u, y, mixed, backend):
@@ -397,7 +398,7 @@ def _run_sscs(run: "SamplerRun", plan: _FixedPlan):
 
     def one_step():
         y = ev(u, _time_vector(plan.t_net, step, batch))
-        _sscs_step(plan, run.sde, u, y, step, ev.fold, run.seed, run.backend)
+        _sscs_step(plan, run.sde, u, y, step, ev.fold, run.seed, run.backend, run.sscs_official_half_steps)
         step.add_(1)
 
     _run_fixed(one_step, plan.n, 0, plan, u, run.bar, run.callback, run.cuda_graph)
@@ -725,6 +726,7 @@ class SamplerRun:
     max_nfe: int = ODE_MAX_NFE
     timesteps: Optional[torch.Tensor] = None  # custom (n + 1,) float64 CPU grid (fixed-step samplers)
     t_start: float = 1.0  # the forward time of ``u`` ("ode": where the integration starts)
+    sscs_official_half_steps: bool = False
 
 
 @dataclass(frozen=True)
@@ -769,6 +771,7 @@ def sampler_names(sde=None) -> tuple:
 
 
 register_sampler("sscs", _fixed_step_loop(_run_sscs), sdes=(CLD,), default_striding="quadratic", custom_grid=True,
+                 options=("sscs_official_half_steps",),
                  summary="symmetric splitting CLD sampler: exact linear half steps around a score Euler step")
 register_sampler("em", _fixed_step_loop(_run_cld_em), sdes=(CLD, VPSDE), custom_grid=True,
                  summary="Euler-Maruyama on the reverse SDE")
@@ -838,7 +841,7 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
            callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False,
            rtol: float = 1e-5, atol: float = 1e-5, backend: Optional[str] = None, order: Optional[int] = None,
            predict: Optional[str] = None, u: Optional[torch.Tensor] = None,
-           timesteps=None, max_nfe: Optional[int] = None) -> SampleResult:
+           timesteps=None, max_nfe: Optional[int] = None, sscs_official_half_steps: bool = False) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
@@ -887,6 +890,10 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
             [t_start, t_end]: the adaptive solver integrates between them (it picks its own steps).
         max_nfe: "ode" only: the most score evaluations allowed (default ``ODE_MAX_NFE`` = 10000,
             the denoising step included); past it :class:`NFEBudgetError` names the time reached.
+        sscs_official_half_steps: "sscs" only: reproduce the official CLD-SGM sampler, whose closing
+            half step integrates beta over the first half of the step (``CLD.sscs_closing_half_step``):
+            a known difference for non-constant beta (beta1 != 0), where the default is the exact
+            split; identical for constant beta. For comparing with published numbers.
     Returns:
         ``SampleResult(x, v, nfe, u)``.
     Raises:
@@ -906,7 +913,10 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
     ts, steps, eps = _check_grid(timesteps, steps, eps, striding, denoise, spec, u is not None)
     striding = spec.default_striding if striding is None else striding
     _check_striding(striding)
-    for name, value in (("order", order), ("predict", predict)):
+    if not isinstance(sscs_official_half_steps, bool):
+        raise TypeError(f"sscs_official_half_steps must be a bool, got {type(sscs_official_half_steps).__name__}")
+    for name, value in (("order", order), ("predict", predict),
+                        ("sscs_official_half_steps", sscs_official_half_steps or None)):
         if value is not None and name not in spec.options:
             raise ValueError(f"{name}= is an option of {[n for n, s in SAMPLERS.items() if name in s.options]}, "
                              f"not of method={method!r}")
@@ -948,7 +958,8 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
                          bar=bar, callback=callback, cuda_graph=cuda_graph, backend=backend, rtol=rtol, atol=atol,
                          order=order, predict=predict, timesteps=ts if spec.fixed_steps else None,
                          t_start=1.0 if ts is None else float(ts[0]),
-                         max_nfe=ODE_MAX_NFE if max_nfe is None else max_nfe)
+                         max_nfe=ODE_MAX_NFE if max_nfe is None else max_nfe,
+                         sscs_official_half_steps=sscs_official_half_steps)
         try:
             nfe = spec.loop(run)
         finally:

@@ -2,11 +2,13 @@
 
     score = cf.score_fn(model, sde)          # mixed score (the default): -v / s_vv(t) - out / l22(t)
     s = score(u, t)                          # u (B, 2C, ...), t (B,) forward times -> (B, C, ...)
+    score = cf.score_fn(model, sde, objective="dsm", output="eps")  # a DSM model with mixed_score=False
 
 The returned ``NetworkScore`` is a plain callable (any ``score_fn(u, t)`` works with ``cf.sample``),
-but it also exposes ``model``, ``sde``, ``mixed`` and ``raw(u, t)`` (the network output), so
-``cf.sample`` can fold the mixed-score coefficients into its per-step tables and hand the raw output
-straight to the fused kernels. Calls run the model in eval mode without autograd; ``.differentiable()``
+but it also exposes ``model``, ``sde``, ``objective``, ``output`` and ``raw(u, t)`` (the network
+output), so ``cf.sample`` can fold the HSM mixed-score coefficients into its fused step kernels and
+hand the raw output straight to them (other objective / output modes go through the one-launch
+``cf.mixed_score`` op with their own coefficients, then the plain-score kernels). Calls run the model in eval mode without autograd; ``.differentiable()``
 returns a variant that keeps the graph (``cf.likelihood`` needs vector-Jacobian products).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from . import checks, ops
-from .sde import CLD, VPSDE
+from .sde import CLD, OBJECTIVES, OUTPUTS, VPSDE
 
 _AUTOCAST_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                    "half": torch.float16}
@@ -61,36 +63,66 @@ class NetworkScore:
             an object with a tensor ``.sample`` (a diffusers ``UNet2DModel``) or a 1-tuple
             (``return_dict=False``); longer tuples are rejected (which entry is the output is unknown).
         sde: the ``CLD`` (or ``VPSDE``) the network was trained for.
-        mixed: True (default, the official ``mixed_score``): score = -v / s_vv(t) - out / l22(t) with the
-            HSM kernel (VP-SDE: -x / sigma^2 - out / sigma); False: ``out`` is the score itself.
+        mixed: shorthand for ``output``: True = "mixed", False = "score" (the older spelling).
         autocast_dtype: None, torch.bfloat16 or torch.float16: run the network under CUDA autocast
             (ignored, with a warning, on other devices). The output is cast to float32.
         differentiable: keep the autograd graph (see ``differentiable()``).
+        objective: CLD only: "hsm" (default) or "dsm", the official ``cld_objective`` the network was
+            trained with; the noise multiplier -1 / l22 comes from that objective's perturbation kernel
+            (``CLD.score_coefficients``), as in the official score function.
+        output: what ``out`` is. "mixed" (the default; official ``mixed_score=True``):
+            score = -v / s_vv(t) - out / l22(t), s_vv of the HSM kernel (VP-SDE: -x / var - out / sigma);
+            "eps" (official ``mixed_score=False``): score = -out / l22(t) (VP-SDE: -out / sigma);
+            "score": out is the score itself.
     """
 
-    def __init__(self, model: Callable, sde: Union[CLD, VPSDE], mixed: bool = True, autocast_dtype=None,
-                 differentiable: bool = False):
+    def __init__(self, model: Callable, sde: Union[CLD, VPSDE], mixed: Optional[bool] = None, autocast_dtype=None,
+                 differentiable: bool = False, objective: str = "hsm", output: Optional[str] = None):
         if not callable(model):
             raise TypeError(f"model must be callable as model(u, t), got {type(model).__name__}")
         if not isinstance(sde, (CLD, VPSDE)):
             raise TypeError(f"sde must be a cld_fast.CLD or cld_fast.VPSDE, got {type(sde).__name__}")
-        if not isinstance(mixed, bool):
+        if mixed is not None and not isinstance(mixed, bool):
             raise TypeError(f"mixed must be a bool, got {type(mixed).__name__}")
+        if output is None:
+            output = "score" if mixed is False else "mixed"
+        elif mixed is not None:
+            raise ValueError(f"pass either mixed={mixed} or output={output!r}, not both (mixed=True is "
+                             f"output='mixed', mixed=False is output='score')")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS} (what the network predicts), got {output!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if isinstance(sde, VPSDE) and objective != "hsm":
+            raise ValueError(f"objective={objective!r} applies to a CLD only (a VPSDE has no velocity)")
         self.model = model
         self.sde = sde
-        self.mixed = mixed
+        self.objective = objective
+        self.output = output
         self.autocast_dtype = _autocast_dtype(autocast_dtype)
         self.is_differentiable = bool(differentiable)
         self._warned_autocast = False
 
+    @property
+    def mixed(self) -> bool:
+        """Whether ``out`` is a mixed-score output (``output == "mixed"``)."""
+        return self.output == "mixed"
+
+    @property
+    def hsm_mixed(self) -> bool:
+        """The HSM mixed score of a CLD: the parameterisation the fused sampler kernels fold in themselves."""
+        return self.output == "mixed" and self.objective == "hsm" and isinstance(self.sde, CLD)
+
     def __repr__(self):
         name = type(self.model).__name__
-        return (f"NetworkScore(model={name}, sde={self.sde!r}, mixed={self.mixed}, "
-                f"autocast_dtype={self.autocast_dtype}, differentiable={self.is_differentiable})")
+        return (f"NetworkScore(model={name}, sde={self.sde!r}, objective={self.objective!r}, "
+                f"output={self.output!r}, autocast_dtype={self.autocast_dtype}, "
+                f"differentiable={self.is_differentiable})")
 
     def differentiable(self) -> "NetworkScore":
         """The same score function without ``torch.no_grad`` (gradients flow to u; the model stays in eval mode)."""
-        return NetworkScore(self.model, self.sde, self.mixed, self.autocast_dtype, differentiable=True)
+        return NetworkScore(self.model, self.sde, None, self.autocast_dtype, differentiable=True,
+                            objective=self.objective, output=self.output)
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -118,23 +150,25 @@ class NetworkScore:
     def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """grad_v log p_t(u) of the data shape, in u's dtype. u (B, 2C, ...) (VP-SDE: x (B, C, ...)), t (B,)."""
         out = self.raw(u, t)
-        if not self.mixed:
+        if self.output == "score":
             return out.to(u.dtype)
+        shape = (-1,) + (1,) * (u.dim() - 1)
         if isinstance(self.sde, VPSDE):
             coef = self.sde.mixed_score_coefficients(t).to(u.dtype)
-            shape = (-1,) + (1,) * (u.dim() - 1)
+            if self.output == "eps":
+                return coef[:, 1].view(shape) * out.to(u.dtype)
             return coef[:, 0].view(shape) * u + coef[:, 1].view(shape) * out.to(u.dtype)
         if self.is_differentiable and torch.is_grad_enabled():
             # Plain torch ops so autograd sees the dependence on v (the fused kernel has no backward).
-            coef = self.sde.mixed_score_coefficients(t).to(u.dtype)
+            coef = self.sde.score_coefficients(t, self.objective, self.output).to(u.dtype)
             v = torch.chunk(u, 2, dim=1)[1]
-            shape = (-1,) + (1,) * (u.dim() - 1)
             return coef[:, 0].view(shape) * v + coef[:, 1].view(shape) * out.to(u.dtype)
         with checks.value_checks(False):
-            return ops.mixed_score(out, u, t, self.sde)
+            return ops.mixed_score(out, u, t, self.sde, objective=self.objective, output=self.output)
 
 
-def score_fn(model: Callable, sde: Union[CLD, VPSDE], mixed: bool = True, autocast_dtype=None) -> NetworkScore:
+def score_fn(model: Callable, sde: Union[CLD, VPSDE], mixed: Optional[bool] = None, autocast_dtype=None,
+             objective: str = "hsm", output: Optional[str] = None) -> NetworkScore:
     """Wrap a network ``model(u, t) -> out`` (official CLD-SGM convention) into a score function.
 
     Args:
@@ -142,15 +176,19 @@ def score_fn(model: Callable, sde: Union[CLD, VPSDE], mixed: bool = True, autoca
             float32 forward times t (B,), in eval mode and without autograd. It may return a tensor,
             an object with a tensor ``.sample`` (diffusers' ``UNet2DModel``) or a 1-tuple of a tensor.
         sde: the ``CLD`` (or ``VPSDE``) the network was trained with.
-        mixed: True: score = -v / s_vv(t) - out / l22(t) (HSM kernel; the official default);
-            False: the network outputs the score directly.
+        mixed: shorthand for ``output``: True = "mixed", False = "score".
         autocast_dtype: None, torch.bfloat16 or torch.float16 for CUDA autocast; output cast to float32.
+        objective: "hsm" (default) or "dsm": the official ``cld_objective`` of the training run; the
+            noise multiplier -1 / l22(t) comes from that objective's perturbation kernel.
+        output: "mixed" (default, official ``mixed_score=True``): score = -v / s_vv(t) - out / l22(t)
+            (s_vv of the HSM kernel); "eps" (official ``mixed_score=False``): score = -out / l22(t);
+            "score": the network outputs the score directly.
     Returns:
         A ``NetworkScore``: ``score(u, t)`` -> (B, C, ...) grad_v log p_t(u). ``cf.sample`` recognises it
         and feeds the raw network output to its fused kernels; ``.differentiable()`` gives a variant
         that supports autograd (used by ``cf.likelihood``).
     """
-    return NetworkScore(model, sde, mixed=mixed, autocast_dtype=autocast_dtype)
+    return NetworkScore(model, sde, mixed=mixed, autocast_dtype=autocast_dtype, objective=objective, output=output)
 
 
 __all__ = ["NetworkScore", "score_fn", "network_output"]

@@ -28,7 +28,11 @@ import torch
 Number = Union[int, float]
 
 OBJECTIVES = ("hsm", "dsm")
-WEIGHTINGS = ("reweightedv2", "likelihood")
+# Appended, never reordered: the position is the code the kernels receive.
+WEIGHTINGS = ("reweightedv2", "likelihood", "reweightedv1")
+# What the network outputs (official CLD-SGM ``mixed_score``): "mixed" (True): score = -v / s_vv - out / l22;
+# "eps" (official mixed_score=False): score = -out / l22 (out predicts eps_v); "score": out is the score.
+OUTPUTS = ("mixed", "eps", "score")
 AFFINE_KINDS = ("em", "denoise", "pf_drift")
 
 # What the kernels receive: the CLD parameters as a (5,) float64 tensor in this order
@@ -38,6 +42,7 @@ AFFINE_KINDS = ("em", "denoise", "pf_drift")
 PARAMS = ("beta0", "beta1", "m_inv", "gamma", "numerical_eps")
 OBJECTIVE_CODES = {name: i for i, name in enumerate(OBJECTIVES)}
 WEIGHTING_CODES = {name: i for i, name in enumerate(WEIGHTINGS)}
+OUTPUT_CODES = {name: i for i, name in enumerate(OUTPUTS)}
 AFFINE_KIND_CODES = {name: i for i, name in enumerate(AFFINE_KINDS)}
 
 # Below this y the incomplete-gamma tail is summed as a series instead of 1 - exp(-y) * poly(y).
@@ -257,26 +262,59 @@ class CLD:
         return mean_x, mean_v, k
 
     # ---- score parameterisation and loss ---------------------------------------------------
-    def mixed_score_coefficients(self, t) -> torch.Tensor:
-        """(B, 2) float64 [-1/s_vv, -1/l22] of the HSM kernel: score = c0 * v + c1 * out."""
-        k = self.perturbation_kernel(t, "hsm")
-        return torch.stack([-1.0 / k.s_vv, -1.0 / k.l22], dim=-1)
+    def mixed_score_coefficients(self, t, objective: str = "hsm") -> torch.Tensor:
+        """(B, 2) float64 [-1/s_vv, -1/l22]: score = c0 * v + c1 * out (``score_coefficients``, output "mixed")."""
+        return self.score_coefficients(t, objective, "mixed")
 
-    def loss_coefficients(self, t, weighting: str = "reweightedv2") -> torch.Tensor:
-        """(B, 2) float64 [c, w] with per-sample loss w * sum((out + c * v - eps_v)^2).
+    def score_coefficients(self, t, objective: str = "hsm", output: str = "mixed") -> torch.Tensor:
+        """(B, 2) float64 [c0, c1] with score = c0 * v + c1 * out for a network trained with ``objective``.
 
-        ``reweightedv2``: w = 1. ``likelihood``: (score + eps_v / l22)^2 * beta * Gamma
-        = (out + c v - eps_v)^2 * beta * Gamma / l22^2 under the mixed score.
+        As the official CLD-SGM score function: the noise multiplier -1 / l22 comes from the kernel of
+        the objective (HSM: v0 marginalised; DSM: p(u_t | x0, v0)), the mixed term -v / s_vv always
+        from the HSM kernel (the velocity marginal the mixed parameterisation starts from).
+        ``output``: "mixed" (c0, c1) = (-1 / s_vv_hsm, -1 / l22); "eps" (official ``mixed_score=False``)
+        (0, -1 / l22); "score" (0, 1).
+        """
+        _check_objective(objective)
+        _check_output(output)
+        k = self.perturbation_kernel(t, objective)
+        if output == "score":
+            return torch.stack([torch.zeros_like(k.l22), torch.ones_like(k.l22)], dim=-1)
+        c1 = -1.0 / k.l22
+        if output == "eps":
+            return torch.stack([torch.zeros_like(c1), c1], dim=-1)
+        s_vv = k.s_vv if objective == "hsm" else self.perturbation_kernel(t, "hsm").s_vv
+        return torch.stack([-1.0 / s_vv, c1], dim=-1)
+
+    def loss_coefficients(self, t, weighting: str = "reweightedv2", objective: str = "hsm",
+                          output: str = "mixed") -> torch.Tensor:
+        """(B, 3) float64 [c, w, a] with per-sample loss w * sum((a * out + c * v - eps_v)^2).
+
+        The official loss in the residual r = -l22 * score - eps_v (score / noise multiplier - eps_v),
+        l22 of the objective's kernel and eps_v the velocity noise of that kernel's draw:
+        ``reweightedv2``: w = 1; ``reweightedv1``: w = beta Gamma; ``likelihood``:
+        (score + eps_v / l22)^2 beta Gamma, i.e. w = beta Gamma / l22^2. With score =
+        c0 v + c1 out (``score_coefficients``): a = -l22 c1, c = -l22 c0, so "mixed": a = 1,
+        c = l22 / s_vv_hsm; "eps": a = 1, c = 0; "score": a = -l22, c = 0.
         """
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        k = self.perturbation_kernel(t, "hsm")
-        c = k.l22 / k.s_vv
+        _check_objective(objective)
+        _check_output(output)
+        k = self.perturbation_kernel(t, objective)
+        if output == "mixed":
+            s_vv = k.s_vv if objective == "hsm" else self.perturbation_kernel(t, "hsm").s_vv
+            c = k.l22 / s_vv
+        else:
+            c = torch.zeros_like(k.l22)
+        a = -k.l22 if output == "score" else torch.ones_like(k.l22)
         if weighting == "reweightedv2":
             w = torch.ones_like(c)
+        elif weighting == "reweightedv1":
+            w = self.beta(t).expand_as(c) * self.Gamma
         else:
             w = self.beta(t).expand_as(c) * self.Gamma / (k.l22 * k.l22)
-        return torch.stack([c, w], dim=-1)
+        return torch.stack([c, w, a], dim=-1)
 
     # ---- prior -----------------------------------------------------------------------------
     def prior_sampling(self, shape, generator=None, device=None, dtype=torch.float32):
@@ -314,6 +352,20 @@ class CLD:
         a_xx, a_xv, a_vx, a_vv, s_xx, s_xv, s_vv = self._transition(-bd, 0.0, 0.0, 0.0)
         l11, l21, l22 = _cholesky2(s_xx, -s_xv, s_vv)
         return torch.stack([a_xx, -a_xv, -a_vx, a_vv, l11, l21, l22], dim=-1)
+
+    def sscs_closing_half_step(self, t0, t1, official_half_steps: bool = False):
+        """(t, h) of the closing half step of the SSCS step from forward time t0 to t1 (floats or tensors).
+
+        Default: the second half of the step, t0 - (t0 - t1) / 2 -> t1, which integrates beta over
+        that half. ``official_half_steps``: the official CLD-SGM sampler's span, t0 -> t0 - (t0 - t1) / 2,
+        i.e. beta integrated over the first half for both half steps: the same for constant beta,
+        an O(beta1 h^2) difference per step otherwise (reproduced for comparison with its numbers).
+        """
+        h = t0 - t1
+        if official_half_steps:
+            return t0, 0.5 * h
+        tc = t0 - 0.5 * h
+        return tc, tc - t1
 
     def half_step_covariance(self, t, h):
         """(s_xx, s_xv, s_vv) float64 of the reverse linear half step from t to t - h."""
@@ -564,6 +616,11 @@ def cld_from_params(params: torch.Tensor) -> "CLD":
 def _check_objective(objective):
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+def _check_output(output):
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS} (what the network predicts), got {output!r}")
 
 
 @dataclass(frozen=True)

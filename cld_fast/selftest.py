@@ -34,7 +34,7 @@ import torch
 
 from . import backends as _registry
 from . import opdefs, philox
-from .sde import AFFINE_KIND_CODES, CLD, OBJECTIVE_CODES, WEIGHTING_CODES, kernel_params
+from .sde import AFFINE_KIND_CODES, CLD, OBJECTIVE_CODES, OUTPUT_CODES, WEIGHTING_CODES, kernel_params
 
 # ---- tolerances (see the module docstring for the error measure) --------------------------------
 
@@ -280,7 +280,8 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
     grad_b = _State(torch.rand(b, generator=gen, dtype=torch.float64) + 0.5, sl)
     grad_0 = _State(torch.tensor(0.75, dtype=torch.float64))
     hsm, dsm = OBJECTIVE_CODES["hsm"], OBJECTIVE_CODES["dsm"]
-    rw, lik = WEIGHTING_CODES["reweightedv2"], WEIGHTING_CODES["likelihood"]
+    rw, lik, rw1 = WEIGHTING_CODES["reweightedv2"], WEIGHTING_CODES["likelihood"], WEIGHTING_CODES["reweightedv1"]
+    mix, eps_out, score_out = OUTPUT_CODES["mixed"], OUTPUT_CODES["eps"], OUTPUT_CODES["score"]
     em, den, pf = AFFINE_KIND_CODES["em"], AFFINE_KIND_CODES["denoise"], AFFINE_KIND_CODES["pf_drift"]
     E, S = MODE_EXPLICIT, MODE_SEED
 
@@ -293,28 +294,41 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
                 _Variant(E, "dsm v0 eps", [x0, v0, t, p, dsm, eps2, None, pout()]),
                 _Variant(S, "hsm seed", [x0, None, t, p, hsm, None, seed, pout()]),
                 _Variant(S, "dsm v0 seed", [x0, v0, t, p, dsm, None, seed, pout()])]
-    if name == "hsm_loss_fwd":  # (out, u, t, sde, weighting, scale, reduction, eps_v, seed)
-        return [_Variant(E, "reweightedv2 none", [out, u, t, p, rw, 1.0, 0, eps1, None]),
-                _Variant(E, "likelihood sum", [out, u, t, p, lik, 0.5, 1, eps1, None]),
-                _Variant(S, "reweightedv2 sum seed", [out, u, t, p, rw, 1.0 / b, 1, None, seed]),
-                _Variant(S, "likelihood none seed", [out, u, t, p, lik, 0.25, 0, None, seed])]
-    if name == "hsm_loss_bwd":  # (grad, out, u, t, sde, weighting, scale, eps_v, seed)
-        return [_Variant(E, "reweightedv2 grad (B,)", [grad_b, out, u, t, p, rw, 1.0, eps1, None]),
-                _Variant(E, "likelihood grad ()", [grad_0, out, u, t, p, lik, 0.5, eps1, None]),
-                _Variant(S, "reweightedv2 grad () seed", [grad_0, out, u, t, p, rw, 1.0 / b, None, seed]),
-                _Variant(S, "likelihood grad (B,) seed", [grad_b, out, u, t, p, lik, 0.25, None, seed])]
-    if name == "mixed_score":  # (out, u, t, sde)
-        return [_Variant(E, "", [out, u, t, p])]
+    if name == "hsm_loss_fwd":  # (out, u, t, sde, weighting, scale, reduction, eps_v, seed, objective, output)
+        return [_Variant(E, "reweightedv2 none", [out, u, t, p, rw, 1.0, 0, eps1, None, hsm, mix]),
+                _Variant(E, "likelihood sum", [out, u, t, p, lik, 0.5, 1, eps1, None, hsm, mix]),
+                _Variant(E, "reweightedv1 dsm none", [out, u, t, p, rw1, 1.0, 0, eps1, None, dsm, mix]),
+                _Variant(E, "likelihood dsm eps-output none", [out, u, t, p, lik, 1.0, 0, eps1, None, dsm, eps_out]),
+                _Variant(E, "reweightedv2 score-output sum", [out, u, t, p, rw, 0.5, 1, eps1, None, hsm, score_out]),
+                _Variant(S, "reweightedv2 sum seed", [out, u, t, p, rw, 1.0 / b, 1, None, seed, hsm, mix]),
+                _Variant(S, "likelihood none seed", [out, u, t, p, lik, 0.25, 0, None, seed, hsm, mix]),
+                _Variant(S, "reweightedv1 dsm score-output none seed",
+                         [out, u, t, p, rw1, 0.25, 0, None, seed, dsm, score_out])]
+    if name == "hsm_loss_bwd":  # (grad, out, u, t, sde, weighting, scale, eps_v, seed, objective, output)
+        return [_Variant(E, "reweightedv2 grad (B,)", [grad_b, out, u, t, p, rw, 1.0, eps1, None, hsm, mix]),
+                _Variant(E, "likelihood grad ()", [grad_0, out, u, t, p, lik, 0.5, eps1, None, hsm, mix]),
+                _Variant(E, "reweightedv1 dsm grad (B,)", [grad_b, out, u, t, p, rw1, 1.0, eps1, None, dsm, mix]),
+                _Variant(E, "likelihood score-output grad ()",
+                         [grad_0, out, u, t, p, lik, 0.5, eps1, None, dsm, score_out]),
+                _Variant(S, "reweightedv2 grad () seed", [grad_0, out, u, t, p, rw, 1.0 / b, None, seed, hsm, mix]),
+                _Variant(S, "likelihood grad (B,) seed", [grad_b, out, u, t, p, lik, 0.25, None, seed, hsm, mix]),
+                _Variant(S, "reweightedv1 eps-output grad (B,) seed",
+                         [grad_b, out, u, t, p, rw1, 0.25, None, seed, hsm, eps_out])]
+    if name == "mixed_score":  # (out, u, t, sde, objective, output)
+        return [_Variant(E, f"{obj} {outp}", [out, u, t, p, OBJECTIVE_CODES[obj], OUTPUT_CODES[outp]])
+                for obj in OBJECTIVE_CODES for outp in OUTPUT_CODES]
     if name == "half_step_":  # (u, ts, step, sde, eps, seed)
         return [_Variant(E, "eps", [u, ts, step, p, eps2, None]),
                 _Variant(E, "no noise", [u, ts, step, p, None, None]),
                 _Variant(S, "seed", [u, ts, step, p, None, seed])]
-    if name == "sscs_step_":  # (u, y, ts, step, sde, mixed, eps, seed)
-        return [_Variant(E, "eps", [u, y, ts, step, p, False, eps4, None]),
-                _Variant(E, "mixed eps", [u, y, ts, step, p, True, eps4, None]),
-                _Variant(E, "mixed no noise", [u, y, ts, step, p, True, None, None]),
-                _Variant(S, "seed", [u, y, ts, step, p, False, None, seed]),
-                _Variant(S, "mixed seed", [u, y, ts, step, p, True, None, seed])]
+    if name == "sscs_step_":  # (u, y, ts, step, sde, mixed, eps, seed, official_half)
+        return [_Variant(E, "eps", [u, y, ts, step, p, False, eps4, None, False]),
+                _Variant(E, "mixed eps", [u, y, ts, step, p, True, eps4, None, False]),
+                _Variant(E, "mixed no noise", [u, y, ts, step, p, True, None, None, False]),
+                _Variant(E, "mixed eps official half steps", [u, y, ts, step, p, True, eps4, None, True]),
+                _Variant(S, "seed", [u, y, ts, step, p, False, None, seed, False]),
+                _Variant(S, "mixed seed", [u, y, ts, step, p, True, None, seed, False]),
+                _Variant(S, "official half steps seed", [u, y, ts, step, p, False, None, seed, True])]
     if name == "affine_step":  # (u, y, ts, step, sde, kind, mixed, eps, seed, out)
         return [_Variant(E, "em eps", [u, y, ts, step, p, em, False, eps1, None, pout()]),
                 _Variant(E, "em mixed eps", [u, y, ts, step, p, em, True, eps1, None, pout()]),

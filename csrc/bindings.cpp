@@ -41,17 +41,17 @@ std::pair<at::Tensor, at::Tensor> philox_probe(int64_t seed, int64_t start, int6
 
 // One probe row: the coefficient columns of `kind` at (t, h).
 std::vector<double> coefficient_row(const std::string& kind, const cld::Params& p, double t, double h, int code,
-                                    bool mixed) {
+                                    bool mixed, int objective, int output) {
   if (kind == "perturb") {
     const auto k = cld::perturb_coefficients(p, t, code);
     return {k.a_xx, k.a_xv, k.a_vx, k.a_vv, k.s_xx, k.s_xv, k.s_vv, k.l11, k.l21, k.l22};
   }
   if (kind == "loss") {
-    const auto k = cld::loss_coefficients(p, t, code);
-    return {k.c, k.w};
+    const auto k = cld::loss_coefficients(p, t, code, objective, output);
+    return {k.c, k.w, k.a};
   }
   if (kind == "mixed") {
-    const auto k = cld::mixed_coefficients(p, t);
+    const auto k = cld::score_coefficients(p, t, objective, output);
     return {k.c0, k.c1};
   }
   if (kind == "half_step") {
@@ -72,9 +72,11 @@ std::vector<double> coefficient_row(const std::string& kind, const cld::Params& 
 
 // The coefficient functions of cld_coefficients.h evaluated on the host, for tests against
 // cld_fast/sde.py: (N, K) float64, one row per (t[i], h[i]). `code` is the objective (perturb), the
-// weighting (loss) or the affine kind (affine); `mixed` folds the mixed score (score_step, affine).
+// weighting (loss) or the affine kind (affine); `mixed` folds the mixed score (score_step, affine);
+// `objective` and `output` select the loss and score ("mixed") coefficients.
 at::Tensor coefficients_probe(const std::string& kind, const at::Tensor& t, const at::Tensor& h,
-                              const std::vector<double>& params, int64_t code, bool mixed) {
+                              const std::vector<double>& params, int64_t code, bool mixed, int64_t objective,
+                              int64_t output) {
   TORCH_CHECK(params.size() == cld::kNumParams, "_coefficients_probe: params must hold ", int(cld::kNumParams),
               " values (", "beta0, beta1, m_inv, gamma, numerical_eps), got ", params.size());
   TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kDouble && t.device().is_cpu(),
@@ -85,11 +87,13 @@ at::Tensor coefficients_probe(const std::string& kind, const at::Tensor& t, cons
   const auto ta = t.accessor<double, 1>();
   const auto ha = h.accessor<double, 1>();
   const int64_t n = t.size(0);
-  const int64_t cols = static_cast<int64_t>(coefficient_row(kind, p, 0.5, 0.1, static_cast<int>(code), mixed).size());
+  const int obj = static_cast<int>(objective), outp = static_cast<int>(output);
+  const int64_t cols =
+      static_cast<int64_t>(coefficient_row(kind, p, 0.5, 0.1, static_cast<int>(code), mixed, obj, outp).size());
   at::Tensor res = at::empty({n, cols}, at::kDouble);
   auto r = res.accessor<double, 2>();
   for (int64_t i = 0; i < n; ++i) {
-    const std::vector<double> row = coefficient_row(kind, p, ta[i], ha[i], static_cast<int>(code), mixed);
+    const std::vector<double> row = coefficient_row(kind, p, ta[i], ha[i], static_cast<int>(code), mixed, obj, outp);
     for (int64_t j = 0; j < cols; ++j) r[i][j] = row[j];
   }
   return res;
@@ -114,6 +118,7 @@ pybind11::dict layout() {
   d["params"] = params;
   d["objective"] = codes(cld::kObjectiveNames, cld::kNumObjectives);
   d["weighting"] = codes(cld::kWeightingNames, cld::kNumWeightings);
+  d["output"] = codes(cld::kOutputNames, cld::kNumOutputs);
   d["kind"] = codes(cld::kAffineKindNames, cld::kNumAffineKinds);
   d["philox_tags"] = tags;
   return d;
@@ -137,6 +142,7 @@ PYBIND11_MODULE(_C, m) {
         "(bits (4, n) int64, uniforms (4, n) float32) of the compiled Philox contract; for tests");
   m.def("_coefficients_probe", &coefficients_probe, pybind11::arg("kind"), pybind11::arg("t"), pybind11::arg("h"),
         pybind11::arg("params"), pybind11::arg("code") = 0, pybind11::arg("mixed") = false,
+        pybind11::arg("objective") = 0, pybind11::arg("output") = 0,
         "(N, K) float64 coefficients of csrc/include/cld_coefficients.h at (t, h); for tests");
   m.def("_layout", &layout, "parameter order, enum codes and Philox tags compiled into the kernels; for tests");
 }

@@ -39,14 +39,15 @@ def _triton_probe():
 PROBES = {"cpp": _cpp_probe, "triton": _triton_probe}
 
 
-def _reference(sde: CLD, kind: str, code: int, mixed: bool) -> torch.Tensor:
+def _reference(sde: CLD, kind: str, code: int, mixed: bool, objective: int = 0, output: int = 0) -> torch.Tensor:
     if kind == "perturb":
         k = sde.perturbation_kernel(T, sde_mod.OBJECTIVES[code])
         return torch.stack([k.a_xx, k.a_xv, k.a_vx, k.a_vv, k.s_xx, k.s_xv, k.s_vv, k.l11, k.l21, k.l22], -1)
     if kind == "loss":
-        return sde.loss_coefficients(T, sde_mod.WEIGHTINGS[code])
+        return sde.loss_coefficients(T, sde_mod.WEIGHTINGS[code], sde_mod.OBJECTIVES[objective],
+                                     sde_mod.OUTPUTS[output])
     if kind == "mixed":
-        return sde.mixed_score_coefficients(T)
+        return sde.score_coefficients(T, sde_mod.OBJECTIVES[objective], sde_mod.OUTPUTS[output])
     if kind == "half_step":
         return sde.half_step_coefficients(T, H)
     mix = sde.mixed_score_coefficients(T) if mixed else None
@@ -55,27 +56,31 @@ def _reference(sde: CLD, kind: str, code: int, mixed: bool) -> torch.Tensor:
     return sde.reverse_affine_coefficients(T, H, sde_mod.AFFINE_KINDS[code], mixed=mix)
 
 
-CASES = ([("perturb", c, False) for c in (0, 1)] + [("loss", c, False) for c in (0, 1)] + [("mixed", 0, False)]
-         + [("half_step", 0, False)] + [("score_step", 0, m) for m in (False, True)]
-         + [("affine", c, m) for c in (0, 1, 2) for m in (False, True)])
+MODES = [(obj, out) for obj in (0, 1) for out in (0, 1, 2)]  # (objective, output) codes
+CASES = ([("perturb", c, False, 0, 0) for c in (0, 1)]
+         + [("loss", c, False, 0, 0) for c in (0, 1, 2)] + [("loss", 1, False, o, p) for o, p in MODES[1:]]
+         + [("loss", 2, False, 1, 0)] + [("mixed", 0, False, o, p) for o, p in MODES]
+         + [("half_step", 0, False, 0, 0)] + [("score_step", 0, m, 0, 0) for m in (False, True)]
+         + [("affine", c, m, 0, 0) for c in (0, 1, 2) for m in (False, True)])
 
 
 @pytest.mark.parametrize("language", sorted(PROBES))
-@pytest.mark.parametrize("kind, code, mixed", CASES)
-def test_probe_matches_sde_reference_float64(language, kind, code, mixed):
+@pytest.mark.parametrize("kind, code, mixed, objective, output", CASES)
+def test_probe_matches_sde_reference_float64(language, kind, code, mixed, objective, output):
     probe = PROBES[language]()
     worst = 0.0
     for beta1, m_inv, gamma, neps in PARAM_GRID:
         sde = CLD(beta0=4.0, beta1=beta1, m_inv=m_inv, gamma=gamma, numerical_eps=neps)
         params = [getattr(sde, name) for name in sde_mod.PARAMS]
-        got = probe(kind, T, H, params, code, mixed)
-        want = _reference(sde, kind, code, mixed)
+        got = probe(kind, T, H, params, code, mixed, objective, output)
+        want = _reference(sde, kind, code, mixed, objective, output)
         assert got.shape == want.shape and got.dtype == torch.float64
         err = (got - want).abs() / want.abs().clamp(min=1e-300)
         err = torch.where(want == 0, (got - want).abs(), err)
         worst = max(worst, float(err.max()))
         assert float(err.max()) <= RTOL, (
-            f"{language} {kind} code={code} mixed={mixed} beta1={beta1} m_inv={m_inv} gamma={gamma} "
+            f"{language} {kind} code={code} mixed={mixed} objective={objective} output={output} beta1={beta1} "
+            f"m_inv={m_inv} gamma={gamma} "
             f"numerical_eps={neps}: relative error {float(err.max()):.3g} (column "
             f"{int(err.max(0).values.argmax())})")
 
@@ -94,6 +99,7 @@ def test_layouts_agree_across_languages(language):
     assert list(layout["params"]) == list(sde_mod.PARAMS)
     assert dict(layout["objective"]) == sde_mod.OBJECTIVE_CODES
     assert dict(layout["weighting"]) == sde_mod.WEIGHTING_CODES
+    assert dict(layout["output"]) == sde_mod.OUTPUT_CODES
     assert dict(layout["kind"]) == sde_mod.AFFINE_KIND_CODES
     tags = {"perturb": philox.TAG_PERTURB, "half_step": philox.TAG_HALF_STEP, "sscs": philox.TAG_SSCS,
             "affine": philox.TAG_AFFINE}

@@ -134,10 +134,10 @@ def _seed_mode_cases(b, d, dtype):
         return res
 
     def loss_fwd(impl):
-        return impl["hsm_loss_fwd"](out, u, t, sde, 1, 0.5, 0, None, seed)
+        return impl["hsm_loss_fwd"](out, u, t, sde, 1, 0.5, 0, None, seed, 0, 0)
 
     def loss_bwd(impl):
-        return impl["hsm_loss_bwd"](grad, out, u, t, sde, 1, 0.5, None, seed)
+        return impl["hsm_loss_bwd"](grad, out, u, t, sde, 1, 0.5, None, seed, 0, 0)
 
     def half(impl):
         w = u.clone()
@@ -146,7 +146,7 @@ def _seed_mode_cases(b, d, dtype):
 
     def sscs(impl):
         w = u.clone()
-        impl["sscs_step_"](w, y, ts, _i64(1), sde, True, None, seed)
+        impl["sscs_step_"](w, y, ts, _i64(1), sde, True, None, seed, False)
         return w
 
     def affine(impl):
@@ -197,20 +197,20 @@ def _threaded_results():
     b, d = 5, 20_000  # rows longer than the loss's 8192-element chunks
     out, u = _randn(b, d, seed=1), _randn(b, 2, d, seed=2)
     t, sde, seed, ts = _times(b), _sde(), _i64(SEED), _ts()
-    res = [OPS.hsm_loss_fwd(out, u, t, sde, w, 0.25, r, None, seed) for w in (0, 1) for r in (0, 1)]
-    res.append(OPS.hsm_loss_bwd(torch.tensor(1.5), out, u, t, sde, 1, 0.25, None, seed))
+    res = [OPS.hsm_loss_fwd(out, u, t, sde, w, 0.25, r, None, seed, 0, 0) for w in (0, 1) for r in (0, 1)]
+    res.append(OPS.hsm_loss_bwd(torch.tensor(1.5), out, u, t, sde, 1, 0.25, None, seed, 0, 0))
     p = torch.empty(b, 2, d)
     OPS.perturb(out, None, t, sde, 0, None, seed, p)
     w = u.clone()
-    OPS.sscs_step_(w, out, ts, _i64(0), sde, True, None, seed)
+    OPS.sscs_step_(w, out, ts, _i64(0), sde, True, None, seed, False)
     res += [p, w]
     # every other op, with explicit noise too (its grain is larger: 32768 elements per chunk)
     eps2 = _randn(b, 2, d, seed=5)
     p = torch.empty(b, 2, d)
     OPS.perturb(out, None, t, sde, 0, eps2, None, p)
     res.append(p)
-    res.append(OPS.hsm_loss_fwd(out, u, t, sde, 1, 0.25, 0, eps2[:, 1], None))
-    res.append(OPS.mixed_score(out, u, t, sde))
+    res.append(OPS.hsm_loss_fwd(out, u, t, sde, 1, 0.25, 0, eps2[:, 1], None, 0, 0))
+    res.append(OPS.mixed_score(out, u, t, sde, 0, 0))
     for noise in ((None, seed), (eps2, None)):
         w = u.clone()
         OPS.half_step_(w, ts, _i64(1), sde, *noise)
@@ -246,7 +246,7 @@ def test_non_contiguous_in_place_targets_are_written_back():
     ref = u.contiguous()
     OPS.half_step_(u, ts, step, sde, eps2, None)
     opdefs.half_step_ref(ref, ts, step, sde, eps2, None)
-    OPS.sscs_step_(u, y, ts, step, sde, True, eps4, None)
+    OPS.sscs_step_(u, y, ts, step, sde, True, eps4, None, False)
     opdefs.sscs_step_ref(ref, y, ts, step, sde, True, eps4, None)
     torch.testing.assert_close(u, ref, rtol=1e-6, atol=1e-6)
     # affine_step with out = u itself, non-contiguous: reads u before it is overwritten
@@ -267,9 +267,9 @@ def test_non_contiguous_in_place_targets_are_written_back():
 def test_empty_batch():
     sde, t = _sde(), torch.zeros(0)
     u, out = torch.zeros(0, 2, 5), torch.zeros(0, 5)
-    assert OPS.hsm_loss_fwd(out, u, t, sde, 0, 1.0, 1, out, None).item() == 0.0
-    assert OPS.hsm_loss_fwd(out, u, t, sde, 0, 1.0, 0, out, None).shape == (0,)
-    assert OPS.hsm_loss_bwd(torch.tensor(1.0), out, u, t, sde, 0, 1.0, out, None).shape == (0, 5)
+    assert OPS.hsm_loss_fwd(out, u, t, sde, 0, 1.0, 1, out, None, 0, 0).item() == 0.0
+    assert OPS.hsm_loss_fwd(out, u, t, sde, 0, 1.0, 0, out, None, 0, 0).shape == (0,)
+    assert OPS.hsm_loss_bwd(torch.tensor(1.0), out, u, t, sde, 0, 1.0, out, None, 0, 0).shape == (0, 5)
 
 
 # ---- step range (checked on the host for CPU tensors) ------------------------------------------
@@ -280,7 +280,7 @@ def _step_call(name, step, n_ts=5):
     if name == "half_step_":
         return OPS.half_step_(u, ts, s, sde, None, None)
     if name == "sscs_step_":
-        return OPS.sscs_step_(u, y, ts, s, sde, False, None, None)
+        return OPS.sscs_step_(u, y, ts, s, sde, False, None, None, False)
     kind = 2 if name == "pf_drift" else 0
     return OPS.affine_step(u, y, ts, s, sde, kind, False, None, None, torch.empty_like(u))
 
@@ -384,11 +384,11 @@ def _opcheck_cases():
     t, sde, ts, seed, step = _times(b), _sde(), _ts(), _i64(SEED), _i64(1)
     return {
         "perturb": (out, None, t, sde, 0, None, seed, torch.empty(b, 2, d)),
-        "hsm_loss_fwd": (out, u, t, sde, 1, 0.5, 1, None, seed),
-        "hsm_loss_bwd": (torch.rand(b), out, u, t, sde, 0, 1.0, _randn(b, d, seed=4), None),
-        "mixed_score": (out, u, t, sde),
+        "hsm_loss_fwd": (out, u, t, sde, 1, 0.5, 1, None, seed, 1, 2),
+        "hsm_loss_bwd": (torch.rand(b), out, u, t, sde, 2, 1.0, _randn(b, d, seed=4), None, 1, 0),
+        "mixed_score": (out, u, t, sde, 1, 1),
         "half_step_": (u.clone(), ts, step, sde, None, seed),
-        "sscs_step_": (u.clone(), y, ts, step, sde, True, None, seed),
+        "sscs_step_": (u.clone(), y, ts, step, sde, True, None, seed, True),
         "affine_step": (u, y, ts, step, sde, 0, True, None, seed, torch.empty(b, 2, d)),
         "gddim_step_": (u.clone(), _randn(2, b, 2, d, seed=5), y, _randn(4, 22, dtype=torch.float64, seed=6), step),
     }
@@ -406,11 +406,11 @@ def test_ops_trace_under_torch_compile():
     seed, step = _i64(SEED), _i64(1)
 
     def f(out, u):
-        loss = OPS.hsm_loss_fwd(out, u, t, sde, 0, 1.0, 0, None, seed)
-        g = OPS.hsm_loss_bwd(loss, out, u, t, sde, 0, 1.0, None, seed)
-        s = OPS.mixed_score(out, u, t, sde)
+        loss = OPS.hsm_loss_fwd(out, u, t, sde, 0, 1.0, 0, None, seed, 0, 0)
+        g = OPS.hsm_loss_bwd(loss, out, u, t, sde, 0, 1.0, None, seed, 0, 0)
+        s = OPS.mixed_score(out, u, t, sde, 0, 0)
         w = u.clone()
-        OPS.sscs_step_(w, out, ts, step, sde, True, None, seed)
+        OPS.sscs_step_(w, out, ts, step, sde, True, None, seed, False)
         o = torch.empty_like(u)
         OPS.affine_step(w, out, ts, step, sde, 0, False, None, seed, o)
         OPS.half_step_(o, ts, step, sde, None, seed)
@@ -447,28 +447,34 @@ BAD = {
                           "sde must have dtype"),
     "perturb sde shape": (lambda: OPS.perturb(torch.zeros(2, 5), None, _t(), _sde()[:4], 0, None, None, _state()),
                           "sde must have shape"),
-    "loss without noise": (lambda: OPS.hsm_loss_fwd(torch.zeros(2, 5), _state(), _t(), _sde(), 0, 1.0, 0, None, None),
+    "loss without noise": (lambda: OPS.hsm_loss_fwd(torch.zeros(2, 5), _state(), _t(), _sde(), 0, 1.0, 0, None, None, 0, 0),
                            "eps_v or seed"),
     "loss out shape": (lambda: OPS.hsm_loss_fwd(torch.zeros(2, 6), _state(), _t(), _sde(), 0, 1.0, 0,
-                                                torch.zeros(2, 5), None), "out"),
+                                                torch.zeros(2, 5), None, 0, 0), "out"),
     "loss out int dtype": (lambda: OPS.hsm_loss_fwd(torch.zeros(2, 5, dtype=torch.int32), _state(), _t(), _sde(), 0, 1.0,
-                                                    0, torch.zeros(2, 5), None), "out"),
+                                                    0, torch.zeros(2, 5), None, 0, 0), "out"),
     "loss weighting": (lambda: OPS.hsm_loss_fwd(torch.zeros(2, 5), _state(), _t(), _sde(), 5, 1.0, 0, torch.zeros(2, 5),
-                                                None), "weighting must be one of"),
+                                                None, 0, 0), "weighting must be one of"),
     "loss reduction": (lambda: OPS.hsm_loss_fwd(torch.zeros(2, 5), _state(), _t(), _sde(), 0, 1.0, 2, torch.zeros(2, 5),
-                                                None), "reduction must be 0"),
+                                                None, 0, 0), "reduction must be 0"),
     "loss grad shape": (lambda: OPS.hsm_loss_bwd(torch.zeros(3), torch.zeros(2, 5), _state(), _t(), _sde(), 0, 1.0,
-                                                 torch.zeros(2, 5), None), "grad"),
+                                                 torch.zeros(2, 5), None, 0, 0), "grad"),
     "loss grad dtype": (lambda: OPS.hsm_loss_bwd(torch.zeros(2).double(), torch.zeros(2, 5), _state(), _t(), _sde(), 0,
-                                                 1.0, torch.zeros(2, 5), None), "grad must have dtype"),
-    "mixed u shape": (lambda: OPS.mixed_score(torch.zeros(2, 5), torch.zeros(2, 3, 5), _t(), _sde()), "u must have shape"),
+                                                 1.0, torch.zeros(2, 5), None, 0, 0), "grad must have dtype"),
+    "mixed u shape": (lambda: OPS.mixed_score(torch.zeros(2, 5), torch.zeros(2, 3, 5), _t(), _sde(), 0, 0), "u must have shape"),
+    "loss objective": (lambda: OPS.hsm_loss_fwd(torch.zeros(2, 5), _state(), _t(), _sde(), 0, 1.0, 0, torch.zeros(2, 5),
+                                                None, 2, 0), r"objective must be one of 0 \(hsm\), 1 \(dsm\), got 2"),
+    "loss output": (lambda: OPS.hsm_loss_bwd(torch.zeros(2), torch.zeros(2, 5), _state(), _t(), _sde(), 2, 1.0,
+                                             torch.zeros(2, 5), None, 0, 3),
+                    r"output must be one of 0 \(mixed\), 1 \(eps\), 2 \(score\), got 3"),
+    "mixed output": (lambda: OPS.mixed_score(torch.zeros(2, 5), _state(), _t(), _sde(), 0, -1), "output must be one of"),
     "half step ts dtype": (lambda: OPS.half_step_(_state(), _ts().half(), _i64(0), _sde(), None, None), "ts must be"),
     "half step ts shape": (lambda: OPS.half_step_(_state(), _ts().view(5, 1), _i64(0), _sde(), None, None), "ts must be"),
-    "sscs y shape": (lambda: OPS.sscs_step_(_state(), torch.zeros(2, 4), _ts(), _i64(0), _sde(), False, None, None), "y"),
+    "sscs y shape": (lambda: OPS.sscs_step_(_state(), torch.zeros(2, 4), _ts(), _i64(0), _sde(), False, None, None, False), "y"),
     "sscs eps shape": (lambda: OPS.sscs_step_(_state(), torch.zeros(2, 5), _ts(), _i64(0), _sde(), False,
-                                              torch.zeros(2, 2, 5), None), "eps"),
+                                              torch.zeros(2, 2, 5), None, False), "eps"),
     "sscs seed dtype": (lambda: OPS.sscs_step_(_state(), torch.zeros(2, 5), _ts(), _i64(0), _sde(), False, None,
-                                               torch.tensor([1], dtype=torch.int32)), "seed"),
+                                               torch.tensor([1], dtype=torch.int32), False), "seed"),
     "affine step dtype": (lambda: OPS.affine_step(_state(), torch.zeros(2, 5), _ts(), torch.tensor([0.0]), _sde(), 0,
                                                   False, None, None, _state()), "step"),
     "affine kind": (lambda: OPS.affine_step(_state(), torch.zeros(2, 5), _ts(), _i64(0), _sde(), 3, False, None, None,

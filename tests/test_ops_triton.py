@@ -451,18 +451,18 @@ def _train_step(x0, out_net, buf, t, p, seed):
     B, D = x0.shape
     u = buf.view(B, 2, D)
     OPS.perturb(x0, None, t, p, 0, None, seed, u)
-    loss = OPS.hsm_loss_fwd(out_net, u, t, p, 1, 1.0 / B, 1, None, seed)
-    grad = OPS.hsm_loss_bwd(torch.ones_like(loss), out_net, u, t, p, 1, 1.0 / B, None, seed)
+    loss = OPS.hsm_loss_fwd(out_net, u, t, p, 1, 1.0 / B, 1, None, seed, 0, 0)
+    grad = OPS.hsm_loss_bwd(torch.ones_like(loss), out_net, u, t, p, 1, 1.0 / B, None, seed, 0, 0)
     return loss, grad, buf
 
 
 def _sampler_steps(u, y, ts, step, p, seed):
-    OPS.sscs_step_(u, y, ts, step, p, True, None, seed)
+    OPS.sscs_step_(u, y, ts, step, p, True, None, seed, False)
     step.add_(1)
     drift = torch.empty_like(u)
     OPS.affine_step(u, y, ts, step, p, 2, True, None, None, drift)
     OPS.affine_step(u, y, ts, step, p, 0, True, None, seed, u)
-    score = OPS.mixed_score(y, u, ts[:1].expand(u.shape[0]), p)
+    score = OPS.mixed_score(y, u, ts[:1].expand(u.shape[0]), p, 0, 0)
     OPS.half_step_(u, ts, step, p, None, seed)
     return u, drift, score
 
@@ -512,12 +512,12 @@ _TRACE_SCRIPT = textwrap.dedent(
     def f(x0, out, y, buf, step):
         u = buf.view(B, 2, D)
         ops.perturb(x0, None, t, p, 0, None, seed, u)
-        loss = ops.hsm_loss_fwd(out, u, t, p, 0, 0.5, 1, None, seed)
-        g = ops.hsm_loss_bwd(torch.ones_like(loss), out, u, t, p, 0, 0.5, None, seed)
-        ops.sscs_step_(u, y, ts, step, p, True, None, seed)
+        loss = ops.hsm_loss_fwd(out, u, t, p, 0, 0.5, 1, None, seed, 0, 0)
+        g = ops.hsm_loss_bwd(torch.ones_like(loss), out, u, t, p, 0, 0.5, None, seed, 0, 0)
+        ops.sscs_step_(u, y, ts, step, p, True, None, seed, False)
         ops.affine_step(u, y, ts, step, p, 0, True, None, seed, u)
         ops.gddim_step_(u, hist, y, table, step)
-        return loss, g, ops.mixed_score(y, u, t, p)
+        return loss, g, ops.mixed_score(y, u, t, p, 0, 0)
     graphs = []
     def fw(gm, example_inputs):  # record the graph; never launch (no GPU here)
         graphs.append(gm)

@@ -34,7 +34,8 @@ from .philox import TAGS
 
 PARAM_INDEX = {"beta0": 0, "beta1": 1, "m_inv": 2, "gamma": 3, "numerical_eps": 4}
 OBJECTIVE_CODES = {"hsm": 0, "dsm": 1}
-WEIGHTING_CODES = {"reweightedv2": 0, "likelihood": 1}
+WEIGHTING_CODES = {"reweightedv2": 0, "likelihood": 1, "reweightedv1": 2}
+OUTPUT_CODES = {"mixed": 0, "eps": 1, "score": 2}
 KIND_CODES = {"em": 0, "denoise": 1, "pf_drift": 2}
 
 P_BETA0 = tl.constexpr(PARAM_INDEX["beta0"])
@@ -46,6 +47,10 @@ HSM = tl.constexpr(OBJECTIVE_CODES["hsm"])
 DSM = tl.constexpr(OBJECTIVE_CODES["dsm"])
 REWEIGHTEDV2 = tl.constexpr(WEIGHTING_CODES["reweightedv2"])
 LIKELIHOOD = tl.constexpr(WEIGHTING_CODES["likelihood"])
+REWEIGHTEDV1 = tl.constexpr(WEIGHTING_CODES["reweightedv1"])
+OUT_MIXED = tl.constexpr(OUTPUT_CODES["mixed"])
+OUT_EPS = tl.constexpr(OUTPUT_CODES["eps"])
+OUT_SCORE = tl.constexpr(OUTPUT_CODES["score"])
 EM = tl.constexpr(KIND_CODES["em"])
 DENOISE = tl.constexpr(KIND_CODES["denoise"])
 PF_DRIFT = tl.constexpr(KIND_CODES["pf_drift"])
@@ -54,6 +59,7 @@ LAYOUT = {
     "params": tuple(sorted(PARAM_INDEX, key=PARAM_INDEX.get)),
     "objective": dict(OBJECTIVE_CODES),
     "weighting": dict(WEIGHTING_CODES),
+    "output": dict(OUTPUT_CODES),
     "kind": dict(KIND_CODES),
     "philox_tags": dict(TAGS),
 }
@@ -195,15 +201,47 @@ def mixed_coefficients(t, beta0, beta1, m_inv, gamma, neps):
 
 
 @triton.jit
-def loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, WEIGHTING: tl.constexpr):
-    """(c, w) of sde.CLD.loss_coefficients: loss = w sum (out + c v - eps_v)^2."""
-    _, _, _, _, _, _, s_vv, _, _, l22 = perturbation_kernel(t, beta0, beta1, m_inv, gamma, neps, HSM)
-    c = l22 / s_vv
-    if WEIGHTING == LIKELIHOOD:
-        w = beta_at(t, beta0, beta1) * friction(m_inv) / (l22 * l22)
+def score_coefficients(t, beta0, beta1, m_inv, gamma, neps, OBJECTIVE: tl.constexpr, OUTPUT: tl.constexpr):
+    """(c0, c1) of sde.CLD.score_coefficients(t, objective, output): score = c0 v + c1 out."""
+    if OUTPUT == OUT_SCORE:
+        c0 = t * 0.0
+        c1 = c0 + 1.0
     else:
-        w = c * 0.0 + 1.0
-    return c, w
+        _, _, _, _, _, _, s_vv, _, _, l22 = perturbation_kernel(t, beta0, beta1, m_inv, gamma, neps, OBJECTIVE)
+        c1 = -1.0 / l22
+        if OUTPUT == OUT_EPS:
+            c0 = c1 * 0.0
+        else:
+            if OBJECTIVE != HSM:
+                _, _, _, _, _, _, s_vv, _, _, _ = perturbation_kernel(t, beta0, beta1, m_inv, gamma, neps, HSM)
+            c0 = -1.0 / s_vv
+    return c0, c1
+
+
+@triton.jit
+def loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, WEIGHTING: tl.constexpr, OBJECTIVE: tl.constexpr,
+                      OUTPUT: tl.constexpr):
+    """(c, w, a) of sde.CLD.loss_coefficients: loss = w sum (a out + c v - eps_v)^2."""
+    _, _, _, _, _, _, s_vv, _, _, l22 = perturbation_kernel(t, beta0, beta1, m_inv, gamma, neps, OBJECTIVE)
+    if OUTPUT == OUT_MIXED:
+        if OBJECTIVE != HSM:
+            _, _, _, _, _, _, s_vv, _, _, _ = perturbation_kernel(t, beta0, beta1, m_inv, gamma, neps, HSM)
+        c = l22 / s_vv
+    else:
+        c = l22 * 0.0
+    if OUTPUT == OUT_SCORE:
+        a = -l22
+    else:
+        a = l22 * 0.0 + 1.0
+    if WEIGHTING == LIKELIHOOD:
+        # beta (Gamma / l22^2): one ulp from sde.py's beta Gamma / l22^2, and no float32 spill in the
+        # seed-mode loss kernels (bench/aot_compile.py)
+        w = beta_at(t, beta0, beta1) * (friction(m_inv) / (l22 * l22))
+    elif WEIGHTING == REWEIGHTEDV1:
+        w = beta_at(t, beta0, beta1) * friction(m_inv)
+    else:
+        w = l22 * 0.0 + 1.0
+    return c, w, a
 
 
 # ---- per-step coefficients of the sampler ops ------------------------------------------------
@@ -264,25 +302,26 @@ def affine_coefficients(t, h, beta0, beta1, m_inv, gamma, neps, KIND: tl.constex
 
 
 @triton.jit
-def sscs_coefficients(t0, t1, t2, opening, beta0, beta1, m_inv, gamma, neps, MIXED: tl.constexpr):
+def sscs_coefficients(t0, t1, t2, opening, beta0, beta1, m_inv, gamma, neps, MIXED: tl.constexpr,
+                      OFFICIAL: tl.constexpr):
     """The 16 coefficients of one fused SSCS step (opdefs.sscs_step_ref), network evaluated at t0.
 
-    alpha, kappa (score step at t0 with h = t0 - t1), the closing half step t0 - h/2 -> t1, and the
-    opening half step t1 -> t1 - (t1 - t2)/2 of the next step where ``opening`` is true, else the
-    identity (a_xx = a_vv = 1, the rest 0).
+    alpha, kappa (score step at t0 with h = t0 - t1), the closing half step t0 - h/2 -> t1 (OFFICIAL:
+    t0 -> t0 - h/2, sde.CLD.sscs_closing_half_step), and the opening half step t1 -> t1 - (t1 - t2)/2
+    of the next step where ``opening`` is true, else the identity (a_xx = a_vv = 1, the rest 0).
     """
     h = t0 - t1
     alpha, kappa = score_step_coefficients(t0, h, beta0, beta1, m_inv, gamma, neps, MIXED)
-    tc = t0 - 0.5 * h
-    c_xx, c_xv, c_vx, c_vv, c11, c21, c22 = half_step_coefficients(tc, tc - t1, beta0, beta1, m_inv)
-    o_xx, o_xv, o_vx, o_vv, o11, o21, o22 = half_step_coefficients(t1, 0.5 * (t1 - t2), beta0, beta1, m_inv)
-    o_xx = tl.where(opening, o_xx, 1.0)
-    o_xv = tl.where(opening, o_xv, 0.0)
-    o_vx = tl.where(opening, o_vx, 0.0)
-    o_vv = tl.where(opening, o_vv, 1.0)
-    o11 = tl.where(opening, o11, 0.0)
-    o21 = tl.where(opening, o21, 0.0)
-    o22 = tl.where(opening, o22, 0.0)
+    if OFFICIAL:
+        tc = t0
+        hc = 0.5 * h
+    else:
+        tc = t0 - 0.5 * h
+        hc = tc - t1
+    c_xx, c_xv, c_vx, c_vv, c11, c21, c22 = half_step_coefficients(tc, hc, beta0, beta1, m_inv)
+    # a zero span is exactly the identity (a_xx = a_vv = 1, the rest 0), so no per-value selects
+    h_open = tl.where(opening, 0.5 * (t1 - t2), 0.0)
+    o_xx, o_xv, o_vx, o_vv, o11, o21, o22 = half_step_coefficients(t1, h_open, beta0, beta1, m_inv)
     return (alpha, kappa, c_xx, c_xv, c_vx, c_vv, c11, c21, c22,
             o_xx, o_xv, o_vx, o_vv, o11, o21, o22)
 
@@ -291,7 +330,7 @@ def sscs_coefficients(t0, t1, t2, opening, beta0, beta1, m_inv, gamma, neps, MIX
 
 PROBE_COLUMNS = {
     "perturb": ("a_xx", "a_xv", "a_vx", "a_vv", "s_xx", "s_xv", "s_vv", "l11", "l21", "l22"),
-    "loss": ("c", "w"),
+    "loss": ("c", "w", "a"),
     "mixed": ("c0", "c1"),
     "half_step": ("a_xx", "a_xv", "a_vx", "a_vv", "l11", "l21", "l22"),
     "score_step": ("alpha", "kappa"),
@@ -307,8 +346,8 @@ def _put(out_ptr, rows, mask, K: tl.constexpr, j: tl.constexpr, value):
 
 @triton.jit
 def _probe_kernel(t_ptr, h_ptr, sde_ptr, out_ptr, n, s_t, s_h,
-                  WHAT: tl.constexpr, CODE: tl.constexpr, MIXED: tl.constexpr, K: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  WHAT: tl.constexpr, CODE: tl.constexpr, MIXED: tl.constexpr, OBJECTIVE: tl.constexpr,
+                  OUTPUT: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = rows < n
     t = tl.load(t_ptr + rows * s_t, mask=mask, other=1.0).to(tl.float64)
@@ -319,11 +358,12 @@ def _probe_kernel(t_ptr, h_ptr, sde_ptr, out_ptr, n, s_t, s_h,
         for j in tl.static_range(10):
             _put(out_ptr, rows, mask, K, j, r[j])
     elif WHAT == 1:
-        c, w = loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, CODE)
+        c, w, a = loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, CODE, OBJECTIVE, OUTPUT)
         _put(out_ptr, rows, mask, K, 0, c)
         _put(out_ptr, rows, mask, K, 1, w)
+        _put(out_ptr, rows, mask, K, 2, a)
     elif WHAT == 2:
-        c0, c1 = mixed_coefficients(t, beta0, beta1, m_inv, gamma, neps)
+        c0, c1 = score_coefficients(t, beta0, beta1, m_inv, gamma, neps, OBJECTIVE, OUTPUT)
         _put(out_ptr, rows, mask, K, 0, c0)
         _put(out_ptr, rows, mask, K, 1, c1)
     elif WHAT == 3:
@@ -341,7 +381,7 @@ def _probe_kernel(t_ptr, h_ptr, sde_ptr, out_ptr, n, s_t, s_h,
 
 
 def probe(kind: str, t: torch.Tensor, h: torch.Tensor, params: List[float], code: int = 0,
-          mixed: bool = False) -> torch.Tensor:
+          mixed: bool = False, objective: int = 0, output: int = 0) -> torch.Tensor:
     """Evaluate the in-kernel coefficient helpers for each time, in float64.
 
     Args:
@@ -350,6 +390,7 @@ def probe(kind: str, t: torch.Tensor, h: torch.Tensor, params: List[float], code
         params: the 5 CLD parameters in ``cld_fast.sde.PARAMS`` order.
         code: the objective (perturb), weighting (loss) or affine kind code; ignored otherwise.
         mixed: fold the mixed score (score_step, affine).
+        objective, output: the objective and output codes of "loss" and "mixed" (score_coefficients).
     Returns:
         (N, len(PROBE_COLUMNS[kind])) float64 tensor on t's device, columns as ``PROBE_COLUMNS[kind]``.
     """
@@ -365,5 +406,6 @@ def probe(kind: str, t: torch.Tensor, h: torch.Tensor, params: List[float], code
     block = 128
     with device_guard(t.device):
         launch(_probe_kernel, (triton.cdiv(n, block),), t1, h1, sde, out, n, t1.stride(0), h1.stride(0),
-               WHAT=_PROBE_KINDS[kind], CODE=int(code), MIXED=bool(mixed), K=k, BLOCK=block)
+               WHAT=_PROBE_KINDS[kind], CODE=int(code), MIXED=bool(mixed), OBJECTIVE=int(objective),
+               OUTPUT=int(output), K=k, BLOCK=block)
     return out

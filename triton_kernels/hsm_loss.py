@@ -1,7 +1,8 @@
 """HSM loss, forward (deterministic reduction) and backward (d loss / d out), eps_v regenerated in-kernel.
 
-Per sample b: loss_b = scale * w_b * sum_d (out + c_b v - eps_v)^2, with (c, w) computed per row
-from t and the CLD parameters (``coefficients.loss_coefficients``). eps_v is the ``eps_v`` tensor
+Per sample b: loss_b = scale * w_b * sum_d (a_b out + c_b v - eps_v)^2, with (c, w, a) computed per
+row from t, the CLD parameters and the weighting / objective / output codes
+(``coefficients.loss_coefficients``; a = 1 unless the network outputs the score itself). eps_v is the ``eps_v`` tensor
 when given, else z1 of the perturb call's draw (same seed, step 0, tag PERTURB, same element index
 b * D + d), recomputed from the seed read in-kernel: it is never stored. Arithmetic in the state
 dtype (u's); ``out`` may be bf16/fp16. Schemas: ``cld_fast.opdefs`` "hsm_loss_fwd", "hsm_loss_bwd".
@@ -17,7 +18,7 @@ model), so every GPU computes the same sums in the same order: enough programs f
 adds the (B, chunks) partials in a fixed order. A one-program-per-sample loop would leave most SMs
 idle for the small batches of large images (B = 8 at 256x256x3); atomics would not be reproducible.
 
-Backward: one elementwise pass, d out = 2 (scale w_b grad_b) (out + c_b v - eps_v), in out's dtype;
+Backward: one elementwise pass, d out = 2 (scale w_b grad_b a_b) (a_b out + c_b v - eps_v), in out's dtype;
 grad is 0-d (stride 0) or (B,) and read through its stride.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import triton.language as tl
 
 from ._common import (check_index, check_sde, check_shape, check_state, check_times, device_guard, elementwise_config,
                       gpu_tiles, launch, load_rows, store, tile_coords, tile_grid, to_compute)
-from .coefficients import load_sde, loss_coefficients
+from .coefficients import OBJECTIVE_CODES, OUT_MIXED, OUT_SCORE, OUTPUT_CODES, WEIGHTING_CODES, load_sde, loss_coefficients
 from .philox import TAG_PERTURB, load_key, normal_z1
 
 # Programs the forward aims for when a row block's D can be split: 4 per SM of the largest GPUs
@@ -66,13 +67,26 @@ def _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS: tl.constex
         return to_compute(normal_z1(rows * D + cols, k0, k1, 0, TAG_PERTURB), F64)
 
 
+@triton.jit
+def _residual(o, e, c, a, u_ptr, rows, cols, s_ub, s_us, s_ud, mask, OUTPUT: tl.constexpr, F64: tl.constexpr):
+    """a out + c v - eps_v. Only the mixed output has c != 0 (so only it reads v) and only the score
+    output a != 1."""
+    if OUTPUT == OUT_MIXED:
+        v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
+        return o + c * v - e
+    elif OUTPUT == OUT_SCORE:
+        return a * o - e
+    else:
+        return o - e
+
+
 @triton.jit(do_not_specialize=["bits"])
 def _loss_fwd_kernel(
     out_ptr, u_ptr, t_ptr, sde_ptr, eps_ptr, seed_ptr, part_ptr,
     B, D, iters, chunks, bits,
     s_ob, s_od, s_ub, s_us, s_ud, s_t, s_sde, s_eb, s_ed, s_pb, s_pc,
     WEIGHTING: tl.constexpr, HAS_EPS: tl.constexpr, SUM_ROWS: tl.constexpr, F64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBJECTIVE: tl.constexpr, OUTPUT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tb = pid // chunks
@@ -81,9 +95,10 @@ def _loss_fwd_kernel(
     rmask = rows < B
     t = load_rows(t_ptr, rows, s_t, rmask, 1.0)
     beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
-    c64, w64 = loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, WEIGHTING)
+    c64, w64, a64 = loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, WEIGHTING, OBJECTIVE, OUTPUT)
     c = to_compute(c64, F64)
     w = to_compute(w64, F64) * _scale(bits, F64)
+    a = to_compute(a64, F64)
     k0 = 0
     k1 = 0
     if not HAS_EPS:
@@ -97,9 +112,8 @@ def _loss_fwd_kernel(
         cols = (col0 + it * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64))[None, :]
         mask = rmask & (cols < D)
         o = to_compute(tl.load(out_ptr + rows * s_ob + cols * s_od, mask=mask, other=0.0), F64)
-        v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
         e = _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS, F64)
-        r = o + c * v - e
+        r = _residual(o, e, c, a, u_ptr, rows, cols, s_ub, s_us, s_ud, mask, OUTPUT, F64)
         acc += tl.where(mask, r * r, 0.0)
     per_row = w * tl.sum(acc, axis=1)[:, None]
     if SUM_ROWS:  # the only program: write the 0-d sum over samples
@@ -137,34 +151,41 @@ def _loss_bwd_kernel(
     B, D, n_col_tiles, bits,
     s_g, s_ob, s_od, s_ub, s_us, s_ud, s_t, s_sde, s_eb, s_ed, s_db, s_dd,
     WEIGHTING: tl.constexpr, HAS_EPS: tl.constexpr, F64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBJECTIVE: tl.constexpr, OUTPUT: tl.constexpr,
 ):
-    rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
+    rows, _, _ = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     rmask = rows < B
     t = load_rows(t_ptr, rows, s_t, rmask, 1.0)
     beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
-    c64, w64 = loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, WEIGHTING)
+    c64, w64, a64 = loss_coefficients(t, beta0, beta1, m_inv, gamma, neps, WEIGHTING, OBJECTIVE, OUTPUT)
     c = to_compute(c64, F64)
     w = to_compute(w64, F64) * _scale(bits, F64)
+    a = to_compute(a64, F64)
+    # the columns after the float64 coefficient math, so they are not live across its calls
+    rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     g = to_compute(tl.load(grad_ptr + rows * s_g, mask=rmask, other=0.0), F64)
     k0 = 0
     k1 = 0
     if not HAS_EPS:
         k0, k1 = load_key(seed_ptr)
     o = to_compute(tl.load(out_ptr + rows * s_ob + cols * s_od, mask=mask, other=0.0), F64)
-    v = to_compute(tl.load(u_ptr + rows * s_ub + s_us + cols * s_ud, mask=mask, other=0.0), F64)
     e = _eps_v(eps_ptr, rows, cols, s_eb, s_ed, mask, D, k0, k1, HAS_EPS, F64)
-    r = o + c * v - e
-    store(dout_ptr + rows * s_db + cols * s_dd, (2.0 * (w * g)) * r, mask)
+    r = _residual(o, e, c, a, u_ptr, rows, cols, s_ub, s_us, s_ud, mask, OUTPUT, F64)
+    factor = 2.0 * (w * g)
+    if OUTPUT == OUT_SCORE:
+        factor = factor * a
+    store(dout_ptr + rows * s_db + cols * s_dd, factor * r, mask)
 
 
-def _check(out, u, t, sde, weighting, eps_v, seed):
+def _check(out, u, t, sde, weighting, eps_v, seed, objective, output):
     B, D = check_state(u, "u")
     check_shape(out, (B, D), "out")
     check_times(t, B)
     check_sde(sde)
-    if weighting not in (0, 1):
-        raise ValueError(f"triton backend: weighting must be 0 (reweightedv2) or 1 (likelihood), got {weighting}")
+    for name, code, codes in (("weighting", weighting, WEIGHTING_CODES), ("objective", objective, OBJECTIVE_CODES),
+                              ("output", output, OUTPUT_CODES)):
+        if code not in codes.values():
+            raise ValueError(f"triton backend: {name} must be one of {codes}, got {code}")
     if eps_v is not None:
         check_shape(eps_v, (B, D), "eps_v")
     elif seed is None:
@@ -190,18 +211,19 @@ def loss_config(B: int, D: int, device: torch.device, block_b=None, block_d=None
 
 def hsm_loss_fwd(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch.Tensor, weighting: int,
                  scale: float, reduction: int, eps_v: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                 block_b: Optional[int] = None, block_d: Optional[int] = None,
+                 objective: int = 0, output: int = 0, block_b: Optional[int] = None, block_d: Optional[int] = None,
                  chunks: Optional[int] = None) -> torch.Tensor:
-    """scale * w(t) * sum_d (out + c(t) v - eps_v)^2 (opdefs "hsm_loss_fwd").
+    """scale * w(t) * sum_d (a(t) out + c(t) v - eps_v)^2 (opdefs "hsm_loss_fwd").
 
     Args:
         out: (B, D) network output; u: (B, 2, D) state (float32/float64, the result's dtype).
-        t: (B,) times; sde: (5,) float64 parameters; weighting: 0 reweightedv2, 1 likelihood.
+        t: (B,) times; sde: (5,) float64 parameters; weighting: 0 reweightedv2, 1 likelihood, 2 reweightedv1.
         scale: multiplies every sample's loss; reduction: 0 -> (B,), 1 -> 0-d sum over samples.
         eps_v: (B, D) target noise, or None with ``seed`` (1,) int64: z1 of the perturb draw.
+        objective, output: codes of ``cld_fast.sde.OBJECTIVE_CODES`` / ``OUTPUT_CODES``.
         block_b, block_d, chunks: tile and split override (tests).
     """
-    B, D = _check(out, u, t, sde, weighting, eps_v, seed)
+    B, D = _check(out, u, t, sde, weighting, eps_v, seed, objective, output)
     if reduction not in (0, 1):
         raise ValueError(f"triton backend: reduction must be 0 (per sample) or 1 (sum), got {reduction}")
     shape = () if reduction == 1 else (B,)
@@ -226,7 +248,8 @@ def hsm_loss_fwd(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch
                out.stride(0), out.stride(1), u.stride(0), u.stride(1), u.stride(2), t.stride(0), sde.stride(0),
                es[0], es[1], sp[0], sp[1],
                WEIGHTING=int(weighting), HAS_EPS=eps_v is not None, SUM_ROWS=reduction == 1 and one_program,
-               F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
+               F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, OBJECTIVE=int(objective), OUTPUT=int(output),
+               num_warps=warps)
         if part is not loss:
             sum_rows = reduction == 1
             grid = (1,) if sum_rows else (triton.cdiv(B, FINISH_BLOCK_B),)
@@ -239,13 +262,14 @@ def hsm_loss_fwd(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch
 
 def hsm_loss_bwd(grad: torch.Tensor, out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch.Tensor,
                  weighting: int, scale: float, eps_v: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                 block_b: Optional[int] = None, block_d: Optional[int] = None) -> torch.Tensor:
-    """d loss / d out = 2 scale w grad (out + c v - eps_v): (B, D) in out's dtype (opdefs "hsm_loss_bwd").
+                 objective: int = 0, output: int = 0, block_b: Optional[int] = None,
+                 block_d: Optional[int] = None) -> torch.Tensor:
+    """d loss / d out = 2 scale w grad a (a out + c v - eps_v): (B, D) in out's dtype (opdefs "hsm_loss_bwd").
 
     ``grad`` is the 0-d gradient of a summed loss or the (B,) gradient of per-sample losses, any
     float dtype, read through its stride (0 for 0-d). Other arguments as ``hsm_loss_fwd``.
     """
-    B, D = _check(out, u, t, sde, weighting, eps_v, seed)
+    B, D = _check(out, u, t, sde, weighting, eps_v, seed, objective, output)
     if grad.dim() > 1 or (grad.dim() == 1 and grad.shape[0] != B):
         raise ValueError(f"triton backend: grad must be 0-d or ({B},), got {tuple(grad.shape)}")
     dout = torch.empty(B, D, dtype=out.dtype, device=out.device)
@@ -261,25 +285,30 @@ def hsm_loss_bwd(grad: torch.Tensor, out: torch.Tensor, u: torch.Tensor, t: torc
                grad.stride(0) if grad.dim() else 0, out.stride(0), out.stride(1), u.stride(0), u.stride(1),
                u.stride(2), t.stride(0), sde.stride(0), es[0], es[1], dout.stride(0), dout.stride(1),
                WEIGHTING=int(weighting), HAS_EPS=eps_v is not None, F64=u.dtype == torch.float64,
-               BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
+               BLOCK_B=bb, BLOCK_D=bd, OBJECTIVE=int(objective), OUTPUT=int(output), num_warps=warps)
     return dout
 
 
 def aot_variants(B: int, D: int, empty):
     """(label, thunk) for every compiled variant of ``hsm_loss_fwd`` / ``hsm_loss_bwd`` at (B, D)
-    (bench/aot_compile.py)."""
+    (bench/aot_compile.py). The objective / output modes other than (hsm, mixed) only change the
+    per-row float64 coefficients: they are compiled with the likelihood weighting (the most
+    coefficient math) and the float32 state."""
     sde, t, seed = empty(5, dtype=torch.float64), empty(B), empty(1, dtype=torch.int64)
+    modes = [(w, 0, 0) for w in (0, 1, 2)]
+    extra = [(1, obj, outp) for obj in (0, 1) for outp in (0, 1, 2) if (obj, outp) != (0, 0)]
     for sd in (torch.float32, torch.float64):
         s = str(sd).replace("torch.", "")
         u = empty(B, 2, D, dtype=sd)
         for out_dtype in (sd, torch.bfloat16):
             out, on = empty(B, D, dtype=out_dtype), str(out_dtype).replace("torch.", "")
             for noise, eps_v, q in (("eps", empty(B, D, dtype=sd), None), ("seed", None, seed)):
-                for weighting in (0, 1):
+                for weighting, obj, outp in modes + (extra if sd == torch.float32 else []):
+                    m = f"w={weighting} obj={obj} output={outp}"
                     for reduction in (0, 1):
-                        yield (f"hsm_loss_fwd {s} out={on} w={weighting} red={reduction} {noise}",
-                               lambda o=out, w=weighting, r=reduction, e=eps_v, q=q, u=u: hsm_loss_fwd(
-                                   o, u, t, sde, w, 0.5, r, e, q))
-                    yield (f"hsm_loss_bwd {s} out={on} w={weighting} {noise}",
-                           lambda o=out, w=weighting, e=eps_v, q=q, u=u, sd=sd: hsm_loss_bwd(
-                               empty((), dtype=sd), o, u, t, sde, w, 0.5, e, q))
+                        yield (f"hsm_loss_fwd {s} out={on} {m} red={reduction} {noise}",
+                               lambda o=out, w=weighting, r=reduction, e=eps_v, q=q, u=u, ob=obj, op=outp:
+                               hsm_loss_fwd(o, u, t, sde, w, 0.5, r, e, q, ob, op))
+                    yield (f"hsm_loss_bwd {s} out={on} {m} {noise}",
+                           lambda o=out, w=weighting, e=eps_v, q=q, u=u, sd=sd, ob=obj, op=outp: hsm_loss_bwd(
+                               empty((), dtype=sd), o, u, t, sde, w, 0.5, e, q, ob, op))

@@ -103,6 +103,7 @@ def _sscs_step_kernel(
     B, D, n_col_tiles, n_ts,
     s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_es, s_ed,
     MIXED: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    OFFICIAL: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, True)
@@ -110,7 +111,7 @@ def _sscs_step_kernel(
     beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
     (alpha, kappa, c_xx, c_xv, c_vx, c_vv, c11, c21, c22,
      o_xx, o_xv, o_vx, o_vv, o11, o21, o22) = sscs_coefficients(t0, t1, t2, step + 2 <= n_ts - 1,
-                                                                beta0, beta1, m_inv, gamma, neps, MIXED)
+                                                                beta0, beta1, m_inv, gamma, neps, MIXED, OFFICIAL)
     up = u_ptr + rows * s_ub + cols * s_ud
     x = to_compute(tl.load(up, mask=mask, other=0.0), F64)
     v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), F64)
@@ -221,11 +222,12 @@ def half_step_(u: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch
 
 
 def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
-               mixed: bool, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+               mixed: bool, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor], official_half: bool = False,
                block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
     """Fused SSCS update after a network evaluation at ts[step], in place on u (opdefs "sscs_step_").
 
-    y: (B, D) score, or the network output when ``mixed``; eps (B, 4, D) or seed (1,) int64.
+    y: (B, D) score, or the network output when ``mixed``; eps (B, 4, D) or seed (1,) int64;
+    ``official_half``: the official sampler's closing half step (``CLD.sscs_closing_half_step``).
     """
     B, D = check_state(u, "u")
     check_shape(y, (B, D), "y")
@@ -244,7 +246,7 @@ def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.T
                u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), ts.stride(0), sde.stride(0),
                es[0], es[1], es[2],
                MIXED=bool(mixed), NOISE=noise, F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
-               num_warps=warps)
+               OFFICIAL=bool(official_half), num_warps=warps)
 
 
 def affine_step(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
@@ -296,8 +298,10 @@ def aot_variants(B: int, D: int, empty):
             for y_dtype in (sd, torch.bfloat16):
                 y, yn = empty(B, D, dtype=y_dtype), str(y_dtype).replace("torch.", "")
                 for mixed in (False, True):
-                    yield (f"sscs_step_ {s} y={yn} mixed={mixed} {noise}",
-                           lambda y=y, m=mixed, e=eps4, q=q: sscs_step_(u, y, ts, step, sde, m, e, q))
+                    # the official closing half step only moves two times: compiled for float32 states
+                    for official in ((False, True) if sd == torch.float32 else (False,)):
+                        yield (f"sscs_step_ {s} y={yn} mixed={mixed} official={official} {noise}",
+                               lambda y=y, m=mixed, e=eps4, q=q, o=official: sscs_step_(u, y, ts, step, sde, m, e, q, o))
                     for kind in ((0, 1, 2) if noise == "none" else (0,)):
                         yield (f"affine_step {s} y={yn} kind={kind} mixed={mixed} {noise}",
                                lambda y=y, m=mixed, k=kind, e=eps1, q=q: affine_step(u, y, ts, step, sde, k, m, e, q, u))

@@ -180,14 +180,15 @@ void perturb_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& v0, cons
 }
 
 // ---- HSM loss ---------------------------------------------------------------------------------
-// In the state dtype T: r = out + c v - eps_v, loss_b = scale w_b sum_d r^2, grad_out = 2 scale w_b grad_b r.
+// In the state dtype T: r = a out + c v - eps_v, loss_b = scale w_b sum_d r^2,
+// grad_out = 2 scale w_b grad_b a r.
 
 // Elements of one row summed by one task; per-(sample, chunk) partial sums are added in chunk order,
 // and the samples in sample order, so the result does not depend on the number of threads.
 constexpr int64_t kLossChunk = 8192;
 
 template <typename T, typename O, Noise M>
-inline T loss_residual(const O* po, const T* pu, const T* pe, int64_t s, T c, int64_t b, int64_t D, int64_t d) {
+inline T loss_residual(const O* po, const T* pu, const T* pe, int64_t s, T c, T a, int64_t b, int64_t D, int64_t d) {
   T e;
   if constexpr (M == Noise::Eps) {
     e = pe[b * D + d];
@@ -196,25 +197,29 @@ inline T loss_residual(const O* po, const T* pu, const T* pe, int64_t s, T c, in
     normals2(s, b * D + d, 0, kTagPerturb, z0, z1);
     e = static_cast<T>(z1);
   }
-  return static_cast<T>(po[b * D + d]) + c * pu[b * 2 * D + D + d] - e;
+  return a * static_cast<T>(po[b * D + d]) + c * pu[b * 2 * D + D + d] - e;
 }
 
-// (c, scale * w) per sample in T (the reference casts (c, w) to T, then multiplies w by scale).
+// (c, scale * w, a) per sample in T (the reference casts (c, w, a) to T, then multiplies w by scale).
+struct LossMode {
+  int weighting, objective, output;
+};
+
 template <typename T>
-std::vector<T> loss_table(const at::Tensor& t, const Params& p, int weighting, double scale, int64_t B) {
-  std::vector<T> table = per_sample<T, 2>(B, [&](int64_t b) {
-    const LossCoefficients k = loss_coefficients(p, time_at(t, b), weighting);
-    return Row<2>{{k.c, k.w}};
+std::vector<T> loss_table(const at::Tensor& t, const Params& p, LossMode m, double scale, int64_t B) {
+  std::vector<T> table = per_sample<T, 3>(B, [&](int64_t b) {
+    const LossCoefficients k = loss_coefficients(p, time_at(t, b), m.weighting, m.objective, m.output);
+    return Row<3>{{k.c, k.w, k.a}};
   });
-  for (int64_t b = 0; b < B; ++b) table[b * 2 + 1] = table[b * 2 + 1] * static_cast<T>(scale);
+  for (int64_t b = 0; b < B; ++b) table[b * 3 + 1] = table[b * 3 + 1] * static_cast<T>(scale);
   return table;
 }
 
 template <typename T, typename O>
 at::Tensor hsm_loss_fwd_kernel(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const Params& p,
-                               int weighting, double scale, int64_t reduction, const std::optional<at::Tensor>& eps_v,
+                               LossMode mode, double scale, int64_t reduction, const std::optional<at::Tensor>& eps_v,
                                const std::optional<at::Tensor>& seed, int64_t B, int64_t D) {
-  const std::vector<T> cw = loss_table<T>(t, p, weighting, scale, B);
+  const std::vector<T> cw = loss_table<T>(t, p, mode, scale, B);
   const O* po = out.data_ptr<O>();
   const T* pu = u.data_ptr<T>();
   const T* pe = eps_v.has_value() ? eps_v->data_ptr<T>() : nullptr;
@@ -230,10 +235,10 @@ at::Tensor hsm_loss_fwd_kernel(const at::Tensor& out, const at::Tensor& u, const
           const int64_t b = j / nch;
           const int64_t d0 = (j - b * nch) * kLossChunk;
           const int64_t d1 = std::min(D, d0 + kLossChunk);
-          const T c = cw[b * 2];
+          const T c = cw[b * 3], a = cw[b * 3 + 2];
           double acc = 0.0;
           for (int64_t d = d0; d < d1; ++d) {
-            const T r = loss_residual<T, O, M>(po, pu, pe, s, c, b, D, d);
+            const T r = loss_residual<T, O, M>(po, pu, pe, s, c, a, b, D, d);
             acc += static_cast<double>(r * r);
           }
           partial[j] = acc;
@@ -247,7 +252,7 @@ at::Tensor hsm_loss_fwd_kernel(const at::Tensor& out, const at::Tensor& u, const
   for (int64_t b = 0; b < B; ++b) {
     double acc = 0.0;
     for (int64_t k = 0; k < nch; ++k) acc += partial[b * nch + k];
-    const T per_sample_loss = cw[b * 2 + 1] * static_cast<T>(acc);
+    const T per_sample_loss = cw[b * 3 + 1] * static_cast<T>(acc);
     if (reduction == 1) {
       total += static_cast<double>(per_sample_loss);
     } else {
@@ -260,12 +265,14 @@ at::Tensor hsm_loss_fwd_kernel(const at::Tensor& out, const at::Tensor& u, const
 
 template <typename T, typename O>
 at::Tensor hsm_loss_bwd_kernel(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u, const at::Tensor& t,
-                               const Params& p, int weighting, double scale, const std::optional<at::Tensor>& eps_v,
+                               const Params& p, LossMode mode, double scale, const std::optional<at::Tensor>& eps_v,
                                const std::optional<at::Tensor>& seed, int64_t B, int64_t D) {
-  std::vector<T> cw = loss_table<T>(t, p, weighting, scale, B);
+  std::vector<T> cw = loss_table<T>(t, p, mode, scale, B);
   const T* pg = grad.data_ptr<T>();
   const int64_t g_stride = grad.dim() == 0 ? 0 : 1;
-  for (int64_t b = 0; b < B; ++b) cw[b * 2 + 1] = static_cast<T>(2) * (cw[b * 2 + 1] * pg[b * g_stride]);
+  for (int64_t b = 0; b < B; ++b) {
+    cw[b * 3 + 1] = static_cast<T>(2) * (cw[b * 3 + 1] * pg[b * g_stride]) * cw[b * 3 + 2];
+  }
   at::Tensor res = at::empty({B, D}, out.options());
   const O* po = out.data_ptr<O>();
   const T* pu = u.data_ptr<T>();
@@ -276,10 +283,10 @@ at::Tensor hsm_loss_bwd_kernel(const at::Tensor& grad, const at::Tensor& out, co
     constexpr Noise M = decltype(Mc)::value;
     if constexpr (M != Noise::None) {
       for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
-        const T c = cw[b * 2];
-        const T factor = cw[b * 2 + 1];
+        const T c = cw[b * 3], a = cw[b * 3 + 2];
+        const T factor = cw[b * 3 + 1];
         for (int64_t d = d0; d < d1; ++d) {
-          const T r = loss_residual<T, O, M>(po, pu, pe, s, c, b, D, d);
+          const T r = loss_residual<T, O, M>(po, pu, pe, s, c, a, b, D, d);
           pr[b * D + d] = static_cast<O>(factor * r);
         }
       });
@@ -302,9 +309,10 @@ void dispatch_state_net(const at::Tensor& u, const at::Tensor& out, const F& f) 
 
 at::Tensor hsm_loss_fwd_cpu(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde,
                             int64_t weighting, double scale, int64_t reduction, const std::optional<at::Tensor>& eps_v,
-                            const std::optional<at::Tensor>& seed) {
+                            const std::optional<at::Tensor>& seed, int64_t objective, int64_t output) {
   const char* op = "cld_fast::hsm_loss_fwd";
-  const Dims n = check_hsm_loss(nullptr, out, u, t, sde, weighting, eps_v, seed, true, op);
+  const Dims n = check_hsm_loss(nullptr, out, u, t, sde, weighting, eps_v, seed, objective, output, true, op);
+  const LossMode mode{static_cast<int>(weighting), static_cast<int>(objective), static_cast<int>(output)};
   check_reduction(reduction, op);
   const Params p = read_params(sde);
   const at::Tensor oc = out.contiguous(), uc = u.contiguous();
@@ -313,16 +321,18 @@ at::Tensor hsm_loss_fwd_cpu(const at::Tensor& out, const at::Tensor& u, const at
   dispatch_state_net(u, out, [&](auto tt, auto ot) {
     using T = decltype(tt);
     using O = decltype(ot);
-    loss = hsm_loss_fwd_kernel<T, O>(oc, uc, t, p, static_cast<int>(weighting), scale, reduction, ec, seed, n.B, n.D);
+    loss = hsm_loss_fwd_kernel<T, O>(oc, uc, t, p, mode, scale, reduction, ec, seed, n.B, n.D);
   });
   return loss;
 }
 
 at::Tensor hsm_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u, const at::Tensor& t,
                             const at::Tensor& sde, int64_t weighting, double scale,
-                            const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed) {
+                            const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed,
+                            int64_t objective, int64_t output) {
   const char* op = "cld_fast::hsm_loss_bwd";
-  const Dims n = check_hsm_loss(&grad, out, u, t, sde, weighting, eps_v, seed, true, op);
+  const Dims n = check_hsm_loss(&grad, out, u, t, sde, weighting, eps_v, seed, objective, output, true, op);
+  const LossMode mode{static_cast<int>(weighting), static_cast<int>(objective), static_cast<int>(output)};
   const Params p = read_params(sde);
   const at::Tensor gc = grad.contiguous(), oc = out.contiguous(), uc = u.contiguous();
   const auto ec = contiguous(eps_v);
@@ -330,15 +340,16 @@ at::Tensor hsm_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& out, const
   dispatch_state_net(u, out, [&](auto tt, auto ot) {
     using T = decltype(tt);
     using O = decltype(ot);
-    res = hsm_loss_bwd_kernel<T, O>(gc, oc, uc, t, p, static_cast<int>(weighting), scale, ec, seed, n.B, n.D);
+    res = hsm_loss_bwd_kernel<T, O>(gc, oc, uc, t, p, mode, scale, ec, seed, n.B, n.D);
   });
   return res;
 }
 
 // ---- mixed score ------------------------------------------------------------------------------
 
-at::Tensor mixed_score_cpu(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde) {
-  const Dims n = check_mixed_score(out, u, t, sde, true);
+at::Tensor mixed_score_cpu(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde,
+                           int64_t objective, int64_t output) {
+  const Dims n = check_mixed_score(out, u, t, sde, objective, output, true);
   const int64_t B = n.B, D = n.D;
   const Params p = read_params(sde);
   const at::Tensor oc = out.contiguous(), uc = u.contiguous();
@@ -347,7 +358,8 @@ at::Tensor mixed_score_cpu(const at::Tensor& out, const at::Tensor& u, const at:
     using T = decltype(tt);
     using O = decltype(ot);
     const std::vector<T> coef = per_sample<T, 2>(B, [&](int64_t b) {
-      const MixedCoefficients m = mixed_coefficients(p, time_at(t, b));
+      const MixedCoefficients m =
+          score_coefficients(p, time_at(t, b), static_cast<int>(objective), static_cast<int>(output));
       return Row<2>{{m.c0, m.c1}};
     });
     const O* po = oc.data_ptr<O>();
@@ -487,13 +499,13 @@ void sscs_step_kernel(const at::Tensor& u, const at::Tensor& y, const SscsStep& 
 
 void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                    const at::Tensor& sde, bool mixed, const std::optional<at::Tensor>& eps,
-                   const std::optional<at::Tensor>& seed) {
+                   const std::optional<at::Tensor>& seed, bool official_half) {
   const char* op = "cld_fast::sscs_step_";
   const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, true);
   const StepAt s = read_step(step, ts, /*reads_next=*/true, op);
   const double t2 = time_at(ts, std::min(s.k + 2, s.n_ts - 1));
   const SscsStep c = sscs_step_coefficients(read_params(sde), time_at(ts, s.k), time_at(ts, s.k + 1), t2,
-                                            sscs_has_opening(s.k, s.n_ts), mixed);
+                                            sscs_has_opening(s.k, s.n_ts), mixed, official_half);
   const InPlace w(u);
   const at::Tensor yc = y.contiguous();
   const auto ec = contiguous(eps);

@@ -1,10 +1,11 @@
 // CUDA kernels of cld_fast::hsm_loss_fwd and cld_fast::hsm_loss_bwd.
 //
-// With r = out + c v - eps_v, where (c, w) = cld::loss_coefficients(t_b) are computed per sample on
+// With r = a out + c v - eps_v, where (c, w, a) = cld::loss_coefficients(t_b, weighting, objective,
+// output) are computed per sample on
 // the device (cld_coefficients.h) and eps_v is given or regenerated in-kernel as z1 of the perturb
 // draw (Philox tag kTagPerturb, step 0), and ws_b = float(w_b) * float(scale):
 //   forward  ws_b sum_d r^2 per sample (reduction 0, (B,)) or summed over samples (reduction 1, 0-d)
-//   backward 2 (ws_b grad_b) r_bd       (B, D) in out's dtype
+//   backward 2 (ws_b grad_b) a_b r_bd   (B, D) in out's dtype
 // float32 accumulation inside a sample, double across chunks and samples; deterministic (no atomics;
 // the chunking depends on (B, D) only).
 //
@@ -38,16 +39,17 @@ struct LossArgs {
   const float* u;  // (B, 2, D)
   TimeArg t;
   const double* sde;
-  int weighting;
+  int weighting, objective, output;
   float scale;
   NoiseArg eps_v;  // eps (B, D), else the seed
   int64_t D;
 
-  // (c, ws) of sample b as float: the reference casts (c, w) to the state dtype, then scales w.
-  __device__ __forceinline__ void coefficients(int64_t b, float& c, float& ws) const {
-    const LossCoefficients k = loss_coefficients(load_params(sde), time_at(t, b), weighting);
+  // (c, ws, a) of sample b as float: the reference casts (c, w, a) to the state dtype, then scales w.
+  __device__ __forceinline__ void coefficients(int64_t b, float& c, float& ws, float& a) const {
+    const LossCoefficients k = loss_coefficients(load_params(sde), time_at(t, b), weighting, objective, output);
     c = static_cast<float>(k.c);
     ws = static_cast<float>(k.w) * scale;
+    a = static_cast<float>(k.a);
   }
 
   template <int V>
@@ -65,13 +67,14 @@ struct LossArgs {
 
   // r for elements d .. d + V - 1 of row b.
   template <int V>
-  __device__ __forceinline__ void residual(int64_t seed, int64_t b, int64_t d, float c, float (&r)[V]) const {
+  __device__ __forceinline__ void residual(int64_t seed, int64_t b, int64_t d, float c, float a,
+                                           float (&r)[V]) const {
     float o[V], v[V], e[V];
     load<V>(out + b * D + d, o);
     load<V>(u + b * 2 * D + D + d, v);
     noise<V>(seed, b, d, e);
 #pragma unroll
-    for (int k = 0; k < V; ++k) r[k] = o[k] + c * v[k] - e[k];
+    for (int k = 0; k < V; ++k) r[k] = a * o[k] + c * v[k] - e[k];
   }
 };
 
@@ -89,11 +92,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) loss_rows_kernel(LossArg
     const int64_t b = row0 + lane / G;
     float acc = 0.f, ws = 0.f;
     if (b < B) {
-      float c;
-      a.coefficients(b, c, ws);
+      float c, aa;
+      a.coefficients(b, c, ws, aa);
       for (int64_t j = sub; j < units; j += G) {
         float r[V];
-        a.template residual<V>(seed, b, j * V, c, r);
+        a.template residual<V>(seed, b, j * V, c, aa, r);
 #pragma unroll
         for (int k = 0; k < V; ++k) acc += r[k] * r[k];
       }
@@ -127,19 +130,19 @@ template <int V, typename O>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) loss_chunks_kernel(LossArgs<O> a, float* partials, int64_t chunks,
                                                                int64_t B) {
   __shared__ float scratch[kWarps];
-  __shared__ float coef[2];
+  __shared__ float coef[3];
   const int64_t seed = read_seed(a.eps_v);
   const int64_t chunk = blockIdx.x;
   const int64_t d_begin = chunk * kLossChunk;
   const int64_t d_end = d_begin + kLossChunk < a.D ? d_begin + kLossChunk : a.D;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    if (threadIdx.x == 0) a.coefficients(b, coef[0], coef[1]);
+    if (threadIdx.x == 0) a.coefficients(b, coef[0], coef[1], coef[2]);
     __syncthreads();
-    const float c = coef[0], ws = coef[1];
+    const float c = coef[0], ws = coef[1], aa = coef[2];
     float acc = 0.f;
     for (int64_t d = d_begin + static_cast<int64_t>(threadIdx.x) * V; d < d_end; d += kThreads * V) {
       float r[V];
-      a.template residual<V>(seed, b, d, c, r);
+      a.template residual<V>(seed, b, d, c, aa, r);
 #pragma unroll
       for (int k = 0; k < V; ++k) acc += r[k] * r[k];
     }
@@ -171,7 +174,7 @@ __global__ void __launch_bounds__(kThreads) loss_finalize_kernel(const float* __
 
 template <typename O>
 struct LossBwdOp {
-  static constexpr int K = 2;  // c, 2 ws_b grad_b
+  static constexpr int K = 3;  // c, 2 ws_b grad_b a_b, a_b
 
   LossArgs<O> a;
   const float* grad;  // (B,) or 0-d
@@ -188,8 +191,8 @@ struct LossBwdOp {
 
   __device__ __forceinline__ void row(int64_t b, float* c) const {
     float ws;
-    a.coefficients(b, c[0], ws);
-    c[1] = 2.f * (ws * __ldg(grad + b * grad_stride));
+    a.coefficients(b, c[0], ws, c[2]);
+    c[1] = 2.f * (ws * __ldg(grad + b * grad_stride)) * c[2];
   }
 
   template <int V>
@@ -201,10 +204,10 @@ struct LossBwdOp {
 
   template <int V>
   __device__ __forceinline__ void finish(int64_t b, int64_t d, const In<V>& in, const float* c) const {
-    const float cc = c[0], factor = c[1];
+    const float cc = c[0], factor = c[1], aa = c[2];
     float r[V];
 #pragma unroll
-    for (int k = 0; k < V; ++k) r[k] = factor * (in.o[k] + cc * in.v[k] - in.e[k]);
+    for (int k = 0; k < V; ++k) r[k] = factor * (aa * in.o[k] + cc * in.v[k] - in.e[k]);
     store<V>(res + b * a.D + d, r);
   }
 };
@@ -220,8 +223,8 @@ int next_pow2(int64_t x) {
 int64_t hsm_loss_fwd_workspace(int64_t B, int64_t D, int reduction) { return B * chunks_for(D, reduction); }
 
 void launch_hsm_loss_fwd(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde,
-                         int weighting, double scale, int reduction, NoiseArg eps_v, float* loss, float* workspace,
-                         int64_t B, int64_t D, cudaStream_t stream) {
+                         int weighting, int objective, int output, double scale, int reduction, NoiseArg eps_v,
+                         float* loss, float* workspace, int64_t B, int64_t D, cudaStream_t stream) {
   if (B <= 0) {
     if (reduction == 1) cudaMemsetAsync(loss, 0, sizeof(float), stream);  // the sum over no samples
     return;
@@ -230,7 +233,8 @@ void launch_hsm_loss_fwd(const void* out, NetType out_type, const float* u, Time
   const int vec = pick_vec(D, {{out, net_bytes(out_type)}, {u, 4}, {eps_v.eps, 4}});
   dispatch_net(out_type, [&](auto tag) {
     using O = decltype(tag);
-    const LossArgs<O> a{static_cast<const O*>(out), u, t, sde, weighting, static_cast<float>(scale), eps_v, D};
+    const LossArgs<O> a{static_cast<const O*>(out), u, t, sde, weighting, objective, output,
+                        static_cast<float>(scale), eps_v, D};
     dispatch_vec(vec, [&](auto v) {
       constexpr int V = decltype(v)::value;
       if (D <= kRowsMaxD) {
@@ -251,12 +255,13 @@ void launch_hsm_loss_fwd(const void* out, NetType out_type, const float* u, Time
 }
 
 void launch_hsm_loss_bwd(const float* grad, int64_t grad_stride, const void* out, NetType out_type, const float* u,
-                         TimeArg t, const double* sde, int weighting, double scale, NoiseArg eps_v, void* res,
-                         int64_t B, int64_t D, cudaStream_t stream) {
+                         TimeArg t, const double* sde, int weighting, int objective, int output, double scale,
+                         NoiseArg eps_v, void* res, int64_t B, int64_t D, cudaStream_t stream) {
   const int vec = pick_vec(D, {{out, net_bytes(out_type)}, {u, 4}, {eps_v.eps, 4}, {res, net_bytes(out_type)}});
   dispatch_net(out_type, [&](auto tag) {
     using O = decltype(tag);
-    const LossArgs<O> a{static_cast<const O*>(out), u, t, sde, weighting, static_cast<float>(scale), eps_v, D};
+    const LossArgs<O> a{static_cast<const O*>(out), u, t, sde, weighting, objective, output,
+                        static_cast<float>(scale), eps_v, D};
     const LossBwdOp<O> op{a, grad, grad_stride, static_cast<O*>(res), 0};
     launch_rows(op, vec, B, D, stream);
   });

@@ -1,5 +1,6 @@
-// CUDA kernel of cld_fast::mixed_score: score = c0 v + c1 out with (c0, c1) = (-1 / s_vv, -1 / l22)
-// of the HSM perturbation kernel at t_b, computed per sample on the device (cld_coefficients.h);
+// CUDA kernel of cld_fast::mixed_score: score = c0 v + c1 out with (c0, c1) =
+// cld::score_coefficients(t_b, objective, output) (default: (-1 / s_vv, -1 / l22) of the HSM
+// perturbation kernel), computed per sample on the device (cld_coefficients.h);
 // out in float32 / bfloat16 / float16, score float32.
 #include "cld_cuda_common.cuh"
 
@@ -15,6 +16,7 @@ struct MixedScoreOp {
   const float* u;  // (B, 2, D)
   TimeArg t;
   const double* sde;
+  int objective, output;
   float* res;  // (B, D)
   int64_t D;
 
@@ -26,7 +28,7 @@ struct MixedScoreOp {
   __device__ __forceinline__ void prepare() {}
 
   __device__ __forceinline__ void row(int64_t b, float* c) const {
-    const MixedCoefficients m = mixed_coefficients(load_params(sde), time_at(t, b));
+    const MixedCoefficients m = score_coefficients(load_params(sde), time_at(t, b), objective, output);
     c[0] = static_cast<float>(m.c0);
     c[1] = static_cast<float>(m.c1);
   }
@@ -49,12 +51,12 @@ struct MixedScoreOp {
 
 }  // namespace
 
-void launch_mixed_score(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde, float* res,
-                        int64_t B, int64_t D, cudaStream_t stream) {
+void launch_mixed_score(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde,
+                        int objective, int output, float* res, int64_t B, int64_t D, cudaStream_t stream) {
   const int vec = pick_vec(D, {{out, net_bytes(out_type)}, {u, 4}, {res, 4}});
   dispatch_net(out_type, [&](auto tag) {
     using O = decltype(tag);
-    const MixedScoreOp<O> op{static_cast<const O*>(out), u, t, sde, res, D};
+    const MixedScoreOp<O> op{static_cast<const O*>(out), u, t, sde, objective, output, res, D};
     launch_rows(op, vec, B, D, stream);
   });
 }

@@ -72,10 +72,11 @@ void perturb_cuda(const at::Tensor& x0, const std::optional<at::Tensor>& v0, con
 
 at::Tensor hsm_loss_fwd_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde,
                              int64_t weighting, double scale, int64_t reduction,
-                             const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed) {
+                             const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed,
+                             int64_t objective, int64_t output) {
   const char* op = "cld_fast::hsm_loss_fwd";
   check_cuda(u, op, "u");
-  const Dims n = check_hsm_loss(nullptr, out, u, t, sde, weighting, eps_v, seed, false, op);
+  const Dims n = check_hsm_loss(nullptr, out, u, t, sde, weighting, eps_v, seed, objective, output, false, op);
   check_reduction(reduction, op);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor oc = out.contiguous(), uc = u.contiguous(), sc = sde.contiguous();
@@ -85,7 +86,8 @@ at::Tensor hsm_loss_fwd_cuda(const at::Tensor& out, const at::Tensor& u, const a
   at::Tensor workspace;
   if (ws > 0) workspace = at::empty({ws}, u.options());
   launch_hsm_loss_fwd(oc.data_ptr(), net_type(oc), uc.data_ptr<float>(), times(t), params(sc),
-                      static_cast<int>(weighting), scale, static_cast<int>(reduction), noise(ec, seed),
+                      static_cast<int>(weighting), static_cast<int>(objective), static_cast<int>(output), scale,
+                      static_cast<int>(reduction), noise(ec, seed),
                       loss.data_ptr<float>(), ws > 0 ? workspace.data_ptr<float>() : nullptr, n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return loss;
@@ -93,29 +95,31 @@ at::Tensor hsm_loss_fwd_cuda(const at::Tensor& out, const at::Tensor& u, const a
 
 at::Tensor hsm_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& out, const at::Tensor& u, const at::Tensor& t,
                              const at::Tensor& sde, int64_t weighting, double scale,
-                             const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed) {
+                             const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed,
+                             int64_t objective, int64_t output) {
   const char* op = "cld_fast::hsm_loss_bwd";
   check_cuda(u, op, "u");
-  const Dims n = check_hsm_loss(&grad, out, u, t, sde, weighting, eps_v, seed, false, op);
+  const Dims n = check_hsm_loss(&grad, out, u, t, sde, weighting, eps_v, seed, objective, output, false, op);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor gc = grad.contiguous(), oc = out.contiguous(), uc = u.contiguous(), sc = sde.contiguous();
   const auto ec = contiguous(eps_v);
   at::Tensor res = at::empty({n.B, n.D}, out.options());
   launch_hsm_loss_bwd(gc.data_ptr<float>(), gc.dim() == 0 ? 0 : 1, oc.data_ptr(), net_type(oc), uc.data_ptr<float>(),
-                      times(t), params(sc), static_cast<int>(weighting), scale, noise(ec, seed), res.data_ptr(), n.B,
-                      n.D, stream());
+                      times(t), params(sc), static_cast<int>(weighting), static_cast<int>(objective),
+                      static_cast<int>(output), scale, noise(ec, seed), res.data_ptr(), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return res;
 }
 
-at::Tensor mixed_score_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde) {
+at::Tensor mixed_score_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde,
+                            int64_t objective, int64_t output) {
   check_cuda(u, "cld_fast::mixed_score", "u");
-  const Dims n = check_mixed_score(out, u, t, sde, false);
+  const Dims n = check_mixed_score(out, u, t, sde, objective, output, false);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor oc = out.contiguous(), uc = u.contiguous(), sc = sde.contiguous();
   at::Tensor res = at::empty({n.B, n.D}, u.options());
-  launch_mixed_score(oc.data_ptr(), net_type(oc), uc.data_ptr<float>(), times(t), params(sc), res.data_ptr<float>(),
-                     n.B, n.D, stream());
+  launch_mixed_score(oc.data_ptr(), net_type(oc), uc.data_ptr<float>(), times(t), params(sc),
+                     static_cast<int>(objective), static_cast<int>(output), res.data_ptr<float>(), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return res;
 }
@@ -136,7 +140,7 @@ void half_step_cuda(const at::Tensor& u, const at::Tensor& ts, const at::Tensor&
 
 void sscs_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                     const at::Tensor& sde, bool mixed, const std::optional<at::Tensor>& eps,
-                    const std::optional<at::Tensor>& seed) {
+                    const std::optional<at::Tensor>& seed, bool official_half) {
   check_cuda(u, "cld_fast::sscs_step_", "u");
   const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, false);
   const c10::cuda::CUDAGuard guard(u.device());
@@ -144,7 +148,7 @@ void sscs_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& 
   const at::Tensor yc = y.contiguous(), sc = sde.contiguous();
   const auto ec = contiguous(eps);
   launch_sscs_step(w.work.data_ptr<float>(), yc.data_ptr(), net_type(yc), times(ts), step.data_ptr<int64_t>(),
-                   params(sc), mixed, noise(ec, seed), n.B, n.D, stream());
+                   params(sc), mixed, official_half, noise(ec, seed), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   w.commit();
 }

@@ -87,13 +87,15 @@ struct SscsStepOp {
   const Y* y;  // (B, D) network output
   StepArgs s;
   bool mixed;
+  bool official_half;
   int64_t D;
   float r[K];
   int64_t step, seed;
 
   __device__ __forceinline__ void part(int i, float* c) const {
     const StepIndex k = read_step(s.step, s.ts, /*reads_next=*/true);
-    const SscsTimes tm = sscs_times(grid_at(s.ts, k.k), grid_at(s.ts, k.k + 1), grid_at(s.ts, k.k + 2));
+    const SscsTimes tm =
+        sscs_times(grid_at(s.ts, k.k), grid_at(s.ts, k.k + 1), grid_at(s.ts, k.k + 2), official_half);
     const Params p = load_params(s.sde);
     if (i == 0) {
       const ScoreStep a = score_step_coefficients(p, tm.t0, tm.h, mixed);
@@ -222,11 +224,11 @@ void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* s
 }
 
 void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step, const double* sde,
-                      bool mixed, NoiseArg noise, int64_t B, int64_t D, cudaStream_t stream) {
+                      bool mixed, bool official_half, NoiseArg noise, int64_t B, int64_t D, cudaStream_t stream) {
   const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}});
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
-    const SscsStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, mixed, D, {}, 0, 0};
+    const SscsStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, mixed, official_half, D, {}, 0, 0};
     launch_steps(op, vec, B, D, stream);
   });
 }

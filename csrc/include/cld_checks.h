@@ -178,14 +178,22 @@ inline Dims check_perturb(const at::Tensor& x0, const std::optional<at::Tensor>&
 }
 
 // grad: nullptr for the forward; else 0-d or (B,) in the state dtype.
+// The objective and output codes of the loss and the score ops.
+inline void check_score_mode(int64_t objective, int64_t output, const char* op) {
+  check_code(objective, kNumObjectives, kObjectiveNames, op, "objective");
+  check_code(output, kNumOutputs, kOutputNames, op, "output");
+}
+
 inline Dims check_hsm_loss(const at::Tensor* grad, const at::Tensor& out, const at::Tensor& u, const at::Tensor& t,
                            const at::Tensor& sde, int64_t weighting, const std::optional<at::Tensor>& eps_v,
-                           const std::optional<at::Tensor>& seed, bool cpu, const char* op) {
+                           const std::optional<at::Tensor>& seed, int64_t objective, int64_t output, bool cpu,
+                           const char* op) {
   const Dims n = check_state(u, cpu, op, "u");
   check_net(out, n, u, cpu, op, "out");
   check_times(t, n.B, u, op);
   check_params(sde, u, op);
   check_code(weighting, kNumWeightings, kWeightingNames, op, "weighting");
+  check_score_mode(objective, output, op);
   check_opt(eps_v, {n.B, n.D}, u.scalar_type(), u, op, "eps_v");
   check_seed(seed, u, op);
   TORCH_CHECK(eps_v.has_value() || seed.has_value(), op,
@@ -205,12 +213,13 @@ inline void check_reduction(int64_t reduction, const char* op) {
 }
 
 inline Dims check_mixed_score(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde,
-                              bool cpu) {
+                              int64_t objective, int64_t output, bool cpu) {
   const char* op = "cld_fast::mixed_score";
   const Dims n = check_state(u, cpu, op, "u");
   check_net(out, n, u, cpu, op, "out");
   check_times(t, n.B, u, op);
   check_params(sde, u, op);
+  check_score_mode(objective, output, op);
   return n;
 }
 

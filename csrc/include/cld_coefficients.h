@@ -19,12 +19,16 @@ namespace cld {
 enum Param : int { kBeta0 = 0, kBeta1 = 1, kMInv = 2, kGamma = 3, kNumericalEps = 4, kNumParams = 5 };
 constexpr const char* kParamNames[kNumParams] = {"beta0", "beta1", "m_inv", "gamma", "numerical_eps"};
 
-// sde.OBJECTIVE_CODES, sde.WEIGHTING_CODES, sde.AFFINE_KIND_CODES.
+// sde.OBJECTIVE_CODES, sde.WEIGHTING_CODES, sde.AFFINE_KIND_CODES (and sde.OUTPUT_CODES below).
 enum Objective : int { kObjectiveHsm = 0, kObjectiveDsm = 1, kNumObjectives = 2 };
 constexpr const char* kObjectiveNames[kNumObjectives] = {"hsm", "dsm"};
 
-enum Weighting : int { kWeightingReweightedV2 = 0, kWeightingLikelihood = 1, kNumWeightings = 2 };
-constexpr const char* kWeightingNames[kNumWeightings] = {"reweightedv2", "likelihood"};
+enum Weighting : int { kWeightingReweightedV2 = 0, kWeightingLikelihood = 1, kWeightingReweightedV1 = 2, kNumWeightings = 3 };
+constexpr const char* kWeightingNames[kNumWeightings] = {"reweightedv2", "likelihood", "reweightedv1"};
+
+// sde.OUTPUT_CODES: what the network outputs (mixed score, the official mixed_score=False eps, the score).
+enum Output : int { kOutputMixed = 0, kOutputEps = 1, kOutputScore = 2, kNumOutputs = 3 };
+constexpr const char* kOutputNames[kNumOutputs] = {"mixed", "eps", "score"};
 
 enum AffineKind : int { kAffineEm = 0, kAffineDenoise = 1, kAffinePfDrift = 2, kNumAffineKinds = 3 };
 constexpr const char* kAffineKindNames[kNumAffineKinds] = {"em", "denoise", "pf_drift"};
@@ -204,33 +208,44 @@ CLD_HD PerturbCoefficients perturb_coefficients(const Params& p, double t, int o
 }
 
 struct LossCoefficients {
-  double c, w;  // per-sample loss w * sum_d (out + c v - eps_v)^2
+  double c, w, a;  // per-sample loss w * sum_d (a out + c v - eps_v)^2
 };
 
-// w of sde.CLD.loss_coefficients given the HSM l22 at t: 1, or beta Gamma / l22^2 (likelihood).
-CLD_HD double loss_weight(const Params& p, double t, int weighting, double l22) {
-  return weighting == kWeightingLikelihood ? dmath::div(beta(p, t) * friction(p), l22 * l22) : 1.0;
+// s_vv of the HSM kernel at t, reusing k when k already is the HSM kernel.
+CLD_HD double hsm_s_vv(const Params& p, double t, int objective, const PerturbCoefficients& k) {
+  return objective == kObjectiveHsm ? k.s_vv : perturb_coefficients(p, t, kObjectiveHsm).s_vv;
 }
 
-CLD_HD LossCoefficients loss_coefficients(const Params& p, double t, int weighting) {
-  const PerturbCoefficients k = perturb_coefficients(p, t, kObjectiveHsm);
-  return LossCoefficients{dmath::div(k.l22, k.s_vv), loss_weight(p, t, weighting, k.l22)};
-}
-
-// Only w (skips the kernel when it is 1).
-CLD_HD double loss_weight_at(const Params& p, double t, int weighting) {
-  if (weighting != kWeightingLikelihood) return 1.0;
-  return loss_weight(p, t, weighting, perturb_coefficients(p, t, kObjectiveHsm).l22);
+// sde.CLD.loss_coefficients(t, weighting, objective, output): l22 of the objective's kernel;
+// c = l22 / s_vv_hsm (mixed output) or 0; a = -l22 (score output) or 1; w = 1 (reweightedv2),
+// beta Gamma (reweightedv1) or beta Gamma / l22^2 (likelihood).
+CLD_HD LossCoefficients loss_coefficients(const Params& p, double t, int weighting, int objective, int output) {
+  const PerturbCoefficients k = perturb_coefficients(p, t, objective);
+  LossCoefficients r{0.0, 1.0, 1.0};
+  if (output == kOutputMixed) r.c = dmath::div(k.l22, hsm_s_vv(p, t, objective, k));
+  if (output == kOutputScore) r.a = -k.l22;
+  if (weighting == kWeightingLikelihood) r.w = dmath::div(beta(p, t) * friction(p), k.l22 * k.l22);
+  if (weighting == kWeightingReweightedV1) r.w = beta(p, t) * friction(p);
+  return r;
 }
 
 struct MixedCoefficients {
   double c0, c1;  // score = c0 v + c1 out
 };
 
+// sde.CLD.score_coefficients(t, objective, output): mixed (-1 / s_vv_hsm, -1 / l22), eps (0, -1 / l22),
+// score (0, 1); l22 of the objective's kernel.
+CLD_HD MixedCoefficients score_coefficients(const Params& p, double t, int objective, int output) {
+  if (output == kOutputScore) return MixedCoefficients{0.0, 1.0};
+  const PerturbCoefficients k = perturb_coefficients(p, t, objective);
+  const double c1 = dmath::div(-1.0, k.l22);
+  if (output == kOutputEps) return MixedCoefficients{0.0, c1};
+  return MixedCoefficients{dmath::div(-1.0, hsm_s_vv(p, t, objective, k)), c1};
+}
+
 // sde.CLD.mixed_score_coefficients: (-1 / s_vv, -1 / l22) of the HSM kernel.
 CLD_HD MixedCoefficients mixed_coefficients(const Params& p, double t) {
-  const PerturbCoefficients k = perturb_coefficients(p, t, kObjectiveHsm);
-  return MixedCoefficients{dmath::div(-1.0, k.s_vv), dmath::div(-1.0, k.l22)};
+  return score_coefficients(p, t, kObjectiveHsm, kOutputMixed);
 }
 
 // ---- per-step coefficients (samplers) -----------------------------------------------------------
@@ -294,14 +309,16 @@ CLD_HD Affine affine_coefficients(const Params& p, double t, double h, int kind,
 // ---- the SSCS step of opdefs.sscs_step_ref ------------------------------------------------------
 
 // After the network evaluation at t0 = ts[i]: the score Euler step at (t0, h = t0 - t1), the closing
-// half step t0 - h/2 -> t1, and the opening half step of step i + 1, t1 -> t1 - (t1 - t2)/2 with
-// t2 = ts[i + 2] (the identity when step i is the last one).
+// half step t0 - h/2 -> t1 (official: t0 -> t0 - h/2, sde.CLD.sscs_closing_half_step), and the
+// opening half step of step i + 1, t1 -> t1 - (t1 - t2)/2 with t2 = ts[i + 2] (the identity when
+// step i is the last one).
 struct SscsTimes {
   double t0, h, t_close, h_close, t_open, h_open;
 };
 
-CLD_HD SscsTimes sscs_times(double t0, double t1, double t2) {
+CLD_HD SscsTimes sscs_times(double t0, double t1, double t2, bool official) {
   const double h = t0 - t1;
+  if (official) return SscsTimes{t0, h, t0, 0.5 * h, t1, 0.5 * (t1 - t2)};
   const double t_close = t0 - 0.5 * h;
   return SscsTimes{t0, h, t_close, t_close - t1, t1, 0.5 * (t1 - t2)};
 }
@@ -312,8 +329,8 @@ struct SscsStep {
 };
 
 CLD_HD SscsStep sscs_step_coefficients(const Params& p, double t0, double t1, double t2, bool has_opening,
-                                       bool mixed) {
-  const SscsTimes s = sscs_times(t0, t1, t2);
+                                       bool mixed, bool official) {
+  const SscsTimes s = sscs_times(t0, t1, t2, official);
   return SscsStep{score_step_coefficients(p, s.t0, s.h, mixed), half_step_coefficients(p, s.t_close, s.h_close),
                   has_opening ? half_step_coefficients(p, s.t_open, s.h_open) : identity_half_step()};
 }

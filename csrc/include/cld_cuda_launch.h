@@ -47,31 +47,34 @@ struct NoiseArg {
 void launch_perturb(const float* x0, const float* v0, TimeArg t, const double* sde, int objective, NoiseArg noise,
                     float* out, int64_t B, int64_t D, cudaStream_t stream);
 
-// HSM loss forward: scale w_b sum_d r^2 with r = out + c v - eps_v, per sample into loss (B,)
+// HSM loss forward: scale w_b sum_d r^2 with r = a out + c v - eps_v, per sample into loss (B,)
 // (reduction 0) or summed over samples into loss (0-d, reduction 1). Deterministic (no atomics):
 // one kernel, plus a final reduce when hsm_loss_fwd_workspace(B, D, reduction) > 0, the number of
-// floats of workspace the caller provides (it depends on (B, D, reduction) only).
+// floats of workspace the caller provides (it depends on (B, D, reduction) only). (c, w, a) of
+// cld::loss_coefficients(t, weighting, objective, output).
 int64_t hsm_loss_fwd_workspace(int64_t B, int64_t D, int reduction);
 void launch_hsm_loss_fwd(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde,
-                         int weighting, double scale, int reduction, NoiseArg eps_v, float* loss, float* workspace,
-                         int64_t B, int64_t D, cudaStream_t stream);
+                         int weighting, int objective, int output, double scale, int reduction, NoiseArg eps_v,
+                         float* loss, float* workspace, int64_t B, int64_t D, cudaStream_t stream);
 
-// res (B, D) of out_type = 2 scale w_b grad_b r; grad 0-d (grad_stride 0) or (B,).
+// res (B, D) of out_type = 2 scale w_b grad_b a_b r; grad 0-d (grad_stride 0) or (B,).
 void launch_hsm_loss_bwd(const float* grad, int64_t grad_stride, const void* out, NetType out_type, const float* u,
-                         TimeArg t, const double* sde, int weighting, double scale, NoiseArg eps_v, void* res,
-                         int64_t B, int64_t D, cudaStream_t stream);
+                         TimeArg t, const double* sde, int weighting, int objective, int output, double scale,
+                         NoiseArg eps_v, void* res, int64_t B, int64_t D, cudaStream_t stream);
 
-// res (B, D) float32 = -v / s_vv(t) - out / l22(t).
-void launch_mixed_score(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde, float* res,
-                        int64_t B, int64_t D, cudaStream_t stream);
+// res (B, D) float32 = c0(t) v + c1(t) out, (c0, c1) of cld::score_coefficients(t, objective, output)
+// (objective hsm, output mixed: -v / s_vv(t) - out / l22(t)).
+void launch_mixed_score(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde,
+                        int objective, int output, float* res, int64_t B, int64_t D, cudaStream_t stream);
 
 // In place: the reverse linear half step ts[*step] -> ts[*step + 1]; eps (B, 2, D).
 void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* sde, NoiseArg noise, int64_t B,
                       int64_t D, cudaStream_t stream);
 
-// In place: the fused SSCS update after a network evaluation at ts[*step]; y (B, D); eps (B, 4, D).
+// In place: the fused SSCS update after a network evaluation at ts[*step]; y (B, D); eps (B, 4, D);
+// official_half: the official sampler's closing half step (cld::sscs_times).
 void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step, const double* sde,
-                      bool mixed, NoiseArg noise, int64_t B, int64_t D, cudaStream_t stream);
+                      bool mixed, bool official_half, NoiseArg noise, int64_t B, int64_t D, cudaStream_t stream);
 
 // out = the affine step of u for ts[*step] -> ts[*step + 1] (kind: cld::AffineKind); out may be u
 // itself; eps (B, D), used by kind em only.
