@@ -33,6 +33,7 @@ from typing import List, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "tools", "mutation_results.md")
 
+PARITY = "tests/test_official_parity.py"
 REF = "tests/test_reference_steps.py"
 BLOCKS = "tests/test_models_blocks.py"
 RESUME = "tests/test_resume_ema_checkpoint.py"
@@ -54,13 +55,13 @@ class Mutant:
 M = Mutant
 MUTANTS: List[Mutant] = [
     # ---- the ten survivors of the issue-15 audit ------------------------------------------------------
-    M("S1", "sampling/torch", "cld_fast/opdefs.py",
-      "closing = cld.half_step_coefficients(t0 - 0.5 * h, t0 - 0.5 * h - t1)",
-      "closing = cld.half_step_coefficients(t0, t0 - 0.5 * h - t1)",
+    M("S1", "sampling/torch", "cld_fast/sde.py",
+      "        tc = t0 - 0.5 * h\n        return tc, tc - t1\n",
+      "        tc = t0 - 0.5 * h\n        return t0, tc - t1\n",
       [REF, "-k", "torch"], "SSCS closing half step starts at t instead of t - h/2 (torch backend)"),
     M("S1t", "triton", "triton_kernels/coefficients.py",
-      "half_step_coefficients(tc, tc - t1, beta0, beta1, m_inv)",
-      "half_step_coefficients(t0, tc - t1, beta0, beta1, m_inv)",
+      "        tc = t0 - 0.5 * h\n        hc = tc - t1\n",
+      "        tc = t0\n        hc = t0 - 0.5 * h - t1\n",
       [REF, "-k", "triton"], "SSCS closing half step starts at t (Triton kernel)"),
     M("S1c", "C++ cpu", "csrc/include/cld_coefficients.h",
       "return SscsTimes{t0, h, t_close, t_close - t1, t1, 0.5 * (t1 - t2)};",
@@ -105,8 +106,8 @@ MUTANTS: List[Mutant] = [
     M("M4", "sde", "cld_fast/sde.py", "w = self.beta(t).expand_as(c) * self.Gamma / (k.l22 * k.l22)",
       "w = self.beta(t).expand_as(c) * self.Gamma / k.l22", ["tests/test_sde.py", "-k", "mixed_and_loss"],
       "likelihood weighting divides by l22 once"),
-    M("M5", "sde", "cld_fast/sde.py", "torch.stack([-1.0 / k.s_vv, -1.0 / k.l22], dim=-1)",
-      "torch.stack([-1.0 / k.s_vv, -1.0 / k.l11], dim=-1)", ["tests/test_sde.py", "-k", "mixed_and_loss"],
+    M("M5", "sde", "cld_fast/sde.py", "        c1 = -1.0 / k.l22\n",
+      "        c1 = -1.0 / k.l11\n", ["tests/test_sde.py", "-k", "mixed_and_loss"],
       "mixed score uses l11 for l22"),
     M("M6", "sde", "cld_fast/sde.py", "alpha = 1.0 + e * self.m_inv", "alpha = 1.0 + e",
       ["tests/test_sde.py", REF, "-k", "torch or score_and_affine"], "SSCS score step without m_inv"),
@@ -133,26 +134,26 @@ MUTANTS: List[Mutant] = [
     # ---- the torch backend (cld_fast/opdefs.py) and the ops --------------------------------------------
     M("M16", "ops/torch", "cld_fast/opdefs.py", "opening = cld.half_step_coefficients(t1, 0.5 * (t1 - t2))",
       "opening = cld.half_step_coefficients(t1, t1 - t2)", [REF, "-k", "torch"], "SSCS opening half step a full step"),
-    M("M17", "losses", "cld_fast/opdefs.py", "r = out.to(acc) + cw[:, 0:1] * v - eps_v.to(acc)",
-      "r = out.to(acc) - cw[:, 0:1] * v - eps_v.to(acc)", ["tests/test_ops_torch.py", "-k", "loss"],
+    M("M17", "losses", "cld_fast/opdefs.py", "r = cwa[:, 2:3] * out.to(acc) + cwa[:, 0:1] * v - eps_v.to(acc)",
+      "r = cwa[:, 2:3] * out.to(acc) - cwa[:, 0:1] * v - eps_v.to(acc)", ["tests/test_ops_torch.py", "-k", "loss"],
       "HSM loss residual sign of the v term"),
-    M("M18", "losses", "cld_fast/opdefs.py", "return ((2.0 * (w * g)).unsqueeze(1) * r).to(out.dtype)",
-      "return ((w * g).unsqueeze(1) * r).to(out.dtype)", ["tests/test_ops_torch.py", "-k", "loss"],
+    M("M18", "losses", "cld_fast/opdefs.py", "return ((2.0 * (w * g)).unsqueeze(1) * (a * r)).to(out.dtype)",
+      "return ((w * g).unsqueeze(1) * (a * r)).to(out.dtype)", ["tests/test_ops_torch.py", "-k", "loss"],
       "HSM loss gradient without the factor 2"),
     M("M19", "losses", "cld_fast/ops.py", 'scale = 1.0 / b if reduction == "mean" else 1.0', "scale = 1.0",
       ["tests/test_ops_torch.py", "-k", "loss"], "loss reduction 'mean' sums"),
     M("M20", "ops/torch", "cld_fast/opdefs.py", "mv = mv + c[5] * ex + c[6] * ev", "mv = mv + c[6] * ev",
       ["tests/test_ops_torch.py", "-k", "perturb"], "perturb drops the l21 eps_x term"),
     # ---- Triton kernels -------------------------------------------------------------------------------
-    M("M21", "triton", "triton_kernels/hsm_loss.py", "(2.0 * (w * g)) * r, mask)", "(w * g) * r, mask)",
+    M("M21", "triton", "triton_kernels/hsm_loss.py", "    factor = 2.0 * (w * g)\n", "    factor = w * g\n",
       ["tests/test_ops_contract.py", "-k", "triton and perturb_and_loss and contiguous"],
       "Triton HSM loss gradient without the factor 2"),
     M("M22", "triton", "triton_kernels/coefficients.py", "    return -1.0 / s_vv, -1.0 / l22\n",
       "    return -1.0 / s_vv, 1.0 / l22\n", ["tests/test_ops_contract.py", "-k", "triton and perturb_and_loss and contiguous"],
       "Triton mixed-score coefficient sign"),
     M("M23", "triton", "triton_kernels/coefficients.py",
-      "half_step_coefficients(t1, 0.5 * (t1 - t2), beta0, beta1, m_inv)",
-      "half_step_coefficients(t1, t1 - t2, beta0, beta1, m_inv)", [REF, "-k", "triton"],
+      "h_open = tl.where(opening, 0.5 * (t1 - t2), 0.0)",
+      "h_open = tl.where(opening, t1 - t2, 0.0)", [REF, "-k", "triton"],
       "Triton SSCS opening half step a full step"),
     # ---- C++ CPU kernels (rebuild) ---------------------------------------------------------------------
     M("M24", "C++ cpu", "csrc/include/cld_coefficients.h",
@@ -198,8 +199,9 @@ MUTANTS: List[Mutant] = [
       "        None  # mutant", ["tests/test_checkpoint.py", RESUME, "-k", "rng or dropout"],
       "resume does not restore the training generator"),
     M("M38", "checkpoint", "cld_fast/checkpoint.py",
-      "            torch.save(obj, f)\n            f.flush()\n            os.fsync(f.fileno())\n        os.replace(tmp, path)\n",
-      "            torch.save(obj, f)\n            os.replace(tmp, path)\n            f.flush()\n            os.fsync(f.fileno())\n",
+      "            torch.save(obj, f)\n            f.flush()\n            os.fsync(f.fileno())\n        os.chmod(tmp,",
+      "            torch.save(obj, f)\n            os.replace(tmp, path)\n            f.flush()\n            os.fsync(f.fileno())\n"
+      "        tmp = path\n        os.chmod(tmp,",
       [RESUME, "-k", "crash or fsync"], "rename before the data are flushed and fsynced"),
     # ---- trainer ------------------------------------------------------------------------------------------
     M("M39", "train", "cld_fast/train.py", "        self.ema.update(self.params)\n", "",
@@ -213,6 +215,22 @@ MUTANTS: List[Mutant] = [
     M("M42", "triton", "triton_kernels/perturb.py", "    mv = to_compute(a_vx, F64) * x0\n",
       "    mv = -to_compute(a_vx, F64) * x0\n", ["tests/test_ops_contract.py", "-k", "triton and perturb_and_loss and contiguous"],
       "Triton perturb mean sign of a_vx"),
+    # ---- added with issues 14 and 16 ----------------------------------------------------------------------
+    M("M43", "sde", "cld_fast/sde.py",
+      "        s_vv = k.s_vv if objective == \"hsm\" else self.perturbation_kernel(t, \"hsm\").s_vv\n"
+      "        return torch.stack([-1.0 / s_vv, c1], dim=-1)\n",
+      "        return torch.stack([-1.0 / k.s_vv, c1], dim=-1)\n",
+      [PARITY, "-k", "score_fn_matches_official_score and torch and dsm"],
+      "DSM mixed score takes -v/s_vv from the DSM kernel instead of the HSM one"),
+    M("M44", "sde", "cld_fast/sde.py", "            w = self.beta(t).expand_as(c) * self.Gamma\n",
+      "            w = torch.ones_like(c)\n", [PARITY, "-k", "reweightedv1"],
+      "reweightedv1 weight without beta(t) Gamma"),
+    M("M45", "sampling", "cld_fast/sampling.py", "        bad = int((~torch.isfinite(run.u)).sum())\n",
+      "        bad = 0\n", ["tests/test_hostile_inputs.py", "-k", "non_finite_samples"],
+      "the sampler's final finiteness check removed"),
+    M("M46", "train", "cld_fast/runlock.py", "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+      "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)", ["tests/test_runlock.py", "-k", "exclusive"],
+      "run-folder lock taken shared: two trainers on one folder"),
 ]
 
 
