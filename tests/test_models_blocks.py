@@ -63,7 +63,7 @@ def test_combine_matches_published_formula(method):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
     y = torch.randn(2, 8, 4, 4, generator=g, dtype=torch.float64)
-    proj = F.conv2d(x, comb.Conv.weight, comb.Conv.bias)
+    proj = F.conv2d(x, comb.Conv_0.weight, comb.Conv_0.bias)
     want = proj + y if method == "sum" else torch.cat([proj, y], 1)
     torch.testing.assert_close(comb(x, y), want, rtol=1e-12, atol=1e-12)
 
@@ -149,7 +149,7 @@ def test_progressive_input_skip_pyramid(combine):
         assert isinstance(comb, layers.Combine)
         torch.testing.assert_close(ip, calls[i][2], rtol=0, atol=0)  # the downsampled input pyramid
         torch.testing.assert_close(h, calls[i - 1][2], rtol=0, atol=0)  # the features at this level
-        proj = F.conv2d(ip, comb.Conv.weight, comb.Conv.bias)
+        proj = F.conv2d(ip, comb.Conv_0.weight, comb.Conv_0.bias)
         want = proj + h if combine == "sum" else torch.cat([proj, h], 1)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(calls[i + 2][1][0], got, rtol=0, atol=0)  # the next block gets it
