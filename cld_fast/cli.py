@@ -49,7 +49,7 @@ Exit status 0 when every check passed, 1 when one failed or nothing could run, 2
 
 
 def _add_train_parser(sub) -> None:
-    from .config import PRECISIONS, available_presets
+    from .config import OBJECTIVES, OPTIMIZERS, PRECISIONS, WEIGHTINGS, available_presets
 
     p = sub.add_parser(
         "train", help="train a CLD (or VP-SDE) score model",
@@ -67,7 +67,7 @@ def _add_train_parser(sub) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="total optimizer steps")
     g.add_argument("--batch-size", type=int, help="global batch size (split over ranks)")
-    g.add_argument("--lr", type=float, help="Adam learning rate")
+    g.add_argument("--lr", type=float, help="learning rate")
     g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (<= 0: off)")
     g.add_argument("--ema-decay", type=float, help="EMA decay (official warm-up min(decay, (1+n)/(10+n)))")
@@ -76,7 +76,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
     g = p.add_argument_group("model and loss")
     g.add_argument("--sde", choices=("cld", "vpsde"), help="cld (HSM, default) or the vpsde baseline (DSM)")
-    g.add_argument("--weighting", choices=("reweightedv2", "likelihood"), help="loss weighting")
+    g.add_argument("--weighting", choices=WEIGHTINGS, help="loss weighting (reweightedv1: CLD only)")
+    g.add_argument("--objective", choices=OBJECTIVES,
+                   help="CLD objective: hsm (default) or dsm (the official cld_objective)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="adam (default), adamw or adamax")
     g.add_argument("--model", help="cld_fast.models preset (toy2d, tiny, cifar10, celebahq256)")
     g.add_argument("--model-opt", action="append", default=None, metavar="KEY=VALUE",
                    help="override a model config key, e.g. --model-opt hidden_dim=256 (repeatable)")
@@ -210,7 +213,8 @@ def _overrides(args) -> dict:
     mapping = {
         "device": "device", "seed": "seed", "steps": "steps", "batch_size": "batch_size", "lr": "lr",
         "warmup": "warmup", "grad_clip": "grad_clip", "ema_decay": "ema_decay", "precision": "precision",
-        "compile": "compile", "sde": "sde", "weighting": "weighting", "model": "model", "data": "data",
+        "compile": "compile", "sde": "sde", "weighting": "weighting", "objective": "objective",
+        "optimizer": "optimizer", "model": "model", "data": "data",
         "data_path": "data_path", "npz_key": "npz_key", "image_size": "image_size", "dequantize": "dequantize",
         "log_every": "log_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
         "sample_every": "sample_every", "sample_steps": "sample_steps", "eval_steps": "eval_steps",
@@ -322,8 +326,10 @@ def _sample(args) -> int:
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(src)))
             default_out = os.path.join(run_dir, "samples")
             toy = config.data if config.data in ("swissroll", "gmm") else None
-            mixed, objective, sde_source = True, "hsm", "from the checkpoint"
-            score = score_fn(net, sde, autocast_dtype=None if args.precision == "fp32" else args.precision)
+            from .train import network_score
+
+            mixed, objective, sde_source = True, config.objective, "from the checkpoint"
+            score = network_score(net, sde, config, autocast_dtype=None if args.precision == "fp32" else args.precision)
         else:
             from .models import load_official_checkpoint
 

@@ -28,7 +28,9 @@ __all__ = ["TrainConfig", "PRESETS", "get_preset", "available_presets"]
 
 TOY_DATASETS = ("swissroll", "gmm")
 SDES = ("cld", "vpsde")
-WEIGHTINGS = ("reweightedv2", "likelihood")
+WEIGHTINGS = ("reweightedv2", "likelihood", "reweightedv1")  # reweightedv1: CLD only (beta Gamma)
+OBJECTIVES = ("hsm", "dsm")
+OPTIMIZERS = ("adam", "adamw", "adamax")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -39,7 +41,8 @@ class TrainConfig:
     preset: str = "custom"
     # --- SDE and loss ---------------------------------------------------------------------
     sde: str = "cld"                   # "cld" (HSM) or "vpsde" (DSM baseline)
-    weighting: str = "reweightedv2"    # "reweightedv2" or "likelihood"
+    weighting: str = "reweightedv2"    # "reweightedv2", "likelihood" or "reweightedv1" (CLD)
+    objective: str = "hsm"             # CLD: "hsm" (v0 marginalised) or "dsm" (official cld_objective)
     loss_eps: float = 1e-5             # t ~ U(loss_eps, 1)
     beta0: float = 4.0
     beta1: float = 0.0
@@ -66,6 +69,7 @@ class TrainConfig:
     steps: int = 10000                 # optimizer steps in total
     batch_size: int = 512              # global batch (split evenly over ranks)
     lr: float = 1e-3
+    optimizer: str = "adam"            # "adam", "adamw" or "adamax" (the official code's choices)
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
@@ -102,6 +106,11 @@ class TrainConfig:
         need(self.bad_images in ("fail", "skip"), f"bad_images must be 'fail' or 'skip', got {self.bad_images!r}")
         need(self.sde in SDES, f"sde must be one of {SDES}, got {self.sde!r}")
         need(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        need(self.sde == "cld" or (self.weighting != "reweightedv1" and self.objective == "hsm"),
+             "weighting 'reweightedv1' and objective 'dsm' are CLD options (the vpsde baseline trains DSM with "
+             "reweightedv2 or likelihood)")
+        need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(0.0 < self.loss_eps < 1.0, f"loss_eps must be in (0, 1), got {self.loss_eps}")
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be an int >= 1, got {self.batch_size!r}")

@@ -190,14 +190,28 @@ def _rank_seed(seed: int, rank: int) -> int:
     return (int(seed) * 1_000_003 + 7919 * (rank + 1)) % (2**63 - 1)
 
 
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax}
+
+
 def _make_optimizer(config: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """``config.optimizer`` (Adam, AdamW or Adamax as in the official code), fused on CUDA where torch has it."""
+    cls = _OPTIMIZERS[config.optimizer]
     kw = dict(lr=config.lr, betas=tuple(config.adam_betas), eps=config.adam_eps, weight_decay=config.weight_decay)
-    if device.type == "cuda":
+    if device.type == "cuda" and cls is not torch.optim.Adamax:
         try:
-            return torch.optim.Adam(params, fused=True, **kw)
+            return cls(params, fused=True, **kw)
         except (RuntimeError, TypeError):
             pass
-    return torch.optim.Adam(params, foreach=True, **kw)
+    return cls(params, foreach=True, **kw)
+
+
+def network_score(net, sde, config: TrainConfig, autocast_dtype=None):
+    """``cf.score_fn`` of a network trained with ``config`` (its CLD objective; mixed-score output)."""
+    from .score import score_fn
+
+    if config.sde == "cld":
+        return score_fn(net, sde, objective=config.objective, autocast_dtype=autocast_dtype)
+    return score_fn(net, sde, autocast_dtype=autocast_dtype)
 
 
 TENSORBOARD_HINT = "pip install 'cld_fast[tensorboard]' (or pip install tensorboard)"
@@ -414,14 +428,18 @@ class Trainer:
         t, seed = self._host_times(x0.shape[0], x0.dtype)
         # On a GPU the noise is drawn in-kernel from that seed; on the CPU from ``generator`` as
         # tensors, which the cpu backend's elementwise loop reads faster than it draws Philox.
+        objective = self.config.objective
+        # DSM also draws v0 ~ N(0, gamma M): from ``generator`` when it lives on x0's device (CPU), else
+        # from the device's default generator (its state is in the checkpoint's RNG states).
+        v0_gen = generator if generator is not None and generator.device == x0.device else None
         if x0.device.type == "cuda":
-            u, noise = ops.perturb(x0, t, self.sde, seed=seed)
+            u, noise = ops.perturb(x0, t, self.sde, objective=objective, seed=seed, generator=v0_gen)
         else:
             eps = torch.randn((x0.shape[0], 2, x0[0].numel()), generator=generator, dtype=x0.dtype)
-            u, noise = ops.perturb(x0, t, self.sde, eps=eps)
+            u, noise = ops.perturb(x0, t, self.sde, objective=objective, eps=eps, generator=v0_gen)
         with self._autocast():
             out = model(self._model_input(u), t)
-        return ops.hsm_loss(out, u, t, self.sde, noise, weighting=self.config.weighting)
+        return ops.hsm_loss(out, u, t, self.sde, noise, weighting=self.config.weighting, objective=objective)
 
     def vp_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """DSM loss of the VP-SDE baseline with the mixed score score = c0 x + c1 out (plain torch).
@@ -644,12 +662,11 @@ class Trainer:
     def sample(self, n: int, steps: int, method: str, seed: int, network: Optional[nn.Module] = None):
         """``n`` samples from the EMA network (``cf.sample``); returns the SampleResult."""
         from .sampling import sample
-        from .score import score_fn
 
         net = network if network is not None else self.ema_network()
         gen = torch.Generator(self.device).manual_seed(int(seed))
         shape = (n,) + tuple(self.data.shape)
-        return sample(score_fn(net, self.sde), shape, self.sde, steps=steps, method=method, generator=gen,
+        return sample(network_score(net, self.sde, self.config), shape, self.sde, steps=steps, method=method, generator=gen,
                       device=self.device)
 
     def snapshot(self, tag: str) -> Optional[str]:

@@ -92,6 +92,21 @@ def test_train_short_run_then_sample(tmp_path):
     assert _wrote(res.stdout)["checkpoint"].endswith("ckpt_0000040.pt")
 
 
+def test_train_official_options_then_sample_uses_the_objective(tmp_path):
+    out = tmp_path / "dsm"
+    res = _run("train", "--steps", "5", "--out", str(out), "--objective", "dsm", "--weighting", "reweightedv1",
+               "--optimizer", "adamax", "--eval-samples", "100", "--eval-steps", "5", "--no-progress",
+               "--no-quality-figure")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = json.load(open(out / "config.json"))
+    assert (cfg["objective"], cfg["weighting"], cfg["optimizer"]) == ("dsm", "reweightedv1", "adamax")
+    res = _run("sample", _wrote(res.stdout)["checkpoint"], "--steps", "5", "--n", "50")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mixed_score=True, objective=dsm (from the checkpoint)" in res.stdout
+    res = _run("train", "--steps", "5", "--out", str(tmp_path / "vp"), "--sde", "vpsde", "--objective", "dsm")
+    assert res.returncode == 2 and "CLD options" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
 def test_sample_official_fixture_checkpoint(tmp_path):
     path = os.path.join(FIXTURES, "official_small_checkpoint.pth")
     config = os.path.join(FIXTURES, "official_small_config.json")

@@ -67,8 +67,10 @@ def _reference_loss(weighting):
         u = torch.cat([x, v], dim=1).float()
         out = model(u, t)
         vf = u[:, d:]
-        if weighting == "reweightedv2":
+        if weighting in ("reweightedv2", "reweightedv1"):
             per = (out + vf * col(l22 / s_vv).float() - eps[:, 1]).pow(2).sum(1)
+            if weighting == "reweightedv1":  # the official reweightedv1: times beta(t) Gamma
+                per = per * (beta * Gamma).float()
         else:
             score = -vf / col(s_vv).float() - out / col(l22).float()
             per = (score + eps[:, 1] / col(l22).float()).pow(2).sum(1) * (beta * Gamma).float()
@@ -77,7 +79,7 @@ def _reference_loss(weighting):
     return loss_fn
 
 
-@pytest.mark.parametrize("weighting", ["reweightedv2", "likelihood"])
+@pytest.mark.parametrize("weighting", ["reweightedv2", "likelihood", "reweightedv1"])
 def test_fused_step_matches_plain_torch_reference(tmp_path, weighting):
     cfg = _toy(weighting=weighting, grad_clip=0.0)
     fused = Trainer(cfg, str(tmp_path / "fused"), progress=False, verbose=False)
@@ -99,6 +101,50 @@ def test_fused_step_matches_plain_torch_reference(tmp_path, weighting):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-2 * cfg.lr)
         moved = max(moved, float((a.detach() - p0).abs().max()))
     assert moved > 0.5 * cfg.lr  # the step did move the weights
+
+
+def test_dsm_objective_reaches_perturb_and_loss(tmp_path):
+    """objective="dsm": the trainer's loss is the public DSM perturb + loss on the same draws (the DSM
+    math itself is checked against the official formulas in test_official_parity.py)."""
+    import cld_fast as cf
+    from cld_fast.train import network_score
+
+    tr = Trainer(_toy(objective="dsm"), str(tmp_path / "dsm"), progress=False, verbose=False)
+    ref = Trainer(_toy(objective="dsm"), str(tmp_path / "ref"), progress=False, verbose=False)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    got = tr.cld_loss(tr.net, x0, torch.Generator().manual_seed(4))
+    t, _ = ref._host_times(64, x0.dtype)  # the same host time stream as tr's first call
+    gen = torch.Generator().manual_seed(4)
+    eps = torch.randn((64, 2, 2), generator=gen)
+    u, noise = cf.perturb(x0, t, ref.sde, objective="dsm", eps=eps, generator=gen)
+    with torch.no_grad():
+        want = cf.hsm_loss(ref.net(u, t), u, t, ref.sde, noise, objective="dsm")
+        u_h, noise_h = cf.perturb(x0, t, ref.sde, eps=eps)
+        hsm = cf.hsm_loss(ref.net(u_h, t), u_h, t, ref.sde, noise_h)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=0)
+    assert abs(float(got.detach()) - float(hsm)) > 1e-3 * abs(float(hsm))
+    assert torch.isfinite(tr.train_step())
+    assert network_score(tr.net, tr.sde, tr.config).objective == "dsm"
+    assert torch.isfinite(tr.sample(16, 5, "sscs", seed=0).x).all()
+
+
+@pytest.mark.parametrize("name,cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                      ("adamax", torch.optim.Adamax)])
+def test_optimizer_choice(tmp_path, name, cls):
+    cfg = _toy(optimizer=name, weight_decay=0.01)
+    tr = Trainer(cfg, str(tmp_path / name), progress=False, verbose=False)
+    assert type(tr.optimizer) is cls
+    before = _params(tr.net)
+    tr.train_step()
+    assert any(not torch.equal(p0, p) for p0, p in zip(before, tr.net.parameters()))
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(optimizer="sgd"), "optimizer"), (dict(objective="x"), "objective"),
+                                       (dict(sde="vpsde", weighting="reweightedv1"), "CLD options"),
+                                       (dict(sde="vpsde", objective="dsm"), "CLD options")])
+def test_objective_weighting_optimizer_errors(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        _toy(**kw)
 
 
 def test_loss_scale_matches_reference_with_bf16_autocast(tmp_path):
