@@ -97,7 +97,7 @@ def _cpu(*tensors):
 
 def _close(got, want, tol, dtype=None):
     """|got - want| <= tol * max(1, max |want|) elementwise (plus tol relative), on the CPU in float64."""
-    assert got.shape == want.shape and got.device == DEV
+    assert got.shape == want.shape and got.device.type == DEV.type  # torch.device("cuda") != "cuda:0"
     if dtype is not None:
         assert got.dtype == dtype
     want = want.detach().to("cpu", torch.float64)
