@@ -2,7 +2,7 @@
 
 Every op x dtype x layout against the torch reference is tests/test_ops_contract.py. Here, against the
 float64 torch references of ``cld_fast.opdefs`` (or the ``cpu`` backend's C++ kernels): the loss
-reduction over long rows (D = 5000, 100_000: the chunked two-stage path) and over many small rows
+reduction over long rows (D = 5000, 100_000; 30_000 in proxy mode: the chunked two-stage path) and many small rows
 (B = 70_000), bf16 / fp16 network outputs of the loss, the mixed score and the SSCS step, the loss
 backward against autograd of the reference, bit-identical repeated losses, the in-kernel Philox noise
 against the C++ cpu kernels on the same seed (and its moments), no host synchronisation, CUDA graph
@@ -16,7 +16,8 @@ CPU tensor passed to the CUDA op) skips there, saying so.
 Tolerances (float32 state; results divided by max(1, max |reference|)):
     float32 results                     1e-5  (float32 arithmetic, FMA contraction, in-kernel coefficients)
     losses summed over 70_000 samples   1e-4 relative (float32 accumulation of 7e6 terms)
-    seed mode vs the reference / cpu    3e-6  (float32 log / sincos of Box-Muller: libdevice vs libm)
+    seed mode                           + 3e-6 (the Philox words are the same everywhere; the float32
+                                        log / sincos of Box-Muller round differently: libdevice, libm, torch)
     bf16 / fp16 gradients (cast)        4e-3 / 5e-4 relative (half an ulp of the output dtype, plus 1e-5)
 bf16 / fp16 inputs are exact in float64, so the loss, mixed score and SSCS step keep the float32 tolerance.
 """
@@ -66,8 +67,14 @@ def _g(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _randn(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(*shape, generator=_g(seed), dtype=torch.float64).to(DEV, dtype)
+def _randn(*shape, dtype=torch.float32, seed=0, offset=0):
+    """A contiguous tensor on DEV; ``offset`` > 0 starts it that many elements into its storage, so its
+    pointer is not 16-byte aligned (the CUDA kernels then leave their vector loads)."""
+    x = torch.randn(*shape, generator=_g(seed), dtype=torch.float64).to(DEV, dtype)
+    if offset == 0:
+        return x
+    view = torch.empty(x.numel() + offset, dtype=dtype, device=DEV)[offset:].view(x.shape)
+    return view.copy_(x)
 
 
 def _times(b, seed=0):
@@ -235,6 +242,31 @@ def test_sscs_step_network_output_dtypes(D, y_dtype):
             ref, y64, e64 = _f64(u, y, eps4)
             opdefs.sscs_step_ref(ref, y64, _ts("cpu"), _i64(step, "cpu"), _sde("cpu"), mixed, e64, None, official)
             _close(w, ref, F32, torch.float32)
+
+
+@pytest.mark.parametrize("offset", [1, 2])
+@pytest.mark.parametrize("D", [7, 1024, 5000])
+def test_misaligned_pointers(D, offset):
+    """Every argument starting off a 16-byte boundary: the scalar / 8-byte paths give the same results."""
+    b = 3
+    x0, out, y = (_randn(b, D, seed=s, offset=offset) for s in (1, 2, 3))
+    eps2, eps4 = _randn(b, 2, D, seed=4, offset=offset), _randn(b, 4, D, seed=5, offset=offset)
+    u, t, sde = _randn(b, 2, D, seed=6, offset=offset), _times(b, seed=7), _sde()
+    assert u.data_ptr() % 16 != 0
+    x64, o64, y64, e2, e4, u64, t64 = _f64(x0, out, y, eps2, eps4, u, t)
+    p = _randn(b, 2, D, seed=8, offset=offset)
+    K.op("perturb")(x0, None, t, sde, 0, eps2, None, p)
+    want = torch.empty(b, 2, D, dtype=torch.float64)
+    opdefs.perturb_ref(x64, None, t64, _sde("cpu"), 0, e2, None, want)
+    _close(p, want, F32)
+    got = K.op("hsm_loss_fwd")(out, u, t, sde, 0, 1.0, 0, eps2[:, 1], None, 0, 0)
+    _close(got, opdefs.hsm_loss_fwd_ref(o64, u64, t64, _sde("cpu"), 0, 1.0, 0, e2[:, 1], None), F32)
+    _close(K.op("mixed_score")(out, u, t, sde, 0, 0), opdefs.mixed_score_ref(o64, u64, t64, _sde("cpu")), F32)
+    ptr = u.data_ptr()
+    K.op("sscs_step_")(u, y, _ts(), _i64(1), sde, True, eps4, None, False)
+    assert u.data_ptr() == ptr
+    opdefs.sscs_step_ref(u64, y64, _ts("cpu"), _i64(1, "cpu"), _sde("cpu"), True, e4, None)
+    _close(u, u64, F32)
 
 
 # ---- in-kernel Philox noise -----------------------------------------------------------------------
