@@ -51,7 +51,7 @@ import torch
 import cld_fast as cf
 from cld_fast import backends as cf_backends
 from cld_fast import opdefs, philox
-from cld_fast.sde import AFFINE_KIND_CODES, kernel_params
+from cld_fast.sde import AFFINE_KIND_CODES, OBJECTIVE_CODES, OUTPUT_CODES, kernel_params
 
 from . import common
 from . import official_style as off
@@ -320,12 +320,13 @@ class Case:
             out2, u3 = self.out.detach().reshape(B, D), u.view(B, 2, D)
             eps_v = None if noise.eps is None else noise.eps[:, 1]
             tail = (self.t32, p, WEIGHTING, self.scale)
+            modes = (OBJECTIVE_CODES["hsm"], OUTPUT_CODES["mixed"])
             if self.op == "loss_fwd":
-                return (out2, u3) + tail + (1, eps_v, noise.seed)
-            return (self.grad, out2, u3) + tail + (eps_v, noise.seed)
+                return (out2, u3) + tail + (1, eps_v, noise.seed) + modes
+            return (self.grad, out2, u3) + tail + (eps_v, noise.seed) + modes
         u3, y2 = u.view(B, 2, D), self.y.reshape(B, D)
         if self.op == "sscs":
-            return (u3, y2, self.ts, self.step, p, True, None, self.seed)
+            return (u3, y2, self.ts, self.step, p, True, None, self.seed, False)
         return (u3, y2, self.ts, self.step, p, AFFINE_KIND_CODES["em"], True, None, self.seed, u3)
 
     # -- our backends -------------------------------------------------------------------------------
