@@ -141,14 +141,17 @@ PY
   "$PYTHON" -m pytest -q -p no:cacheprovider -rs "${GPU_TESTS[@]}"
 }
 
-stage_sync() {
+# A stage that is one bench/ script: on the GPU as is, in the dry run its --cpu-smoke variant.
+run_script_stage() {
   if dry; then
-    would "$PYTHON bench/gpu_sync_check.py"
-    "$PYTHON" bench/gpu_sync_check.py --cpu-smoke
+    would "$PYTHON $1"
+    "$PYTHON" "$1" --cpu-smoke
     return
   fi
-  "$PYTHON" bench/gpu_sync_check.py
+  "$PYTHON" "$1"
 }
+
+stage_sync() { run_script_stage bench/gpu_sync_check.py; }
 
 stage_memcheck() {
   if dry; then
@@ -172,14 +175,7 @@ stage_memcheck() {
     --print-limit 50 "$PYTHON" bench/gpu_memcheck_ops.py
 }
 
-stage_large() {
-  if dry; then
-    would "$PYTHON bench/gpu_large_check.py"
-    "$PYTHON" bench/gpu_large_check.py --cpu-smoke
-    return
-  fi
-  "$PYTHON" bench/gpu_large_check.py
-}
+stage_large() { run_script_stage bench/gpu_large_check.py; }
 
 stage_bench() {
   if dry; then
@@ -195,7 +191,7 @@ stage_bench() {
   return $rc
 }
 
-export -f say dry would stage_build stage_selftest stage_gpu_tests stage_sync stage_memcheck stage_large stage_bench
+export -f say dry would run_script_stage stage_build stage_selftest stage_gpu_tests stage_sync stage_memcheck stage_large stage_bench
 
 # ---- environment, for the summary ---------------------------------------------------------------------
 
