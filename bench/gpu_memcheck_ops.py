@@ -42,6 +42,7 @@ import cld_fast as cf  # noqa: E402
 from cld_fast import backends, opdefs  # noqa: E402
 from cld_fast.sde import CLD  # noqa: E402
 from cld_fast.selftest import run_selftest  # noqa: E402
+from cld_fast.samplers.gddim import gddim_table
 
 SDE = CLD(beta0=3.0, beta1=5.0, m_inv=4.0, gamma=0.04, numerical_eps=1e-6)
 SHAPES_GPU = ["1x1", "3x7", "2x3x5x3:channels_last", "3x7:sliced", "2x5001"]
@@ -228,7 +229,7 @@ def run_backend(name: str, device: torch.device, shapes: List[str], check: Check
                              f"pf_drift mixed={mixed}", returns=True)
                     if hasattr(cf, "gddim_step_"):  # the gDDIM multistep op: a whole run, so the ring buffer wraps
                         for order, predict in ((1, "eps"), (2, "eps"), (3, "eps"), (3, "x0")):
-                            table = SDE.gddim_table(ts, order=order, predict=predict, mixed=True)
+                            table = gddim_table(SDE, ts, order=order, predict=predict, mixed=True)
                             a, r = u0.clone(memory_format=torch.preserve_format), ref(u0).clone()
                             ha = cf.gddim_history(a, order, predict)
                             hr = ref(ha).clone()

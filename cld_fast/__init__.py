@@ -27,11 +27,14 @@ _extension.check_build()
 # Public names that live in modules imported on first use (keeps `import cld_fast` light).
 _LAZY = {
     "sample": "sampling",
+    "SAMPLERS": "sampling",
+    "register_sampler": "sampling",
     "SampleResult": "sampling",
     "SamplingError": "sampling",
     "NonFiniteSamplesError": "sampling",
     "NFEBudgetError": "sampling",
     "score_fn": "score",
+    "Scheduler": "scheduler",
     "SSCSScheduler": "scheduler",
     "GDDIMScheduler": "scheduler",
     "likelihood": "nll",

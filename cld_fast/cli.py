@@ -106,6 +106,34 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--no-quality-figure", action="store_true", default=None, help="toy data: skip quality.png")
 
 
+def _add_sampler_options(p) -> None:
+    """One flag per declared sampler option of the registry (``--order``, ``--rtol``, ...)."""
+    from .samplers import all_options, sampler_names
+
+    for opt in all_options().values():
+        owners = ", ".join(n for n in sampler_names() if _declares(n, opt.name))
+        flag = "--" + opt.name.replace("_", "-")
+        text = f"{owners}: {opt.help} (default {opt.default!r})"
+        if opt.kind is bool:
+            p.add_argument(flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            p.add_argument(flag, dest=opt.name, type=opt.kind, choices=opt.choices, default=None, help=text)
+
+
+def _declares(method: str, name: str) -> bool:
+    """Whether sampler ``method`` declares option ``name``."""
+    from .samplers import SAMPLERS
+
+    return SAMPLERS[method].option(name) is not None
+
+
+def _sampler_options(args) -> dict:
+    """The sampler-option flags the user gave (unset ones stay the sampler's defaults)."""
+    from .samplers import all_options
+
+    return {name: getattr(args, name) for name in all_options() if getattr(args, name, None) is not None}
+
+
 def _add_sample_parser(sub) -> None:
     p = sub.add_parser(
         "sample", help="sample from a cld-fast or an official CLD-SGM checkpoint",
@@ -119,9 +147,8 @@ def _add_sample_parser(sub) -> None:
 
     p.add_argument("--method", default="sscs", choices=tuple(SAMPLERS),
                    help="sampler: " + "; ".join(f"{n} ({s.summary})" for n, s in SAMPLERS.items()))
-    p.add_argument("--steps", type=int, default=100, help="network evaluations for sscs/em/gddim (default: 100)")
-    p.add_argument("--order", type=int, choices=(1, 2, 3), help="gddim: multistep order (default 2)")
-    p.add_argument("--predict", choices=("eps", "x0"), help="gddim: extrapolate eps_R (default) or x0_hat")
+    p.add_argument("--steps", type=int, default=100, help="network evaluations of a fixed-step sampler (default: 100)")
+    _add_sampler_options(p)
     p.add_argument("--n", type=int, default=None, help="number of samples (default: 64 images / 2000 points)")
     from .sde import STRIDINGS
 
@@ -380,11 +407,18 @@ def _sample(args) -> int:
 
     used = describe_sde(sde, mixed, objective) if isinstance(sde, CLD) else repr(sde)
     print(f"SDE: {used} ({sde_source})")
+    from .samplers import get_spec
+
+    try:
+        get_spec(args.method).validate_options(_sampler_options(args))
+    except (TypeError, ValueError) as exc:
+        print(f"cld-fast sample: error: --method {args.method}: {exc}", file=sys.stderr)
+        return 2
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
     res = sample(score, (n,) + tuple(shape), sde, steps=args.steps,
                  method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
-                 generator=gen, device=device, progress=args.progress, order=args.order, predict=args.predict)
+                 generator=gen, device=device, progress=args.progress, **_sampler_options(args))
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0

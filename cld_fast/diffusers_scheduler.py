@@ -1,8 +1,9 @@
-"""diffusers schedulers for CLD: SSCS and Euler-Maruyama behind diffusers' ``SchedulerMixin`` contract.
+"""diffusers schedulers and a pipeline for CLD: every fixed-step sampler of the registry behind
+diffusers' ``SchedulerMixin`` contract.
 
 Needs ``diffusers`` (``pip install "cld_fast[diffusers]"``); ``import cld_fast`` never imports it.
 
-    sched = CLDSSCSScheduler(num_channels=C)             # CLD parameters in the config
+    sched = CLDSSCSScheduler(num_channels=C)             # or CLDScheduler(method="gddim", num_channels=C)
     sched.set_timesteps(50, device=device)
     u = torch.randn((B, 2 * C, H, W), generator=g) * sched.init_noise_sigma   # the CLD prior
     for t in sched.timesteps:                             # forward times, 1 -> eps
@@ -11,28 +12,29 @@ Needs ``diffusers`` (``pip install "cld_fast[diffusers]"``); ``import cld_fast``
     x = u[:, :C]
 
 The state ``sample`` is the CLD state (B, 2C, ...) (x, then v, on dim 1). ``model_output`` is, by
-default (``mixed=True``), the mixed-score network output that ``cf.score_fn`` consumes (score =
+default (``mixed=True``), the HSM mixed-score network output that ``cf.score_fn`` consumes (score =
 -v / s_vv(t) - out / l22(t)); with ``mixed=False`` it is the score grad_v log p_t(u) itself. Times
-are CLD forward times in (0, 1] (t = 0 is data), not integer training steps.
+are CLD forward times in (0, 1] (t = 0 is data). ``scale_model_input`` is the identity, so a loop
+may duplicate the batch before the network (classifier-free guidance) and combine the outputs.
 
-The steps run the fused kernels of ``cf.sample`` with its tables (``cld_fast.sampling._FixedPlan``),
-so a loop like the one above gives ``cf.sample(cf.score_fn(net, sde), shape, sde, steps=50,
-generator=g)`` bit for bit when ``net`` is called on the same inputs. Each ``step`` returns a new
-tensor (the input state is not modified).
+SSCS starts from the state at t = 1 as from an already opened prior draw (the CLD prior is invariant
+under SSCS's linear half step, so this is exact in distribution): the loop above gives
+``cf.sample(cf.score_fn(net, sde), shape, sde, steps=50, generator=g, first_half_step=False)`` bit for
+bit; EM and gDDIM give ``cf.sample(..., method=...)`` bit for bit.
 
-Random numbers: a run draws one Philox seed, when it first needs noise (SSCS: its first
-``scale_model_input``, EM: its first ``step``), from the ``generator`` given to ``set_timesteps``,
-else (EM only) from the one given to that ``step``, else from torch's default generator. With
-``generator=g`` given to ``set_timesteps`` and used for the prior draw, the run is the one of
-``cf.sample(..., generator=g)``.
+Random numbers: a run draws one Philox seed at its first ``step`` from the ``generator`` given to
+``set_timesteps``, else from the one given to that ``step`` (a ``torch.Generator`` or a list of them,
+one per sample as diffusers pipelines pass: the seed is drawn from each in turn and mixed, so the
+same list reproduces the run), else from torch's default generator.
 
-SSCS opens every run with a half step of the linear part before the first score evaluation: the
-first ``scale_model_input`` returns the opened state (a new tensor) and the network must see it; the
-first ``step`` accepts either that tensor or the original state (it re-applies the same half step,
-same seed, so both give the same result).
+Training with a diffusers-style loop: ``add_noise(x0, noise, t)`` perturbs data with the HSM kernel
+(``noise`` of the state shape (B, 2C, ...)) and ``training_target(noisy, noise, t)`` is the regression
+target of the HSM loss for a mixed-score network: ``mse(unet(noisy, t), target)`` summed over the
+data dimensions is ``cf.hsm_loss``'s default ``reweightedv2`` loss.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Union
@@ -40,19 +42,20 @@ from typing import List, Optional, Union
 import torch
 
 try:
-    from diffusers import ConfigMixin, SchedulerMixin
+    from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
     from diffusers.configuration_utils import register_to_config
     from diffusers.utils import BaseOutput
+    from diffusers.utils.torch_utils import randn_tensor
 except ImportError as exc:  # pragma: no cover - exercised only where diffusers is missing
     raise ImportError("cld_fast.diffusers_scheduler needs diffusers: pip install diffusers "
                       "(or the extra: pip install 'cld_fast[diffusers]')") from exc
 
 from . import checks, ops, philox
-from .sampling import (SAMPLERS, _check_eps, _check_generator, _check_steps, _check_striding, _check_timesteps,
-                       _cld_denoise, _FixedPlan, _sscs_step)
+from .samplers import core
 from .sde import CLD
 
 TESTED_DIFFUSERS = "0.42.1"
+_STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -62,48 +65,72 @@ class CLDSchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
 
 
-class _CLDScheduler(SchedulerMixin, ConfigMixin):
-    """Shared code of the CLD schedulers; see the module docstring for the loop contract.
+def _mixed_seed(generators, device) -> torch.Tensor:
+    """One (1,) int64 Philox seed drawn from each generator of a list in turn and mixed (order matters)."""
+    seed = None
+    for g in generators:
+        s = philox.seed_from_generator(g, device)
+        seed = s if seed is None else torch.bitwise_xor(torch.bitwise_right_shift(seed, 1), s)
+    return seed
 
-    Config (saved by ``save_pretrained``): the CLD parameters ``beta0``, ``beta1``, ``m_inv``,
-    ``gamma``, ``numerical_eps``; ``num_channels`` C of the data (the state has 2C) and
-    ``spatial_dims`` (2 for images, 0 for (B, D) vectors), which shape ``init_noise_sigma``; ``eps``
-    the last forward time; ``striding`` (None: the sampler's default as in ``cf.sample``);
-    ``denoise`` (the official noise-free last step at t = eps); ``mixed`` (model output convention);
-    ``backend`` (force a kernel backend, None: automatic).
+
+class CLDScheduler(SchedulerMixin, ConfigMixin):
+    """A fixed-step CLD sampler of ``cf.SAMPLERS`` as a diffusers scheduler; loop in the module doc.
+
+    Config (saved by ``save_pretrained``): ``method`` (a registered fixed-step sampler; None: the
+    subclass's own), the CLD parameters ``beta0``, ``beta1``, ``m_inv``, ``gamma``, ``numerical_eps``;
+    ``num_channels`` C of the data (the state has 2C) and ``spatial_dims`` (2 for images, 0 for (B, D)
+    vectors), which shape ``init_noise_sigma``; ``eps`` the last forward time; ``striding`` (None: the
+    sampler's default, as ``cf.sample``); ``denoise`` (the noise-free last step at t = eps); ``mixed``
+    (model output convention); ``backend`` (force a kernel backend); ``options`` (a dict of the
+    sampler's declared options, e.g. ``{"order": 3}`` for gDDIM); ``num_train_timesteps`` (integer
+    training timesteps k in [0, N) given to ``add_noise`` mean forward times t = (k + 1) / N).
     """
 
     config_name = "scheduler_config.json"
     _compatibles: List[str] = []
     order = 1
-    method = ""
+    default_method = "sscs"
 
     @register_to_config
-    def __init__(self, beta0: float = 4.0, beta1: float = 0.0, m_inv: float = 4.0, gamma: float = 0.04,
-                 numerical_eps: float = 1e-9, num_channels: int = 3, spatial_dims: int = 2, eps: float = 1e-3,
-                 striding: Optional[str] = None, denoise: bool = True, mixed: bool = True,
-                 backend: Optional[str] = None):
+    def __init__(self, method: Optional[str] = None, beta0: float = 4.0, beta1: float = 0.0, m_inv: float = 4.0,
+                 gamma: float = 0.04, numerical_eps: float = 1e-9, num_channels: int = 3, spatial_dims: int = 2,
+                 eps: float = 1e-3, striding: Optional[str] = None, denoise: bool = True, mixed: bool = True,
+                 backend: Optional[str] = None, options: Optional[dict] = None, num_train_timesteps: int = 1000):
+        self.method = self.default_method if method is None else method
+        spec = core.get_spec(self.method)
+        if not spec.fixed_steps or CLD not in spec.sdes:
+            raise ValueError(f"method must be a fixed-step CLD sampler, one of {core.sampler_names(CLD(), True)}, "
+                             f"got {self.method!r}")
+        self.spec = spec
         self.sde = CLD(beta0=beta0, beta1=beta1, m_inv=m_inv, gamma=gamma, numerical_eps=numerical_eps)
-        for name, value in (("num_channels", num_channels), ("spatial_dims", spatial_dims)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "num_channels" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name == 'num_channels' else 0}, got {value!r}")
-        _check_eps(eps)
-        self.striding = SAMPLERS[self.method].default_striding if striding is None else striding
-        _check_striding(self.striding)
+        for name, value, low in (("num_channels", num_channels, 1), ("spatial_dims", spatial_dims, 0),
+                                 ("num_train_timesteps", num_train_timesteps, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        core.check_eps(eps)
+        self.striding = spec.default_striding if striding is None else striding
+        core.check_striding(self.striding)
         for name, value in (("denoise", denoise), ("mixed", mixed)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-        self._plan: Optional[_FixedPlan] = None
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"options must be a dict of {self.method}'s options, got {type(options).__name__}")
+        given = dict(options or {})
+        if "first_half_step" in given:
+            raise ValueError("options: first_half_step is fixed to False here (scale_model_input is the identity)")
+        if spec.option("first_half_step") is not None:
+            given["first_half_step"] = False
+        self.options = spec.validate_options(given)
+        self._plan: Optional[core.FixedPlan] = None
         self.timesteps: Optional[torch.Tensor] = None
         self.num_inference_steps: Optional[int] = None
-        self._generator: Optional[torch.Generator] = None
+        self._generator = None
         self._reset()
 
     def _reset(self):
         self._i = 0
-        self._seed = None
-        self._counter = None
-        self._opened = None
+        self._stepper = None
 
     # ---- the diffusers contract -------------------------------------------------------------
     @property
@@ -116,101 +143,142 @@ class _CLDScheduler(SchedulerMixin, ConfigMixin):
         return std.view((2 * c,) + (1,) * self.config.spatial_dims).to(device)
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None,
-                      timesteps=None, generator: Optional[torch.Generator] = None):
+                      timesteps=None, generator=None):
         """Build the run: ``num_inference_steps`` score evaluations (the denoising step included, as
         ``cf.sample``'s ``steps``) on the config's grid, or a custom decreasing grid ``timesteps`` of
         forward times in (0, 1] starting at 1 (as ``cf.sample(timesteps=...)``). ``generator``: where the
         run's Philox seed comes from (module docstring). Sets ``timesteps`` ((steps,) float32 forward
         times of the score evaluations, on ``device``) and resets the step count."""
-        _check_generator(generator)
+        _refuse_stock_pipelines(inspect.currentframe().f_back)
+        _check_generators(generator)
         device = torch.device("cpu") if device is None else torch.device(device)
         ts = None
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("pass num_inference_steps or timesteps, not both")
-            ts = _check_timesteps(timesteps)
+            ts = core.check_timesteps(timesteps)
             if float(ts[0]) != 1.0:
                 raise ValueError(f"timesteps must start at 1 (the prior's time), got {float(ts[0])}")
             steps = ts.numel() - 1 + int(self.config.denoise)
         else:
-            steps = _check_steps(num_inference_steps)
-        self._plan = _FixedPlan(self.sde, steps, self.config.eps, self.striding, self.config.denoise, device,
-                                torch.float32, ts=ts)
+            steps = core.check_steps(num_inference_steps)
+        self._plan = core.FixedPlan(steps, self.config.eps, self.striding, self.config.denoise, device,
+                                    torch.float32, ts=ts)
         self.timesteps = self._plan.timesteps
         self.num_inference_steps = self._plan.steps
         self._generator = generator
         self._reset()
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        """The network input for the current step: ``sample`` itself (EM, and SSCS after its first
-        step); SSCS's first call returns the state after the opening half step (a new tensor)."""
-        self._check_state(sample)
+        """The network input: ``sample`` itself (a batch duplicated for guidance is fine)."""
         return sample
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
-             generator: Optional[torch.Generator] = None, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
         """Advance the state past the score evaluation at ``timestep`` (= ``timesteps[i]``, steps in order).
 
         Args:
-            model_output: (B, C, ...) network output for ``scale_model_input(sample, timestep)``
-                (mixed-score output by default; the score with ``mixed=False``).
+            model_output: (B, C, ...) network output at ``sample`` (mixed-score output by default; the
+                score with ``mixed=False``).
             timestep: the forward time of this step (checked when given as a number or CPU tensor).
-            sample: (B, 2C, ...) float32/float64 state (not modified).
-            generator: see the module docstring (EM's seed when ``set_timesteps`` got none).
+            sample: (B, 2C, ...) float16/bfloat16/float32/float64 state (not modified); the step runs
+                in float32 (float64 for a float64 state) and returns the state's dtype.
+            generator: a ``torch.Generator`` or a list of them (module docstring).
             return_dict: return ``CLDSchedulerOutput`` (else a 1-tuple).
         Returns:
             ``CLDSchedulerOutput(prev_sample)``: the new (B, 2C, ...) state.
         """
         plan = self._check_state(sample)
-        _check_generator(generator)
+        _check_generators(generator)
         checks.tensor(model_output, "model_output", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
-        if tuple(model_output.shape) != checks.data_shape_of(sample, "sample"):
-            raise ValueError(f"model_output must have the data shape {checks.data_shape_of(sample, 'sample')} "
-                             f"(C = half the state's channels), got {tuple(model_output.shape)}")
+        want = self.sde.data_shape(sample.shape, "sample")
+        if tuple(model_output.shape) != want:
+            raise ValueError(f"model_output must have the data shape {want} (C = half the state's channels), got "
+                             f"{tuple(model_output.shape)}")
         checks.same_device(sample, "sample", model_output=model_output)
         self._check_time(timestep)
-        opened = self._opened is not None and sample is self._opened
-        u = sample.detach().clone()
+        work = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        u = sample.detach().to(work, copy=True)
         with torch.no_grad(), checks.value_checks(False):
-            self._advance(plan, u, model_output, generator, opened)
+            if self._stepper is None:
+                source = self._generator if self._generator is not None else generator
+                seed = (_mixed_seed(source, u.device) if isinstance(source, (list, tuple))
+                        else philox.seed_from_generator(source, u.device))
+                self._stepper = self.spec.stepper(self.sde, plan, u, seed, self.config.mixed, self.config.backend,
+                                                  **self.options)
+                if plan.n >= 1:
+                    self._stepper.begin(u)
+            if self._i < plan.n:
+                self._stepper.step(u, model_output.to(work))
+            else:
+                self._stepper.denoise(u, model_output.to(work))
         self._i += 1
+        u = u.to(sample.dtype)
         return CLDSchedulerOutput(prev_sample=u) if return_dict else (u,)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """u_t = mean(t) + L(t) noise of the CLD perturbation kernel (HSM: v0 marginalised).
 
         original_samples: (B, C, ...) data x0; noise: (B, 2C, ...) standard normal (eps_x, then eps_v);
-        timesteps: (B,) forward times in (0, 1] (or one number for all). Returns (B, 2C, ...) in x0's dtype.
+        timesteps: (B,) forward times in (0, 1], or integer training timesteps k in [0,
+        num_train_timesteps) meaning t = (k + 1) / num_train_timesteps (one number: for all).
+        Returns (B, 2C, ...) in x0's dtype.
         """
         checks.tensor(original_samples, "original_samples", min_dim=2)
         checks.tensor(noise, "noise", min_dim=2)
         b = original_samples.shape[0]
-        u_shape = (b, 2 * original_samples.shape[1]) + tuple(original_samples.shape[2:])
+        u_shape = self.sde.state_shape(tuple(original_samples.shape))
         if tuple(noise.shape) != u_shape:
-            raise ValueError(f"noise must have the state shape {u_shape} (eps_x, eps_v), got {tuple(noise.shape)}")
-        t = timesteps if isinstance(timesteps, torch.Tensor) else torch.tensor(float(timesteps))
-        t = t.to(device=original_samples.device, dtype=torch.float64)
-        if t.dim() == 0:
-            t = t.expand(b)
+            raise ValueError(f"noise must have the state shape {u_shape} (eps_x, then eps_v: "
+                             f"torch.randn of twice the data's channels), got {tuple(noise.shape)}")
+        t = self.forward_times(timesteps, b, original_samples.device)
         eps = noise.reshape(b, 2, -1).to(original_samples.dtype)
-        u, _ = ops.perturb(original_samples, t.contiguous(), self.sde, objective="hsm", eps=eps,
-                           backend=self.config.backend)
+        u, _ = ops.perturb(original_samples, t, self.sde, objective="hsm", eps=eps, backend=self.config.backend)
         return u
+
+    def training_target(self, noisy_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """(B, C, ...) regression target of the HSM loss for a mixed-score network at ``add_noise``'s output:
+        eps_v - (l22 / s_vv) v, so that ``((out - target)^2)`` summed over the data dimensions is the
+        ``reweightedv2`` HSM loss (out + v l22 / s_vv - eps_v)^2. Arguments as ``add_noise``."""
+        checks.tensor(noisy_samples, "noisy_samples", min_dim=2)
+        b = noisy_samples.shape[0]
+        x_shape = self.sde.data_shape(noisy_samples.shape, "noisy_samples")
+        if tuple(noise.shape) != tuple(noisy_samples.shape):
+            raise ValueError(f"noise must have the state shape {tuple(noisy_samples.shape)}, got {tuple(noise.shape)}")
+        t = self.forward_times(timesteps, b, noisy_samples.device)
+        k = self.sde.perturbation_kernel(t, "hsm")
+        ratio = (k.l22 / k.s_vv).to(noisy_samples.dtype).view((b,) + (1,) * (len(x_shape) - 1))
+        v = self.sde.split_state(noisy_samples)[1]
+        return self.sde.split_state(noise)[1].to(noisy_samples.dtype) - ratio * v
+
+    def forward_times(self, timesteps, batch: int, device) -> torch.Tensor:
+        """(B,) float64 forward times from float times in (0, 1] or integer training timesteps (``add_noise``)."""
+        t = timesteps if isinstance(timesteps, torch.Tensor) else torch.tensor(timesteps)
+        n = self.config.num_train_timesteps
+        if not t.is_floating_point():
+            t = (t.to(torch.float64) + 1.0) / n
+        t = t.to(device=device, dtype=torch.float64)
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"timesteps must be one number or (B,) = ({batch},) times, got shape {tuple(t.shape)}")
+        return t.contiguous()
 
     def __len__(self) -> int:
         return self.num_inference_steps or 0
 
     # ---- internals -------------------------------------------------------------------------
-    def _check_state(self, sample) -> _FixedPlan:
+    def _check_state(self, sample) -> core.FixedPlan:
         plan = self._plan
         if plan is None:
             raise RuntimeError("call set_timesteps(num_inference_steps, device) first")
         if self._i >= plan.steps:
             raise RuntimeError(f"all {plan.steps} steps of this run have been taken; call set_timesteps() again")
-        checks.tensor(sample, "sample", min_dim=2)
+        checks.tensor(sample, "sample", dtypes=_STATE_DTYPES, min_dim=2)
         if sample.shape[1] != 2 * self.config.num_channels:
             raise ValueError(f"sample must be the CLD state (B, 2C, ...) with C = num_channels = "
-                             f"{self.config.num_channels}, got shape {tuple(sample.shape)}")
+                             f"{self.config.num_channels} (set num_channels= to your data's channels), got shape "
+                             f"{tuple(sample.shape)}")
         if sample.device != plan.device:
             raise ValueError(f"sample is on {sample.device} but set_timesteps built the run on {plan.device}")
         return plan
@@ -225,71 +293,94 @@ class _CLDScheduler(SchedulerMixin, ConfigMixin):
             if abs(float(timestep) - want) > 1e-6:
                 raise ValueError(f"step {self._i} evaluates the score at t = {want:.6g}, got timestep = {timestep}")
 
-    def _seed_for(self, device, generator=None) -> torch.Tensor:
-        if self._seed is None:
-            source = self._generator if self._generator is not None else generator
-            self._seed = philox.seed_from_generator(source, device)
-            self._counter = torch.zeros(1, dtype=torch.int64, device=device)
-        return self._seed
 
-    def _advance(self, plan: _FixedPlan, u: torch.Tensor, out: torch.Tensor, generator, opened: bool) -> None:
-        """Step ``self._i`` in place on ``u`` (a copy of the caller's state); ``opened``: the caller passed
-        the tensor that SSCS's first ``scale_model_input`` returned."""
-        raise NotImplementedError
+def _check_generators(generator):
+    if isinstance(generator, (list, tuple)):
+        if not generator:
+            raise ValueError("generator must be a torch.Generator, a non-empty list of them, or None")
+        for g in generator:
+            core.check_generator(g)
+    else:
+        core.check_generator(generator)
 
 
-class CLDSSCSScheduler(_CLDScheduler):
-    """SSCS (symmetric splitting CLD sampler) as a diffusers scheduler; config and loop in the module doc.
-    The samples of ``cf.sample(method="sscs")``."""
-
-    method = "sscs"
-
-    def _open(self, plan: _FixedPlan, u: torch.Tensor) -> None:
-        """The opening half step of step 0, in place (same seed and counter: the same bits every time)."""
-        seed = self._seed_for(u.device)
-        with torch.no_grad(), checks.value_checks(False):
-            ops.half_step_(u, plan.opening, self.sde, step=torch.zeros_like(self._counter), seed=seed,
-                           backend=self.config.backend)
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        plan = self._check_state(sample)
-        if self._i != 0 or plan.n < 1:
-            return sample
-        if sample is self._opened:
-            return sample
-        opened = sample.detach().clone()
-        self._open(plan, opened)
-        self._opened = opened
-        return opened
-
-    def _advance(self, plan, u, out, generator, opened):
-        if self._i == 0 and plan.n >= 1:
-            if self._opened is None:
-                raise RuntimeError("SSCS evaluates its first score after an opening half step: feed the network "
-                                   "scheduler.scale_model_input(sample, t), not the raw sample")
-            if not opened:  # the original state: open it the same way
-                self._open(plan, u)
-        if self._i < plan.n:
-            _sscs_step(plan, self.sde, u, out, self._counter, self.config.mixed, self._seed, self.config.backend)
-            self._counter.add_(1)
-        else:
-            _cld_denoise(plan, self.sde, u, out, self.config.mixed, self.config.backend)
+def _refuse_stock_pipelines(frame):
+    """diffusers' own pipelines neither scale the prior by ``init_noise_sigma`` nor split the state:
+    with a CLD scheduler they would return wrong images. Refuse them at ``set_timesteps``."""
+    caller = frame.f_locals.get("self") if frame is not None else None
+    if isinstance(caller, DiffusionPipeline) and not isinstance(caller, CLDPipeline) \
+            and type(caller).__module__.startswith("diffusers."):
+        raise TypeError(f"{type(caller).__name__} does not draw the CLD prior (randn * init_noise_sigma) and returns "
+                        "the whole (x, v) state; use cld_fast.diffusers_scheduler.CLDPipeline(unet, scheduler)")
 
 
-class CLDEMScheduler(_CLDScheduler):
-    """Euler-Maruyama on the reverse CLD SDE as a diffusers scheduler (``scale_model_input`` is the
-    identity); config and loop in the module doc. The samples of ``cf.sample(method="em")``."""
+class CLDSSCSScheduler(CLDScheduler):
+    """SSCS (symmetric splitting CLD sampler) as a diffusers scheduler: the samples of
+    ``cf.sample(method="sscs", first_half_step=False)``."""
 
-    method = "em"
-
-    def _advance(self, plan, u, out, generator, opened):
-        if self._i < plan.n:
-            seed = self._seed_for(u.device, generator)
-            ops.em_step_(u, out, plan.grid, self.sde, step=self._counter, mixed=self.config.mixed, seed=seed,
-                         backend=self.config.backend)
-            self._counter.add_(1)
-        else:
-            _cld_denoise(plan, self.sde, u, out, self.config.mixed, self.config.backend)
+    default_method = "sscs"
 
 
-__all__ = ["CLDSSCSScheduler", "CLDEMScheduler", "CLDSchedulerOutput", "TESTED_DIFFUSERS"]
+class CLDEMScheduler(CLDScheduler):
+    """Euler-Maruyama on the reverse CLD SDE as a diffusers scheduler: the samples of ``cf.sample(method="em")``."""
+
+    default_method = "em"
+
+
+class CLDGDDIMScheduler(CLDScheduler):
+    """gDDIM as a diffusers scheduler (``options={"order": 1-3, "predict": "eps" | "x0"}``): the samples
+    of ``cf.sample(method="gddim", ...)``."""
+
+    default_method = "gddim"
+
+
+class CLDPipeline(DiffusionPipeline):
+    """Unconditional CLD sampling with a UNet (``unet(u, t).sample``, in_channels 2C, out_channels C) and a
+    ``CLDScheduler``: draws the prior, runs the scheduler and returns the data part x mapped from
+    [-1, 1] to images in [0, 1], as ``DDPMPipeline`` does for a DDPM.
+
+        pipe = CLDPipeline(unet=unet, scheduler=CLDSSCSScheduler(num_channels=3))
+        images = pipe(batch_size=4, num_inference_steps=50, generator=g).images
+    """
+
+    def __init__(self, unet, scheduler: CLDScheduler):
+        super().__init__()
+        if not isinstance(scheduler, CLDScheduler):
+            raise TypeError(f"scheduler must be a CLDScheduler, got {type(scheduler).__name__}")
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 50, output_type: str = "pil",
+                 return_dict: bool = True):
+        """Sample ``batch_size`` images. ``generator``: a torch.Generator or a list of ``batch_size`` of them;
+        ``output_type``: "pil", "np" or "pt"."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        sched, size = self.scheduler, self.unet.config.sample_size
+        spatial = (size, size) if isinstance(size, int) else tuple(size)
+        shape = (batch_size, 2 * sched.config.num_channels) + spatial
+        device = self._execution_device
+        sched.set_timesteps(num_inference_steps, device=device)
+        u = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * sched.init_noise_sigma
+        for t in self.progress_bar(sched.timesteps):
+            out = self.unet(sched.scale_model_input(u, t), t.expand(batch_size)).sample
+            u = sched.step(out, t, u, generator=generator).prev_sample
+        image = (sched.sde.split_state(u)[0] / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
+def __getattr__(name):
+    """``CLD<NAME>Scheduler`` for any registered fixed-step CLD sampler (e.g. one registered by the user)."""
+    if name.startswith("CLD") and name.endswith("Scheduler"):
+        method = next((m for m in core.sampler_names(CLD(), True) if m.upper() == name[3:-9].upper()), None)
+        if method is not None:
+            return type(name, (CLDScheduler,), {"default_method": method, "__module__": __name__})
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["CLDScheduler", "CLDSSCSScheduler", "CLDEMScheduler", "CLDGDDIMScheduler", "CLDPipeline",
+           "CLDSchedulerOutput", "TESTED_DIFFUSERS"]

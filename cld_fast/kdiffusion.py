@@ -1,16 +1,25 @@
-"""k-diffusion-style sampler functions: one signature for every sampler, swapped by name.
+"""k-diffusion-style sampler functions, one per registered sampler, with one signature, swapped by name.
 
     from cld_fast.kdiffusion import sample_sscs
     ts = cld_fast.sde.time_grid(49, 1e-3, "quadratic")          # forward times 1 -> eps
-    u = sample_sscs(score, u, ts, sde=sde)                      # u: (B, 2C, ...) at t = ts[0]
+    x = sample_sscs(score, x, ts, sde=sde)                       # x: the CLD state (B, 2C, ...) at t = ts[0]
 
-``model(u, t, **extra_args)`` is a score function (grad_v log p_t(u), the data shape (B, C, ...)),
-e.g. ``cf.score_fn(net, sde)``; ``ts`` is a decreasing grid of forward times in (0, 1] (CLD time,
-not k-diffusion's sigmas: the last entry is eps > 0, and ``denoise=True`` adds the official
-noise-free last step there). Each function is a thin wrapper over ``cf.sample(u=u, timesteps=ts)``:
-the same fused kernels, the same samples for the same generator. ``callback`` gets k-diffusion's
-dict ``{"x": u, "i": i, "t": t}`` (or, with three parameters, ``(i, t, u)``) after every step;
-``disable`` is tqdm's: True hides the bar, None hides it when stderr is not a terminal.
+``sample_<name>(model, x, ts, extra_args=None, callback=None, disable=None, *, sde=None, denoise=True,
+generator=None, backend=None, **options)`` exists for every sampler of ``cf.SAMPLERS`` (a sampler
+registered later gets one too); ``options`` are the sampler's declared options. ``model(x, t,
+**extra_args)`` is a score function (grad_v log p_t(x), the data shape (B, C, ...)), e.g.
+``cf.score_fn(net, sde)``. ``x`` is k-diffusion's name for the state; here it is the CLD state
+(x and v stacked on dim 1). ``ts`` is a decreasing grid of CLD forward times in (0, 1] (not
+k-diffusion's sigmas: the last entry is eps > 0, and ``denoise=True`` adds the official noise-free
+last step there). Each function is a thin wrapper over ``cf.sample(u=x, timesteps=ts)``: the same
+fused kernels, the same samples for the same generator (deterministic samplers ignore it).
+
+``callback`` gets k-diffusion's dict after every step: ``x`` (the live state), ``i``, ``t`` (the
+forward time of the step's score evaluation), ``sigma`` (the perturbation std of the data part at
+t, sqrt(s_xx(t)) of the HSM kernel, what k-diffusion's sigma is for x) and ``denoised`` (E[x0 | state]
+at that evaluation, the Tweedie estimate from the velocity score, data shape); with three parameters
+it is called as ``(i, t, x)``. ``disable`` is tqdm's: True hides the bar, None hides it when stderr
+is not a terminal.
 """
 from __future__ import annotations
 
@@ -19,108 +28,147 @@ from typing import Callable, Optional
 
 import torch
 
-from .sampling import _callback_style, _check_score_callable, _check_timesteps, _dict_callback, sample
+from .samplers import core
+from .sampling import sample
 from .score import NetworkScore
-from .sde import CLD
 
 
 def _score(model: Callable, extra_args: Optional[dict]) -> Callable:
-    """score(u, t) calling model(u, t, **extra_args); a cf.score_fn wrapper stays one (fused fast path)."""
-    _check_score_callable(model)
+    """score(x, t) calling model(x, t, **extra_args); a cf.score_fn wrapper stays one (fused fast path)."""
+    core.check_score_callable(model)
     if extra_args is None or len(extra_args) == 0:
         return model
     if not isinstance(extra_args, dict):
         raise TypeError(f"extra_args must be a dict of keyword arguments for model, got {type(extra_args).__name__}")
     if isinstance(model, NetworkScore):
-        net = functools.partial(model.model, **extra_args)
-        return NetworkScore(net, model.sde, mixed=model.mixed, autocast_dtype=model.autocast_dtype)
+        return model.with_model(functools.partial(model.model, **extra_args))
     return functools.partial(model, **extra_args)
 
 
-def _run(method: str, model, u, ts, extra_args, callback, disable, sde, denoise, generator, backend, **options):
+class _Recorder:
+    """Keeps the last score evaluation (state copy, t, output) so the callback can report ``denoised``."""
+
+    def __init__(self, score: Callable, sde):
+        self.sde, self.last = sde, None
+        if isinstance(score, NetworkScore):  # stay a NetworkScore: cf.sample keeps the fused path
+            raw = score.raw
+
+            def recording_raw(u, t):
+                out = raw(u, t)
+                self.last = (u.clone(), t, out, True)
+                return out
+
+            self.score = score.with_model(score.model)
+            self.score.raw = recording_raw
+            self.plain = score
+        else:
+            def recording(u, t):
+                y = score(u, t)
+                self.last = (u.clone(), t, y, False)
+                return y
+
+            self.score = recording
+
+    def info(self, i, t, state) -> dict:
+        u, tv, y, mixed = self.last
+        k = self.sde.perturbation_kernel(torch.tensor([float(t)], dtype=torch.float64), "hsm")
+        x, v = self.sde.split_state(u)
+        if mixed and not self.plain.hsm_mixed:  # a non-HSM-mixed network: its score, through the wrapper
+            y, mixed = self.plain(u, tv), False
+        kc = self.sde.tweedie_coefficients(float(t), mixed).to(u.dtype)
+        denoised = kc[0] * x + kc[1] * v + kc[2] * y.to(u.dtype)
+        return {"x": state, "i": i, "t": t, "sigma": float(k.l11[0]), "denoised": denoised}
+
+
+def _run(method: str, model, x, ts, extra_args, callback, disable, sde, denoise, generator, backend, options):
     if sde is None:
         if not isinstance(model, NetworkScore):
             raise TypeError("sde= (a cf.CLD) is required unless model is a cf.score_fn(net, sde) wrapper")
         sde = model.sde
-    if not isinstance(sde, CLD):
-        raise TypeError(f"sde must be a cld_fast.CLD, got {type(sde).__name__}")
-    if not isinstance(u, torch.Tensor):
-        raise TypeError(f"u must be a tensor (B, 2C, ...), got {type(u).__name__}")
-    if u.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"u must be float32 or float64 (the state dtype), got {u.dtype}")
+    core.check_sde(sde)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor (the state (B, 2C, ...)), got {type(x).__name__}")
+    if x.dtype not in core.DTYPES:
+        raise TypeError(f"x must be float32 or float64 (the state dtype), got {x.dtype}")
+    core.check_generator(generator)
     score = _score(model, extra_args)
-    user = _dict_callback(callback) if _callback_style(callback) == "dict" else callback
+    style = core.callback_style(callback)
+    recorder = _Recorder(score, sde) if style == "dict" else None
+    if recorder is not None:
+        score = recorder.score
     from tqdm.auto import tqdm
 
-    n = _check_timesteps(ts).numel() - 1 + int(bool(denoise)) if method != "ode" else None
+    spec = core.get_spec(method)
+    n = core.check_timesteps(ts).numel() - 1 + int(bool(denoise)) if spec.fixed_steps else None
     bar = tqdm(total=n, desc=method, disable=disable, leave=False)
 
     def after(i, t, state):
         bar.update(1)
-        if user is not None:
-            user(i, t, state)
+        if style == "dict":
+            callback(recorder.info(i, t, state))
+        elif style == "args":
+            callback(i, t, state)
 
     try:
-        res = sample(score, None, sde, method=method, u=u, timesteps=ts, denoise=denoise, generator=generator,
-                     callback=after, dtype=u.dtype, backend=backend, **options)
+        res = sample(score, None, sde, method=method, u=x, timesteps=ts, denoise=denoise, generator=generator,
+                     callback=after, dtype=x.dtype, backend=backend, **options)
     finally:
         bar.close()
     return res.u
 
 
-def sample_sscs(model: Callable, u: torch.Tensor, ts, extra_args: Optional[dict] = None,
-                callback: Optional[Callable] = None, disable: Optional[bool] = None, *, sde: Optional[CLD] = None,
-                denoise: bool = True, generator: Optional[torch.Generator] = None,
-                backend: Optional[str] = None) -> torch.Tensor:
-    """SSCS from the state ``u`` at forward time ts[0] along the grid ``ts``.
+def _make(method: str):
+    spec = core.get_spec(method)
+
+    def sampler(model: Callable, x: torch.Tensor, ts, extra_args: Optional[dict] = None,
+                callback: Optional[Callable] = None, disable: Optional[bool] = None, *, sde=None,
+                denoise: bool = True, generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
+                **options) -> torch.Tensor:
+        return _run(method, model, x, ts, extra_args, callback, disable, sde, denoise, generator, backend, options)
+
+    opts = "".join(f"\n        {o.name}: {o.help} (default {o.default!r})." for o in spec.options) or " none."
+    grid = ("exactly two entries [t_start, t_end] (the solver picks its own steps; the callback runs per "
+            "accepted step)" if not spec.fixed_steps else
+            "the score is evaluated at ts[0] .. ts[-2], then (``denoise``) once more at ts[-1]")
+    sampler.__name__ = sampler.__qualname__ = f"sample_{method}"
+    sampler.__doc__ = f"""{spec.summary[:1].upper() + spec.summary[1:]}, from the state ``x`` at forward time ts[0].
 
     Args:
-        model: score function ``model(u, t, **extra_args)`` -> (B, C, ...) grad_v log p_t(u); u (B, 2C, ...),
+        model: score function ``model(x, t, **extra_args)`` -> (B, C, ...) grad_v log p_t(x); x (B, 2C, ...),
             t (B,) forward times. A ``cf.score_fn`` wrapper also supplies ``sde`` and runs fused.
-        u: (B, 2C, ...) float32 or float64 state at t = ts[0] (e.g. ``sde.prior_sampling`` for ts[0] = 1);
+        x: (B, 2C, ...) float32 or float64 state at t = ts[0] (e.g. ``sde.prior_sampling`` for ts[0] = 1);
             not modified.
-        ts: decreasing forward times in (0, 1] (1-D tensor or list, >= 2 entries); the score is
-            evaluated at ts[0] .. ts[-2], then (``denoise``) once more at ts[-1]: NFE = len(ts) (len - 1
-            without denoising).
+        ts: decreasing forward times in (0, 1] (1-D tensor or list): {grid}.
         extra_args: keyword arguments for ``model`` (e.g. class labels).
-        callback: ``callback({"x": u, "i": i, "t": t})`` after every step (see module doc).
+        callback: ``callback({{"x", "i", "t", "sigma", "denoised"}})`` after every step (module doc).
         disable: tqdm's ``disable``.
         sde: the ``cf.CLD`` (default: ``model.sde`` of a ``cf.score_fn`` wrapper).
         denoise: end with the official noise-free step at t = ts[-1].
-        generator: ``torch.Generator`` for the run's Philox seed.
+        generator: ``torch.Generator`` for the run's Philox seed (deterministic samplers ignore it).
         backend: force a kernel backend.
+    Options of {method!r}:{opts}
     Returns:
-        (B, 2C, ...) final state in u's dtype (x = first C channels).
+        (B, 2C, ...) final state in x's dtype (the data = first C channels).
     """
-    return _run("sscs", model, u, ts, extra_args, callback, disable, sde, denoise, generator, backend)
+    return sampler
 
 
-def sample_em(model: Callable, u: torch.Tensor, ts, extra_args: Optional[dict] = None,
-              callback: Optional[Callable] = None, disable: Optional[bool] = None, *, sde: Optional[CLD] = None,
-              denoise: bool = True, generator: Optional[torch.Generator] = None,
-              backend: Optional[str] = None) -> torch.Tensor:
-    """Euler-Maruyama on the reverse SDE along ``ts``; arguments and result as ``sample_sscs``."""
-    return _run("em", model, u, ts, extra_args, callback, disable, sde, denoise, generator, backend)
+def __getattr__(name: str):
+    """``sample_<name>`` for every registered sampler, made on first use."""
+    if name.startswith("sample_") and name[7:] in core.SAMPLERS:
+        fn = _make(name[7:])
+        globals()[name] = fn
+        return fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def sample_gddim(model: Callable, u: torch.Tensor, ts, extra_args: Optional[dict] = None,
-                 callback: Optional[Callable] = None, disable: Optional[bool] = None, *, sde: Optional[CLD] = None,
-                 denoise: bool = True, order: int = 2, predict: str = "eps",
-                 backend: Optional[str] = None) -> torch.Tensor:
-    """Deterministic gDDIM (order 1-3, ``predict`` "eps" or "x0") along ``ts``; otherwise as ``sample_sscs``."""
-    return _run("gddim", model, u, ts, extra_args, callback, disable, sde, denoise, None, backend, order=order,
-                predict=predict)
+def __dir__():
+    return sorted(set(globals()) | {f"sample_{n}" for n in core.SAMPLERS})
 
 
-def sample_ode(model: Callable, u: torch.Tensor, ts, extra_args: Optional[dict] = None,
-               callback: Optional[Callable] = None, disable: Optional[bool] = None, *, sde: Optional[CLD] = None,
-               denoise: bool = True, rtol: float = 1e-5, atol: float = 1e-5,
-               backend: Optional[str] = None) -> torch.Tensor:
-    """Probability-flow ODE, adaptive Dormand-Prince 5(4), from ts[0] to ts[1]: ``ts`` has exactly two
-    entries (the solver picks its own steps; the callback runs per accepted step). Otherwise as
-    ``sample_sscs``."""
-    return _run("ode", model, u, ts, extra_args, callback, disable, sde, denoise, None, backend, rtol=rtol,
-                atol=atol)
-
+sample_sscs = _make("sscs")
+sample_em = _make("em")
+sample_gddim = _make("gddim")
+sample_ode = _make("ode")
 
 __all__ = ["sample_sscs", "sample_em", "sample_gddim", "sample_ode"]

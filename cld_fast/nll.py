@@ -33,7 +33,8 @@ from typing import Callable, List, Optional
 import torch
 
 from . import checks
-from .sampling import _check_generator, _Evaluator, dopri5
+from .samplers.core import Evaluator, check_generator
+from .samplers.ode import dopri5
 from .score import NetworkScore
 from .sde import CLD, VPSDE
 
@@ -124,7 +125,7 @@ def likelihood(score_fn: Callable, x: torch.Tensor, sde, eps: float = 1e-5, meth
         raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
     if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
         raise ValueError(f"n_probes must be an int >= 1, got {n_probes!r}")
-    _check_generator(generator)
+    check_generator(generator)
     if isinstance(score_fn, NetworkScore) and not score_fn.is_differentiable:
         score_fn = score_fn.differentiable()
 
@@ -148,7 +149,7 @@ def likelihood(score_fn: Callable, x: torch.Tensor, sde, eps: float = 1e-5, meth
     else:
         u0 = x
     x_shape = tuple(x.shape)
-    ev = _Evaluator(score_fn, sde, x_shape, fold_ok=False)
+    ev = Evaluator(score_fn, sde, x_shape, fold_ok=False)
     probe_shape = x_shape
     probes = [] if probe == "exact" else _probes(probe, n_probes, probe_shape, generator, device, dtype)
     f = _augmented_drift(sde, ev, probe, probes, d)
@@ -168,7 +169,7 @@ def _score_part(u: torch.Tensor, augmented: bool) -> torch.Tensor:
     return torch.chunk(u, 2, dim=1)[1] if augmented else u
 
 
-def _augmented_drift(sde, ev: _Evaluator, probe: str, probes: List[torch.Tensor], d: int):
+def _augmented_drift(sde, ev: Evaluator, probe: str, probes: List[torch.Tensor], d: int):
     """f(t, [u, delta]) -> [du/dt, div_u f] of the probability-flow ODE in forward time."""
     augmented = isinstance(sde, CLD)
 

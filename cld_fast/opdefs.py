@@ -46,7 +46,7 @@ Ops (noise tags in brackets):
                   ts[step] -> ts[step + 1]: kind em (noise), denoise (none), pf_drift (the
                   forward-time ODE drift at ts[step]; ts[step + 1] is not read)            [AFFINE]
     gddim_step_   exponential-integrator multistep after a network evaluation, row r = table[step]
-                  of ``CLD.gddim_table``: cur = E (x, v, y); u <- Lin u + C_0 cur + sum_j C_j
+                  of ``cld_fast.samplers.gddim.gddim_table``: cur = E (x, v, y); u <- Lin u + C_0 cur + sum_j C_j
                   hist[(step - j) mod K]; hist[step mod K] <- cur. hist (K, B, H, D) in the state
                   dtype keeps the last K = order - 1 values of cur (H = 2: eps_R; H = 1: x0_hat)
 

@@ -458,14 +458,14 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
                 backend: Optional[str] = None) -> torch.Tensor:
     """In place: one exponential-integrator multistep step of the gDDIM sampler (one launch per NFE).
 
-    With r = table[step] (a row of ``CLD.gddim_table``): cur = E (x, v, y), u <- Lin u + C_0 cur +
+    With r = table[step] (a row of ``cld_fast.samplers.gddim.gddim_table``): cur = E (x, v, y), u <- Lin u + C_0 cur +
     sum_j C_j hist[(step - j) mod K], and cur goes into hist[step mod K] for the next steps.
 
     Args:
         u: (B, 2C, ...) state, float32/float64; y: (B, C, ...) the score function's output at
             (u, t_step) (the raw network output if the table was made with ``mixed=True``).
         hist: (K, B, H, D) ring buffer from ``gddim_history`` (K = order - 1), updated in place.
-        table: (S, 22) float64 rows from ``CLD.gddim_table`` on u's device.
+        table: (S, 22) float64 rows from ``cld_fast.samplers.gddim.gddim_table`` on u's device.
         step: int or (1,) int64 tensor on u's device (read in-kernel: no host sync).
     """
     checks.tensor(u, "u", min_dim=2)
@@ -482,7 +482,7 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != GDDIM_COLS \
             or table.shape[0] < 1 or table.dtype not in (torch.float32, torch.float64):
         got = f"{tuple(table.shape)} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
-        raise ValueError(f"table must be a (S >= 1, {GDDIM_COLS}) float tensor from CLD.gddim_table, got {got}")
+        raise ValueError(f"table must be a (S >= 1, {GDDIM_COLS}) float tensor from cld_fast.samplers.gddim.gddim_table, got {got}")
     checks.finite(table, "table")
     rows = table.shape[0]
     value = step

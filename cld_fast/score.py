@@ -119,6 +119,12 @@ class NetworkScore:
                 f"output={self.output!r}, autocast_dtype={self.autocast_dtype}, "
                 f"differentiable={self.is_differentiable})")
 
+    def with_model(self, model: Callable) -> "NetworkScore":
+        """The same score function (SDE, objective, output, autocast, differentiability) around another model,
+        e.g. ``functools.partial(net, class_labels=y)``."""
+        return NetworkScore(model, self.sde, None, self.autocast_dtype, differentiable=self.is_differentiable,
+                            objective=self.objective, output=self.output)
+
     def differentiable(self) -> "NetworkScore":
         """The same score function without ``torch.no_grad`` (gradients flow to u; the model stays in eval mode)."""
         return NetworkScore(self.model, self.sde, None, self.autocast_dtype, differentiable=True,

@@ -84,10 +84,10 @@ def _q3(y: torch.Tensor) -> torch.Tensor:
 
 
 GDDIM_PREDICTIONS = ("eps", "x0")
-GDDIM_COLS = 22  # E (6), Lin (4), C_0..C_2 (4 each): see CLD.gddim_table
+GDDIM_COLS = 22  # E (6), Lin (4), C_0..C_2 (4 each): see cld_fast.samplers.gddim.gddim_table
 
 
-def _legendre(nodes: int):
+def legendre_nodes(nodes: int):
     """Gauss-Legendre nodes and weights on [-1, 1], float64 CPU tensors (cached)."""
     cached = _LEGENDRE.get(nodes)
     if cached is None:
@@ -103,13 +103,13 @@ _LEGENDRE: dict = {}
 
 def _gauss_legendre(f, lo: torch.Tensor, hi: torch.Tensor, nodes: int) -> torch.Tensor:
     """int_lo^hi f(tau) dtau elementwise (lo, hi of one shape; f vectorised over float64 tensors)."""
-    x, w = _legendre(nodes)
+    x, w = legendre_nodes(nodes)
     half = 0.5 * (hi - lo)
     tau = (0.5 * (hi + lo))[..., None] + half[..., None] * x.to(lo.device)
     return (f(tau) * w.to(lo.device)).sum(-1) * half
 
 
-def _integrate_log(f, lo: torch.Tensor, hi: torch.Tensor, nodes: int, pieces: int = 8) -> torch.Tensor:
+def integrate_log(f, lo: torch.Tensor, hi: torch.Tensor, nodes: int, pieces: int = 8) -> torch.Tensor:
     """int_lo^hi f(tau) dtau for lo, hi > 0 as int f(e^s) e^s ds over ``pieces`` equal parts of [log lo, log hi]
     (accurate for integrands with a power-law blow-up at tau = 0, such as d theta / dt)."""
     a, b = torch.log(lo), torch.log(hi)
@@ -197,9 +197,49 @@ class CLD:
         """g = sqrt(m_inv) / 2 = 1 / Gamma, the rate in every closed form."""
         return math.sqrt(self.m_inv) / 2.0
 
-    @property
-    def is_augmented(self) -> bool:
-        return True
+    # ---- what a sampler asks of an SDE ------------------------------------------------------
+    is_sde = True
+
+    def state_shape(self, x_shape) -> tuple:
+        """The state shape (B, 2C, ...) of data of shape (B, C, ...): x and v stacked on dim 1."""
+        return (x_shape[0], 2 * x_shape[1]) + tuple(x_shape[2:])
+
+    def data_shape(self, u_shape, name: str = "u") -> tuple:
+        """The data shape (B, C, ...) of a state of shape (B, 2C, ...) (ValueError naming ``name`` if dim 1 is odd)."""
+        u_shape = tuple(u_shape)
+        if len(u_shape) < 2 or u_shape[1] % 2:
+            raise ValueError(f"{name} must be a CLD state (B, 2C, ...) with x and v stacked on dim 1, got shape "
+                             f"{u_shape} (odd dim 1)")
+        return (u_shape[0], u_shape[1] // 2) + u_shape[2:]
+
+    def split_state(self, u: torch.Tensor):
+        """(x, v): the two halves of a state (B, 2C, ...) along dim 1 (views)."""
+        return torch.chunk(u, 2, dim=1)
+
+    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None) -> None:
+        """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (fused op)."""
+        from . import ops
+
+        ops.em_step_(u, y, grid, self, step=step, mixed=mixed, seed=seed, backend=backend)
+
+    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None) -> None:
+        """The official last step, in place: a noise-free EM step of the reverse SDE at t = eps of size eps."""
+        from . import ops
+
+        grid = torch.tensor([eps, 0.0], dtype=torch.float64).to(u.device)
+        ops.em_step_(u, y, grid, self, step=torch.zeros(1, dtype=torch.int64, device=u.device), mixed=mixed,
+                     denoise=True, backend=backend)
+
+    def pf_drift(self, u, y, t, mixed: bool = False, backend=None) -> torch.Tensor:
+        """du/dt of the probability-flow ODE in forward time at the (1,) float64 device time t (fused op)."""
+        from . import ops
+
+        return ops.pf_drift(u, y, t, self, mixed=mixed, backend=backend)
+
+    def describe(self, mixed: bool = True, objective: str = "hsm") -> str:
+        """One line naming everything a score function and sampler use, e.g. for ``cld-fast sample``."""
+        return (f"CLD(beta0={self.beta0:g}, beta1={self.beta1:g}, m_inv={self.m_inv:g}, gamma={self.gamma:g}, "
+                f"numerical_eps={self.numerical_eps:g}), mixed_score={mixed}, objective={objective}")
 
     def beta(self, t):
         """beta(t) = beta0 + beta1 t; float64 tensor of t's shape (numbers give a 0-d tensor)."""
@@ -454,10 +494,10 @@ class CLD:
     def rframe_angle(self, t, nodes: int = 64) -> torch.Tensor:
         """theta(t) = int_1^t d theta, with theta(1) = 0 (the integrator does not depend on this constant).
 
-        The rate grows like t^-3/2 towards t = 0, so the integral runs in log t (``_integrate_log``).
+        The rate grows like t^-3/2 towards t = 0, so the integral runs in log t (``integrate_log``).
         """
         t = _as_time(t)
-        return _integrate_log(self.rframe_angle_rate, torch.ones_like(t), t, nodes)
+        return integrate_log(self.rframe_angle_rate, torch.ones_like(t), t, nodes)
 
     def rframe(self, t, theta) -> torch.Tensor:
         """R(t) = L(t) Q(theta) (..., 2, 2) float64, Q = [[cos, -sin], [sin, cos]]."""
@@ -503,84 +543,6 @@ class CLD:
         eps_x = col(r_inv[..., 0, 0]) * rx + col(r_inv[..., 0, 1]) * rv
         eps_v = col(r_inv[..., 1, 0]) * rx + col(r_inv[..., 1, 1]) * rv
         return x0, s_x, (eps_x, eps_v)
-
-    def gddim_table(self, ts, order: int = 2, predict: str = "eps", mixed: bool = False, denoise: bool = True,
-                    nodes: int = 48, denoise_time: Optional[float] = None) -> torch.Tensor:
-        """Per-step coefficients of the exponential-integrator multistep sampler, (S, GDDIM_COLS) float64.
-
-        Step i runs from ts[i] to ts[i + 1] (S = n steps, plus a last row when ``denoise``): with y the
-        score input evaluated at (u, ts[i]) and cur = E (x, v, y) (2 numbers per element), the update is
-        u <- Lin u + C_0 cur + sum_{j >= 1} C_j cur_{i - j}, and cur is kept for the next steps.
-        ``predict="eps"``: cur = eps_R (gDDIM in the R frame), Lin = Psi(t_{i+1}, t_i) and
-        C_j = int Psi(t_{i+1}, tau) (D Sigma^-1 R / 2)(tau) l_j(tau) dtau; ``predict="x0"``: cur = (x0_hat, 0),
-        Lin = R(t_{i+1}) R(t_i)^-1 and C_j = -int R(t_{i+1}) R(tau)^-1 (D Sigma^-1 a / 2)(tau) l_j(tau) dtau;
-        l_j the Lagrange basis on the last min(order, i + 1) evaluation times. The denoising row
-        sets x to E[x0 | u] at ``denoise_time`` (default ts[n]; Tweedie) and keeps v. Columns: E (6, row-major 2x3), Lin (4),
-        C_0, C_1, C_2 (4 each, row-major 2x2). Integrals by ``nodes``-point Gauss-Legendre.
-        """
-        if order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-        if predict not in GDDIM_PREDICTIONS:
-            raise ValueError(f"predict must be one of {GDDIM_PREDICTIONS}, got {predict!r}")
-        ts = _as_time(ts, "ts").cpu()
-        n = ts.numel() - 1
-        f64 = torch.float64
-        rows = torch.zeros(n + (1 if denoise else 0), GDDIM_COLS, dtype=f64)
-        if n >= 1:
-            theta = torch.zeros(n + 1, dtype=f64)
-            theta[1:] = _integrate_log(self.rframe_angle_rate, ts[:-1], ts[1:], nodes).cumsum(0)
-            x_gl, w_gl = _legendre(nodes)
-            for i in range(n):
-                s, t = ts[i], ts[i + 1]
-                # nodes uniform in log tau (the integrands grow like tau^-3/2 towards 0): dtau = tau dlog tau
-                half, mid = 0.5 * (torch.log(t) - torch.log(s)), 0.5 * (torch.log(t) + torch.log(s))
-                tau = torch.exp(mid + half * x_gl)
-                w_tau = w_gl * half * tau
-                # theta at the nodes: theta(s) + int_s^tau (its own quadrature per node)
-                th_tau = theta[i] + _integrate_log(self.rframe_angle_rate, s.expand_as(tau), tau, 16, pieces=1)
-                r_tau = self.rframe(tau, th_tau)
-                k = self.perturbation_kernel(tau, "hsm")
-                det = k.s_xx * k.s_vv - k.s_xv * k.s_xv
-                # (D Sigma^-1 / 2): only its v row, Gamma beta (Sigma^-1)_{v,:}
-                gb = self.Gamma * self.beta(tau)
-                dsi_v = torch.stack([-k.s_xv / det, k.s_xx / det], -1) * gb[:, None]  # (N, 2)
-                r_s = self.rframe(s, theta[i])
-                r_t = self.rframe(t, theta[i + 1])
-                k_order = min(order, i + 1)
-                basis_nodes = [ts[i - j] for j in range(k_order)]
-                if predict == "eps":
-                    vrow = (dsi_v[:, :, None] * r_tau).sum(1)  # (N, 2): (D Sigma^-1 R / 2) v row
-                    psi = self.transition_matrix(t, tau)  # (N, 2, 2)
-                    integrand = psi[:, :, 1:2] * vrow[:, None, :]  # (N, 2, 2)
-                    lin = self.transition_matrix(t, s)
-                else:
-                    a_v = dsi_v[:, 0] * k.a_xx + dsi_v[:, 1] * k.a_vx  # (D Sigma^-1 a / 2)_v, (N,)
-                    col = torch.linalg.solve(r_tau, torch.stack([torch.zeros_like(a_v), a_v], -1)[..., None])
-                    integrand = torch.zeros(tau.numel(), 2, 2, dtype=f64)
-                    integrand[:, :, 0] = -(r_t @ col)[..., 0]
-                    lin = r_t @ torch.linalg.inv(r_s)
-                rows[i, 6:10] = lin.reshape(4)
-                for j in range(k_order):
-                    ell = torch.ones_like(tau)
-                    for m, tm in enumerate(basis_nodes):
-                        if m != j:
-                            ell = ell * (tau - tm) / (basis_nodes[j] - tm)
-                    cj = (integrand * (ell * w_tau)[:, None, None]).sum(0)
-                    rows[i, 10 + 4 * j:14 + 4 * j] = cj.reshape(4)
-                kc = self.tweedie_coefficients(s, mixed)
-                if predict == "x0":
-                    rows[i, 0:3] = kc
-                else:
-                    ks = self.perturbation_kernel(s, "hsm")
-                    res = torch.stack([torch.stack([1.0 - ks.a_xx * kc[0], -ks.a_xx * kc[1], -ks.a_xx * kc[2]]),
-                                       torch.stack([-ks.a_vx * kc[0], 1.0 - ks.a_vx * kc[1], -ks.a_vx * kc[2]])])
-                    rows[i, 0:6] = (torch.linalg.inv(r_s) @ res).reshape(6)
-        if denoise:
-            last = rows[-1]
-            last[0:3] = self.tweedie_coefficients(ts[-1] if denoise_time is None else float(denoise_time), mixed)
-            last[6:10] = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=f64)
-            last[10] = 1.0
-        return rows
 
 
 _PARAM_CACHE = {}
@@ -642,9 +604,48 @@ class VPSDE:
         if self.beta_min <= 0 or self.beta_max <= 0:
             raise ValueError(f"VPSDE betas must be > 0, got beta_min={self.beta_min}, beta_max={self.beta_max}")
 
-    @property
-    def is_augmented(self) -> bool:
-        return False
+    # ---- what a sampler asks of an SDE ------------------------------------------------------
+    is_sde = True
+
+    def state_shape(self, x_shape) -> tuple:
+        """The state shape: the data shape itself (no velocity)."""
+        return tuple(x_shape)
+
+    def data_shape(self, u_shape, name: str = "u") -> tuple:
+        """The data shape of a state: the state's own."""
+        return tuple(u_shape)
+
+    def split_state(self, u: torch.Tensor):
+        """(x, None): the state is the data."""
+        return u, None
+
+    def _apply(self, u, y, row):
+        shape = (-1,) + (1,) * (u.dim() - 1)
+        row = row.to(u.dtype).reshape(-1, 3)
+        return row[:, 0].view(shape) * u + row[:, 1].view(shape) * y.to(u.dtype)
+
+    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None) -> None:
+        """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (plain torch ops,
+        Philox noise of tag TAG_AFFINE at ``step``); ``mixed`` must be False (the score itself)."""
+        from . import philox
+
+        t = grid.index_select(0, step)
+        row = self.reverse_coefficients(t, t - grid.index_select(0, step + 1), "em").to(u.dtype)
+        z = philox.philox_normals(u.numel(), seed, step, philox.TAG_AFFINE, device=u.device)[0]
+        u.copy_(self._apply(u, y, row) + row[:, 2].view((-1,) + (1,) * (u.dim() - 1)) * z.view(u.shape).to(u.dtype))
+
+    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None) -> None:
+        """The noise-free last step at t = eps of size eps, in place (plain torch ops)."""
+        row = self.reverse_coefficients(torch.tensor([eps], dtype=torch.float64), eps, "denoise").to(u.device)
+        u.copy_(self._apply(u, y, row))
+
+    def pf_drift(self, u, y, t, mixed: bool = False, backend=None) -> torch.Tensor:
+        """dx/dt of the probability-flow ODE in forward time at the (1,) float64 device time t."""
+        return self._apply(u, y, self.reverse_coefficients(t, 0.0, "pf_drift"))
+
+    def describe(self, mixed: bool = True, objective: str = "hsm") -> str:
+        """One line naming the parameters."""
+        return repr(self)
 
     def beta(self, t):
         """beta(t) = beta_min + (beta_max - beta_min) t, float64."""

@@ -35,6 +35,7 @@ import torch
 from . import backends as _registry
 from . import opdefs, philox
 from .sde import AFFINE_KIND_CODES, CLD, OBJECTIVE_CODES, OUTPUT_CODES, WEIGHTING_CODES, kernel_params
+from .samplers.gddim import gddim_table
 
 # ---- tolerances (see the module docstring for the error measure) --------------------------------
 
@@ -339,7 +340,7 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
                 _Variant(S, "em seed", [u, y, ts, step, p, em, False, None, seed, pout()]),
                 _Variant(S, "em mixed seed", [u, y, ts, step, p, em, True, None, seed, pout()])]
     if name == "gddim_step_":  # (u, hist, y, table, step); a real table, a ring with earlier values
-        table = _Fixed(SDE.gddim_table(torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True))
+        table = _Fixed(gddim_table(SDE, torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True))
         return [_Variant(E, "order 3 eps_R", [u, randn(2, b, 2, d), y, table, step]),
                 _Variant(E, "order 2 x0_hat", [u, randn(1, b, 1, d), y, table, step]),
                 _Variant(E, "order 1", [u, randn(0, b, 2, d), y, table, step])]

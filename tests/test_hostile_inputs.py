@@ -15,6 +15,7 @@ import cld_fast as cf
 from cld_fast import checkpoint as ckpt
 from cld_fast.cli import main
 from cld_fast.config import get_preset
+from cld_fast.samplers.gddim import gddim_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "official_cld_sgm")
@@ -434,7 +435,7 @@ def test_objective_and_non_finite_explicit_inputs(sde):
     eps[1, 1, 2] = float("nan")
     with pytest.raises(ValueError, match="eps contains NaN"):
         cf.perturb(x0, t, sde, eps=eps)
-    table = sde.gddim_table(torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64), 1, "eps")
+    table = gddim_table(sde, torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64), 1, "eps")
     u, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
     hist = cf.gddim_history(u, 1)
     cf.gddim_step_(u.clone(), y, hist, table, step=0)

@@ -79,7 +79,7 @@ def test_callback_dict_and_progress_bar(sde, score, capsys):
                    disable=False, generator=torch.Generator().manual_seed(0))
     assert [s[0] for s in seen] == list(range(len(TS)))
     assert [s[1] for s in seen] == pytest.approx(TS.tolist(), rel=1e-6)
-    assert all(s[2] == ["i", "t", "x"] for s in seen)
+    assert all(s[2] == ["denoised", "i", "sigma", "t", "x"] for s in seen)
     assert "sscs" in capsys.readouterr().err  # the tqdm bar
     kd.sample_sscs(score, _start(sde), TS, sde=sde, disable=True, generator=torch.Generator().manual_seed(0))
     assert capsys.readouterr().err == ""
@@ -101,3 +101,65 @@ def test_bad_input(sde, score, toy_score_net):
 
 def test_exported_from_the_package():
     assert cf.kdiffusion.sample_sscs is kd.sample_sscs
+
+
+def test_callback_denoised_is_the_tweedie_estimate_and_sigma_the_x_std(sde):
+    """Point-mass data x0 = 0.3: E[x0 | u] = 0.3 exactly for every state, so ``denoised`` must be 0.3
+    (with the exact score, through a plain callable and through a mixed-score network wrapper)."""
+    x0 = 0.3
+
+    def exact(u, t):  # grad_v log N(u; a x0, Sigma) for v0 marginalised
+        k = sde.perturbation_kernel(t.double(), "hsm")
+        x, v = u.double().chunk(2, dim=1)
+        rx, rv = x - k.a_xx[:, None] * x0, v - k.a_vx[:, None] * x0
+        det = k.s_xx * k.s_vv - k.s_xv ** 2
+        return ((k.s_xv[:, None] * rx - k.s_xx[:, None] * rv) / det[:, None]).to(u.dtype)
+
+    seen = []
+    kd.sample_em(exact, _start(sde, dtype=torch.float64), TS, sde=sde, disable=True, callback=seen.append,
+                 generator=torch.Generator().manual_seed(1))
+    for info in seen:
+        torch.testing.assert_close(info["denoised"], torch.full_like(info["denoised"], x0), rtol=0, atol=1e-6)
+        want = float(sde.perturbation_kernel(torch.tensor([info["t"]], dtype=torch.float64)).l11[0])
+        assert info["sigma"] == pytest.approx(want, rel=1e-12)
+
+    class MixedNet(torch.nn.Module):  # out such that -v/s_vv - out/l22 is the exact score
+        def forward(self, u, t):
+            k = sde.perturbation_kernel(t.double(), "hsm")
+            v = u.double().chunk(2, dim=1)[1]
+            return (-(exact(u.double(), t) + v / k.s_vv[:, None]) * k.l22[:, None]).float()
+
+    seen.clear()
+    kd.sample_em(cf.score_fn(MixedNet(), sde), _start(sde), TS, disable=True, callback=seen.append,
+                 generator=torch.Generator().manual_seed(1))
+    for info in seen:
+        torch.testing.assert_close(info["denoised"], torch.full_like(info["denoised"], x0), rtol=0, atol=2e-3)
+
+
+def test_extra_args_keep_the_wrappers_output_convention(sde, toy_score_net):
+    """An output="eps" network stays one when extra_args rebuild the wrapper."""
+    Model = toy_score_net()
+
+    class Labelled(Model):
+        def forward(self, u, t, shift=0.0):
+            return super().forward(u, t) + shift
+
+    net = Labelled().eval()
+    u0 = _start(sde)
+    got = kd.sample_em(cf.score_fn(net, sde, output="eps"), u0, TS, extra_args={"shift": 0.25}, disable=True,
+                       generator=torch.Generator().manual_seed(2))
+    ref = cf.sample(cf.score_fn(functools.partial(net, shift=0.25), sde, output="eps"), None, sde, method="em",
+                    u=u0, timesteps=TS, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(got, ref.u)
+
+
+def test_every_wrapper_takes_x_and_a_generator_and_its_sampler_options(sde, score):
+    u0 = _start(sde)
+    for fn in (kd.sample_sscs, kd.sample_em, kd.sample_gddim):
+        fn(score, x=u0, ts=TS, sde=sde, disable=True, generator=torch.Generator().manual_seed(0))
+    kd.sample_ode(score, u0, [1.0, 1e-3], sde=sde, disable=True, generator=torch.Generator(), rtol=1e-3, atol=1e-3)
+    a = kd.sample_gddim(score, u0, TS, sde=sde, disable=True, order=3, predict="x0")
+    b = cf.sample(score, None, sde, method="gddim", u=u0, timesteps=TS, order=3, predict="x0")
+    assert torch.equal(a, b.u)
+    with pytest.raises(ValueError, match="order"):
+        kd.sample_sscs(score, u0, TS, sde=sde, disable=True, order=2)

@@ -14,6 +14,7 @@ import torch
 
 import cld_fast as cf
 from cld_fast.sde import CLD
+from cld_fast.samplers.gddim import gddim_table
 
 SDE = CLD(beta0=3.0, beta1=5.0, m_inv=4.0, gamma=0.04, numerical_eps=1e-6)
 LAYOUTS = ["contiguous", "channels_last", "sliced", "expanded", "transposed", "odd_d", "d1"]
@@ -185,7 +186,7 @@ def test_gddim_steps(backend, dtype, layout):
     u, y, b, d = _step_inputs(layout, dtype, dev, gen)
     ts = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.02], dtype=torch.float64)
     for order, predict in ((1, "eps"), (2, "x0"), (3, "eps"), (3, "x0")):
-        table = SDE.gddim_table(ts, order, predict, mixed=True).to(dev)
+        table = gddim_table(SDE, ts, order, predict, mixed=True).to(dev)
         a, r = u.clone(memory_format=torch.preserve_format), _c(u)
         ha, hr = cf.gddim_history(a, order, predict), cf.gddim_history(r, order, predict)
         for step in range(table.shape[0]):
@@ -231,7 +232,7 @@ STEP_CALLS = {
     "half_step_": lambda u, y, ts, step, b: cf.half_step_(u, ts, SDE, step=step, backend=b),
     "sscs_step_": lambda u, y, ts, step, b: cf.sscs_step_(u, y, ts, SDE, step=step, mixed=True, backend=b),
     "em_step_": lambda u, y, ts, step, b: cf.em_step_(u, y, ts, SDE, step=step, backend=b),
-    "gddim_step_": lambda u, y, ts, step, b: cf.gddim_step_(u, y, cf.gddim_history(u, 2), SDE.gddim_table(
+    "gddim_step_": lambda u, y, ts, step, b: cf.gddim_step_(u, y, cf.gddim_history(u, 2), gddim_table(SDE, 
         ts.cpu(), denoise=False).to(ts.device), step=step, backend=b),
 }
 

@@ -30,6 +30,7 @@ import torch
 from cld_fast import opdefs, philox
 from cld_fast.backends import cpu_backend as C
 from cld_fast.sde import CLD, kernel_params
+from cld_fast.samplers.gddim import gddim_table
 
 PROXY = os.environ.get("CLD_FAST_CUDA_TESTS_PROXY", "")
 if PROXY not in ("", "cpu"):
@@ -344,7 +345,7 @@ def test_no_host_synchronisation():
     b, d = 4, 4096
     out, u, t, _, _ = _loss_inputs(b, d)
     sde, ts, seed, step = _sde(), _ts(), _i64(SEED), _i64(1)
-    table = SDE.gddim_table(torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True).to(DEV)
+    table = gddim_table(SDE, torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True).to(DEV)
     hist = torch.zeros(2, b, 2, d, device=DEV)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -407,7 +408,7 @@ def test_sscs_loop_captures_in_a_cuda_graph():
 def test_gddim_loop_captures_in_a_cuda_graph():
     """One captured order-3 gDDIM step replayed over the whole table (the ring buffer wraps)."""
     b, d = 3, 1000
-    table = SDE.gddim_table(torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True).to(DEV)
+    table = gddim_table(SDE, torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True).to(DEV)
     y, u0 = _randn(b, d, seed=2), _randn(b, 2, d, seed=1)
     u, hist, step = u0.clone(), torch.zeros(2, b, 2, d, device=DEV), _i64(0)
 
@@ -439,7 +440,7 @@ def _opcheck_cases():
     u, out, y = _randn(b, 2, d, seed=1), _randn(b, d, seed=2), _randn(b, d, seed=3)
     t, sde, ts, seed, step = _times(b), _sde(), _ts(), _i64(SEED), _i64(1)
     grad = (torch.rand(b, generator=_g(4), dtype=torch.float64) + 0.5).to(DEV, torch.float32)
-    table = SDE.gddim_table(torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True).to(DEV)
+    table = gddim_table(SDE, torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True).to(DEV)
     return {
         "perturb": (out, None, t, sde, 0, None, seed, torch.empty(b, 2, d, device=DEV)),
         "hsm_loss_fwd": (out.bfloat16(), u, t, sde, 1, 0.5, 1, None, seed, 1, 2),
@@ -514,7 +515,7 @@ CPU_BAD = {
     "sscs sde on cpu": (lambda: OPS.sscs_step_(_state(), _z(2, 5), _ts(), _i64(0), _sde(CPU), True, None, None,
                                                False), "sde"),
     "gddim y on cpu": (lambda: OPS.gddim_step_(_state(), _z(1, 2, 2, 5), _z(2, 5, device=CPU),
-                                               SDE.gddim_table(torch.tensor(TS, dtype=torch.float64)).to(DEV),
+                                               gddim_table(SDE, torch.tensor(TS, dtype=torch.float64)).to(DEV),
                                                _i64(0)), "y"),
 }
 

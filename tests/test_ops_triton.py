@@ -38,6 +38,7 @@ if not T.is_available() and not _RERUN:
 from cld_fast.triton_kernels import _common, hsm_loss as tk_loss, mixed_score as tk_mixed  # noqa: E402
 from cld_fast.triton_kernels import perturb as tk_perturb, philox as tk_philox  # noqa: E402
 from cld_fast.triton_kernels import sampler_steps as tk_steps  # noqa: E402
+from cld_fast.samplers.gddim import gddim_table
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -507,7 +508,7 @@ _TRACE_SCRIPT = textwrap.dedent(
     t = torch.tensor([0.3, 0.7])
     ts = torch.linspace(1, 1e-3, 4, dtype=torch.float64)
     seed = torch.tensor([5])
-    table = CLD().gddim_table(ts, 3, "eps")
+    table = gddim_table(CLD(), ts, 3, "eps")
     hist = torch.zeros(2, B, 2, D)
     def f(x0, out, y, buf, step):
         u = buf.view(B, 2, D)

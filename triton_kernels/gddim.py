@@ -1,6 +1,6 @@
 """The exponential-integrator multistep (gDDIM) step: one elementwise launch per network evaluation.
 
-Row r = table[step] of ``cld_fast.sde.CLD.gddim_table`` (float64, computed once per sampling call),
+Row r = table[step] of ``cld_fast.sde.cld_fast.samplers.gddim.gddim_table`` (float64, computed once per sampling call),
 ``step`` a (1,) int64 device tensor read in-kernel (no host synchronisation):
 
     cur = E (x, v, y)                       2 numbers per element (eps_R, or (x0_hat, 0))
