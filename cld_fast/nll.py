@@ -33,10 +33,9 @@ from typing import Callable, List, Optional
 import torch
 
 from . import checks
-from .samplers.core import Evaluator, check_generator
+from .samplers.core import Evaluator, check_generator, check_sde
 from .samplers.ode import dopri5
 from .score import NetworkScore
-from .sde import CLD, VPSDE
 
 PROBES = ("rademacher", "gaussian", "exact")
 
@@ -108,8 +107,7 @@ def likelihood(score_fn: Callable, x: torch.Tensor, sde, eps: float = 1e-5, meth
     Returns:
         ``LikelihoodResult`` with per-sample ``bpd``, ``nll`` and the solver's ``nfe``.
     """
-    if not isinstance(sde, (CLD, VPSDE)):
-        raise TypeError(f"sde must be a cld_fast.CLD or cld_fast.VPSDE, got {type(sde).__name__}")
+    check_sde(sde)
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable as score_fn(u, t), got {type(score_fn).__name__}")
     checks.tensor(x, "x", min_dim=2)
@@ -142,12 +140,7 @@ def likelihood(score_fn: Callable, x: torch.Tensor, sde, eps: float = 1e-5, meth
             x = 2.0 * x - 1.0
         offset = 7.0 if centered else 8.0
 
-    if isinstance(sde, CLD):
-        _, s0v = sde.initial_covariance("hsm")
-        v0 = _randn(x.shape, generator, device, dtype) * math.sqrt(s0v)
-        u0 = torch.cat([x, v0], dim=1)
-    else:
-        u0 = x
+    u0 = sde.likelihood_state(x, lambda shape: _randn(shape, generator, device, dtype))
     x_shape = tuple(x.shape)
     ev = Evaluator(score_fn, sde, x_shape, fold_ok=False)
     probe_shape = x_shape
@@ -157,54 +150,33 @@ def likelihood(score_fn: Callable, x: torch.Tensor, sde, eps: float = 1e-5, meth
     with checks.value_checks(False):
         (z, delta), nfe, _, _ = dopri5(f, [u0, logp0], eps, 1.0, rtol, atol)
     prior = sde.prior_logp(z)
-    nll = -(prior + delta)
-    if isinstance(sde, CLD):
-        nll = nll - sde.initial_velocity_entropy(d)
+    nll = -(prior + delta) - sde.likelihood_correction(d)
     bpd = nll / (d * math.log(2.0)) + offset
     return LikelihoodResult(bpd=bpd, nll=nll, nfe=nfe, z=z.detach(), delta_logp=delta, prior_logp=prior)
 
 
-def _score_part(u: torch.Tensor, augmented: bool) -> torch.Tensor:
-    """The coordinates the score differentiates: v for CLD, x for a VP-SDE."""
-    return torch.chunk(u, 2, dim=1)[1] if augmented else u
-
-
 def _augmented_drift(sde, ev: Evaluator, probe: str, probes: List[torch.Tensor], d: int):
     """f(t, [u, delta]) -> [du/dt, div_u f] of the probability-flow ODE in forward time."""
-    augmented = isinstance(sde, CLD)
 
     def f(t, y):
         u = y[0]
         batch = u.shape[0]
         tv = t.reshape(1)
-        if augmented:
-            row = sde.reverse_affine_coefficients(tv, 0.0, "pf_drift")[0]  # c_xx c_xv c_vx c_vv c_vy sigma
-            c_other, c_self, c_y = row[0], row[3], row[4]
-        else:
-            row = sde.reverse_coefficients(tv, 0.0, "pf_drift")[0]  # c_x c_s sigma
-            c_other, c_self, c_y = None, row[0], row[1]
+        c_fixed, c_self, c_y = sde.pf_divergence_terms(tv)
         with torch.enable_grad():
             ug = u.detach().requires_grad_(True)
             s = ev(ug, tv.to(u.dtype).expand(batch))
             if not s.requires_grad:
                 raise TypeError("cf.likelihood needs a score_fn that is differentiable in u with torch autograd "
                                 "(it returned a tensor without grad_fn); for cf.score_fn wrappers use .differentiable()")
-            trace = _block_trace(s, ug, augmented, probe, probes, c_self, c_y)
-        s = s.detach().to(u.dtype)
-        if augmented:
-            xx, vv = torch.chunk(u, 2, dim=1)
-            cr = row.to(u.dtype)
-            du = torch.cat([cr[0] * xx + cr[1] * vv, cr[2] * xx + cr[3] * vv + cr[4] * s], dim=1)
-        else:
-            cr = row.to(u.dtype)
-            du = cr[0] * u + cr[1] * s
-        div = trace if c_other is None else trace + d * c_other
-        return [du, div]
+            trace = _block_trace(s, ug, sde, probe, probes, c_self, c_y)
+        du = sde.pf_drift(u, s.detach().to(u.dtype), tv)
+        return [du, trace + d * c_fixed]
 
     return f
 
 
-def _block_trace(s: torch.Tensor, ug: torch.Tensor, augmented: bool, probe: str, probes, c_self, c_y) -> torch.Tensor:
+def _block_trace(s: torch.Tensor, ug: torch.Tensor, sde, probe: str, probes, c_self, c_y) -> torch.Tensor:
     """(B,) float64 trace of the drift block d f_w / d w, f_w = c_self w + c_y s(u), w = v (CLD) or x (VP).
 
     "exact": D c_self + c_y tr(d s / d w) with one VJP per coordinate. Hutchinson: the mean over the
@@ -221,14 +193,14 @@ def _block_trace(s: torch.Tensor, ug: torch.Tensor, augmented: bool, probe: str,
         for j in range(n):
             (g,) = torch.autograd.grad(flat[:, j].sum(), ug, retain_graph=j + 1 < n, allow_unused=True)
             if g is not None:
-                total = total + _score_part(g, augmented).reshape(batch, -1)[:, j].to(torch.float64)
+                total = total + sde.score_part(g).reshape(batch, -1)[:, j].to(torch.float64)
         return n * c_self + c_y * total
     total = torch.zeros(batch, dtype=torch.float64, device=s.device)
     for k, e in enumerate(probes):
         (g,) = torch.autograd.grad((s * e.to(s.dtype)).sum(), ug, retain_graph=k + 1 < len(probes), allow_unused=True)
         ee = e.reshape(batch, -1).to(torch.float64)
         quad = torch.zeros(batch, dtype=torch.float64, device=s.device) if g is None else \
-            (_score_part(g, augmented).reshape(batch, -1).to(torch.float64) * ee).sum(1)
+            (sde.score_part(g).reshape(batch, -1).to(torch.float64) * ee).sum(1)
         total = total + c_self * (ee * ee).sum(1) + c_y * quad
     return total / len(probes)
 

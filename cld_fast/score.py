@@ -19,7 +19,6 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import checks, ops
 from .sde import CLD, OBJECTIVES, OUTPUTS, VPSDE
 
 _AUTOCAST_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -80,7 +79,7 @@ class NetworkScore:
                  differentiable: bool = False, objective: str = "hsm", output: Optional[str] = None):
         if not callable(model):
             raise TypeError(f"model must be callable as model(u, t), got {type(model).__name__}")
-        if not isinstance(sde, (CLD, VPSDE)):
+        if not getattr(sde, "is_sde", False):
             raise TypeError(f"sde must be a cld_fast.CLD or cld_fast.VPSDE, got {type(sde).__name__}")
         if mixed is not None and not isinstance(mixed, bool):
             raise TypeError(f"mixed must be a bool, got {type(mixed).__name__}")
@@ -93,8 +92,9 @@ class NetworkScore:
             raise ValueError(f"output must be one of {OUTPUTS} (what the network predicts), got {output!r}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if isinstance(sde, VPSDE) and objective != "hsm":
-            raise ValueError(f"objective={objective!r} applies to a CLD only (a VPSDE has no velocity)")
+        if objective not in sde.objectives:
+            raise ValueError(f"objective={objective!r} applies to a CLD only (a {type(sde).__name__} takes "
+                             f"{sde.objectives}: it has no velocity)")
         self.model = model
         self.sde = sde
         self.objective = objective
@@ -111,7 +111,7 @@ class NetworkScore:
     @property
     def hsm_mixed(self) -> bool:
         """The HSM mixed score of a CLD: the parameterisation the fused sampler kernels fold in themselves."""
-        return self.output == "mixed" and self.objective == "hsm" and isinstance(self.sde, CLD)
+        return self.output == "mixed" and self.objective == "hsm" and self.sde.folds_mixed_score
 
     def __repr__(self):
         name = type(self.model).__name__
@@ -158,19 +158,7 @@ class NetworkScore:
         out = self.raw(u, t)
         if self.output == "score":
             return out.to(u.dtype)
-        shape = (-1,) + (1,) * (u.dim() - 1)
-        if isinstance(self.sde, VPSDE):
-            coef = self.sde.mixed_score_coefficients(t).to(u.dtype)
-            if self.output == "eps":
-                return coef[:, 1].view(shape) * out.to(u.dtype)
-            return coef[:, 0].view(shape) * u + coef[:, 1].view(shape) * out.to(u.dtype)
-        if self.is_differentiable and torch.is_grad_enabled():
-            # Plain torch ops so autograd sees the dependence on v (the fused kernel has no backward).
-            coef = self.sde.score_coefficients(t, self.objective, self.output).to(u.dtype)
-            v = torch.chunk(u, 2, dim=1)[1]
-            return coef[:, 0].view(shape) * v + coef[:, 1].view(shape) * out.to(u.dtype)
-        with checks.value_checks(False):
-            return ops.mixed_score(out, u, t, self.sde, objective=self.objective, output=self.output)
+        return self.sde.score_from_output(out, u, t, self.objective, self.output, self.is_differentiable)
 
 
 def score_fn(model: Callable, sde: Union[CLD, VPSDE], mixed: Optional[bool] = None, autocast_dtype=None,

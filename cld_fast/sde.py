@@ -236,6 +236,42 @@ class CLD:
 
         return ops.pf_drift(u, y, t, self, mixed=mixed, backend=backend)
 
+    objectives = OBJECTIVES  # the training objectives a network of this SDE may have used
+    folds_mixed_score = True  # the fused sampler kernels take the raw HSM mixed-score output
+
+    def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
+                          differentiable: bool = False) -> torch.Tensor:
+        """grad_v log p_t(u) (data shape, u's dtype) from a network output ``out`` of kind ``output`` ("mixed" or
+        "eps"; see ``score_coefficients``): one fused op, or plain torch ops when autograd must see v."""
+        if differentiable and torch.is_grad_enabled():
+            shape = (-1,) + (1,) * (u.dim() - 1)
+            coef = self.score_coefficients(t, objective, output).to(u.dtype)
+            return coef[:, 0].view(shape) * self.split_state(u)[1] + coef[:, 1].view(shape) * out.to(u.dtype)
+        from . import checks, ops
+
+        with checks.value_checks(False):
+            return ops.mixed_score(out, u, t, self, objective=objective, output=output)
+
+    def score_part(self, u: torch.Tensor) -> torch.Tensor:
+        """The coordinates the score is a gradient for: v, the second half of a state (B, 2C, ...)."""
+        return self.split_state(u)[1]
+
+    def likelihood_state(self, x: torch.Tensor, normal) -> torch.Tensor:
+        """The state at t = 0 for the likelihood of data x: (x, v0) with v0 ~ N(0, gamma M) drawn as
+        ``normal(shape)`` * sqrt(gamma M) (v0 is marginalised, ``likelihood_correction`` accounts for it)."""
+        _, s0v = self.initial_covariance("hsm")
+        return torch.cat([x, normal(x.shape) * math.sqrt(s0v)], dim=1)
+
+    def likelihood_correction(self, d: int) -> float:
+        """What the NLL of (x, v0) exceeds the NLL of x by, in nats: the entropy of v0 for d data dimensions."""
+        return self.initial_velocity_entropy(d)
+
+    def pf_divergence_terms(self, t: torch.Tensor):
+        """(c_fixed, c_self, c_y) float64 at the (1,) time t: the divergence of the probability-flow drift is
+        d * c_fixed + tr(c_self I + c_y d score / d v) (the x block, then the v block)."""
+        row = self.reverse_affine_coefficients(t, 0.0, "pf_drift")[0]  # c_xx c_xv c_vx c_vv c_vy sigma
+        return row[0], row[3], row[4]
+
     def describe(self, mixed: bool = True, objective: str = "hsm") -> str:
         """One line naming everything a score function and sampler use, e.g. for ``cld-fast sample``."""
         return (f"CLD(beta0={self.beta0:g}, beta1={self.beta1:g}, m_inv={self.m_inv:g}, gamma={self.gamma:g}, "
@@ -642,6 +678,34 @@ class VPSDE:
     def pf_drift(self, u, y, t, mixed: bool = False, backend=None) -> torch.Tensor:
         """dx/dt of the probability-flow ODE in forward time at the (1,) float64 device time t."""
         return self._apply(u, y, self.reverse_coefficients(t, 0.0, "pf_drift"))
+
+    objectives = ("hsm",)  # denoising score matching on x; no velocity to marginalise
+    folds_mixed_score = False
+
+    def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
+                          differentiable: bool = False) -> torch.Tensor:
+        """grad_x log p_t(x) from a network output: "mixed" -x / var - out / sigma, "eps" -out / sigma."""
+        shape = (-1,) + (1,) * (u.dim() - 1)
+        coef = self.mixed_score_coefficients(t).to(u.dtype)
+        noise = coef[:, 1].view(shape) * out.to(u.dtype)
+        return noise if output == "eps" else coef[:, 0].view(shape) * u + noise
+
+    def score_part(self, u: torch.Tensor) -> torch.Tensor:
+        """The coordinates the score is a gradient for: the state itself."""
+        return u
+
+    def likelihood_state(self, x: torch.Tensor, normal) -> torch.Tensor:
+        """The state at t = 0 for the likelihood of data x: x itself."""
+        return x
+
+    def likelihood_correction(self, d: int) -> float:
+        """No auxiliary variables: 0."""
+        return 0.0
+
+    def pf_divergence_terms(self, t: torch.Tensor):
+        """(0, c_self, c_y) float64 at the (1,) time t: div of the probability-flow drift = tr(c_self I + c_y ds/dx)."""
+        row = self.reverse_coefficients(t, 0.0, "pf_drift")[0]  # c_x c_s sigma
+        return torch.zeros_like(row[0]), row[0], row[1]
 
     def describe(self, mixed: bool = True, objective: str = "hsm") -> str:
         """One line naming the parameters."""

@@ -219,3 +219,15 @@ def test_sampler_launches_one_kernel_per_nfe():
     # per step: the time (index_select), the score (neg), the fused step, the counter; the denoising
     # evaluation takes t = eps directly (no index_select)
     assert len(loop) == 4 * 6 - 1, loop
+
+
+def test_eps_below_the_float64_resolution_is_refused(sde):
+    from cld_fast.toy import GaussianMixture2D
+
+    score = GaussianMixture2D().cld_score(sde)
+    with pytest.raises(ValueError, match="eps = 1e-17 is below"):
+        cf.sample(score, (8, 2), sde, steps=6, method="gddim", eps=1e-17)
+    with pytest.raises(ValueError, match="below"):
+        cf.sample(score, (8, 2), sde, method="gddim", timesteps=[1.0, 0.5, 1e-13])
+    res = cf.sample(score, (256, 2), sde, steps=12, method="gddim", eps=1e-12, generator=torch.Generator().manual_seed(0))
+    assert float(res.x.abs().max()) < 1.5  # the mixture lies within radius 0.7 + a few std

@@ -183,14 +183,60 @@ def test_network_score_is_folded(sde, toy_score_net):
     raw_calls = []
     orig_raw = wrapped.raw
     wrapped.raw = lambda u, t: raw_calls.append(1) or orig_raw(u, t)
-    for method in ("sscs", "em", "ode"):
+    runs = [("sscs", {}), ("em", {}), ("ode", dict(rtol=1e-4, atol=1e-4))]
+    runs += [("gddim", dict(order=o, predict=p)) for o in (1, 2, 3) for p in ("eps", "x0")]
+    for method, options in runs:
         raw_calls.clear()
-        a = cf.sample(wrapped, (128, 2), sde, steps=12, method=method, rtol=1e-4, atol=1e-4,
-                      generator=torch.Generator().manual_seed(1))
+        a = cf.sample(wrapped, (128, 2), sde, steps=12, method=method, generator=torch.Generator().manual_seed(1),
+                      **options)
         assert len(raw_calls) == a.nfe
-        b = cf.sample(lambda u, t: wrapped(u, t), (128, 2), sde, steps=12, method=method, rtol=1e-4, atol=1e-4,
-                      generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(a.u, b.u, rtol=1e-4, atol=1e-4)
+        b = cf.sample(lambda u, t: wrapped(u, t), (128, 2), sde, steps=12, method=method,
+                      generator=torch.Generator().manual_seed(1), **options)
+        torch.testing.assert_close(a.u, b.u, rtol=1e-4, atol=1e-4, msg=f"{method} {options}")
+
+
+def test_a_network_score_for_another_cld_is_not_folded(toy_score_net):
+    """A cf.score_fn built for one CLD and sampled with another is a plain score function: its own
+    mixed-score coefficients, never the sampler's."""
+    Model = toy_score_net(width=16, activation=torch.nn.SiLU)
+    own, other = cf.CLD(), cf.CLD(beta0=2.0, beta1=3.0, m_inv=9.0)
+    wrapped = cf.score_fn(Model(), own)
+    for method in ("sscs", "em", "gddim"):
+        a = cf.sample(wrapped, (64, 2), other, steps=8, method=method, generator=torch.Generator().manual_seed(2))
+        b = cf.sample(lambda u, t: wrapped(u, t), (64, 2), other, steps=8, method=method,
+                      generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(a.u, b.u, rtol=1e-5, atol=1e-5, msg=method)
+
+
+def test_ode_tolerances_reach_the_solver_by_name(sde, score, monkeypatch):
+    from cld_fast.samplers import ode
+
+    seen = {}
+    real = ode.dopri5
+
+    def spy(f, y0, t0, t1, rtol, atol, **kw):
+        seen.update(rtol=rtol, atol=atol, max_nfe=kw.get("max_nfe"))
+        return real(f, y0, t0, t1, rtol, atol, **kw)
+
+    monkeypatch.setattr(ode, "dopri5", spy)
+    cf.sample(score, (16, 2), sde, method="ode", rtol=1e-3, atol=1e-6, max_nfe=500)
+    assert seen == dict(rtol=1e-3, atol=1e-6, max_nfe=499)  # one evaluation is the denoising step's
+    from cld_fast import kdiffusion as kd
+
+    kd.sample_ode(score, sde.prior_sampling((16, 2)), [1.0, 1e-3], sde=sde, disable=True, rtol=2e-3, atol=3e-6,
+                  denoise=False)
+    assert seen["rtol"] == 2e-3 and seen["atol"] == 3e-6 and seen["max_nfe"] == 10_000
+
+
+def test_ode_max_nfe_counts_the_denoising_step(sde, score):
+    free = cf.sample(score, (16, 2), sde, method="ode", rtol=1e-3, atol=1e-3,
+                     generator=torch.Generator().manual_seed(0))
+    exact = cf.sample(score, (16, 2), sde, method="ode", rtol=1e-3, atol=1e-3, max_nfe=free.nfe,
+                      generator=torch.Generator().manual_seed(0))
+    assert exact.nfe == free.nfe and torch.equal(exact.u, free.u)
+    with pytest.raises(cf.NFEBudgetError):
+        cf.sample(score, (16, 2), sde, method="ode", rtol=1e-3, atol=1e-3, max_nfe=free.nfe - 1,
+                  generator=torch.Generator().manual_seed(0))
 
 
 def test_float64_state(score, sde):
