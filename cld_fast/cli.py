@@ -305,6 +305,11 @@ def _report_train(r) -> None:
     if ev:
         print(f"energy distance to fresh data ({ev['method']}, {ev['steps']} steps, {ev['n']} samples): "
               f"{ev['energy_distance']:.5f}   (two data samples: {ev['energy_distance_data_vs_data']:.5f})")
+        rec = ev.get("recommended")
+        if rec:
+            print(f"recommended sampler: {rec['method']} at {rec['steps']} steps (energy distance "
+                  f"{rec['energy_distance']:.5f}; best measured {rec['best']['method']} at {rec['best']['steps']} "
+                  f"steps, {rec['best']['energy_distance']:.5f})")
     print("wrote:")
     for label, path in (("run folder", r.run_dir), ("checkpoint", r.checkpoint), ("metrics", r.metrics),
                         ("samples plot", r.samples_plot), ("samples npz", r.samples_npz),

@@ -50,7 +50,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -833,7 +833,9 @@ class Trainer:
                                               "energy_distance_gaussian_fit": gauss_ed,
                                               "sample_seconds": sample_time}}
         if cfg.quality_figure:
-            methods = ["sscs", "em"] if cfg.sde == "cld" else ["em"]
+            from .samplers import sampler_names
+
+            methods = sampler_names(self.sde, fixed_steps=True)
             curves: Dict[str, List] = {}
             for m in methods:
                 curves[m] = []
@@ -844,6 +846,7 @@ class Trainer:
                     r = self.sample(n, s, m, seed=cfg.seed + 2024, network=net)
                     curves[m].append((s, energy_distance(r.x, ref)))
             record["eval"]["curves"] = {m: [[s, e] for s, e in v] for m, v in curves.items()}
+            record["eval"]["recommended"] = recommend_sampler(curves, floor)
             note = plots.log_floor_note([e for v in curves.values() for _, e in v] + [gauss_ed])
             if note:  # the figure's log axis can't show these: say so next to the numbers too
                 record["eval"]["plot_note"] = note
@@ -859,6 +862,23 @@ class Trainer:
         if self.owns_process_group:
             dist_utils.destroy()
             self.owns_process_group = False
+
+
+def recommend_sampler(curves: Dict[str, Sequence[Tuple[int, float]]], floor: float) -> dict:
+    """The cheapest (method, steps) whose energy distance is within reach of the best one measured.
+
+    ``curves``: {method: [(steps, energy distance), ...]}; ``floor``: the data-vs-data energy distance
+    (estimator noise). Within reach: at most best + max(best / 2, 2 |floor|). Returns
+    {"method", "steps", "energy_distance", "best": {"method", "steps", "energy_distance"}}.
+    """
+    points = [(e, s, m) for m, pts in curves.items() for s, e in pts]
+    if not points:
+        raise ValueError("curves must hold at least one (steps, energy distance) point")
+    best_e, best_s, best_m = min(points)
+    reach = best_e + max(0.5 * abs(best_e), 2.0 * abs(floor))
+    e, s, m = min((p for p in points if p[0] <= reach), key=lambda p: (p[1], p[0]))
+    return {"method": m, "steps": s, "energy_distance": e,
+            "best": {"method": best_m, "steps": best_s, "energy_distance": best_e}}
 
 
 def train(config: TrainConfig, run_dir: str, *, resume=None, model: Optional[nn.Module] = None, progress: bool = True,

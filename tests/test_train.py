@@ -339,3 +339,17 @@ def test_image_training_tiny_ncsnpp_channels_last(tmp_path):
     assert os.path.isfile(res.samples_plot)
     state = ckpt.load_checkpoint(res.checkpoint)
     assert state["data_shape"] == [3, 8, 8]
+
+
+def test_recommend_sampler_picks_the_cheapest_within_reach():
+    from cld_fast.train import recommend_sampler
+
+    curves = {"sscs": [(5, 0.003), (10, 0.004), (20, 0.0011), (50, 0.0010)], "em": [(10, 0.05), (50, 0.002)],
+              "gddim": [(10, 0.0013), (20, 0.0009)]}
+    rec = recommend_sampler(curves, floor=1e-5)
+    assert (rec["method"], rec["steps"]) == ("gddim", 10)  # 0.0013 <= 0.0009 + 0.00045
+    assert rec["best"] == {"method": "gddim", "steps": 20, "energy_distance": 0.0009}
+    noisy = recommend_sampler(curves, floor=0.002)  # a noisy estimate: anything within 0.0049 is as good
+    assert (noisy["method"], noisy["steps"]) == ("sscs", 5)
+    with pytest.raises(ValueError, match="at least one"):
+        recommend_sampler({}, floor=0.0)
