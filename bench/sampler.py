@@ -152,7 +152,7 @@ class _PhiloxReplay:
 
 def _prior_and_seed(shape, device):
     """The prior state and Philox seed that ``cf.sample`` draws from a generator seeded SAMPLE_SEED."""
-    from cld_fast.sampling import prior
+    from cld_fast.samplers.core import prior
 
     g = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
     u0 = prior(cf.CLD(), shape, g, device, torch.float32)

@@ -104,7 +104,7 @@ def test_options_are_declared_once_and_checked(sde):
     (dict(method="ode", rtol=float("inf")), "rtol must be a finite number > 0"),
     (dict(method="ode", atol=float("nan")), "atol must be a finite number > 0"),
     (dict(method="ode", rtol=0.0), "rtol"),
-    (dict(method="ode", max_nfe=5), "max_nfe must be >= 8"),
+    (dict(method="ode", max_nfe=5), "max_nfe must be an int >= 8"),
     (dict(method="sscs", max_nfe=50), r"max_nfe= is an option of \['ode'\]"),
 ])
 def test_options_that_can_only_give_garbage_are_refused(sde, kwargs, match):

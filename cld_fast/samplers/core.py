@@ -257,7 +257,8 @@ class Option:
         if self.positive and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{self.name} must be a finite number > 0, got {value!r}")
         if self.minimum is not None and not value >= self.minimum:
-            raise ValueError(f"{self.name} must be >= {self.minimum:g}, got {value!r}")
+            kind = "an int" if self.kind is int else "a number"
+            raise ValueError(f"{self.name} must be {kind} >= {self.minimum:g}, got {value!r}")
         return value
 
 
