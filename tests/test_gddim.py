@@ -131,6 +131,30 @@ def test_point_mass_data_is_recovered_exactly(predict, order):
     assert res.nfe == 5
 
 
+@pytest.mark.parametrize("predict", ["eps", "x0"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("sde", [CLD(numerical_eps=0.0), CLD(beta0=2.0, beta1=4.0, numerical_eps=0.0)],
+                         ids=["default", "beta1"])
+def test_point_mass_steps_follow_the_exact_flow_before_denoising(sde, predict, order):
+    """Without the denoising step (which maps any state to x0 for a point mass): along the probability-flow
+    ODE of a point mass eps_R = R(t)^-1 (u - a(t) x0) is constant, so the state at eps is
+    a(eps) x0 + R(eps) R(1)^-1 (u_1 - a(1) x0) (float64, from the perturbation kernel and the R frame;
+    numerical_eps = 0, which the closed form assumes)."""
+    x0 = torch.tensor([[0.3, -0.7]], dtype=torch.float64).expand(16, 2)
+    u1 = sde.prior_sampling((16, 2), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = 1e-3
+    res = cf.sample(_point_mass_score(sde, x0), None, sde, steps=5, method="gddim", order=order, predict=predict,
+                    u=u1, denoise=False, eps=eps, dtype=torch.float64, backend="torch")
+    ts = torch.tensor([1.0, eps], dtype=torch.float64)
+    k = sde.perturbation_kernel(ts, "hsm")
+    r = sde.rframe(ts, sde.rframe_angle(ts))
+    a1, ae = torch.stack([k.a_xx[0], k.a_vx[0]]), torch.stack([k.a_xx[1], k.a_vx[1]])
+    start = torch.stack([u1[:, :2] - a1[0] * x0, u1[:, 2:] - a1[1] * x0], -1)  # (B, D, 2)
+    moved = start @ torch.linalg.inv(r[0]).T @ r[1].T
+    want = torch.cat([ae[0] * x0 + moved[..., 0], ae[1] * x0 + moved[..., 1]], dim=1)
+    torch.testing.assert_close(res.u, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_step_op_matches_reference_over_a_wrapping_ring(backend):
     if backend not in cf.backends():
