@@ -197,8 +197,10 @@ class CLD:
         """g = sqrt(m_inv) / 2 = 1 / Gamma, the rate in every closed form."""
         return math.sqrt(self.m_inv) / 2.0
 
-    # ---- what a sampler asks of an SDE ------------------------------------------------------
+    # ---- what a sampler or trainer asks of an SDE ---------------------------------------------
     is_sde = True
+    objectives = OBJECTIVES  # training objectives: "hsm" (v0 marginalised) or "dsm" (v0 drawn)
+    weightings = WEIGHTINGS  # training loss weightings
 
     def state_shape(self, x_shape) -> tuple:
         """The state shape (B, 2C, ...) of data of shape (B, C, ...): x and v stacked on dim 1."""
@@ -604,8 +606,10 @@ class VPSDE:
         if self.beta_min <= 0 or self.beta_max <= 0:
             raise ValueError(f"VPSDE betas must be > 0, got beta_min={self.beta_min}, beta_max={self.beta_max}")
 
-    # ---- what a sampler asks of an SDE ------------------------------------------------------
+    # ---- what a sampler or trainer asks of an SDE ---------------------------------------------
     is_sde = True
+    objectives = ("hsm",)  # one objective (DSM on x; named "hsm" as the score functions' default)
+    weightings = ("reweightedv2", "likelihood")
 
     def state_shape(self, x_shape) -> tuple:
         """The state shape: the data shape itself (no velocity)."""
@@ -704,6 +708,10 @@ class VPSDE:
         alpha, sigma = self.marginal_coefficients(t)
         return torch.stack([-1.0 / (alpha * alpha + sigma * sigma), -1.0 / sigma], dim=-1)
 
+
+# The parameters' defaults, read from the classes (``cf.CLD()`` holds the official CIFAR-10 values).
+CLD_DEFAULTS = {f.name: f.default for f in fields(CLD)}
+VPSDE_DEFAULTS = {f.name: f.default for f in fields(VPSDE)}
 
 STRIDINGS = ("linear", "quadratic", "polynomial", "log")
 
