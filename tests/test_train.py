@@ -339,3 +339,22 @@ def test_image_training_tiny_ncsnpp_channels_last(tmp_path):
     assert os.path.isfile(res.samples_plot)
     state = ckpt.load_checkpoint(res.checkpoint)
     assert state["data_shape"] == [3, 8, 8]
+
+
+def test_loss_and_evaluation_samplers_come_from_the_sde(tmp_path):
+    from cld_fast.samplers import sampler_names
+
+    tr = Trainer(_toy(sde="vpsde", sample_method="em"), str(tmp_path / "vp"), progress=False, verbose=False)
+    assert tr.loss_fn == tr.vp_loss
+    tr.close()
+    cfg = _toy(steps=2, quality_figure=True, eval_samples=50, eval_steps=10, sample_method="em")
+    tr = Trainer(cfg, str(tmp_path / "cld"), progress=False, verbose=False)
+    assert tr.loss_fn == tr.cld_loss
+    try:
+        res = tr.run()
+    finally:
+        tr.close()
+    ev = res.extra["eval"]
+    assert ev["method"] == "em" and set(ev["curves"]) == set(sampler_names(tr.sde, fixed_steps=True))
+    assert [s for s, _ in ev["curves"]["em"]] == [10, 20, 50, 100, 200]
+    assert dict(ev["curves"]["em"])[10] == ev["energy_distance"]
