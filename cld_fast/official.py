@@ -147,9 +147,15 @@ class OfficialRun:
         Raises NotImplementedError when the sampler would not reproduce the official one: SSCS with
         ``sscs_num_stab`` other than 0, or the ODE with a solver other than Dormand-Prince 5(4).
         """
+        from .samplers import get_spec
+
         kw = dict(shape=self.shape, sde=self.sde, steps=self.steps, method=self.method, eps=self.eps,
-                  striding=self.striding, denoise=self.denoise, rtol=self.rtol, atol=self.atol)
+                  striding=self.striding, denoise=self.denoise)
         kw.update(overrides)
+        spec = get_spec(kw["method"])
+        for name, value in (("rtol", self.rtol), ("atol", self.atol)):  # official sampling_rtol / sampling_atol
+            if spec.option(name) is not None:
+                kw.setdefault(name, value)
         self._check_reproducible(kw["method"])
         return kw
 

@@ -197,10 +197,8 @@ class CLD:
         """g = sqrt(m_inv) / 2 = 1 / Gamma, the rate in every closed form."""
         return math.sqrt(self.m_inv) / 2.0
 
-    # ---- what a sampler or trainer asks of an SDE ---------------------------------------------
+    # ---- what a sampler asks of an SDE ------------------------------------------------------
     is_sde = True
-    objectives = OBJECTIVES  # training objectives: "hsm" (v0 marginalised) or "dsm" (v0 drawn)
-    weightings = WEIGHTINGS  # training loss weightings
 
     def state_shape(self, x_shape) -> tuple:
         """The state shape (B, 2C, ...) of data of shape (B, C, ...): x and v stacked on dim 1."""
@@ -237,6 +235,9 @@ class CLD:
         from . import ops
 
         return ops.pf_drift(u, y, t, self, mixed=mixed, backend=backend)
+
+    objectives = OBJECTIVES  # the training objectives a network of this SDE may have used
+    weightings = WEIGHTINGS  # the training loss weightings it takes
 
     def describe(self, mixed: bool = True, objective: str = "hsm") -> str:
         """One line naming everything a score function and sampler use, e.g. for ``cld-fast sample``."""
@@ -606,10 +607,8 @@ class VPSDE:
         if self.beta_min <= 0 or self.beta_max <= 0:
             raise ValueError(f"VPSDE betas must be > 0, got beta_min={self.beta_min}, beta_max={self.beta_max}")
 
-    # ---- what a sampler or trainer asks of an SDE ---------------------------------------------
+    # ---- what a sampler asks of an SDE ------------------------------------------------------
     is_sde = True
-    objectives = ("hsm",)  # one objective (DSM on x; named "hsm" as the score functions' default)
-    weightings = ("reweightedv2", "likelihood")
 
     def state_shape(self, x_shape) -> tuple:
         """The state shape: the data shape itself (no velocity)."""
@@ -646,6 +645,9 @@ class VPSDE:
     def pf_drift(self, u, y, t, mixed: bool = False, backend=None) -> torch.Tensor:
         """dx/dt of the probability-flow ODE in forward time at the (1,) float64 device time t."""
         return self._apply(u, y, self.reverse_coefficients(t, 0.0, "pf_drift"))
+
+    objectives = ("hsm",)  # denoising score matching on x; no velocity to marginalise
+    weightings = ("reweightedv2", "likelihood")  # the training loss weightings it takes
 
     def describe(self, mixed: bool = True, objective: str = "hsm") -> str:
         """One line naming the parameters."""

@@ -797,7 +797,6 @@ class Trainer:
         import numpy as np
 
         from . import plots
-        from .samplers import sampler_names
         from .toy import energy_distance
 
         cfg = self.config
@@ -828,6 +827,8 @@ class Trainer:
                                               "energy_distance_gaussian_fit": gauss_ed,
                                               "sample_seconds": sample_time}}
         if cfg.quality_figure:
+            from .samplers import sampler_names
+
             methods = sampler_names(self.sde, fixed_steps=True)
             curves: Dict[str, List] = {}
             for m in methods:

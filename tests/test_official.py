@@ -241,6 +241,7 @@ def test_absent_sampling_keys_are_the_official_ode_with_its_tolerances():
     assert (run.method, run.striding, run.eps, run.denoise, run.rtol, run.atol) == ("ode", "linear", 1e-3, True,
                                                                                       1e-5, 1e-5)
     assert run.sample_kwargs()["method"] == "ode" and run.sample_kwargs()["rtol"] == 1e-5
+    assert "rtol" not in run.sample_kwargs(method="em") and run.sample_kwargs(rtol=1e-3)["rtol"] == 1e-3
 
 
 def test_sampling_rtol_and_atol_reach_the_ode_sampler():
