@@ -1,7 +1,7 @@
 """cld_fast: fused kernels, samplers and training for critically-damped Langevin diffusion (CLD).
 
     import cld_fast as cf
-    sde = cf.CLD()                                   # beta0=4, beta1=0, m_inv=4, gamma=0.04
+    sde = cf.CLD()                                   # the official CIFAR-10 SDE (cld_fast.sde.CLD_DEFAULTS)
     u, noise = cf.perturb(x0, t, sde)                # u = (x, v) stacked on dim 1
     loss = cf.hsm_loss(model(u, t), u, t, sde, noise)
     res = cf.sample(cf.score_fn(model, sde), x0.shape, sde, steps=50)
@@ -40,6 +40,9 @@ _LAZY = {
     "likelihood": "nll",
     "from_official": "official",
     "OfficialRun": "official",
+    "load_score_model": "loading",
+    "ScoreModel": "loading",
+    "build_sde": "sde_config",
 }
 # Names that need an optional dependency (diffusers): lazy too, and kept out of __all__ so that
 # `from cld_fast import *` works without it.

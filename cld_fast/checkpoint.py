@@ -39,8 +39,8 @@ from typing import Any, List, Mapping, Optional
 import torch
 
 __all__ = [
-    "FORMAT", "atomic_save", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
-    "prune_checkpoints", "checkpoint_path", "resolve_resume", "clean_stale_temp", "CheckpointError",
+    "FORMAT", "atomic_save", "save_checkpoint", "open_checkpoint", "is_ours", "check_state", "load_checkpoint",
+    "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "resolve_resume", "clean_stale_temp", "CheckpointError",
     "rng_state_tensors", "restore_rng_states", "nonfinite_tensors", "last_finite_checkpoint",
 ]
 
@@ -221,32 +221,48 @@ def _step_of(path: str) -> int:
     return int(m.group(1)) if m else 2**62
 
 
-def load_checkpoint(path: str, map_location="cpu", check_finite: bool = True) -> dict:
-    """Load one of our checkpoints with ``torch.load(..., weights_only=True)``; clear errors otherwise.
-
-    ``check_finite``: refuse (CheckpointError) a checkpoint with a NaN/inf tensor, naming it.
-    """
+def open_checkpoint(path: str, map_location="cpu") -> Any:
+    """The object a checkpoint file holds, read once with ``torch.load(..., weights_only=True)``
+    (ours or an official one); CheckpointError for a missing, folder or unreadable path."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file (ckpt_<step>.pt) or use resolve_resume")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
         raise CheckpointError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+
+
+def is_ours(state: Any) -> bool:
+    """Whether a loaded checkpoint is one of our training checkpoints (its ``format`` entry)."""
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def load_checkpoint(path: str, map_location="cpu", check_finite: bool = True) -> dict:
+    """Load one of our checkpoints with ``torch.load(..., weights_only=True)``; clear errors otherwise.
+
+    ``check_finite``: refuse (CheckpointError) a checkpoint with a NaN/inf tensor, naming it.
+    """
+    return check_state(open_checkpoint(path, map_location), path, check_finite)
+
+
+def check_state(state: Any, path: Optional[str], check_finite: bool = True) -> dict:
+    """``state`` (loaded from ``path``; None for a dict loaded by the caller) if it is one of our
+    checkpoints, finite when ``check_finite``; CheckpointError naming the problem otherwise."""
+    name = path or "the checkpoint dict"
+    if not is_ours(state):
         raise CheckpointError(
-            f"{path} is not a cld_fast training checkpoint (no format={FORMAT!r} entry); "
-            "official CLD-SGM checkpoints are loaded with cld_fast.models.load_official_checkpoint "
-            "(`cld-fast sample --official ...`)"
+            f"{name} is not a cld_fast training checkpoint (no format={FORMAT!r} entry); official CLD-SGM "
+            "checkpoints load with cld_fast.load_score_model(path, config) (`cld-fast sample PATH --config ...`)"
         )
     if check_finite:
         bad = nonfinite_tensors(state)
         if bad:
-            good = last_finite_checkpoint(os.path.dirname(os.path.abspath(path)), before=path)
+            good = last_finite_checkpoint(os.path.dirname(os.path.abspath(path)), before=path) if path else None
             hint = (f"the newest finite checkpoint before it is {good} (resume with --resume {good})" if good
                     else "no earlier checkpoint in its folder is finite")
-            raise CheckpointError(f"checkpoint {path} holds NaN or inf in {bad[0]}; it cannot be sampled from or "
+            raise CheckpointError(f"checkpoint {name} holds NaN or inf in {bad[0]}; it cannot be sampled from or "
                                   f"resumed ({hint})")
     return state
 

@@ -167,11 +167,11 @@ def _add_sample_parser(sub) -> None:
         "official checkpoints: SDE", "Read from --config (preset or JSON: beta0, beta1, m_inv, gamma, numerical_eps, "
         "mixed_score, cld_objective); a key it lacks takes the official CIFAR-10 value; these flags override both. "
         "The SDE used is printed.")
-    g.add_argument("--beta0", type=float, default=None, help="CLD beta0 (CIFAR-10: 4)")
-    g.add_argument("--beta1", type=float, default=None, help="CLD beta1 (CIFAR-10: 0)")
-    g.add_argument("--m-inv", type=float, default=None, help="CLD m_inv (CIFAR-10: 4)")
-    g.add_argument("--gamma", type=float, default=None, help="CLD gamma (CIFAR-10: 0.04)")
-    g.add_argument("--numerical-eps", type=float, default=None, help="CLD numerical_eps (CIFAR-10: 1e-9)")
+    from .sde import CLD_DEFAULTS
+
+    for key in _SDE_FLAGS:
+        g.add_argument("--" + key.replace("_", "-"), dest=key, type=float, default=None,
+                       help=f"CLD {key} (CIFAR-10: {CLD_DEFAULTS[key]:g})")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
@@ -326,9 +326,9 @@ def _sample(args) -> int:
     import torch
 
     from . import plots
-    from .checkpoint import FORMAT, CheckpointError, resolve_resume
-    from .sampling import sample
-    from .score import score_fn
+    from .checkpoint import CheckpointError
+    from .samplers import get_spec
+    from .sampling import sample, sampler_names
 
     device = _check_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.n is not None and args.n < 1:
@@ -339,81 +339,25 @@ def _sample(args) -> int:
                          f"got {args.name!r}")
     if args.out:
         _check_out_dir(args.out, "--out")
-    src = args.checkpoint
     try:
-        if os.path.isdir(src):
-            src = resolve_resume(src, src)
-        if not os.path.isfile(src):
-            raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
-        try:
-            raw = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"could not load {src}: {type(exc).__name__}: {exc}") from exc
-        ours = isinstance(raw, dict) and raw.get("format") == FORMAT
-        del raw
-        if ours:
-            from .train import load_for_sampling
-
-            net, sde, config, shape = load_for_sampling(src, use_ema=not args.no_ema, device=device)
-            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(src)))
-            default_out = os.path.join(run_dir, "samples")
-            toy = config.data if config.data in ("swissroll", "gmm") else None
-            from .train import network_score
-
-            mixed, objective, sde_source = True, config.objective, "from the checkpoint"
-            score = network_score(net, sde, config, autocast_dtype=None if args.precision == "fp32" else args.precision)
-        else:
-            from .models import load_official_checkpoint
-
-            cfg = args.config or "cifar10"
-            if os.path.isfile(cfg):
-                with open(cfg) as f:
-                    cfg = json.load(f)
-            from .models.configs import resolve_config
-
-            mcfg = resolve_config(cfg)
-            from .official import SDE_DEFAULTS, build_sde, make_score_fn, sde_settings
-
-            cli_sde = {"beta0": args.beta0, "beta1": args.beta1, "m_inv": args.m_inv, "gamma": args.gamma,
-                       "numerical_eps": args.numerical_eps}
-            settings = sde_settings(mcfg, **cli_sde)
-            sde = build_sde(settings)
-            mixed, objective = settings["mixed_score"], settings["cld_objective"]
-            given = [k for k, v in cli_sde.items() if v is not None]
-            from_cfg = [k for k in settings["from_config"] if k not in given]
-            sde_source = "; ".join(part for part in (
-                f"from --config {args.config or 'cifar10'}: {', '.join(from_cfg)}" if from_cfg else "",
-                f"from the command line: {', '.join(given)}" if given else "",
-                "other values: the official CIFAR-10 defaults"
-                if len(from_cfg) + len(given) < len(SDE_DEFAULTS) else "") if part)
-            net = load_official_checkpoint(src, config=cfg, use_ema=not args.no_ema).to(device).eval()
-            autocast = None if args.precision == "fp32" else args.precision
-            score = make_score_fn(net, sde, mixed, objective, autocast_dtype=autocast)
-            if str(mcfg.get("name", "ncsnpp")).lower() == "mlp":
-                shape = (int(mcfg.get("data_dim", 2)),)
-            else:
-                shape = (int(mcfg.get("image_channels", 3)), int(mcfg.get("image_size", 32)), int(mcfg.get("image_size", 32)))
-            default_out = "samples"
-            toy = None
+        model = _load_sample_model(args, device)
     except (CheckpointError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as exc:
         print(f"cld-fast sample: error: {_describe(exc)}", file=sys.stderr)
         return 2
-
-    from .sampling import sampler_names
+    sde, shape = model.sde, model.data_shape
+    if model.kind == "cld_fast":
+        default_out = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(model.path))), "samples")
+        toy = model.config.data if model.config.data in ("swissroll", "gmm") else None
+    else:
+        default_out, toy = "samples", None
 
     if args.method not in sampler_names(sde):
         print(f"cld-fast sample: error: --method {args.method} does not handle a {type(sde).__name__} model; "
               f"use one of {', '.join(sampler_names(sde))}", file=sys.stderr)
         return 2
+    print(f"SDE: {model.describe()} ({_sde_origin(model, args.config)})")
     is_image = len(shape) == 3
     n = args.n if args.n is not None else (64 if is_image else 2000)
-    from .official import describe_sde
-    from .sde import CLD
-
-    used = describe_sde(sde, mixed, objective) if isinstance(sde, CLD) else repr(sde)
-    print(f"SDE: {used} ({sde_source})")
-    from .samplers import get_spec
-
     try:
         get_spec(args.method).validate_options(_sampler_options(args))
     except (TypeError, ValueError) as exc:
@@ -421,7 +365,7 @@ def _sample(args) -> int:
         return 2
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
-    res = sample(score, (n,) + tuple(shape), sde, steps=args.steps,
+    res = sample(model.score_fn, (n,) + tuple(shape), sde, steps=args.steps,
                  method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
                  generator=gen, device=device, progress=args.progress, **_sampler_options(args))
     if device.type == "cuda":
@@ -453,6 +397,32 @@ def _sample(args) -> int:
         print(f"  png  {os.path.abspath(png)}")
     print(f"  npz  {os.path.abspath(npz)}")
     return 0
+
+
+_SDE_FLAGS = ("beta0", "beta1", "m_inv", "gamma", "numerical_eps")
+
+
+def _load_sample_model(args, device):
+    """``cf.load_score_model`` of ``cld-fast sample``'s checkpoint, --config, --no-ema, --precision and SDE flags."""
+    from .loading import load_score_model
+
+    return load_score_model(args.checkpoint, config=args.config, use_ema=not args.no_ema, device=device,
+                            autocast_dtype=None if args.precision == "fp32" else args.precision,
+                            overrides={k: getattr(args, k) for k in _SDE_FLAGS})
+
+
+def _sde_origin(model, config_flag) -> str:
+    """Where the SDE settings came from, e.g. 'from --config c.json: beta0, gamma; from the command line: m_inv'."""
+    from .loading import OFFICIAL_DEFAULT_CONFIG
+    from .sde_config import SDE_DEFAULTS
+
+    if model.kind == "cld_fast":
+        return "from the checkpoint"
+    by = {src: sorted(k for k in SDE_DEFAULTS if model.sources.get(k) == src) for src in ("config", "argument", "default")}
+    parts = [f"from --config {config_flag or OFFICIAL_DEFAULT_CONFIG}: {', '.join(by['config'])}" if by["config"] else "",
+             f"from the command line: {', '.join(by['argument'])}" if by["argument"] else "",
+             "other values: the official CIFAR-10 defaults" if by["default"] else ""]
+    return "; ".join(p for p in parts if p)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional, Union
 
+from .sde import CLD_DEFAULTS, VPSDE_DEFAULTS
+
 __all__ = ["TrainConfig", "PRESETS", "get_preset", "available_presets"]
 
 TOY_DATASETS = ("swissroll", "gmm")
@@ -44,13 +46,13 @@ class TrainConfig:
     weighting: str = "reweightedv2"    # "reweightedv2", "likelihood" or "reweightedv1" (CLD)
     objective: str = "hsm"             # CLD: "hsm" (v0 marginalised) or "dsm" (official cld_objective)
     loss_eps: float = 1e-5             # t ~ U(loss_eps, 1)
-    beta0: float = 4.0
-    beta1: float = 0.0
-    m_inv: float = 4.0
-    gamma: float = 0.04
-    numerical_eps: float = 1e-9
-    vp_beta_min: float = 0.1
-    vp_beta_max: float = 20.0
+    beta0: float = CLD_DEFAULTS["beta0"]
+    beta1: float = CLD_DEFAULTS["beta1"]
+    m_inv: float = CLD_DEFAULTS["m_inv"]
+    gamma: float = CLD_DEFAULTS["gamma"]
+    numerical_eps: float = CLD_DEFAULTS["numerical_eps"]
+    vp_beta_min: float = VPSDE_DEFAULTS["beta_min"]
+    vp_beta_max: float = VPSDE_DEFAULTS["beta_max"]
     # --- data -------------------------------------------------------------------------------
     data: str = "swissroll"            # "swissroll", "gmm", "cifar10", "folder", "npz"
     data_path: Optional[str] = None    # for cifar10 / folder / npz
@@ -107,9 +109,9 @@ class TrainConfig:
         need(self.sde in SDES, f"sde must be one of {SDES}, got {self.sde!r}")
         need(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        need(self.sde == "cld" or (self.weighting != "reweightedv1" and self.objective == "hsm"),
-             "weighting 'reweightedv1' and objective 'dsm' are CLD options (the vpsde baseline trains DSM with "
-             "reweightedv2 or likelihood)")
+        sde = self.build_sde()
+        for name, allowed in (("weighting", sde.weightings), ("objective", sde.objectives)):
+            need(getattr(self, name) in allowed, _foreign_option(name, getattr(self, name), self.sde, allowed))
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(0.0 < self.loss_eps < 1.0, f"loss_eps must be in (0, 1), got {self.loss_eps}")
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
@@ -139,12 +141,18 @@ class TrainConfig:
             unknown = sorted(set(self.model_overrides) - known)
             need(not unknown, f"unknown model option(s) {unknown} for model {self.model if base is None else 'dict'!r}; "
                               f"known: {sorted(known)}")
-        if self.sde == "vpsde":
-            from .sde import VPSDE
-
-            need(self.sample_method in sampler_names(VPSDE()),
-                 f"{self.sample_method!r} is a CLD sampler; use one of {sampler_names(VPSDE())} with sde 'vpsde'")
+        need(self.sample_method in sampler_names(sde),
+             f"sample_method {self.sample_method!r} does not handle sde {self.sde!r}; use one of {sampler_names(sde)}")
         return self
+
+    def build_sde(self):
+        """The ``cf.CLD`` / ``cf.VPSDE`` this config names (ValueError for invalid parameters)."""
+        from .sde_config import build_sde
+
+        try:
+            return build_sde(self)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid training config: {exc}") from None
 
     @property
     def is_toy(self) -> bool:
@@ -168,6 +176,15 @@ class TrainConfig:
         d = self.to_dict()
         d.update(changes)
         return TrainConfig.from_dict(d)
+
+
+def _foreign_option(name: str, value, sde: str, allowed) -> str:
+    """The message for a training option that ``sde`` does not take (naming the SDEs that do)."""
+    from .sde_config import SDE_CLASSES
+
+    owners = [cls.__name__ for cls in SDE_CLASSES.values() if value in getattr(cls, name + "s")]
+    whose = f" is one of the {'/'.join(owners)} options" if owners else ""
+    return f"{name} {value!r}{whose}: sde {sde!r} takes {name} in {tuple(allowed)}"
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

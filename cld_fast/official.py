@@ -11,162 +11,88 @@ ml_collections-style object with groups (``config.model.*``, ``config.data.*``, 
 Key names are the official ones (see ``configs/specific_cifar10.txt`` in the official repository).
 
 The SDE keys (``sde``, ``beta_type``, ``beta0``, ``beta1``, ``m_inv``, ``gamma``, ``numerical_eps``,
-``mixed_score``, ``cld_objective``) are read by :func:`sde_settings`; missing ones take the official
-CIFAR-10 values. ``cld-fast sample --config`` uses the same reader.
+``mixed_score``, ``cld_objective``) are read by :func:`sde_settings`, the sampling keys by
+:func:`from_official`. A key the config lacks takes the official CIFAR-10 run's value
+(``SDE_DEFAULTS``, ``SAMPLING_DEFAULTS``: the probability-flow ODE with tolerances 1e-5, a linear
+grid, the denoising step); a setting cld_fast cannot reproduce is refused by name. The network and
+score function come from ``cf.load_score_model``, as in ``cld-fast sample --config``.
 """
 from __future__ import annotations
 
-import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .loading import load_score_model, network_score_fn, official_settings
 from .sde import CLD
+from .sde_config import SDE_DEFAULTS, build_sde, flatten_config, to_bool, to_float
 
 __all__ = ["OfficialRun", "from_official", "flatten_config", "sde_settings", "build_sde", "make_score_fn",
-           "describe_sde", "SDE_DEFAULTS"]
+           "describe_sde", "SDE_DEFAULTS", "SAMPLING_DEFAULTS"]
 
-# Official CIFAR-10 values (configs/specific_cifar10.txt); a config that omits a key gets these.
-SDE_DEFAULTS: Dict[str, Any] = {
-    "sde": "cld", "beta_type": "linear", "beta0": 4.0, "beta1": 0.0, "m_inv": 4.0, "gamma": 0.04,
-    "numerical_eps": 1e-9, "mixed_score": True, "cld_objective": "hsm",
+# The value of a sampling key the config omits: the official CIFAR-10 run's (configs/default_cifar10.txt,
+# then the defaults of the official main.py's flags).
+SAMPLING_DEFAULTS: Dict[str, Any] = {
+    "sampling_method": "ode", "striding": "linear", "sampling_eps": 1e-3, "denoising": True,
+    "sampling_rtol": 1e-5, "sampling_atol": 1e-5, "sampling_solver": "scipy_solver", "sscs_num_stab": 0.0,
+    "likelihood_eps": 1e-5, "likelihood_rtol": 1e-5, "likelihood_atol": 1e-5,
+    "likelihood_hutchinson_type": "rademacher",
+    # No official value (the official code needs them set): cld_fast's.
+    "n_discrete_steps": 500, "sampling_batch_size": 64,
 }
-_GROUPS = ("data", "model", "training", "sampling", "eval", "optim", "sde")
-_OBJECTIVES = ("hsm", "dsm")
-
-
-def _as_dict(obj: Any, what: str) -> Dict[str, Any]:
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
-        d = obj.to_dict()
-        if isinstance(d, Mapping):
-            return dict(d)
-    if hasattr(obj, "__dict__"):  # argparse.Namespace, SimpleNamespace, plain objects
-        return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-    raise TypeError(f"{what} must be a dict or an attribute object (argparse.Namespace, ml_collections "
-                    f"ConfigDict, ...), got {type(obj).__name__}")
-
-
-def flatten_config(config: Any) -> Dict[str, Any]:
-    """The official config (attribute object or dict, flat or with groups) as one flat dict.
-
-    Groups ``data``, ``model``, ``training``, ``sampling``, ``eval``, ``optim``, ``sde`` (ml_collections
-    style) are merged into the top level; a key that appears in two groups with different values is
-    an error. ``training.objective`` / ``objective`` is read as the official ``cld_objective``.
-    """
-    top = _as_dict(config, "config")
-    flat: Dict[str, Any] = {}
-    nested: Dict[str, Any] = {}
-    for key, value in top.items():
-        if key in _GROUPS and not isinstance(value, (str, int, float, bool)) and value is not None:
-            for k, v in _as_dict(value, f"config.{key}").items():
-                if k in nested and nested[k] != v:
-                    raise ValueError(f"config key {k!r} has two values in different groups: {nested[k]!r} and {v!r}")
-                nested[k] = v
-        else:
-            flat[key] = value
-    out = {**nested, **flat}
-    if "objective" in out and "cld_objective" not in out:
-        out["cld_objective"] = out["objective"]
-    return out
-
-
-def _to_bool(value: Any, key: str) -> bool:
-    if isinstance(value, str):
-        s = value.strip().lower()
-        if s in ("true", "1", "yes", "on"):
-            return True
-        if s in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"config {key!r} must be a boolean, got {value!r}")
-    if isinstance(value, (bool, int)):
-        return bool(value)
-    raise ValueError(f"config {key!r} must be a boolean, got {type(value).__name__}")
-
-
-def _to_float(value: Any, key: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config {key!r} must be a number, got {value!r}") from None
+_STRIDINGS = ("linear", "quadratic")  # the official choices
+_PROBES = ("rademacher", "gaussian")
+# Official ODE solvers that are Dormand-Prince 5(4), the solver of cf.sample(method="ode").
+_DOPRI_SOLVERS = (("scipy_solver", "RK45"), ("dopri5", None))
 
 
 def sde_settings(config: Any, **overrides: Any) -> Dict[str, Any]:
-    """The SDE the official config describes, as a dict of plain values.
+    """The CLD an official config describes, as a dict of plain values.
 
     Args:
         config: official config (see :func:`flatten_config`), or a ``cld_fast.models`` preset dict.
         overrides: values that win over the config (None values are ignored), same key names.
     Returns:
         ``{"beta0", "beta1", "m_inv", "gamma", "numerical_eps"}`` (floats), ``"mixed_score"`` (bool),
-        ``"cld_objective"`` ('hsm' | 'dsm'), and ``"from_config"``: the keys that came from
-        ``config`` (the others are overrides or the official CIFAR-10 defaults).
+        ``"cld_objective"`` ('hsm' | 'dsm'), ``"from_config"``: the keys that came from ``config``
+        (the others are overrides or the official CIFAR-10 defaults, ``SDE_DEFAULTS``), and
+        ``"sources"`` (see :func:`cld_fast.sde_config.sde_settings`).
     Raises:
         NotImplementedError: ``sde`` other than 'cld' or ``beta_type`` other than 'linear'.
         ValueError: unreadable values or an unknown ``cld_objective``.
     """
-    flat = flatten_config(config)
-    given = {k: flat[k] for k in SDE_DEFAULTS if k in flat and flat[k] is not None}
-    chosen = {**SDE_DEFAULTS, **given, **{k: v for k, v in overrides.items() if v is not None}}
-    unknown = sorted(set(overrides) - set(SDE_DEFAULTS))
-    if unknown:
-        raise TypeError(f"unknown SDE setting(s) {unknown}; known: {sorted(SDE_DEFAULTS)}")
-    if str(chosen["sde"]).lower() != "cld":
-        raise NotImplementedError(f"config sde={chosen['sde']!r}: only 'cld' configs are supported here")
-    if str(chosen["beta_type"]).lower() != "linear":
-        raise NotImplementedError(f"config beta_type={chosen['beta_type']!r}: only 'linear' "
-                                  "(beta(t) = beta0 + beta1 t) is supported")
-    objective = str(chosen["cld_objective"]).lower()
-    if objective not in _OBJECTIVES:
-        raise ValueError(f"config cld_objective={chosen['cld_objective']!r}: expected one of {_OBJECTIVES}")
-    out = {k: _to_float(chosen[k], k) for k in ("beta0", "beta1", "m_inv", "gamma", "numerical_eps")}
-    out["mixed_score"] = _to_bool(chosen["mixed_score"], "mixed_score")
-    out["cld_objective"] = objective
-    out["from_config"] = sorted(given)
-    return out
-
-
-def build_sde(settings: Mapping[str, Any]) -> CLD:
-    """``cf.CLD`` from :func:`sde_settings` output."""
-    return CLD(beta0=settings["beta0"], beta1=settings["beta1"], m_inv=settings["m_inv"], gamma=settings["gamma"],
-               numerical_eps=settings["numerical_eps"])
+    return official_settings(flatten_config(config), overrides)
 
 
 def describe_sde(sde: CLD, mixed: bool, objective: str) -> str:
     """One line naming everything the score function and sampler use, e.g. for ``cld-fast sample``."""
-    return (f"CLD(beta0={sde.beta0:g}, beta1={sde.beta1:g}, m_inv={sde.m_inv:g}, gamma={sde.gamma:g}, "
-            f"numerical_eps={sde.numerical_eps:g}), mixed_score={mixed}, objective={objective}")
+    return sde.describe(mixed, objective)
 
 
-def make_score_fn(model: Callable, sde: CLD, mixed: bool, objective: str, autocast_dtype=None):
-    """``cf.score_fn`` for the official ``mixed_score`` / ``cld_objective`` settings.
-
-    The official score is ``-v / s_vv_hsm(t) * mixed + out * noise_multiplier(t)`` with the noise
-    multiplier of the configured objective: ``mixed_score=False`` is ``output="eps"`` (score =
-    -out / l22), not ``mixed=False`` (which means the output is the score itself).
-    """
-    from .score import score_fn
-
-    return score_fn(model, sde, output="mixed" if mixed else "eps", objective=objective,
-                    autocast_dtype=autocast_dtype)
+make_score_fn = network_score_fn
 
 
-def _data_shape(flat: Mapping[str, Any]) -> Tuple[int, ...]:
-    is_image = flat.get("is_image")
-    if is_image is None:
-        is_image = str(flat.get("name", "ncsnpp")).lower() != "mlp"
-    is_image = _to_bool(is_image, "is_image")
-    if not is_image:
-        return (int(flat.get("data_dim", 2)),)
-    c = int(flat.get("image_channels", flat.get("num_channels", 3)))
-    s = int(flat.get("image_size", 32))
-    return (c, s, s)
+def _sampling(flat: Mapping[str, Any], key: str):
+    value = flat.get(key)
+    return SAMPLING_DEFAULTS[key] if value is None else value
 
 
-_STRIDINGS = {"linear": "linear", "quadratic": "quadratic"}
+def _solver(flat: Mapping[str, Any]) -> Tuple[str, Optional[str]]:
+    """(sampling_solver, its 'solver' option or None) of the official config."""
+    solver = str(_sampling(flat, "sampling_solver"))
+    options = flat.get("sampling_solver_options")
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError:
+            raise ValueError(f"config sampling_solver_options={options!r} is not JSON") from None
+    inner = options.get("solver") if isinstance(options, Mapping) else None
+    if solver == "scipy_solver" and inner is None:
+        inner = "RK45"  # the official default options
+    return solver, (None if solver == "dopri5" else inner)
 
 
 @dataclass
@@ -181,9 +107,18 @@ class OfficialRun:
         eps: official ``sampling_eps`` (last forward time of the sampler).
         likelihood_eps: official ``likelihood_eps`` (where the data sits for ``cf.likelihood``).
         steps, method, striding, denoise: official ``n_discrete_steps``, ``sampling_method``,
-            ``striding`` (None: the sampler's default) and ``denoising``.
+            ``striding`` and ``denoising``.
         mixed, objective: the official ``mixed_score`` and ``cld_objective``.
         config: the flattened official config.
+        rtol, atol: official ``sampling_rtol`` / ``sampling_atol`` (the ODE sampler's tolerances).
+        sscs_num_stab: official ``sscs_num_stab`` (only its default 0 is reproduced).
+        solver: official (``sampling_solver``, its ``solver`` option).
+        likelihood_options: ``rtol``, ``atol``, ``probe`` of ``cf.likelihood`` (official
+            ``likelihood_rtol``, ``likelihood_atol``, ``likelihood_hutchinson_type``).
+        sources: where each setting came from ({key: "config" | "default" | ...}).
+
+    A key the config lacks takes the official CIFAR-10 run's value (``SDE_DEFAULTS``,
+    ``SAMPLING_DEFAULTS``): the probability-flow ODE with tolerances 1e-5, a linear grid, denoising.
     """
 
     model: Any
@@ -199,13 +134,42 @@ class OfficialRun:
     mixed: bool
     objective: str
     config: Dict[str, Any] = field(repr=False)
+    rtol: float = SAMPLING_DEFAULTS["sampling_rtol"]
+    atol: float = SAMPLING_DEFAULTS["sampling_atol"]
+    sscs_num_stab: float = 0.0
+    solver: Tuple[str, Optional[str]] = ("scipy_solver", "RK45")
+    likelihood_options: Dict[str, Any] = field(default_factory=dict)
+    sources: Dict[str, str] = field(default_factory=dict, repr=False)
 
     def sample_kwargs(self, **overrides) -> Dict[str, Any]:
-        """Keyword arguments for ``cf.sample(run.score_fn, **kwargs)``, with ``overrides`` applied."""
+        """Keyword arguments for ``cf.sample(run.score_fn, **kwargs)``, with ``overrides`` applied.
+
+        Raises NotImplementedError when the sampler would not reproduce the official one: SSCS with
+        ``sscs_num_stab`` other than 0, or the ODE with a solver other than Dormand-Prince 5(4).
+        """
+        from .samplers import get_spec
+
         kw = dict(shape=self.shape, sde=self.sde, steps=self.steps, method=self.method, eps=self.eps,
                   striding=self.striding, denoise=self.denoise)
         kw.update(overrides)
+        spec = get_spec(kw["method"])
+        for name, value in (("rtol", self.rtol), ("atol", self.atol)):  # official sampling_rtol / sampling_atol
+            if spec.option(name) is not None:
+                kw.setdefault(name, value)
+        self._check_reproducible(kw["method"])
         return kw
+
+    def _check_reproducible(self, method: str) -> None:
+        if method == "sscs" and self.sscs_num_stab != 0.0:
+            raise NotImplementedError(
+                f"config sscs_num_stab={self.sscs_num_stab:g}: the official SSCS adds it to the variances of the "
+                "half-step noise (var_xx and var_vv); cld_fast's fused SSCS kernels do not, so only the official "
+                "default 0 is reproduced. Drop the key, or sample with another method (ode, em)")
+        if method == "ode" and self.solver not in _DOPRI_SOLVERS:
+            raise NotImplementedError(
+                f"config sampling_solver={self.solver[0]!r} (solver {self.solver[1]!r}): cf.sample's ODE is "
+                "Dormand-Prince 5(4), the official default (scipy_solver with RK45, or torchdiffeq's dopri5); "
+                "another solver is not reproduced")
 
     def sample(self, **overrides):
         """``cf.sample`` with the official settings (any ``cf.sample`` keyword overrides them).
@@ -217,29 +181,42 @@ class OfficialRun:
         return sample(self.score_fn, **self.sample_kwargs(**overrides))
 
     def likelihood(self, x: torch.Tensor, **overrides):
-        """``cf.likelihood(run.score_fn, x, run.sde, eps=run.likelihood_eps, **overrides)``."""
+        """``cf.likelihood(run.score_fn, x, run.sde, eps=run.likelihood_eps, **run.likelihood_options,
+        **overrides)``."""
         from .nll import likelihood
 
-        kw = dict(eps=self.likelihood_eps)
+        kw = dict(eps=self.likelihood_eps, **self.likelihood_options)
         kw.update(overrides)
         return likelihood(self.score_fn, x, self.sde, **kw)
 
 
-def _load_model(model_or_checkpoint: Any, flat: Dict[str, Any], use_ema: bool, map_location) -> Any:
-    if isinstance(model_or_checkpoint, (str, os.PathLike, Mapping)):
-        from .models import load_official_checkpoint
+def _sampling_settings(flat: Mapping[str, Any], batch_size: Optional[int]) -> Dict[str, Any]:
+    """The OfficialRun fields the config's sampling keys give (absent keys: ``SAMPLING_DEFAULTS``)."""
+    from .sampling import SAMPLERS
 
-        return load_official_checkpoint(model_or_checkpoint, config=flat, use_ema=use_ema, map_location=map_location)
-    if isinstance(model_or_checkpoint, torch.nn.Module):
-        net = model_or_checkpoint
-        # The official code wraps the network in DistributedDataParallel; sample with the bare one.
-        if isinstance(net, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            net = net.module
-        return net.eval()
-    if callable(model_or_checkpoint):
-        return model_or_checkpoint
-    raise TypeError("model_or_checkpoint must be the official network (an nn.Module or a callable model(u, t)), "
-                    f"a checkpoint path or a loaded checkpoint dict, got {type(model_or_checkpoint).__name__}")
+    n = batch_size if batch_size is not None else int(_sampling(flat, "sampling_batch_size"))
+    if int(n) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {n}")
+    method = str(_sampling(flat, "sampling_method")).lower()
+    if method not in SAMPLERS:
+        raise ValueError(f"config sampling_method={method!r}: expected one of {tuple(SAMPLERS)}")
+    striding = str(_sampling(flat, "striding")).lower()
+    if striding not in _STRIDINGS:
+        raise NotImplementedError(f"config striding={flat['striding']!r}: cld_fast reproduces the official "
+                                  f"{' and '.join(repr(s) for s in _STRIDINGS)} grids only")
+    probe = str(_sampling(flat, "likelihood_hutchinson_type")).lower()
+    if probe not in _PROBES:
+        raise ValueError(f"config likelihood_hutchinson_type={probe!r}: expected one of {_PROBES}")
+    return dict(
+        batch=int(n), method=method, striding=striding, steps=int(_sampling(flat, "n_discrete_steps")),
+        eps=to_float(_sampling(flat, "sampling_eps"), "sampling_eps"),
+        likelihood_eps=to_float(_sampling(flat, "likelihood_eps"), "likelihood_eps"),
+        denoise=to_bool(_sampling(flat, "denoising"), "denoising"),
+        rtol=to_float(_sampling(flat, "sampling_rtol"), "sampling_rtol"),
+        atol=to_float(_sampling(flat, "sampling_atol"), "sampling_atol"),
+        sscs_num_stab=to_float(_sampling(flat, "sscs_num_stab"), "sscs_num_stab"), solver=_solver(flat),
+        likelihood_options=dict(rtol=to_float(_sampling(flat, "likelihood_rtol"), "likelihood_rtol"),
+                                atol=to_float(_sampling(flat, "likelihood_atol"), "likelihood_atol"), probe=probe))
 
 
 def from_official(config: Any, model_or_checkpoint: Any, use_ema: bool = True, batch_size: Optional[int] = None,
@@ -248,43 +225,43 @@ def from_official(config: Any, model_or_checkpoint: Any, use_ema: bool = True, b
 
     Args:
         config: the official config: a flat attribute object (what the official ``main.py`` passes
-            around), an ml_collections-style object with groups, or either as a dict.
+            around), an ml_collections-style object with groups, or either as a dict. A key it
+            lacks takes the official CIFAR-10 run's value (``SDE_DEFAULTS``, ``SAMPLING_DEFAULTS``):
+            the probability-flow ODE (rtol = atol = 1e-5), a linear grid, the denoising step.
         model_or_checkpoint: the official network (``nn.Module``, DDP-wrapped or not, called as
             ``model(u, t)``), a checkpoint path or a loaded checkpoint dict (official format:
-            ``model`` + ``ema``; loaded with ``cld_fast.models.load_official_checkpoint`` into the
-            network the config describes).
+            ``model`` + ``ema``; loaded by ``cf.load_score_model`` into the network the config
+            describes).
         use_ema: checkpoints only: load the EMA weights (as the official sampling code does).
         batch_size: samples per call (default: the config's ``sampling_batch_size``, else 64).
         autocast_dtype: passed to ``cf.score_fn`` (CUDA autocast of the network).
-        map_location: checkpoints only: ``torch.load`` location and the network's device.
+        map_location: checkpoints only: the network's device (a str or ``torch.device``).
     Returns:
         :class:`OfficialRun` with ``score_fn``, ``sde``, ``shape``, ``eps``, ``likelihood_eps``,
-        ``steps``, ``method``, ``striding``, ``denoise`` and ``sample()`` / ``likelihood()``.
+        ``steps``, ``method``, ``striding``, ``denoise``, ``rtol``, ``atol`` and ``sample()`` /
+        ``likelihood()``.
     Raises:
         NotImplementedError: config options this version cannot reproduce (non-'cld' SDE, a non-linear
-            beta).
+            beta, a striding other than linear / quadratic, ``sscs_num_stab`` other than 0 with SSCS,
+            an ODE solver other than Dormand-Prince 5(4)).
         TypeError / ValueError: a config or model of the wrong kind, unreadable values.
     """
     flat = flatten_config(config)
-    settings = sde_settings(flat)
-    sde = build_sde(settings)
-    net = _load_model(model_or_checkpoint, flat, use_ema, map_location)
-    score = make_score_fn(net, sde, settings["mixed_score"], settings["cld_objective"], autocast_dtype)
-
-    n = batch_size if batch_size is not None else int(flat.get("sampling_batch_size") or 64)
-    if int(n) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {n}")
-    method = str(flat.get("sampling_method", "sscs")).lower()
-    striding = flat.get("striding")
-    striding = _STRIDINGS.get(str(striding).lower()) if striding is not None else None
-    if flat.get("striding") is not None and striding is None:
-        raise NotImplementedError(f"config striding={flat['striding']!r}: cld_fast reproduces the official "
-                                  f"'linear' and 'quadratic' grids only")
-    denoise = flat.get("denoising")
-    return OfficialRun(
-        model=net, score_fn=score, sde=sde, shape=(int(n),) + _data_shape(flat),
-        eps=_to_float(flat.get("sampling_eps", 1e-3), "sampling_eps"),
-        likelihood_eps=_to_float(flat.get("likelihood_eps", 1e-5), "likelihood_eps"),
-        steps=int(flat.get("n_discrete_steps", 500)), method=method, striding=striding,
-        denoise=True if denoise is None else _to_bool(denoise, "denoising"),
-        mixed=settings["mixed_score"], objective=settings["cld_objective"], config=flat)
+    official_settings(flat, {})  # a non-CLD config is refused before anything loads
+    opts = _sampling_settings(flat, batch_size)
+    is_checkpoint = isinstance(model_or_checkpoint, (str, os.PathLike, Mapping))
+    if not is_checkpoint and not callable(model_or_checkpoint):
+        raise TypeError("model_or_checkpoint must be the official network (an nn.Module or a callable model(u, t)), "
+                        f"a checkpoint path or a loaded checkpoint dict, got {type(model_or_checkpoint).__name__}")
+    device = map_location if is_checkpoint and isinstance(map_location, (str, torch.device)) else None
+    m = load_score_model(model_or_checkpoint, config=flat, use_ema=use_ema, device=device,
+                         autocast_dtype=autocast_dtype)
+    sources = {**m.sources, **{k: "config" if flat.get(k) is not None else "default" for k in SAMPLING_DEFAULTS}}
+    run = OfficialRun(
+        model=m.network, score_fn=m.score_fn, sde=m.sde, shape=(opts["batch"],) + m.data_shape, eps=opts["eps"],
+        likelihood_eps=opts["likelihood_eps"], steps=opts["steps"], method=opts["method"],
+        striding=opts["striding"], denoise=opts["denoise"], mixed=m.mixed, objective=m.objective, config=flat,
+        rtol=opts["rtol"], atol=opts["atol"], sscs_num_stab=opts["sscs_num_stab"], solver=opts["solver"],
+        likelihood_options=opts["likelihood_options"], sources=sources)
+    run.sample_kwargs()  # the config's own sampler must be reproducible: fail now, not at sample()
+    return run

@@ -237,6 +237,7 @@ class CLD:
         return ops.pf_drift(u, y, t, self, mixed=mixed, backend=backend)
 
     objectives = OBJECTIVES  # the training objectives a network of this SDE may have used
+    weightings = WEIGHTINGS  # the training loss weightings it takes
     folds_mixed_score = True  # the fused sampler kernels take the raw HSM mixed-score output
 
     def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
@@ -680,6 +681,7 @@ class VPSDE:
         return self._apply(u, y, self.reverse_coefficients(t, 0.0, "pf_drift"))
 
     objectives = ("hsm",)  # denoising score matching on x; no velocity to marginalise
+    weightings = ("reweightedv2", "likelihood")  # the training loss weightings it takes
     folds_mixed_score = False
 
     def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
@@ -768,6 +770,10 @@ class VPSDE:
         alpha, sigma = self.marginal_coefficients(t)
         return torch.stack([-1.0 / (alpha * alpha + sigma * sigma), -1.0 / sigma], dim=-1)
 
+
+# The parameters' defaults, read from the classes (``cf.CLD()`` holds the official CIFAR-10 values).
+CLD_DEFAULTS = {f.name: f.default for f in fields(CLD)}
+VPSDE_DEFAULTS = {f.name: f.default for f in fields(VPSDE)}
 
 STRIDINGS = ("linear", "quadratic", "polynomial", "log")
 

@@ -55,7 +55,7 @@ MODE_EXPLICIT = "explicit"  # explicit noise tensors, or no noise
 MODE_SEED = "seed"  # in-kernel Philox noise from a seed tensor
 PHILOX = "philox"  # the op column of the Philox rows (modes "bits" and "normals")
 
-SDE = CLD(beta0=3.0, beta1=5.0, m_inv=4.0, gamma=0.04, numerical_eps=1e-6)
+SDE = CLD(beta0=3.0, beta1=5.0, numerical_eps=1e-6)
 """The CLD of every op input (beta1 != 0 so the time-dependent beta terms are exercised)."""
 TS = (1.0, 0.7, 0.45, 0.2, 0.05)
 """The sampler time grid (4 steps; step 3 is the last one: no opening half step after it)."""

@@ -64,6 +64,7 @@ from .data import DataSource, build_data
 from .ema import ExponentialMovingAverage
 from .runlock import RunLock
 from .sde import CLD, VPSDE
+from .sde_config import build_sde
 
 __all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "build_sde", "build_network",
            "resolve_precision", "load_for_sampling"]
@@ -123,14 +124,6 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------------
 # Building blocks
 # ------------------------------------------------------------------------------------------------
-def build_sde(config: TrainConfig):
-    """The CLD or VP-SDE a config names."""
-    if config.sde == "cld":
-        return CLD(beta0=config.beta0, beta1=config.beta1, m_inv=config.m_inv, gamma=config.gamma,
-                   numerical_eps=config.numerical_eps)
-    return VPSDE(beta_min=config.vp_beta_min, beta_max=config.vp_beta_max)
-
-
 def resolve_precision(precision: str, device: torch.device):
     """(autocast dtype or None, use GradScaler) for ``precision`` on ``device``.
 
@@ -206,12 +199,10 @@ def _make_optimizer(config: TrainConfig, params, device: torch.device) -> torch.
 
 
 def network_score(net, sde, config: TrainConfig, autocast_dtype=None):
-    """``cf.score_fn`` of a network trained with ``config`` (its CLD objective; mixed-score output)."""
-    from .score import score_fn
+    """``cf.score_fn`` of a network trained with ``config`` (its objective; mixed-score output)."""
+    from .loading import network_score_fn
 
-    if config.sde == "cld":
-        return score_fn(net, sde, objective=config.objective, autocast_dtype=autocast_dtype)
-    return score_fn(net, sde, autocast_dtype=autocast_dtype)
+    return network_score_fn(net, sde, True, config.objective, autocast_dtype)
 
 
 TENSORBOARD_HINT = "pip install 'cld_fast[tensorboard]' (or pip install tensorboard)"
@@ -270,6 +261,8 @@ class _MetricsWriter:
 # The trainer
 # ------------------------------------------------------------------------------------------------
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+# The training loss of each SDE class (a Trainer method), chosen once when the trainer is built.
+LOSSES = {CLD: "cld_loss", VPSDE: "vp_loss"}
 
 
 class Trainer:
@@ -294,12 +287,12 @@ class Trainer:
         self.run_dir = os.path.abspath(run_dir)
         self.progress = progress
         self.verbose = verbose
-        self.loss_fn = loss_fn or (self.cld_loss if config.sde == "cld" else self.vp_loss)
         self.t_start = time.time()
         self._lock = RunLock(self.run_dir)
         self._stop_signal: Optional[int] = None
         try:
             self._setup()
+            self.loss_fn = loss_fn or getattr(self, LOSSES[type(self.sde)])
             self._data()
             self._network(model)
             self._resume(resume)
@@ -799,7 +792,8 @@ class Trainer:
         return result
 
     def _evaluate_toy(self, result: TrainResult, metrics: "_MetricsWriter") -> None:
-        """Energy distance of EMA samples to fresh data (SSCS, ``eval_steps``), samples .npz, quality figure."""
+        """Energy distance of EMA samples to fresh data (``sample_method``, ``eval_steps``), samples .npz, and the
+        quality figure (every fixed-step sampler of the SDE at 10 to 200 steps)."""
         import numpy as np
 
         from . import plots
@@ -808,7 +802,7 @@ class Trainer:
         cfg = self.config
         n = cfg.eval_samples
         net = self.ema_network()
-        main_method = "sscs" if cfg.sde == "cld" else "em"
+        main_method = cfg.sample_method
         gdata = torch.Generator(self.device).manual_seed(cfg.seed + 31337)
         ref = self.data.reference(n, gdata)
         ref2 = self.data.reference(n, gdata)
@@ -895,39 +889,9 @@ def train(config: TrainConfig, run_dir: str, *, resume=None, model: Optional[nn.
 # Loading for sampling
 # ------------------------------------------------------------------------------------------------
 def load_for_sampling(path: str, use_ema: bool = True, device=None):
-    """(network in eval mode, sde, TrainConfig, data shape) from one of our training checkpoints."""
-    state = ckpt.load_checkpoint(path, map_location="cpu")
-    config = TrainConfig.from_dict(state["config"])
-    sd = state["model"]
-    shape = tuple(state["data_shape"]) if state.get("data_shape") else _data_shape_from_state(config, sd)
-    net = build_network(config, shape)
-    if use_ema and not isinstance(state.get("ema"), dict):
-        raise ckpt.CheckpointError(f"{path} has no 'ema' entry; sample with the raw weights (--no-ema, use_ema=False)")
-    try:
-        net.load_state_dict(sd)
-        if use_ema:
-            ema = ExponentialMovingAverage(net.parameters())
-            ema.load_state_dict(state["ema"])
-            ema.copy_to(net)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise ckpt.CheckpointError(f"{path} does not fit the network its config describes "
-                                   f"(model {config.model!r}): {detail[:300]}") from exc
-    net = net.to(device or "cpu").eval()
-    return net, build_sde(config), config, shape
+    """(network in eval mode, sde, TrainConfig, data shape) from one of our training checkpoints (a file
+    or a run folder): ``cf.load_score_model(path, kind="cld_fast")``."""
+    from .loading import load_score_model
 
-
-def _data_shape_from_state(config: TrainConfig, sd: Dict[str, torch.Tensor]):
-    from .models import get_config
-
-    mcfg = get_config(config.model) if isinstance(config.model, str) else dict(config.model)
-    mcfg.update(config.model_overrides or {})
-    if str(mcfg.get("name", "ncsnpp")).lower() == "mlp":
-        last = [k for k in sd if k.endswith(".weight")][-1]
-        return (int(sd[last].shape[0]),)
-    if config.data == "cifar10":
-        return (3, 32, 32)
-    c = int(mcfg.get("image_channels", 3))
-    size = int(config.image_size or mcfg.get("image_size", 32))
-    return (c, size, size)
+    m = load_score_model(path, use_ema=use_ema, device=device, kind="cld_fast")
+    return m.network, m.sde, m.config, m.data_shape

@@ -14,8 +14,8 @@ Presets:
 
 Besides the network keys, the presets carry the official SDE and objective keys (``sde``,
 ``beta_type``, ``beta0``, ``beta1``, ``m_inv``, ``gamma``, ``numerical_eps``, ``mixed_score``,
-``cld_objective``, ...): :func:`cld_fast.official.sde_from_config` and ``cld-fast sample --config``
-build the SDE from them. ``build_model`` ignores them.
+``cld_objective``, ...): ``cld_fast.build_sde``, ``cld_fast.load_score_model`` and ``cld-fast sample
+--config`` build the SDE from them. ``build_model`` ignores them.
 """
 from __future__ import annotations
 
@@ -27,14 +27,18 @@ from typing import Any, Dict, Mapping, Union
 
 import torch.nn as nn
 
+from cld_fast.sde import CLD_DEFAULTS
+
 from .mlp import MLP
 from .ncsnpp import NCSNpp, NCSNppConfig
 
 __all__ = ["PRESETS", "available_configs", "get_config", "resolve_config", "build_model", "model_option_names"]
 
+# The SDE block of the official configs/specific_cifar10.txt and default_toy_data.txt: the CLD defaults.
+_CLD_SDE: Dict[str, Any] = {"sde": "cld", "beta_type": "linear", **CLD_DEFAULTS}
+
 _CIFAR10: Dict[str, Any] = {
     "name": "ncsnpp",
-    "sde": "cld",
     "image_size": 32,
     "image_channels": 3,
     "n_channels": 128,
@@ -58,24 +62,18 @@ _CIFAR10: Dict[str, Any] = {
     "normalization": "GroupNorm",
     "nonlinearity": "swish",
     # SDE and objective (official configs/specific_cifar10.txt)
+    **_CLD_SDE,
     "mixed_score": True,
-    "numerical_eps": 1e-9,
-    "beta_type": "linear",
-    "beta0": 4.0,
-    "beta1": 0.0,
-    "m_inv": 4.0,
-    "gamma": 0.04,
     "cld_objective": "hsm",
     "loss_eps": 1e-5,
     "weighting": "reweightedv2",
 }
 
-# Official configs/specific_celeba_*.txt. Those files were not in our reference index; the values
-# are those of the official CelebA-HQ-256 config as transcribed in the fork dashstander/CLD-SGM,
-# configs/celeba_cog.yaml (its cog_predictor.py loads them for 'celeba_hq_256' together with the
-# released celebahq256_600000.pth; its CIFAR-10 transcription, cifar10_cog.yaml, equals the official
-# default_cifar10.txt + specific_cifar10.txt value for value). The official README says the
-# "post_paper" variant uses a non-constant beta(t); these values have one (beta1 = 6.9).
+# The official configs/default_celeba_post_paper.txt + specific_celeba_post_paper.txt (nv-tlabs/CLD-SGM),
+# the run of the released celebahq256_600000.pth (600k iterations): 4 res-blocks, beta(t) = 0.1 + 6.9 t,
+# loss_eps 1e-3. The "paper" variant (specific_celeba_paper.txt) differs in n_resblocks = 2, beta0 = 4,
+# beta1 = 0 and loss_eps = 1e-5. Sampling keys are left out: the official defaults (the ODE, sampling_eps
+# 1e-3, denoising) are what a config without them gets.
 _CELEBAHQ256: Dict[str, Any] = dict(
     _CIFAR10,
     image_size=256,
@@ -99,11 +97,8 @@ _CELEBAHQ256: Dict[str, Any] = dict(
     dropout=0.1,
     mixed_score=True,
     numerical_eps=1e-6,
-    beta_type="linear",
     beta0=0.1,
     beta1=6.9,
-    m_inv=4.0,
-    gamma=0.04,
     cld_objective="hsm",
     loss_eps=1e-3,
     weighting="reweightedv2",
@@ -111,16 +106,11 @@ _CELEBAHQ256: Dict[str, Any] = dict(
 
 _TOY2D: Dict[str, Any] = {
     "name": "mlp",
-    "sde": "cld",
     "data_dim": 2,
     "hidden_dim": 128,
     # official configs/default_toy_data.txt
+    **_CLD_SDE,
     "numerical_eps": 1e-6,
-    "beta_type": "linear",
-    "beta0": 4.0,
-    "beta1": 0.0,
-    "m_inv": 4.0,
-    "gamma": 0.04,
     "cld_objective": "hsm",
     "loss_eps": 1e-5,
     "weighting": "reweightedv2",

@@ -214,6 +214,114 @@ def test_from_official_bad_inputs_are_clear():
         cf.from_official(tiny_flat(denoising="maybe"), _net())
 
 
+# ------------------------------------------------------------------------------------------------
+# a key the config lacks takes the official value; what cld_fast cannot reproduce is refused by name
+# ------------------------------------------------------------------------------------------------
+def _toy_flat(**extra):
+    return dict(get_config("toy2d"), is_image=False, sampling_batch_size=20, **extra)
+
+
+def _toy_run(**extra):
+    flat = _toy_flat(**extra)
+    torch.manual_seed(0)
+    return cf.from_official(flat, build_model(flat).eval())
+
+
+def test_absent_striding_is_the_official_linear_grid():
+    run = _toy_run(sampling_method="sscs", n_discrete_steps=5)
+    assert run.striding == "linear" and run.sources["striding"] == "default"
+    ref = cf.sample(run.score_fn, (20, 2), run.sde, steps=5, method="sscs", striding="linear",
+                    generator=torch.Generator().manual_seed(1))
+    res = run.sample(generator=torch.Generator().manual_seed(1))
+    assert torch.equal(res.x, ref.x) and torch.equal(res.v, ref.v)
+
+
+def test_absent_sampling_keys_are_the_official_ode_with_its_tolerances():
+    run = _toy_run()
+    assert (run.method, run.striding, run.eps, run.denoise, run.rtol, run.atol) == ("ode", "linear", 1e-3, True,
+                                                                                      1e-5, 1e-5)
+    assert run.sample_kwargs()["method"] == "ode" and run.sample_kwargs()["rtol"] == 1e-5
+    assert "rtol" not in run.sample_kwargs(method="em") and run.sample_kwargs(rtol=1e-3)["rtol"] == 1e-3
+
+
+def test_sampling_rtol_and_atol_reach_the_ode_sampler():
+    run = _toy_run(sampling_rtol=1e-2, sampling_atol="1e-3")
+    assert (run.rtol, run.atol) == (1e-2, 1e-3)
+    res = run.sample(generator=torch.Generator().manual_seed(2))
+    ref = cf.sample(run.score_fn, (20, 2), run.sde, method="ode", rtol=1e-2, atol=1e-3,
+                    generator=torch.Generator().manual_seed(2))
+    tight = cf.sample(run.score_fn, (20, 2), run.sde, method="ode", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(res.x, ref.x) and res.nfe == ref.nfe < tight.nfe
+    assert run.sample(method="em", steps=3).nfe == 3  # the tolerances do not bother a fixed-step sampler
+
+
+def test_sscs_num_stab_other_than_zero_is_refused_by_name():
+    with pytest.raises(NotImplementedError, match="sscs_num_stab=0.001.*half-step noise"):
+        _toy_run(sampling_method="sscs", sscs_num_stab=1e-3)
+    assert _toy_run(sampling_method="sscs", sscs_num_stab=0.0, n_discrete_steps=3).sample().nfe == 3
+    run = _toy_run(sscs_num_stab="1e-3")  # the ODE does not use it ...
+    with pytest.raises(NotImplementedError, match="sscs_num_stab"):
+        run.sample(method="sscs", steps=3)  # ... SSCS would
+
+
+def test_ode_solvers_other_than_dormand_prince_are_refused_by_name():
+    _toy_run(sampling_solver="scipy_solver", sampling_solver_options='{"solver": "RK45"}')
+    _toy_run(sampling_solver="dopri5")
+    with pytest.raises(NotImplementedError, match="sampling_solver='scipy_solver' \\(solver 'LSODA'\\)"):
+        _toy_run(sampling_solver_options={"solver": "LSODA"})
+    with pytest.raises(NotImplementedError, match="sampling_solver='euler'"):
+        _toy_run(sampling_solver="euler")
+    _toy_run(sampling_method="em", sampling_solver="euler")  # only the ODE uses it
+
+
+def test_denoising_false_is_honoured():
+    run = _toy_run(sampling_method="em", n_discrete_steps=4, denoising="false")
+    assert run.denoise is False
+    res = run.sample(generator=torch.Generator().manual_seed(3))
+    ref = cf.sample(run.score_fn, (20, 2), run.sde, steps=4, method="em", striding="linear", denoise=False,
+                    generator=torch.Generator().manual_seed(3))
+    with_denoise = cf.sample(run.score_fn, (20, 2), run.sde, steps=4, method="em", striding="linear",
+                             generator=torch.Generator().manual_seed(3))
+    assert res.nfe == 4 and torch.equal(res.x, ref.x) and not torch.equal(res.x, with_denoise.x)
+
+
+def test_likelihood_settings_reach_cf_likelihood():
+    run = _toy_run(likelihood_rtol=1e-2, likelihood_atol=1e-2, likelihood_hutchinson_type="gaussian")
+    assert run.likelihood_options == {"rtol": 1e-2, "atol": 1e-2, "probe": "gaussian"}
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
+    a = run.likelihood(x, generator=torch.Generator().manual_seed(3))
+    b = cf.likelihood(run.score_fn, x, run.sde, eps=1e-5, rtol=1e-2, atol=1e-2, probe="gaussian",
+                      generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.bpd, b.bpd)
+    with pytest.raises(ValueError, match="likelihood_hutchinson_type"):
+        _toy_run(likelihood_hutchinson_type="sphere")
+
+
+# The official configs/default_celeba_post_paper.txt + specific_celeba_post_paper.txt (nv-tlabs/CLD-SGM),
+# network, SDE, objective and sampling keys, written out here.
+OFFICIAL_CELEBA_POST_PAPER = dict(
+    is_image=True, image_size=256, image_channels=3, sampling_method="ode", sampling_eps=1e-3, denoising=True,
+    name="ncsnpp", normalization="GroupNorm", nonlinearity="swish", n_channels=128, ch_mult="1,1,2,2,2,2,2",
+    attn_resolutions="16", resamp_with_conv=True, use_fir=False, fir_kernel="1,3,3,1", skip_rescale=True,
+    resblock_type="biggan", progressive="none", progressive_input="none", progressive_combine="sum",
+    attention_type="ddpm", init_scale=0.0, fourier_scale=16, conv_size=3, embedding_type="positional",
+    mixed_score=True, n_resblocks=4, numerical_eps=1e-6, sde="cld", beta_type="linear", beta0=0.1, beta1=6.9,
+    m_inv=4.0, gamma=0.04, dropout=0.1, cld_objective="hsm", loss_eps=1e-3, weighting="reweightedv2")
+
+
+def test_celebahq256_preset_is_the_official_post_paper_config():
+    preset = get_config("celebahq256")
+    given = {k: preset[k] for k in OFFICIAL_CELEBA_POST_PAPER if k in preset}
+    assert given == {k: OFFICIAL_CELEBA_POST_PAPER[k] for k in given}
+    # the keys the preset leaves out are the official defaults from_official fills in
+    assert set(OFFICIAL_CELEBA_POST_PAPER) - set(given) == {"is_image", "sampling_method", "sampling_eps", "denoising"}
+    flat = dict(preset, n_channels=8, image_size=16, ch_mult="1,2", n_resblocks=1, attn_resolutions="4")
+    torch.manual_seed(0)
+    run = cf.from_official(flat, build_model(flat))
+    assert (run.method, run.eps, run.denoise, run.shape[1:]) == ("ode", 1e-3, True, (3, 16, 16))
+    assert run.sde == cf.CLD(beta0=0.1, beta1=6.9, numerical_eps=1e-6)
+
+
 def test_readme_parity_snippet_runs():
     import pathlib
     import re

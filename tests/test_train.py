@@ -353,3 +353,22 @@ def test_recommend_sampler_picks_the_cheapest_within_reach():
     assert (noisy["method"], noisy["steps"]) == ("sscs", 5)
     with pytest.raises(ValueError, match="at least one"):
         recommend_sampler({}, floor=0.0)
+
+
+def test_loss_and_evaluation_samplers_come_from_the_sde(tmp_path):
+    from cld_fast.samplers import sampler_names
+
+    tr = Trainer(_toy(sde="vpsde", sample_method="em"), str(tmp_path / "vp"), progress=False, verbose=False)
+    assert tr.loss_fn == tr.vp_loss
+    tr.close()
+    cfg = _toy(steps=2, quality_figure=True, eval_samples=50, eval_steps=10, sample_method="em")
+    tr = Trainer(cfg, str(tmp_path / "cld"), progress=False, verbose=False)
+    assert tr.loss_fn == tr.cld_loss
+    try:
+        res = tr.run()
+    finally:
+        tr.close()
+    ev = res.extra["eval"]
+    assert ev["method"] == "em" and set(ev["curves"]) == set(sampler_names(tr.sde, fixed_steps=True))
+    assert [s for s, _ in ev["curves"]["em"]] == [10, 20, 50, 100, 200]
+    assert dict(ev["curves"]["em"])[10] == ev["energy_distance"]
