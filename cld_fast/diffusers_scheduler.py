@@ -52,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where diffusers 
 
 from . import checks, ops, philox
 from .samplers import core
-from .sde import CLD
+from .sde import CLD, CLD_DEFAULTS
 
 TESTED_DIFFUSERS = "0.42.1"
 _STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -93,8 +93,10 @@ class CLDScheduler(SchedulerMixin, ConfigMixin):
     default_method = "sscs"
 
     @register_to_config
-    def __init__(self, method: Optional[str] = None, beta0: float = 4.0, beta1: float = 0.0, m_inv: float = 4.0,
-                 gamma: float = 0.04, numerical_eps: float = 1e-9, num_channels: int = 3, spatial_dims: int = 2,
+    def __init__(self, method: Optional[str] = None, beta0: float = CLD_DEFAULTS["beta0"],
+                 beta1: float = CLD_DEFAULTS["beta1"], m_inv: float = CLD_DEFAULTS["m_inv"],
+                 gamma: float = CLD_DEFAULTS["gamma"], numerical_eps: float = CLD_DEFAULTS["numerical_eps"],
+                 num_channels: int = 3, spatial_dims: int = 2,
                  eps: float = 1e-3, striding: Optional[str] = None, denoise: bool = True, mixed: bool = True,
                  backend: Optional[str] = None, options: Optional[dict] = None, num_train_timesteps: int = 1000):
         self.method = self.default_method if method is None else method
