@@ -153,7 +153,9 @@ class OfficialRun:
                   striding=self.striding, denoise=self.denoise)
         kw.update(overrides)
         spec = get_spec(kw["method"])
-        for name, value in (("rtol", self.rtol), ("atol", self.atol)):  # official sampling_rtol / sampling_atol
+        official = (("rtol", self.rtol), ("atol", self.atol),  # official sampling_rtol / sampling_atol
+                    ("sscs_official_half_steps", True))  # the official SSCS's closing half step (beta1 != 0)
+        for name, value in official:
             if spec.option(name) is not None:
                 kw.setdefault(name, value)
         self._check_reproducible(kw["method"])

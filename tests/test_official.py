@@ -168,11 +168,13 @@ def test_run_sample_is_cf_sample_with_the_official_settings():
     run = cf.from_official(tiny_flat(), _net())
     res = run.sample(generator=torch.Generator().manual_seed(4))
     ref = cf.sample(run.score_fn, (3, 3, 8, 8), run.sde, steps=4, method="sscs", eps=1e-3, striding="quadratic",
-                    denoise=True, generator=torch.Generator().manual_seed(4))
+                    denoise=True, generator=torch.Generator().manual_seed(4), sscs_official_half_steps=True)
     assert res.x.shape == (3, 3, 8, 8) and res.nfe == ref.nfe == 4
     assert torch.equal(res.x, ref.x) and torch.equal(res.v, ref.v)
     assert run.sample(steps=2, method="em", generator=torch.Generator().manual_seed(4)).nfe == 2
     assert run.sample_kwargs(eps=1e-2)["eps"] == 1e-2
+    assert run.sample_kwargs()["sscs_official_half_steps"] is True  # the official SSCS, also for beta1 != 0
+    assert "sscs_official_half_steps" not in run.sample_kwargs(method="em")
 
 
 def test_run_likelihood_is_cf_likelihood_with_likelihood_eps():
