@@ -61,6 +61,7 @@ def test_info_still_works(capsys):
     assert "backends" in capsys.readouterr().out
 
 
+@pytest.mark.long
 def test_train_short_run_then_sample(tmp_path):
     out = tmp_path / "run"
     res = _run("train", "--steps", "30", "--out", str(out), "--log-every", "10", "--eval-samples", "300",

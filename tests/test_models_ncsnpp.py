@@ -55,6 +55,7 @@ def test_cifar10_state_dict_matches_official_keys_and_shapes(cifar10_model):
     assert sum(p.requires_grad for p in cifar10_model.parameters()) == 962
 
 
+@pytest.mark.long
 def test_cifar10_forward_backward_batch1(cifar10_model):
     net = cifar10_model.train()
     g = torch.Generator().manual_seed(0)
