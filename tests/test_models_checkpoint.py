@@ -110,7 +110,7 @@ def test_wrong_number_of_ema_tensors_raises(config, ckpt, tmp_path):
 
 def test_wrong_ema_shape_raises(config, ckpt, tmp_path):
     sp = ckpt["ema"]["shadow_params"]
-    sp[0], sp[1] = sp[1], sp[0]  # swapped order: shapes no longer line up
+    sp[0], sp[1] = sp[1], sp[0]  # swapped order: shapes do not line up
     with pytest.raises(ValueError, match=r"EMA shadow params.*#0 \(all_modules\.1\.weight\)"):
         load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=True)
 

@@ -4,8 +4,8 @@
 #
 #   bash tools/install_check.sh [--system-site-packages | --old-setuptools-only] [WORKDIR]
 #
-# Default: a new `python -m venv` holding a torch that is not the newest release (the newest is what
-# a build-isolated `pip install .` used to download and build against): $TORCH_SPEC, default
+# Default: a new `python -m venv` holding a torch that is not the newest release (so a build that
+# downloads and builds against the newest torch shows as a mismatch): $TORCH_SPEC, default
 # torch==2.13.0+cpu (pip finds the CPU wheel through a find-links folder or the CPU wheel index;
 # 183 MB), plus numpy, tqdm and matplotlib.
 # --system-site-packages: the venv sees the global torch instead (nothing downloaded). Only where

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plant known bugs one at a time and check that the targeted tests catch each of them.
 
-A small mutation check (issue 15), not a CI gate: every entry of ``MUTANTS`` names a file, an exact
+A small mutation check, not a CI gate: every entry of ``MUTANTS`` names a file, an exact
 piece of its text, the text that replaces it and the tests that must then fail. The repository is
 copied once to a temporary folder (the built ``cld_fast/_C*.so`` included; the working tree is never
 touched), each mutant is planted in the copy, its tests run with ``python -m pytest -x``, and the
@@ -15,7 +15,7 @@ afterwards. The kill table is printed and written as Markdown (``tools/mutation_
     python tools/mutation_check.py --list
 
 Keep the list growing: when a bug slips through, add it here with the test that now catches it.
-A mutant whose text is no longer found (the code moved on) is reported as STALE, not as killed.
+A mutant whose text is not found in its file is reported as STALE, not as killed.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class Mutant:
 
 M = Mutant
 MUTANTS: List[Mutant] = [
-    # ---- the ten survivors of the issue-15 audit ------------------------------------------------------
+    # ---- the sampler, model, EMA and checkpoint code --------------------------------------------------
     M("S1", "sampling/torch", "cld_fast/sde.py",
       "        tc = t0 - 0.5 * h\n        return tc, tc - t1\n",
       "        tc = t0 - 0.5 * h\n        return t0, tc - t1\n",
