@@ -458,11 +458,62 @@ def _extensions():
             torch_requirement(torch.__version__))
 
 
+MIN_SETUPTOOLS = (61, 0)  # the first setuptools that reads pyproject.toml's [project] table
+LICENSE = "Apache-2.0"
+
+
+def _version_tuple(version):
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+
+
+FIX_BUILD_TOOLS = 'run: python -m pip install "setuptools>=77" wheel'
+
+
+def check_build_tools(version, has_wheel, argv):
+    """Stop with one line when setuptools ``version`` cannot build this package: below 61 it cannot read
+    pyproject.toml's [project] table; below 70.1 a wheel (pip's ``bdist_wheel``/``dist_info``) needs the
+    ``wheel`` package (``has_wheel``). ``argv``: setup.py's command line."""
+    if _version_tuple(version) < MIN_SETUPTOOLS:
+        raise SystemExit(f"cld_fast setup: setuptools {version} is too old (need >= 61); {FIX_BUILD_TOOLS}")
+    wheel_commands = {"bdist_wheel", "dist_info", "editable_wheel"}
+    if _version_tuple(version) < (70, 1) and not has_wheel and wheel_commands & set(argv):
+        raise SystemExit(f"cld_fast setup: setuptools {version} needs the 'wheel' package to build a wheel; "
+                         f"{FIX_BUILD_TOOLS}")
+
+
+LICENSE_FILES = ["LICENSE", "NOTICE"]
+
+
+def license_metadata(version):
+    """The licence as setup() keywords: an SPDX expression for setuptools >= 77, the classic field before;
+    both ship ``LICENSE_FILES``."""
+    if _version_tuple(version) >= (77, 0):
+        return {"license_expression": LICENSE, "license_files": LICENSE_FILES}
+    return {"license": LICENSE, "distclass": _license_files_distribution()}
+
+
+def _license_files_distribution():
+    """setuptools 61-76 replace setup()'s license_files by their pyproject default, whose patterns
+    (' NOTICE*' with a leading space) miss NOTICE: this Distribution fixes the list instead."""
+    from setuptools.dist import Distribution
+
+    class LicenseFilesDistribution(Distribution):
+        def _finalize_license_files(self):
+            self.metadata.license_files = list(LICENSE_FILES)
+
+    return LicenseFilesDistribution
+
+
 if __name__ == "__main__":  # setuptools (pip's build backend too) runs this file as __main__
-    # Metadata (name, version, licence, extras, scripts) lives in pyproject.toml; the torch requirement
-    # is dynamic: pinned to the release the extension is built against.
+    # Metadata (name, version, extras, scripts) lives in pyproject.toml; dynamic there: the torch
+    # requirement (pinned to the release the extension is built against) and the licence (its field
+    # differs between setuptools releases).
+    import setuptools
+
+    check_build_tools(setuptools.__version__, importlib.util.find_spec("wheel") is not None, sys.argv[1:])
     ext_modules, cmdclass, torch_req = _extensions()
     setup(
+        **license_metadata(setuptools.__version__),
         packages=PACKAGES,
         package_dir=PACKAGE_DIR,
         package_data=PACKAGE_DATA,

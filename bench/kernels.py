@@ -538,7 +538,7 @@ def count_table(results: List[Result], notes: common.Footnotes) -> str:
         "ops = non-view aten/custom ops dispatched per public call (bench.common.count_ops, a TorchDispatchMode), "
         "allocations included; in brackets the same without allocations (empty*), i.e. the launches "
         "tests/test_launch_counts.py asserts. Value checks off. compile: Inductor's generated kernels for the graph "
-        "plus the ops dispatched around it (a dispatch mode cannot see inside a compiled region). Issue 11's goal: "
+        "plus the ops dispatched around it (a dispatch mode cannot see inside a compiled region). The spec's goal: "
         "perturb 1 kernel + the seed draw, hsm_loss forward 1 (+1 final reduce if split), backward 1, one SSCS step 1.")
     rows = []
     for impl in IMPLS:

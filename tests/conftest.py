@@ -75,3 +75,17 @@ def toy_score_net():
         return Model
 
     return make
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished toy run (``cli_helpers.toy_config``) with checkpoints at steps 2 and 4."""
+    from cld_fast import checkpoint as ckpt
+    from cld_fast.train import train
+    from cli_helpers import toy_config
+
+    out = str(tmp_path_factory.mktemp("run"))
+    train(toy_config(), out, progress=False, verbose=False)
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(os.path.join(out, "checkpoints"))] == [
+        "ckpt_0000002.pt", "ckpt_0000004.pt"]
+    return out

@@ -73,3 +73,20 @@ def test_one_row_per_implementation(report):
     for cpu_row in cpu_rows:  # every op's kernel call matches its schema (a stale call is an n/a "cpu failed")
         assert ("n/a [^" in cpu_row) == (not backends.get("cpu").is_available()), cpu_row
     assert "## Notes" in text and "[^1]:" in text
+
+
+def test_launch_counts_match_the_committed_table():
+    """bench/launch_counts.py: the official-style code dispatches ~100x more ops than our one fused launch
+    per call, and the committed table (the README's headline) holds the current counts."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from bench import launch_counts
+
+    rows = {r["op"]: r for r in launch_counts.count("cpu")}
+    assert {op: r["ours"] for op, r in rows.items()} == {"perturb": 2, "loss_fwd": 1, "loss_bwd": 1, "sscs": 1}
+    assert all(rows[op]["official"] > 100 for op in ("perturb", "loss_fwd", "sscs")), rows
+    committed = open(os.path.join(ROOT, "bench", "results", "launch_counts-cpu.md"), encoding="utf-8").read()
+    for r in rows.values():
+        assert f"| {r['label']} | {r['official']} | {r['ours']} |" in committed, r
+    for key in ("| device |", "| torch |", "| git commit |", "| date |"):
+        assert key in committed

@@ -5,8 +5,10 @@ one-file CPU "extension" that includes only Python.h, one .cu file) so each take
 minute the real kernels need. The toolkit is fake: ``<tmp>/fakecuda/bin/nvcc`` answers
 ``--version`` like nvcc 13.0 and fails every compilation with a ``cuda_runtime.h`` error, and it
 is reached through a symlink ``<tmp>/wrapbin/nvcc`` on PATH, as on the GPU box where torch guessed
-CUDA_HOME=/usr/local from a wrapper. torch here is a CPU build, so the CUDA part is made *expected*
-with CLD_FAST_FORCE_CUDA=1 (or CLD_FAST_REQUIRE_CUDA=1), the switch users have for the same thing.
+CUDA_HOME=/usr/local from a wrapper. The CUDA part is made *expected* with CLD_FAST_FORCE_CUDA=1 (or
+CLD_FAST_REQUIRE_CUDA=1), the switch users have for the same thing, so these builds behave the same
+under a CPU and a CUDA build of torch; the builds without a switch run under both flavours, the other
+one simulated by setting ``torch.version.cuda`` before setup.py runs.
 """
 import importlib.util
 import json
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cld_fast import build_info
 
@@ -97,9 +100,17 @@ def sandbox(tmp_path):
     return tree, toolkit, env
 
 
-def _build(tree: Path, env: dict, **flags):
+# setup.py run as __main__ after torch.version.cuda is set to the value in argv[1] ('' = a CPU build).
+_AS_FLAVOUR = ("import runpy, sys, torch; cuda = sys.argv.pop(1); torch.version.cuda = cuda or None; "
+               "sys.argv[0] = 'setup.py'; runpy.run_path('setup.py', run_name='__main__')")
+
+
+def _build(tree: Path, env: dict, torch_cuda=..., **flags):
+    """``setup.py build_ext --inplace`` in ``tree``; ``torch_cuda`` (None: a CPU build, '13.0': a CUDA
+    build) overrides what the installed torch reports, default: as installed."""
     env = dict(env, **flags)
-    return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+    cmd = [sys.executable, "setup.py"] if torch_cuda is ... else [sys.executable, "-c", _AS_FLAVOUR, torch_cuda or ""]
+    return subprocess.run(cmd + ["build_ext", "--inplace"], cwd=tree, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -249,17 +260,79 @@ def test_cuda_home_without_headers_fails_before_compiling(sandbox, tmp_path):
     assert _built_extension(tree)
 
 
-def test_successful_cpu_build_writes_a_report_too(sandbox):
-    """A CPU-only torch and no forcing: CUDA not expected, no banner, a report all the same."""
+@pytest.mark.parametrize("torch_cuda", [None, "13.0"], ids=["cpu-torch", "cuda-torch"])
+def test_skip_cuda_builds_the_cpu_part_and_writes_a_report(sandbox, torch_cuda):
+    """CLD_FAST_SKIP_CUDA=1 with nvcc on PATH: CUDA not expected under either torch, no banner, a report."""
     tree, toolkit, env = sandbox
-    res = _build(tree, env)
+    res = _build(tree, env, torch_cuda=torch_cuda, CLD_FAST_SKIP_CUDA="1")
     assert res.returncode == 0, res.stderr[-4000:]
     assert "FAILED" not in res.stderr
     report = build_info.read_report(str(tree / "cld_fast" / build_info.FILENAME))
-    if report["torch_cuda"] is None:
-        assert report["cuda_expected"] is False and "CPU-only build of torch" in report["cuda_reason"]
+    assert report["torch_cuda"] == torch_cuda
+    assert report["cuda_expected"] is False and report["cuda_reason"] == "CLD_FAST_SKIP_CUDA=1"
+    assert report["cpu_built"] is True and report["error_head"] == [] and _built_extension(tree)
+    assert any(ln.startswith("cuda build ") and "not attempted" in ln for ln in build_info.info_lines(report))
+
+
+def test_cpu_torch_with_nvcc_on_path_does_not_expect_cuda(sandbox):
+    """A CPU build of torch and no switch: the (failing) nvcc on PATH is not tried, no banner, a report."""
+    tree, toolkit, env = sandbox
+    res = _build(tree, env, torch_cuda=None)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "FAILED" not in res.stderr
+    report = build_info.read_report(str(tree / "cld_fast" / build_info.FILENAME))
+    assert report["cuda_expected"] is False and "CPU-only build of torch" in report["cuda_reason"]
     assert report["cpu_built"] is True and report["error_head"] == []
     assert any(ln.startswith("cuda build ") and "not attempted" in ln for ln in build_info.info_lines(report))
+
+
+def test_cuda_torch_with_nvcc_on_path_expects_cuda_and_falls_back_loudly(sandbox):
+    """A CUDA build of torch and nvcc on PATH, no switch: the CUDA part is expected; the failing toolkit
+    gives the banner, a report naming the reason, and the CPU-only extension."""
+    tree, toolkit, env = sandbox
+    res = _build(tree, env, torch_cuda="13.0")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "cld_fast: the CUDA kernels FAILED to build" in res.stderr and FAKE_ERROR in res.stderr
+    report = build_info.read_report(str(tree / "cld_fast" / build_info.FILENAME))
+    assert report["cuda_expected"] is True and report["cuda_built"] is False and report["cpu_built"] is True
+    assert report["cuda_reason"].startswith("a CUDA build of torch (CUDA 13.0) and nvcc at ")
+    assert report["cuda_home"] == os.path.realpath(toolkit)
+    assert build_info.cuda_failed(report) and _built_extension(tree)
+
+
+def test_cuda_torch_with_a_broken_cuda_home_reports_it(sandbox, tmp_path):
+    """A CUDA build of torch, CUDA_HOME naming a folder without a toolkit and no nvcc on PATH: expected,
+    reported as a toolkit problem before any compile, CPU kernels built."""
+    tree, toolkit, env = sandbox
+    bare = tmp_path / "not-a-toolkit"
+    bare.mkdir()
+    path = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "nvcc").exists())
+    res = _build(tree, dict(env, PATH=path), torch_cuda="13.0", CUDA_HOME=str(bare))
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert f"{bare} has no include/cuda_runtime.h" in res.stderr
+    report = build_info.read_report(str(tree / "cld_fast" / build_info.FILENAME))
+    assert report["cuda_expected"] is True and report["nvcc"] is None
+    assert report["cuda_home"] == str(bare) and report["cuda_home_from"] == "CUDA_HOME"
+    assert report["cpu_built"] and not report["cuda_built"] and _built_extension(tree)
+
+
+@pytest.mark.parametrize("parts", [("cpu",), ("cpu", "cuda")], ids=["cpu-only-extension", "cuda-extension"])
+def test_why_unavailable_quotes_a_failed_build(tmp_path, monkeypatch, parts):
+    """Whatever the extension holds, without a GPU the cuda backend's reason quotes a failed build's report."""
+    from cld_fast.backends import cuda_backend
+
+    report = build_info.new_report(cuda_expected=True, cuda_built=False, cpu_built=True, error_head=[FAKE_ERROR],
+                                   cuda_reason="CLD_FAST_FORCE_CUDA=1")
+    path = tmp_path / build_info.FILENAME
+    path.write_text(json.dumps(report))
+    monkeypatch.setattr(build_info, "REPORT_PATH", str(path))
+    monkeypatch.setattr(cuda_backend, "compiled_parts", lambda: set(parts))
+    monkeypatch.setattr(cuda_backend, "load_extension", lambda: (object(), ""))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    why = cuda_backend.why_unavailable()
+    assert "the CUDA build FAILED" in why and FAKE_ERROR in why
+    path.write_text(json.dumps(dict(report, cuda_expected=False)))  # no failure recorded: no quote
+    assert "FAILED" not in cuda_backend.why_unavailable()
 
 
 def test_report_reading_is_forgiving_and_generated_file_is_ignored(tmp_path):

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from cld_fast import checkpoint as ckpt
+import stat
+from cli_helpers import cli, copy_run, one_line_error, poison, toy_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one intra-op thread is fastest
@@ -139,3 +141,138 @@ def test_rng_state_roundtrip():
     ckpt.restore_rng_states(states, gen)
     b = (torch.rand(3), torch.rand(3, generator=gen))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---- non-finite checkpoints, file mode ---------------------------------------------------------------
+
+
+def test_nan_checkpoint_is_refused_for_sampling_naming_the_tensor(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path)
+    newest = ckpt.latest_checkpoint(os.path.join(run, "checkpoints"))
+    poison(newest)
+    with pytest.raises(ckpt.CheckpointError, match=r"model\['main.0.weight'\].*ckpt_0000002.pt"):
+        ckpt.load_checkpoint(newest)
+    from cld_fast.train import load_for_sampling
+
+    with pytest.raises(ckpt.CheckpointError, match="NaN or inf"):
+        load_for_sampling(newest)
+    rc, _, err = cli(capsys, "sample", newest, "--steps", "3", "--n", "4", "--out", str(tmp_path / "s"))
+    one_line_error(rc, err, "main.0.weight", "cannot be sampled from or resumed")
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_nan_checkpoint_is_refused_for_resume_and_never_called_good(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path)
+    older, newest = ckpt.list_checkpoints(os.path.join(run, "checkpoints"))
+    poison(newest, where="ema")
+    rc, _, err = cli(capsys, "train", "--out", run, "--resume", "--steps", "6", "--no-progress")
+    line = one_line_error(rc, err, "ema['shadow_params'][2]", f"the newest finite checkpoint before it is {older}")
+    assert "good" not in line
+    from cld_fast.train import Trainer
+
+    with pytest.raises(ckpt.CheckpointError, match="shadow_params"):
+        Trainer(toy_config(steps=6), run, progress=False, verbose=False, resume="latest")
+    poison(older)  # now no finite checkpoint is left
+    rc, _, err = cli(capsys, "train", "--out", run, "--resume", newest, "--steps", "6", "--no-progress")
+    one_line_error(rc, err, "no earlier checkpoint in its folder is finite")
+    # the older one named as the way out is itself refused when it is bad
+    with pytest.raises(ckpt.CheckpointError, match=r"main.0.weight.*no earlier checkpoint"):
+        ckpt.load_checkpoint(older)
+    assert ckpt.last_finite_checkpoint(os.path.join(run, "checkpoints")) is None
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = ckpt.save_checkpoint({"x": torch.zeros(2)}, str(tmp_path), 1)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        os.umask(0o077)
+        path = ckpt.save_checkpoint({"x": torch.zeros(2)}, str(tmp_path), 2)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+# ---- atomic writes: a crash before the rename keeps the previous checkpoint --------------------------
+
+
+class Crash(BaseException):
+    """Stands for the process dying (not an Exception, so nothing catches it by accident)."""
+
+
+def _small_state(step_value):
+    return {"model": {"w": torch.full((3,), float(step_value))}, "rng": {}, "ema": {}}
+
+
+def test_crash_before_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    d = str(tmp_path)
+    first = ckpt.save_checkpoint(_small_state(1), d, 1)
+
+    def crash(src, dst):
+        raise Crash()
+
+    monkeypatch.setattr(ckpt.os, "replace", crash)
+    with pytest.raises(Crash):
+        ckpt.save_checkpoint(_small_state(2), d, 2)
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(d) == first
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(d))
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.full((3,), 1.0))
+
+
+def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """torch.save dies after writing part of the file: the target name never holds the partial file."""
+    d = str(tmp_path)
+    ckpt.save_checkpoint(_small_state(1), d, 1)
+    real_save = torch.save
+
+    def partial_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04partial")
+        raise Crash()
+
+    monkeypatch.setattr(torch, "save", partial_save)
+    with pytest.raises(Crash):
+        ckpt.save_checkpoint(_small_state(2), d, 2)
+    monkeypatch.setattr(torch, "save", real_save)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(d))
+    assert state["step"] == 1
+    # the trainer removes the dead writer's temporary files when it starts
+    ckpt.clean_stale_temp(d)
+    assert sorted(os.listdir(d)) == ["ckpt_0000001.pt"]
+
+
+def test_file_and_directory_are_fsynced_around_the_rename(tmp_path, monkeypatch):
+    """Data reach the disk before the rename makes them visible (file fsync), and the rename itself
+    is made durable afterwards (directory fsync)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        mode = os.fstat(fd).st_mode
+        events.append(("fsync-dir" if stat.S_ISDIR(mode) else "fsync-file", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    path = ckpt.atomic_save({"a": torch.ones(2)}, str(tmp_path / "x.pt"))
+    monkeypatch.undo()
+    kinds = [e[0] for e in events]
+    assert "replace" in kinds
+    r = kinds.index("replace")
+    file_syncs = [e for e in events[:r] if e[0] == "fsync-file"]
+    assert file_syncs and file_syncs[-1][1] == events[r][1], events  # the renamed file was fsynced before
+    assert ("fsync-dir", os.stat(str(tmp_path)).st_ino) in events[r + 1:], events
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+
+@pytest.mark.parametrize("keep, left", [(3, [3, 4, 5]), (1, [5]), (0, [1, 2, 3, 4, 5])])
+def test_keep_last_n_checkpoints(tmp_path, keep, left):
+    d = str(tmp_path)
+    for step in range(1, 6):
+        ckpt.save_checkpoint(_small_state(step), d, step, keep=keep)
+    assert [int(os.path.basename(p)[5:12]) for p in ckpt.list_checkpoints(d)] == left
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(d))["step"] == 5

@@ -95,3 +95,64 @@ def test_device_mismatch_is_named():
         cf.perturb(X0, T.to("meta"), SDE)
     with pytest.raises(ValueError, match="y is on meta but u is on cpu"):
         cf.sscs_step_(U.clone(), OUT.to("meta"), TS, SDE, step=1)
+
+
+# ---- perturb's autograd, seed range, explicit noise and coefficient tables ---------------------------
+
+
+def _backends_here():
+    return [b for b in ("torch", "cpu", "triton") if b in cf.backends()]
+
+
+@pytest.mark.parametrize("objective", ["hsm", "dsm"])
+def test_perturb_never_keeps_x0_graph(objective, sde):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, generator=g, requires_grad=True)
+    t = torch.rand(3, generator=g) * 0.9 + 0.1
+    for backend in _backends_here():
+        u, _ = cf.perturb(x * 2.0, t, sde, objective=objective, backend=backend,
+                          generator=torch.Generator().manual_seed(1))
+        assert not u.requires_grad and u.grad_fn is None, backend
+
+
+def test_seed_range_is_the_same_for_perturb_and_the_step_ops(sde):
+    g = torch.Generator().manual_seed(0)
+    x0, t = torch.randn(4, 3, generator=g), torch.full((4,), 0.5)
+    for backend in _backends_here():
+        for seed in (-1, 2**62, 2**63 - 1):
+            for as_tensor in (False, True):
+                s = torch.tensor([seed]) if as_tensor else seed
+                with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*62\)"):
+                    cf.perturb(x0, t, sde, seed=s, backend=backend)
+                with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*62\)"):
+                    cf.half_step_(torch.randn(4, 6, generator=g), [1.0, 0.5], sde, seed=s, backend=backend)
+                with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*62\)"):
+                    cf.em_step_(torch.randn(4, 6, generator=g), torch.randn(4, 3), [1.0, 0.5], sde, seed=s,
+                                backend=backend)
+        top = 2**62 - 1
+        cf.perturb(x0, t, sde, seed=torch.tensor([top]), backend=backend)
+        cf.half_step_(torch.randn(4, 6, generator=g), [1.0, 0.5], sde, seed=top, backend=backend)
+
+
+def test_objective_and_non_finite_explicit_inputs(sde):
+    g = torch.Generator().manual_seed(0)
+    x0, t = torch.randn(4, 3, generator=g), torch.full((4,), 0.5)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        cf.perturb(x0, t, sde, objective="bogus")
+    with pytest.raises(TypeError, match="coefficients"):  # coefficients come from t and the CLD only
+        cf.perturb(x0, t, sde, objective="bogus", coefficients=torch.zeros(4, 7))
+    eps = torch.randn(4, 2, 3, generator=g)
+    eps[1, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="eps contains NaN"):
+        cf.perturb(x0, t, sde, eps=eps)
+    from cld_fast.samplers.gddim import gddim_table
+
+    table = gddim_table(sde, torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64), 1, "eps")
+    u, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+    hist = cf.gddim_history(u, 1)
+    cf.gddim_step_(u.clone(), y, hist, table, step=0)
+    table[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="table contains NaN"):
+        cf.gddim_step_(u.clone(), y, hist, table, step=0)
+    with cf.value_checks(False):  # the documented opt-out: no host read
+        cf.gddim_step_(u.clone(), y, hist, table, step=0, backend="torch")

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 from cld_fast.cli import build_parser, main
+import errno
+import shutil
+from cld_fast import checkpoint as ckpt
+from cli_helpers import cli, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "official_cld_sgm")
@@ -57,6 +61,7 @@ def test_info_still_works(capsys):
     assert "backends" in capsys.readouterr().out
 
 
+@pytest.mark.long
 def test_train_short_run_then_sample(tmp_path):
     out = tmp_path / "run"
     res = _run("train", "--steps", "30", "--out", str(out), "--log-every", "10", "--eval-samples", "300",
@@ -223,3 +228,142 @@ def test_sample_official_rejects_unsupported_sde_keys(tmp_path, capsys):
         _, path = _official_sde_config(tmp_path, **keys)
         assert main(["sample", ckpt, "--config", path, "--steps", "2", "--n", "1", "--device", "cpu"]) == 2
         assert needle in capsys.readouterr().err
+
+
+# ---- user errors: one line on stderr, exit status 2 --------------------------------------------------
+
+
+def test_sample_user_errors_are_one_line(run_dir, tmp_path, capsys):
+    ck = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    out = str(tmp_path / "s")
+    rc, _, err = cli(capsys, "sample", ck, "--steps", "0", "--out", out)
+    one_line_error(rc, err, "steps must be >= 1")
+    rc, _, err = cli(capsys, "sample", ck, "--eps", "2", "--out", out)
+    one_line_error(rc, err, "eps must lie in (0, 1)")
+    rc, _, err = cli(capsys, "sample", ck, "--n", "0", "--out", out)
+    one_line_error(rc, err, "--n must be >= 1")
+    rc, _, err = cli(capsys, "sample", ck, "--name", "../..", "--steps", "2", "--n", "3", "--out", out)
+    one_line_error(rc, err, "--name must be a plain file stem")
+    rc, _, err = cli(capsys, "sample", ck, "--name", "a/b", "--out", out)
+    one_line_error(rc, err, "--name")
+    (tmp_path / "afile").write_text("x")
+    rc, _, err = cli(capsys, "sample", ck, "--out", str(tmp_path / "afile"))
+    one_line_error(rc, err, "exists and is not a folder")
+    rc, _, err = cli(capsys, "sample", ck, "--out", str(tmp_path / "afile" / "sub"))
+    one_line_error(rc, err, "is not a folder")
+    rc, _, err = cli(capsys, "sample", ck, "--device", "nonsense:x")
+    one_line_error(rc, err, "--device 'nonsense:x' is not a device name")
+    assert not os.path.exists(out)
+    rc, out_text, err = cli(capsys, "sample", ck, "--steps", "2", "--n", "3", "--name", "ok", "--out", out)
+    assert rc == 0 and os.path.isfile(os.path.join(out, "ok.npz")), err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_gpu(run_dir, capsys):
+    ck = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    rc, _, err = cli(capsys, "sample", ck, "--device", "cuda")
+    one_line_error(rc, err, "no CUDA GPU is available")
+    rc, _, err = cli(capsys, "train", "--device", "cuda", "--out", "/tmp/never-created-cld-fast")
+    one_line_error(rc, err, "no CUDA GPU is available")
+
+
+def test_read_only_out_folder(run_dir, tmp_path, capsys, monkeypatch):
+    ck = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    real_access = os.access
+    if os.geteuid() == 0:  # root ignores the mode bits: answer as the kernel would for a normal user
+        monkeypatch.setattr(os, "access", lambda p, m: False if os.path.abspath(p) == str(ro) else real_access(p, m))
+    rc, _, err = cli(capsys, "sample", ck, "--out", str(ro / "samples"))
+    one_line_error(rc, err, f"the folder {ro} is not writable")
+    rc, _, err = cli(capsys, "train", "--out", str(ro / "run"))
+    one_line_error(rc, err, "is not writable")
+    monkeypatch.setattr(os, "access", real_access)
+    # a write that still fails (here: the permission error injected) is one line too
+    monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(PermissionError(
+        errno.EACCES, "Permission denied", str(tmp_path / "w" / "x.npz"))))
+    rc, _, err = cli(capsys, "sample", ck, "--steps", "2", "--n", "3", "--out", str(tmp_path / "w"))
+    one_line_error(rc, err, "Permission denied: " + str(tmp_path / "w" / "x.npz"))
+
+
+def test_disk_full_names_the_disk(tmp_path, capsys, monkeypatch):
+    from cld_fast.cli import _disk_of
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    run = str(tmp_path / "run")
+    rc, _, err = cli(capsys, "train", "--out", run, "--steps", "2", "--batch-size", "8", "--ckpt-every", "1",
+                      "--no-progress", "--device", "cpu")
+    line = err.strip().splitlines()[-1]
+    assert rc == 2 and "Traceback" not in err
+    assert f"the disk is full: no space left on {_disk_of(run)}" in line
+    assert "ckpt_0000001.pt" in line and "MiB free" in line
+    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if n.endswith(".tmp")]
+
+    # torch.save's own failure on a full disk is a bare RuntimeError ("unexpected pos"): recognised too
+    def bare(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4048")
+
+    monkeypatch.setattr(torch, "save", bare)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 << 30, 100 << 30, 0))
+    with pytest.raises(OSError) as info:
+        ckpt.atomic_save({"x": 1}, str(tmp_path / "a.pt"))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "a.pt")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100 << 30, 1 << 30, 99 << 30))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # plenty of space: not called a full disk
+        ckpt.atomic_save({"x": 1}, str(tmp_path / "a.pt"))
+
+
+def test_checkpoint_without_ema_or_of_another_config(run_dir, tmp_path, capsys):
+    ck = ckpt.latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    state = torch.load(ck, weights_only=True)
+    no_ema = dict(state)
+    del no_ema["ema"]
+    p1 = str(tmp_path / "ckpt_0000001.pt")
+    torch.save(no_ema, p1)
+    rc, _, err = cli(capsys, "sample", p1, "--steps", "2", "--n", "3", "--out", str(tmp_path / "s"))
+    one_line_error(rc, err, "has no 'ema' entry", "--no-ema")
+    rc, _, err = cli(capsys, "sample", p1, "--steps", "2", "--n", "3", "--no-ema", "--out", str(tmp_path / "s"))
+    assert rc == 0, err
+    other = dict(state)
+    other["config"] = dict(state["config"], model_overrides={"hidden_dim": 64})
+    p2 = str(tmp_path / "ckpt_0000002.pt")
+    torch.save(other, p2)
+    rc, _, err = cli(capsys, "sample", p2, "--steps", "2", "--n", "3", "--out", str(tmp_path / "s"))
+    one_line_error(rc, err, "does not fit the network its config describes")
+    # an official checkpoint under the wrong --config
+    rc, _, err = cli(capsys, "sample", os.path.join(FIXTURES, "official_small_checkpoint.pth"), "--config", "toy2d",
+                      "--steps", "2", "--n", "2", "--out", str(tmp_path / "s"))
+    one_line_error(rc, err, "checkpoint does not match the network built from the config")
+
+
+def test_bad_backend_variable_and_debug_tracebacks(capsys, monkeypatch):
+    monkeypatch.setenv("CLD_FAST_BACKEND", "bogus")
+    rc, out, err = cli(capsys, "info")
+    one_line_error(rc, err, "CLD_FAST_BACKEND='bogus' is not a backend")
+    assert out == ""
+    rc, _, err = cli(capsys, "info", "--debug")
+    assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("cld-fast info: error:")
+    monkeypatch.setenv("CLD_FAST_DEBUG", "1")
+    rc, _, err = cli(capsys, "info")
+    assert rc == 2 and "Traceback" in err
+    monkeypatch.delenv("CLD_FAST_BACKEND")
+    monkeypatch.delenv("CLD_FAST_DEBUG")
+    rc, out, err = cli(capsys, "info")
+    assert rc == 0 and "backends" in out
+
+
+def test_train_option_errors_are_one_line(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    rc, _, err = cli(capsys, "train", "--out", out, "--grad-clip", "nan")
+    one_line_error(rc, err, "grad_clip must be a finite number")
+    rc, _, err = cli(capsys, "train", "--out", out, "--lr", "inf")
+    one_line_error(rc, err, "lr must be a finite number")
+    rc, _, err = cli(capsys, "train", "--out", out, "--model-opt", "hiden_dim=64")
+    one_line_error(rc, err, "unknown model option(s) ['hiden_dim']", "hidden_dim")
+    rc, _, err = cli(capsys, "train", "--out", out, "--model-opt", "oops")
+    one_line_error(rc, err, "--model-opt expects KEY=VALUE")
+    assert not os.path.exists(out)

@@ -2,7 +2,7 @@
 
 Every compiled kernel computes its per-row coefficients itself from t and the CLD parameters. Each
 language exposes a probe that evaluates those exact functions for a vector of times; here they are
-compared with the float64 reference of ``cld_fast.sde`` over the parameter grid of issue 11:
+compared with the float64 reference of ``cld_fast.sde`` over this parameter grid:
 t from 1e-5 to 1, m_inv in {1, 4, 9, 25}, gamma in {0.01, 0.04, 0.1}, beta1 in {0, 6},
 numerical_eps in {0, 1e-9, 1e-6}. Tolerance: 1e-12 relative (measured: a few ulp).
 """

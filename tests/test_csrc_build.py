@@ -42,7 +42,7 @@ def test_cuda_kernel_files_include_no_torch_headers():
                     break
 
 
-@pytest.mark.slow
+@pytest.mark.build
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_compile_cuda_script_passes():
     env = dict(os.environ, NVCC=_nvcc())

@@ -9,6 +9,7 @@ import torch
 
 from cld_fast import data as D
 from cld_fast.config import TrainConfig
+from cli_helpers import cli, one_line_error
 
 
 @pytest.fixture(autouse=True)
@@ -215,3 +216,44 @@ def test_center_uncenter():
     x = torch.rand(10)
     assert torch.allclose(D.uncenter(D.center(x)), x)
     assert float(D.center(torch.tensor(0.0))) == -1.0 and float(D.center(torch.tensor(1.0))) == 1.0
+
+
+# ---- unreadable images are found before training -----------------------------------------------------
+
+
+def _image_folder(root, n=4, size=12):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def test_corrupt_image_fails_before_training_naming_the_file(tmp_path, capsys):
+    from cld_fast import data as D
+
+    root = _image_folder(tmp_path / "imgs")
+    good = (root / "0.png").read_bytes()
+    (root / "truncated.png").write_bytes(good[: len(good) // 2])  # a valid header, cut short
+    (root / "junk.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(D.DataError, match=r"could not decode image '.*junk.jpg'.*\(and 1 more bad file\(s\)\).*--bad-images skip"):
+        D.ImageFolder(str(root), size=8)
+    with pytest.warns(RuntimeWarning, match="skipping 2 unreadable image"):
+        ds = D.ImageFolder(str(root), size=8, bad_images="skip")
+    assert len(ds) == 4 and sorted(os.path.basename(f) for f, _ in ds.skipped) == ["junk.jpg", "truncated.png"]
+    with pytest.raises(D.DataError, match="bad_images must be one of"):
+        D.ImageFolder(str(root), size=8, bad_images="ignore")
+
+    run = str(tmp_path / "run")
+    args = ("train", "--data", "folder", "--data-path", str(root), "--image-size", "8", "--model", "tiny",
+            "--out", run, "--steps", "1", "--batch-size", "2", "--no-progress", "--device", "cpu")
+    rc, _, err = cli(capsys, *args)
+    one_line_error(rc, err, "junk.jpg")
+    assert not os.path.exists(os.path.join(run, "metrics.jsonl"))  # stopped before training
+    (root / "junk.jpg").unlink()
+    (root / "truncated.png").unlink()
+    (root / "empty.png").write_bytes(b"")
+    rc, _, err = cli(capsys, *args)
+    one_line_error(rc, err, "empty.png")

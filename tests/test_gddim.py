@@ -203,7 +203,7 @@ def _energy(method, nfe, **kw):
     return sum(vals) / len(vals)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_quality_at_low_nfe():
     """Means over 8 seeds of 8000 samples (standard error ~3e-5). Measured the same way: order 3 at
     20 NFE 2.6e-5 (the floor), SSCS-linear at 20 NFE 4.4e-3; order 2 at 10 NFE 3e-5 with predict="x0"

@@ -72,7 +72,7 @@ def test_only_one_stage_and_a_failing_stage_is_reported(tmp_path):
     assert "dry run: would run: false bench/gpu_large_check.py" in summary.read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.build
 def test_dry_run_passes_and_writes_the_summary(tmp_path):
     res = run_script(tmp_path, "--dry-run")
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""Launch counts of the public ops: the numbers the README states.
+"""Launch counts of the public ops: the numbers docs/kernels.md states.
 
 A launch is a dispatched op that runs a kernel: every op a ``TorchDispatchMode`` sees, except views
 and allocations (``empty``). Measured with value checks off (their host reads are the only extra

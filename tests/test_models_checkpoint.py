@@ -110,7 +110,7 @@ def test_wrong_number_of_ema_tensors_raises(config, ckpt, tmp_path):
 
 def test_wrong_ema_shape_raises(config, ckpt, tmp_path):
     sp = ckpt["ema"]["shadow_params"]
-    sp[0], sp[1] = sp[1], sp[0]  # swapped order: shapes no longer line up
+    sp[0], sp[1] = sp[1], sp[0]  # swapped order: shapes do not line up
     with pytest.raises(ValueError, match=r"EMA shadow params.*#0 \(all_modules\.1\.weight\)"):
         load_official_checkpoint(_save(ckpt, tmp_path), config=config, use_ema=True)
 
@@ -208,3 +208,40 @@ def test_legacy_combine_conv_keys_still_load():
     u, t = torch.randn(1, 6, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([0.5])
     with torch.no_grad():
         assert torch.equal(fresh(u, t), net(u, t)) and torch.equal(loaded(u, t), net(u, t))
+
+
+# ---- non-finite weights and JSON configs -------------------------------------------------------------
+
+
+def test_official_loader_refuses_nan_weights(tmp_path):
+    from cld_fast.models import build_model, load_official_checkpoint
+
+    torch.manual_seed(0)
+    net = build_model("toy2d")
+    state = {"model": {f"module.{k}": v.clone() for k, v in net.state_dict().items()},
+             "ema": {"decay": 0.999, "num_updates": 1, "shadow_params": [p.detach().clone() for p in net.parameters()]},
+             "step": 1}
+    load_official_checkpoint(state, config="toy2d")  # finite: loads
+    state["ema"]["shadow_params"][1][0] = float("nan")
+    with pytest.raises(ValueError, match=r"ema shadow_params\[1\] holds NaN"):
+        load_official_checkpoint(state, config="toy2d")
+    load_official_checkpoint(state, config="toy2d", use_ema=False)  # the raw weights are finite
+    state["model"]["module.main.2.bias"][0] = float("inf")
+    with pytest.raises(ValueError, match=r"model\['main.2.bias'\] holds NaN or inf"):
+        load_official_checkpoint(state, config="toy2d", use_ema=False)
+
+
+def test_load_official_checkpoint_accepts_a_json_config_path(tmp_path):
+    from cld_fast.models import load_official_checkpoint
+
+    path = str(FIX / "official_small_checkpoint.pth")
+    cfg_path = str(FIX / "official_small_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    a = load_official_checkpoint(path, config=cfg)
+    b = load_official_checkpoint(path, config=cfg_path)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load_official_checkpoint(path, config=str(tmp_path / "bad.json"))

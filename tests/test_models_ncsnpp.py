@@ -55,6 +55,7 @@ def test_cifar10_state_dict_matches_official_keys_and_shapes(cifar10_model):
     assert sum(p.requires_grad for p in cifar10_model.parameters()) == 962
 
 
+@pytest.mark.long
 def test_cifar10_forward_backward_batch1(cifar10_model):
     net = cifar10_model.train()
     g = torch.Generator().manual_seed(0)
@@ -262,3 +263,32 @@ def test_half_precision_weights_warn_about_fourier_phases():
         out = net(torch.randn(1, 6, 8, 8, dtype=torch.bfloat16), torch.tensor([0.5]))
     assert out.dtype == torch.bfloat16
     assert any("half precision" in str(w.message) for w in rec)
+
+
+# ---- configurations the network cannot run -----------------------------------------------------------
+
+
+def test_build_model_rejects_image_sizes_the_network_cannot_run():
+    from cld_fast.models import build_model, get_config
+
+    for size, ch_mult, ok in ((8, "1,2", True), (9, "1,2", False), (12, "1,2,2", True), (6, "1,2,2", False),
+                              (4, "1,2,2", True), (2, "1,2,2", False)):
+        cfg = dict(get_config("tiny"), image_size=size, ch_mult=ch_mult)
+        if ok:
+            net = build_model(cfg)
+            assert net(torch.randn(1, 6, size, size), torch.full((1,), 0.5)).shape == (1, 3, size, size)
+        else:
+            with pytest.raises(ValueError, match=f"image_size {size} cannot run through"):
+                build_model(cfg)
+
+
+def test_unknown_model_options_are_rejected():
+    from cld_fast.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"unknown model option\(s\) \['hidn'\]"):
+        TrainConfig(model="toy2d", model_overrides={"hidn": 3})
+    with pytest.raises(ValueError, match=r"unknown model option\(s\) \['n_channel'\]"):
+        TrainConfig(model="tiny", model_overrides={"n_channel": 8})
+    assert TrainConfig(model="tiny", model_overrides={"n_channels": 8}).model_overrides == {"n_channels": 8}
+    with pytest.raises(ValueError, match="grad_clip must be a finite number"):
+        TrainConfig(grad_clip=float("nan"))

@@ -324,15 +324,15 @@ def test_celebahq256_preset_is_the_official_post_paper_config():
     assert run.sde == cf.CLD(beta0=0.1, beta1=6.9, numerical_eps=1e-6)
 
 
-def test_readme_parity_snippet_runs():
+def test_dropin_page_from_official_snippet_gives_the_official_settings():
     import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("### Parity with the official CLD-SGM code", 1)[1]
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "dropin.md").read_text()
+    section = page.split("## From the official code in one line", 1)[1].split("\n## ", 1)[0]
     blocks = [b for b in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "from_official" in b]
-    assert blocks, "README: no from_official snippet in 'Parity with the official CLD-SGM code'"
+    assert blocks, "docs/dropin.md: no from_official snippet in 'From the official code in one line'"
     scope = {}
-    exec(compile(blocks[0], "README.md:parity", "exec"), scope)
+    exec(compile(blocks[0], "docs/dropin.md:from_official", "exec"), scope)
     assert scope["res"].x.shape == (4, 3, 8, 8) and scope["res"].nfe == 20
     assert scope["run"].sde == cf.CLD(numerical_eps=1e-9)  # the tiny preset's SDE keys: official CIFAR-10

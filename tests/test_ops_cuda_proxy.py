@@ -12,7 +12,7 @@ from cld_fast.backends import cpu_backend
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.build
 @pytest.mark.skipif(not cpu_backend.is_available(), reason="the cpu backend (cld_fast._C) is not built")
 def test_cuda_test_file_passes_in_cpu_proxy_mode():
     env = dict(os.environ, CLD_FAST_CUDA_TESTS_PROXY="cpu")

@@ -38,7 +38,8 @@ if not T.is_available() and not _RERUN:
 from cld_fast.triton_kernels import _common, hsm_loss as tk_loss, mixed_score as tk_mixed  # noqa: E402
 from cld_fast.triton_kernels import perturb as tk_perturb, philox as tk_philox  # noqa: E402
 from cld_fast.triton_kernels import sampler_steps as tk_steps  # noqa: E402
-from cld_fast.samplers.gddim import gddim_table
+import cld_fast as cf  # noqa: E402
+from cld_fast.samplers.gddim import gddim_table  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -585,3 +586,27 @@ def test_tile_index_is_64_bit():
             assert int(out[1, r, c]) == row * 2 * D + col
             assert int(out[2, r, c]) == int(row < B and col < D)
             assert int(out[3, r, c]) == (row * D + col) >> 32
+
+
+# ---- the loss gradient for a float64 state and a bf16 network output ---------------------------------
+
+
+@pytest.mark.skipif("triton" not in cf.backends(), reason="triton backend unavailable")
+@pytest.mark.parametrize("weighting", ["reweightedv2", "likelihood"])
+def test_triton_loss_gradient_float64_state_bf16_output(weighting, sde):
+    """Public API, triton against torch: the gradient reaches the bf16 output through float32."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.rand(5, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    eps = torch.randn(5, 2, 18, generator=g, dtype=torch.float64)
+    u, noise = cf.perturb(x0, t, sde, eps=eps, backend="torch")
+    base = torch.randn(5, 2, 3, 3, generator=g).to(torch.bfloat16)
+    grads = {}
+    for backend in ("torch", "triton"):
+        out = base.clone().requires_grad_(True)
+        cf.hsm_loss(out, u, t, sde, noise, weighting=weighting, backend=backend).backward()
+        grads[backend] = out.grad
+    assert grads["triton"].dtype == torch.bfloat16
+    got, want = grads["triton"].double(), grads["torch"].double()
+    assert bool(torch.isfinite(got).all()) and float(got.abs().min()) > 0
+    assert torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max())), (got - want).abs().max()

@@ -1,7 +1,7 @@
 """Sampler steps and samplers against the independent float64 reference of tests/cld_reference.py.
 
 beta1 != 0 throughout: with a constant beta every half step over the same length of time has the same
-coefficients, so a half step taken over the wrong interval is invisible (the audit of issue 15).
+coefficients, so a half step taken over the wrong interval is invisible.
 Unit level: every backend's half_step_, sscs_step_, em_step_ and pf_drift. Sampler level: cf.sample is
 replayed call by call (the score function records the state it is called with) and each recorded
 state must follow from the previous one by the reference step with the sampler's Philox noise; the

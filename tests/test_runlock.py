@@ -1,4 +1,4 @@
-"""The run-folder lock and signal handling of the trainer, with real processes (issue 16, findings 1 and 7)."""
+"""The run-folder lock and signal handling of the trainer, with real processes."""
 import os
 import re
 import signal

@@ -384,3 +384,95 @@ def test_no_cuda_sync_inside_the_loop(gm, sde):
         cf.sample(score, (256, 2), sde, steps=steps, device="cuda", callback=callback)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- the ODE budget, huge step counts, non-finite samples --------------------------------------------
+
+
+def _stiff(u, t):
+    return -1e6 * u[:, u.shape[1] // 2:]
+
+
+def _nan_score(u, t):
+    return torch.full((u.shape[0], u.shape[1] // 2), float("nan"), dtype=u.dtype)
+
+
+def test_ode_max_nfe_names_the_time_reached(sde):
+    calls = []
+
+    def counted(u, t):
+        calls.append(float(t[0]))
+        return _stiff(u, t)
+
+    with pytest.raises(cf.NFEBudgetError, match=r"max_nfe = 60 score evaluations used up at t = 0\.9") as info:
+        cf.sample(counted, (4, 2), sde, method="ode", max_nfe=60, generator=torch.Generator().manual_seed(0))
+    assert len(calls) <= 60 and info.value.nfe == len(calls)
+    assert 0.9 < info.value.t < 1.0
+    # the default budget (10,000) holds for a stiff score too
+    from cld_fast.sampling import ODE_MAX_NFE
+
+    assert ODE_MAX_NFE == 10_000
+    calls.clear()
+    with pytest.raises(cf.NFEBudgetError, match="max_nfe = 10000"):
+        cf.sample(counted, (2, 2), sde, method="ode", generator=torch.Generator().manual_seed(0))
+    assert len(calls) <= 10_000
+    # a well-behaved score finishes within a small budget and reports its evaluations
+    res = cf.sample(lambda u, t: -4.0 * u[:, 2:], (4, 2), sde, method="ode", max_nfe=500,
+                    generator=torch.Generator().manual_seed(0))
+    assert res.nfe <= 500 and bool(torch.isfinite(res.u).all())
+    with pytest.raises(ValueError, match=r"max_nfe= is an option of \['ode'\]"):
+        cf.sample(_stiff, (4, 2), sde, method="sscs", max_nfe=100)
+    with pytest.raises(ValueError, match="max_nfe must be an int >= 8"):
+        cf.sample(_stiff, (4, 2), sde, method="ode", max_nfe=0)
+
+
+def test_absurd_step_count_is_a_clear_error(sde):
+    with pytest.raises(ValueError, match=r"steps = 100000000 is more than cld_fast supports \(1,000,000"):
+        cf.sample(_nan_score, (4, 2), sde, steps=10**8)
+
+
+@pytest.mark.parametrize("method", ["sscs", "em", "gddim"])
+def test_non_finite_samples_raise_once_at_the_end(method, sde):
+    calls = []
+
+    def nan_after_two(u, t):
+        calls.append(1)
+        y = -4.0 * u[:, u.shape[1] // 2:]
+        return y * float("nan") if len(calls) > 2 else y
+
+    with pytest.raises(cf.NonFiniteSamplesError, match=rf"{method}: 16 of 16 values .* after 6 score evaluations") as info:
+        cf.sample(nan_after_two, (4, 2), sde, steps=6, method=method, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 6  # the loop ran to the end: no check (host sync) inside it
+    assert info.value.result.nfe == 6 and not bool(torch.isfinite(info.value.result.u).any())
+    assert isinstance(info.value, cf.SamplingError)
+
+
+def test_vp_sde_nan_samples_raise(sde):
+    with pytest.raises(cf.NonFiniteSamplesError, match="em:"):
+        cf.sample(lambda x, t: x * float("nan"), (4, 2), cf.VPSDE(), steps=3, method="em")
+
+
+@pytest.mark.parametrize("method", ["sscs", "em", "gddim"])
+def test_final_finite_check_adds_no_sync_inside_the_loop(method, sde):
+    """Host reads do not grow with the step count, and the finite check's read follows the last step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    reads = {}
+    for steps in (4, 12):
+        with Record() as rec:
+            cf.sample(lambda u, t: u[:, 2:].neg(), (8, 2), sde, steps=steps, method=method, backend="torch",
+                      generator=torch.Generator().manual_seed(0))
+        reads[steps] = rec.ops.count("_local_scalar_dense")
+        last_read = len(rec.ops) - 1 - rec.ops[::-1].index("_local_scalar_dense")
+        assert rec.ops[last_read - 2:last_read + 1] == ["bitwise_not", "sum", "_local_scalar_dense"], rec.ops[-8:]
+        assert last_read == len(rec.ops) - 1  # nothing runs after the check
+    assert reads[4] == reads[12]

@@ -8,6 +8,9 @@ import time
 import torch
 
 from cld_fast import checkpoint as ckpt
+import torch.nn as nn
+from cld_fast.config import get_preset
+from cld_fast.train import Trainer
 
 COMMON = ["--batch-size", "128", "--seed", "3", "--lr", "2e-3", "--ckpt-every", "25", "--log-every", "25",
           "--keep", "2", "--no-progress", "--eval-samples", "200", "--eval-steps", "10", "--sample-steps", "10",
@@ -74,3 +77,50 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
         assert torch.equal(rk["model"][key], killed_state["model"][key])
     # no temporary files left in the resumed run's folder
     assert not [n for n in os.listdir(killed / "checkpoints") if n.endswith(".tmp")]
+
+
+# ---- bitwise resume of a network that draws from the global RNG (dropout) ----------------------------
+
+
+class DropoutNet(nn.Module):
+    """model(u, t) -> out for 2-D data with dropout: every training step draws from the global CPU RNG."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(5, 32), nn.SiLU(), nn.Dropout(0.3), nn.Linear(32, 2))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+    def forward(self, u, t):
+        return self.net(torch.cat([u, t[:, None].to(u.dtype)], 1))
+
+
+def _cfg(**kw):
+    base = dict(steps=12, batch_size=64, precision="fp32", log_every=4, ckpt_every=6, keep_checkpoints=2,
+                quality_figure=False, eval_samples=64, eval_steps=3, sample_count=64, sample_steps=3, sample_every=0)
+    base.update(kw)
+    return get_preset("toy", **base)
+
+
+def test_resume_with_dropout_is_bitwise_identical(tmp_path):
+    cfg = _cfg()
+    full = Trainer(cfg, str(tmp_path / "full"), model=DropoutNet(), progress=False, verbose=False)
+    full.run()
+    part = Trainer(cfg.replace(steps=6), str(tmp_path / "part"), model=DropoutNet(), progress=False, verbose=False)
+    part.run()
+    torch.manual_seed(12345)  # whatever the process did in between, resume must restore the global RNG
+    resumed = Trainer(cfg, str(tmp_path / "part"), model=DropoutNet(), progress=False, verbose=False, resume="latest")
+    assert resumed.step == 6
+    resumed.run()
+    for a, b in zip(full.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.ema.shadow_params, resumed.ema.shadow_params):
+        assert torch.equal(a, b)
+    # the dropout really matters here: a different global RNG stream gives different weights
+    other = Trainer(cfg.replace(steps=6), str(tmp_path / "other"), model=DropoutNet(), progress=False, verbose=False)
+    torch.manual_seed(999)
+    for _ in range(6):
+        other.train_step()
+    assert not all(torch.equal(a, b) for a, b in zip(other.net.parameters(), part.net.parameters()))

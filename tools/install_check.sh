@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# Install check for cld_fast (issue 14, item 5): what a plain `pip install .` and `pip wheel .` give,
-# in a new virtual environment, never touching the global one. Usage:
+# Install check for cld_fast: what a plain `pip install .` and `pip wheel .` give, in a new virtual
+# environment, never touching the global one. Usage:
 #
-#   bash tools/install_check.sh [--system-site-packages] [WORKDIR]
+#   bash tools/install_check.sh [--system-site-packages | --old-setuptools-only] [WORKDIR]
 #
-# Default: a new `python -m venv` holding a torch that is not the newest release (the newest is what
-# a build-isolated `pip install .` used to download and build against): $TORCH_SPEC, default
+# Default: a new `python -m venv` holding a torch that is not the newest release (so a build that
+# downloads and builds against the newest torch shows as a mismatch): $TORCH_SPEC, default
 # torch==2.13.0+cpu (pip finds the CPU wheel through a find-links folder or the CPU wheel index;
 # 183 MB), plus numpy, tqdm and matplotlib.
 # --system-site-packages: the venv sees the global torch instead (nothing downloaded). Only where
 # cld_fast is not installed globally: a global editable install's import hook would serve its own
 # cld_fast._C to the venv, so the script refuses then.
 #
+# --old-setuptools-only: step 0 alone (seconds, nothing downloaded but `wheel`).
+#
 # The source tree is copied (tracked and untracked, not ignored files) into WORKDIR/src, so builds
 # never write into this checkout. Steps, each timed; any failed check exits non-zero:
+#   0 a venv with setuptools 65.5 (what `python -m venv` gives on Python 3.11) and no torch:
+#     `pip install --no-build-isolation` without `wheel` stops with setup.py's one line, with
+#     --check-build-dependencies with pip's; with `wheel` it installs (pure Python, no torch there)
+#     with the licence metadata and both licence files
 #   1 plain `pip install SRC` (build isolation): pure-Python install, no torch downloaded into the
 #     venv, import warns with the build command, `cld-fast info` says the extension is not built,
 #     the torch backend runs an op; `python -m cld_fast --version`
@@ -31,8 +37,9 @@
 # step 2's objects), editable 550 s (compiles again). Too slow for the test suite: run it by hand.
 set -euo pipefail
 
-FRESH=1
+FRESH=1 OLD_ONLY=0
 if [ "${1:-}" = "--system-site-packages" ]; then FRESH=0; shift; fi
+if [ "${1:-}" = "--old-setuptools-only" ]; then OLD_ONLY=1; shift; fi
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$(mktemp -d /tmp/cld_fast_install_check.XXXXXX)}"
 mkdir -p "$WORK"
@@ -52,6 +59,27 @@ command -v git >/dev/null || fail "git is needed to copy the source tree"
 step "copy the source tree to $SRC"
 (cd "$ROOT" && git ls-files -co --exclude-standard -z | xargs -0 -I{} cp --parents {} "$SRC/")
 rm -f "$SRC"/cld_fast/_C*.so "$SRC"/cld_fast/_build_info.json
+
+step "0: setuptools 65.5 and --no-build-isolation"
+OLD="$WORK/old-setuptools"
+rm -rf "$OLD"
+python -m venv --without-pip "$OLD"
+python -m pip --python "$OLD/bin/python" install -q "setuptools==65.5.0" pip 2>/dev/null \
+  || { python -m venv "$OLD" && "$OLD/bin/python" -m pip install -q "setuptools==65.5.0"; }
+"$OLD/bin/python" -m pip uninstall -q -y wheel 2>/dev/null || true
+echo "setuptools in the venv: $("$OLD/bin/python" -c 'import setuptools; print(setuptools.__version__)')"
+out="$("$OLD/bin/python" -m pip install --no-build-isolation --no-deps "$SRC" 2>&1)" && fail "built without wheel"
+echo "$out" | grep -F "cld_fast setup: setuptools 65.5.0 needs the 'wheel' package" || fail "no clear line: $out"
+out="$("$OLD/bin/python" -m pip install --no-build-isolation --check-build-dependencies --no-deps "$SRC" 2>&1)" \
+  && fail "--check-build-dependencies passed without wheel"
+echo "$out" | grep -F "are missing: 'wheel'" || fail "pip did not name the missing build requirement: $out"
+"$OLD/bin/python" -m pip install -q wheel
+"$OLD/bin/python" -m pip install -q --no-build-isolation --no-deps "$SRC" 2>&1 | tail -5
+meta="$(ls -d "$OLD"/lib/python*/site-packages/cld_fast-*.dist-info)/METADATA"
+grep -qx "License: Apache-2.0" "$meta" || fail "no License field in $meta"
+for f in LICENSE NOTICE; do grep -qx "License-File: $f" "$meta" || fail "$f missing from $meta"; done
+echo "setuptools 65.5 + wheel: installed with License: Apache-2.0, License-File: LICENSE, NOTICE"
+if [ $OLD_ONLY = 1 ]; then echo; echo "INSTALL CHECK (step 0) PASSED in $((SECONDS - T0)) s"; exit 0; fi
 
 step "create the venv ($([ $FRESH = 1 ] && echo fresh || echo --system-site-packages))"
 if [ $FRESH = 1 ]; then

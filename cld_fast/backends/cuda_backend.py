@@ -32,7 +32,7 @@ def why_unavailable() -> str:
             return f"cld_fast._C was built without the CUDA kernels: {failed}"
         return "cld_fast._C was built without the CUDA kernels (no CUDA toolkit or a CPU-only torch at build time)"
     if not torch.cuda.is_available():
-        return "torch.cuda.is_available() is False"
+        return "torch.cuda.is_available() is False" + (f"; {failed}" if failed else "")
     return ""
 
 
