@@ -521,10 +521,11 @@ def _describe(exc: BaseException) -> str:
 
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
-    from .runlock import RunLockedError
+    from .runlock import RunFolderGoneError, RunLockedError
     from .sampling import SamplingError
 
-    return (ValueError, TypeError, KeyError, OSError, CheckpointError, RunLockedError, SamplingError)
+    return (ValueError, TypeError, KeyError, OSError, CheckpointError, RunLockedError, RunFolderGoneError,
+            SamplingError)
 
 
 def main(argv=None) -> int:

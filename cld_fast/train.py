@@ -27,9 +27,12 @@ not finite, and it is checked at every log and checkpoint point. A non-finite lo
 with :class:`NonFiniteLossError` naming the step and the last good checkpoint; no checkpoint is
 ever written from non-finite parameters.
 
-The run folder is locked (``cld_fast.runlock``: an OS ``flock`` on ``<run>/.lock``) from the
+The run folder is locked (``cld_fast.runlock``: an OS ``flock`` on the folder itself) from the
 start of the trainer to the end of ``run``: a second trainer on the same folder fails with the
-holder's PID. SIGINT / SIGTERM during ``run`` write a checkpoint at the next step boundary and raise
+holder's PID, and a folder deleted or replaced while training stops the run at the next log or
+checkpoint point (``RunFolderGoneError``) instead of being re-created unlocked. Every file of the run
+folder is written atomically (``cld_fast.fileio``), except ``metrics.jsonl``, which is appended one
+flushed line at a time. SIGINT / SIGTERM during ``run`` write a checkpoint at the next step boundary and raise
 :class:`TrainingInterrupted` (``cld-fast train`` then exits 130 / 143).
 
 Checkpoints hold the full state (network, EMA, optimizer, GradScaler, step, every rank's RNG
@@ -62,6 +65,7 @@ from .checks import value_checks
 from .config import TrainConfig
 from .data import DataSource, build_data
 from .ema import ExponentialMovingAverage
+from .fileio import atomic_write_text, atomic_writer
 from .runlock import RunLock
 from .sde import CLD, VPSDE
 
@@ -554,6 +558,7 @@ class Trainer:
         if self.scaler is not None:
             record["loss_scale"] = float(self.scaler.get_scale())
         if self.is_main:
+            self._lock.check()
             metrics.write(record)
             if bar is not None:
                 unit = "img/s" if self.data.is_image else "samples/s"
@@ -628,6 +633,7 @@ class Trainer:
         state = self.state_dict()
         path = None
         if self.is_main:
+            self._lock.check()  # never re-create a deleted or replaced run folder
             path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, keep=self.config.keep_checkpoints)
         dist_utils.barrier()
         self.last_checkpoint = os.path.abspath(path or ckpt.checkpoint_path(self.ckpt_dir, self.step))
@@ -694,8 +700,8 @@ class Trainer:
         tb_dir = os.path.join(self.run_dir, "tensorboard") if (self.is_main and cfg.tensorboard) else None
         metrics = _MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl") if self.is_main else None, tb_dir)
         if self.is_main:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=1)
+            self._lock.check()
+            atomic_write_text(os.path.join(self.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
         if self.is_main and self.verbose:
             print(f"[cld-fast] run dir {self.run_dir} | {self.n_params:,} parameters | device {self.device} | "
                   f"{self.world_size} rank(s) | precision {cfg.precision} -> {self.autocast_dtype or torch.float32}",
@@ -826,7 +832,8 @@ class Trainer:
         arrays = {"x": res.x.cpu().numpy()}
         if res.v is not None:
             arrays["v"] = res.v.cpu().numpy()
-        np.savez(npz, **arrays)
+        with atomic_writer(npz) as f:
+            np.savez(f, **arrays)
         result.samples_npz = npz
         record = {"step": self.step, "eval": {"method": main_method, "steps": cfg.eval_steps, "n": n,
                                               "energy_distance": ed, "energy_distance_data_vs_data": floor,

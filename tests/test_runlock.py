@@ -160,3 +160,76 @@ def test_trainer_releases_the_lock_when_setup_fails(tmp_path):
     with pytest.raises(DataError):
         Trainer(bad, str(tmp_path), progress=False, verbose=False)
     RunLock(str(tmp_path)).acquire().release()  # not left held by the failed trainer
+
+
+def test_a_symlink_at_the_lock_name_is_never_followed(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(str(notes), str(run / LOCK_NAME))
+    with RunLock(str(run)) as lock:
+        assert not os.path.islink(lock.path)  # replaced by the PID file, not written through
+    assert notes.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("how", ["delete", "replace", "symlink"])
+def test_a_deleted_or_replaced_lock_file_does_not_let_a_second_holder_in(tmp_path, how):
+    run = str(tmp_path / "run")
+    first = RunLock(run).acquire()
+    try:
+        os.unlink(first.path)
+        if how == "replace":
+            with open(first.path, "w") as f:
+                f.write("1\n")
+        elif how == "symlink":
+            os.symlink(str(tmp_path / "elsewhere"), first.path)
+        with pytest.raises(RunLockedError):
+            RunLock(run).acquire()
+        first.check()  # the folder itself is still the locked one
+    finally:
+        first.release()
+    RunLock(run).acquire().release()
+
+
+def test_a_removed_or_swapped_run_folder_is_detected(tmp_path):
+    from cld_fast.runlock import RunFolderGoneError
+
+    run = tmp_path / "run"
+    lock = RunLock(str(run)).acquire()
+    try:
+        os.rename(str(run), str(tmp_path / "moved"))
+        run.mkdir()  # a new folder at the same path is not the locked one
+        with pytest.raises(RunFolderGoneError, match="deleted or replaced"):
+            lock.check()
+        run.rmdir()
+        with pytest.raises(RunFolderGoneError):
+            lock.check()
+    finally:
+        lock.release()
+
+
+def test_trainer_stops_when_its_folder_is_deleted_mid_run(tmp_path, capsys):
+    import shutil
+
+    from cld_fast.config import get_preset
+    from cld_fast.runlock import RunFolderGoneError
+    from cld_fast.train import Trainer
+
+    run = str(tmp_path / "run")
+    cfg = get_preset("toy", steps=6, batch_size=16, log_every=1, ckpt_every=2, device="cpu", precision="fp32",
+                     quality_figure=False, eval_samples=50, eval_steps=2, sample_steps=2)
+    tr = Trainer(cfg, run, progress=False, verbose=False)
+    inner, calls = tr.loss_fn, []
+
+    def loss_then_delete(model, x0, gen):
+        calls.append(1)
+        if len(calls) == 3:
+            shutil.rmtree(run)
+        return inner(model, x0, gen)
+
+    tr.loss_fn = loss_then_delete
+    with pytest.raises(RunFolderGoneError, match=re.escape(run)):
+        tr.run()
+    tr.close()
+    assert not os.path.exists(run)  # not silently re-created without its lock and metrics
