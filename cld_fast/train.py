@@ -69,7 +69,8 @@ from .fileio import atomic_write_text, atomic_writer
 from .runlock import RunLock
 from .sde import CLD, VPSDE
 
-__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "build_sde", "build_network",
+__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "MissingExtraError",
+           "build_sde", "build_network",
            "resolve_precision", "load_for_sampling"]
 
 
@@ -169,11 +170,11 @@ def model_config(config: TrainConfig, data_shape) -> Dict[str, Any]:
     name = str(mcfg.get("name", "ncsnpp")).lower()
     if len(data_shape) == 1:
         if name != "mlp":
-            raise ValueError(f"data of shape {tuple(data_shape)} (vectors) needs an MLP model (e.g. --model toy2d), got {name!r}")
+            raise ValueError(f"data of shape {tuple(data_shape)} (vectors) needs an MLP model (the toy2d preset), got {name!r}")
         mcfg["data_dim"] = int(data_shape[0])
     elif len(data_shape) == 3:
         if name == "mlp":
-            raise ValueError(f"image data of shape {tuple(data_shape)} needs an NCSN++ model (e.g. --model cifar10), got 'mlp'")
+            raise ValueError(f"image data of shape {tuple(data_shape)} needs an NCSN++ model (such as the cifar10 preset), got 'mlp'")
         c, h, w = data_shape
         if h != w:
             raise ValueError(f"NCSN++ needs square images, got {h}x{w}")
@@ -187,7 +188,14 @@ def build_network(config: TrainConfig, data_shape) -> nn.Module:
     """A fresh network for the config and data shape (float32, CPU)."""
     from .models import build_model
 
-    return build_model(model_config(config, data_shape))
+    mcfg = model_config(config, data_shape)
+    try:
+        return build_model(mcfg)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        opts = " ".join(f"{k}={v!r}" for k, v in (config.model_overrides or {}).items())
+        given = f" with --model-opt {opts}" if opts else ""
+        raise ValueError(f"model {config.model if isinstance(config.model, str) else 'dict'!r}{given} cannot be "
+                         f"built: {_first_line(exc)}") from None
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -218,6 +226,10 @@ def network_score(net, sde, config: TrainConfig, autocast_dtype=None):
     return score_fn(net, sde, autocast_dtype=autocast_dtype)
 
 
+class MissingExtraError(ImportError):
+    """An optional package a requested feature needs is not installed (the message names the extra)."""
+
+
 TENSORBOARD_HINT = "pip install 'cld_fast[tensorboard]' (or pip install tensorboard)"
 
 
@@ -227,7 +239,7 @@ def tensorboard_writer(log_dir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise ImportError(f"tensorboard logging (--tensorboard / TrainConfig.tensorboard) needs the tensorboard "
+        raise MissingExtraError(f"tensorboard logging (--tensorboard / TrainConfig.tensorboard) needs the tensorboard "
                           f"package: {TENSORBOARD_HINT}") from exc
     return SummaryWriter(log_dir=log_dir)
 
@@ -378,6 +390,7 @@ class Trainer:
     # -- phase 4 ------------------------------------------------------------------------------
     def _resume(self, resume) -> None:
         self.step = 0
+        self.superseded = None  # (folder, names) of the checkpoints a resume from an older one moved aside
         self.last_checkpoint: Optional[str] = None
         path = ckpt.resolve_resume(resume, self.run_dir) if resume else None
         if path is None:
@@ -390,10 +403,64 @@ class Trainer:
             if resume and self.is_main and self.verbose:
                 print(f"[cld-fast] no checkpoint in {self.ckpt_dir}; starting from step 0", file=sys.stderr)
             return
-        self.load_state(ckpt.load_checkpoint(path, map_location="cpu"))
+        state = ckpt.load_checkpoint(path, map_location="cpu")
+        self._check_resume_fits(state, path)
+        try:
+            self.load_state(state)
+        except KeyError as exc:
+            raise ckpt.CheckpointError(f"{path} has no {exc.args[0]!r} entry, so it cannot be resumed (it can still "
+                                       "be sampled from); start a new run with another --out") from None
+        except (RuntimeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"{path} does not fit this run's network or optimizer: "
+                                       f"{_first_line(exc)}") from None
         self.last_checkpoint = os.path.abspath(path)
         if self.is_main and self.verbose:
             print(f"[cld-fast] resumed from {path} at step {self.step}", file=sys.stderr)
+        if self.is_main:
+            self._set_aside_newer_checkpoints(path)
+        dist_utils.barrier()
+
+    # What a checkpoint's network is built from: a resumed run may not change it.
+    _ARCHITECTURE = (("sde", "--sde"), ("model", "--model"), ("model_overrides", "--model-opt"))
+
+    def _check_resume_fits(self, state: Dict[str, Any], path: str) -> None:
+        """CheckpointError naming the setting when this run's network differs from the checkpoint's."""
+        old = state["config"]
+        for key, flag in self._ARCHITECTURE:
+            mine = getattr(self.config, key)
+            theirs = old.get(key, mine)
+            if key == "model_overrides":
+                theirs = theirs or {}
+                mine = mine or {}
+            if theirs != mine:
+                raise ckpt.CheckpointError(
+                    f"--resume {path}: the checkpoint was trained with {key}={theirs!r}, this run asks for "
+                    f"{key}={mine!r}; {flag} cannot change when resuming (leave it out to keep the checkpoint's "
+                    "value, or start a new run with another --out)")
+        shape = state.get("data_shape")
+        if shape is not None and tuple(shape) != tuple(self.data.shape):
+            raise ckpt.CheckpointError(f"--resume {path}: the checkpoint was trained on data of shape {tuple(shape)}, "
+                                       f"this run's data ({self.config.data}) has shape {tuple(self.data.shape)}")
+
+    def _set_aside_newer_checkpoints(self, path: str) -> None:
+        """Move this run's checkpoints newer than the resumed step into ``checkpoints/superseded-...``, so
+        the newest checkpoint of the folder (what ``--resume`` and ``cld-fast sample RUN`` pick) is always
+        the resumed run's."""
+        newer = [p for p in ckpt.list_checkpoints(self.ckpt_dir) if ckpt.step_of(p) > self.step]
+        if not newer:
+            return
+        aside = os.path.join(self.ckpt_dir, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-resumed-at-{self.step:07d}")
+        os.makedirs(aside, exist_ok=True)
+        for p in newer:
+            os.replace(p, os.path.join(aside, os.path.basename(p)))
+        self.superseded = (aside, [os.path.basename(p) for p in newer])
+        msg = (f"resumed from step {self.step}, older than {len(newer)} checkpoint(s) of this run "
+               f"({', '.join(self.superseded[1])}): moved them to {aside} so that the newest checkpoint is this "
+               "run's")
+        if self.verbose:
+            print(f"[cld-fast] {msg}", file=sys.stderr)
+        else:
+            warnings.warn(msg, UserWarning, stacklevel=3)
 
     # -- losses ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -594,7 +661,7 @@ class Trainer:
 
     def load_state(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (from ``checkpoint.load_checkpoint``)."""
-        self.net.load_state_dict(state["model"])
+        self.net.load_state_dict(ckpt.bare_state_dict(state["model"]))
         self.ema.load_state_dict(state["ema"])
         self.ema.to(self.device)
         osd = copy.copy(state["optimizer"])
@@ -884,10 +951,17 @@ def train(config: TrainConfig, run_dir: str, *, resume=None, model: Optional[nn.
 def load_for_sampling(path: str, use_ema: bool = True, device=None):
     """(network in eval mode, sde, TrainConfig, data shape) from one of our training checkpoints."""
     state = ckpt.load_checkpoint(path, map_location="cpu")
-    config = TrainConfig.from_dict(state["config"])
-    sd = state["model"]
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"{path}: its 'config' entry is not a valid training config: {_first_line(exc)}") from None
+    sd = ckpt.bare_state_dict(state["model"])
     shape = tuple(state["data_shape"]) if state.get("data_shape") else _data_shape_from_state(config, sd)
-    net = build_network(config, shape)
+    try:
+        net = build_network(config, shape)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ckpt.CheckpointError(f"{path}: its config does not describe a network that can be built: "
+                                   f"{_first_line(exc)}") from None
     if use_ema and not isinstance(state.get("ema"), dict):
         raise ckpt.CheckpointError(f"{path} has no 'ema' entry; sample with the raw weights (--no-ema, use_ema=False)")
     try:
@@ -897,12 +971,18 @@ def load_for_sampling(path: str, use_ema: bool = True, device=None):
             ema.load_state_dict(state["ema"])
             ema.copy_to(net)
     except (RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
         raise ckpt.CheckpointError(f"{path} does not fit the network its config describes "
-                                   f"(model {config.model!r}): {detail[:300]}") from exc
+                                   f"(model {config.model!r}): {_first_line(exc)}") from exc
     net = net.to(device or "cpu").eval()
     return net, build_sde(config), config, shape
+
+
+def _first_line(exc: BaseException, limit: int = 400) -> str:
+    """The error message on one line, cut at a word boundary after ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def _data_shape_from_state(config: TrainConfig, sd: Dict[str, torch.Tensor]):

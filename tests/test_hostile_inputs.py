@@ -194,7 +194,7 @@ def test_read_only_out_folder(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(PermissionError(
         errno.EACCES, "Permission denied", str(tmp_path / "w" / "x.npz"))))
     rc, _, err = _cli(capsys, "sample", ck, "--steps", "2", "--n", "3", "--out", str(tmp_path / "w"))
-    _one_line_error(rc, err, "Permission denied: " + str(tmp_path / "w" / "x.npz"))
+    _one_line_error(rc, err, "Permission denied: " + str(tmp_path / "w" / "samples_sscs_2.npz"))
 
 
 def test_disk_full_names_the_disk(tmp_path, capsys, monkeypatch):
