@@ -99,11 +99,15 @@ class TrainingInterrupted(Exception):
     :class:`NonFiniteLossError` instead, as at any checkpoint.
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: str):
+    def __init__(self, signum: int, step: int, checkpoint: str, after_final_checkpoint: bool = False):
         self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
         self.exit_code = 128 + self.signum
         name = signal.Signals(self.signum).name
-        super().__init__(f"interrupted by {name} at step {self.step}: saved {checkpoint}; continue with --resume")
+        if after_final_checkpoint:
+            super().__init__(f"interrupted by {name} at step {self.step}, after training finished: saved {checkpoint}; "
+                             "the final samples and evaluation were skipped")
+        else:
+            super().__init__(f"interrupted by {name} at step {self.step}: saved {checkpoint}; continue with --resume")
 
 
 @dataclass
@@ -314,6 +318,7 @@ class Trainer:
         self.t_start = time.time()
         self._lock = RunLock(self.run_dir)
         self._stop_signal: Optional[int] = None
+        self._finishing: Optional[str] = None  # the final checkpoint's path, once written
         try:
             self._setup()
             self._data()
@@ -821,6 +826,8 @@ class Trainer:
             return {}
 
         def handler(signum, frame):
+            if self._finishing is not None:  # final evaluation: the checkpoint is written, stop at once
+                raise TrainingInterrupted(signum, self.step, self._finishing, after_final_checkpoint=True)
             if self._stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._stop_signal = signum
@@ -861,6 +868,9 @@ class Trainer:
     def _finish(self, metrics: "_MetricsWriter", last_record: Dict[str, Any], train_time: float) -> TrainResult:
         cfg = self.config
         path = self.save_checkpoint()
+        if self._stop_signal is not None:  # a signal between the last step and the final checkpoint
+            raise TrainingInterrupted(self._stop_signal, self.step, path, after_final_checkpoint=True)
+        self._finishing = path
         result = TrainResult(run_dir=self.run_dir, step=self.step, loss=last_record.get("loss"), checkpoint=path,
                              metrics=os.path.join(self.run_dir, "metrics.jsonl"), train_time=train_time)
         if self.is_main:

@@ -233,3 +233,33 @@ def test_trainer_stops_when_its_folder_is_deleted_mid_run(tmp_path, capsys):
         tr.run()
     tr.close()
     assert not os.path.exists(run)  # not silently re-created without its lock and metrics
+
+
+@pytest.mark.parametrize("phase", ["snapshot", "evaluation"])
+def test_sigterm_during_the_final_evaluation_stops_at_once(tmp_path, phase):
+    from cld_fast.config import get_preset
+    from cld_fast.train import Trainer, TrainingInterrupted
+
+    cfg = get_preset("toy", steps=3, batch_size=16, log_every=1, ckpt_every=0, device="cpu", precision="fp32",
+                     quality_figure=False, eval_samples=50, eval_steps=2, sample_steps=2)
+    tr = Trainer(cfg, str(tmp_path), progress=False, verbose=False)
+    target = "snapshot" if phase == "snapshot" else "_evaluate_toy"
+    real = getattr(tr, target)
+
+    def slow(*a, **k):  # the signal arrives while the final work runs, which then takes 30 s
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        return real(*a, **k)
+
+    setattr(tr, target, slow)
+    t0 = time.time()
+    try:
+        with pytest.raises(TrainingInterrupted, match="after training finished") as info:
+            tr.run()
+    finally:
+        tr.close()
+    assert time.time() - t0 < 20
+    assert info.value.exit_code == 143 and info.value.step == 3
+    assert ckpt.load_checkpoint(info.value.checkpoint)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or not callable(signal.getsignal(signal.SIGTERM)) \
+        or signal.getsignal(signal.SIGTERM).__name__ != "handler"  # handlers restored
