@@ -37,6 +37,11 @@ PARITY = "tests/test_official_parity.py"
 REF = "tests/test_reference_steps.py"
 BLOCKS = "tests/test_models_blocks.py"
 RESUME = "tests/test_resume_ema_checkpoint.py"
+LOCK = "tests/test_runlock.py"
+CLI = "tests/test_cli.py"
+DATA = "tests/test_data.py"
+RESUME_OLDER = "tests/test_train_resume.py"
+NCSNPP = "tests/test_models_ncsnpp.py"
 
 
 @dataclass
@@ -231,6 +236,57 @@ MUTANTS: List[Mutant] = [
     M("M46", "train", "cld_fast/runlock.py", "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
       "fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)", ["tests/test_runlock.py", "-k", "exclusive"],
       "run-folder lock taken shared: two trainers on one folder"),
+    # ---- nothing lost, nothing silently wrong: run folders, files, errors ------------------------------
+    M("L1", "run lock", "cld_fast/runlock.py",
+      'fd = os.open(self.run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))',
+      'os.makedirs(self.run_dir, exist_ok=True); fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)',
+      [LOCK, "-k", "deleted_or_replaced"], "lock taken on the .lock file: deleting it lets a second trainer in"),
+    M("L2", "run lock", "cld_fast/runlock.py", '            atomic_write_text(self.path, f"{os.getpid()}\\n")\n',
+      '            open(self.path, "w").write(f"{os.getpid()}\\n")\n',
+      [LOCK, "-k", "symlink_at_the_lock"], "PID file written through a symlink planted at .lock"),
+    M("L3", "run lock", "cld_fast/runlock.py", "        if not same:\n            raise RunFolderGoneError",
+      "        if False:\n            raise RunFolderGoneError", [LOCK, "-k", "removed_or_swapped or deleted_mid_run"],
+      "a deleted or swapped run folder is re-created and trained into"),
+    M("L4", "train", "cld_fast/train.py",
+      "            if self._finishing is not None:  # final evaluation", "            if False:  # final evaluation",
+      [LOCK, "-k", "sigterm_during_the_final and evaluation"], "SIGTERM ignored during the final evaluation"),
+    M("A1", "cli", "cld_fast/cli.py", "    with atomic_writer(npz) as f:\n        np.savez(f, **arrays)\n",
+      "    np.savez(npz, **arrays)\n", [CLI, "-k", "full_disk"], "sample's .npz written in place (not atomic)"),
+    M("A2", "cli", "cld_fast/fileio.py", "    p = os.path.realpath(p)\n", "",
+      [CLI, "-k", "mount_of"], "disk-full error names the mount of the link's folder, not of the full disk"),
+    M("A3", "cli", "cld_fast/cli.py", '    _prepare_out_dir(out_dir, "--out" if args.out else "the samples folder")\n', "",
+      [CLI, "-k", "unwritable"], "sample finds a read-only output folder only after sampling"),
+    M("A4", "cli", "cld_fast/config.py",
+      "need(isinstance(self.eval_samples, int) and self.eval_samples >= 2,",
+      "need(isinstance(self.eval_samples, int) and self.eval_samples >= 0,",
+      [CLI, "-k", "one_line_before_training"], "--eval-samples 0/1 fails only after training"),
+    M("D1", "data", "cld_fast/data.py", "    full = _WIDE_MODES.get(im.mode)\n", "    full = None\n",
+      [DATA, "-k", "16_bit"], "16-bit PNGs clipped to 255"),
+    M("D2", "data", "cld_fast/data.py", "    why = _not_regular(fn)\n    if why:\n        return why\n", "",
+      [DATA, "-k", "fifo"], "a FIFO in an image folder is opened (blocks)"),
+    M("D3", "data", "cld_fast/data.py", "            raise DataError(_worker_message(exc)) from None", "            raise",
+      [DATA, "-k", "vanishing"], "a DataLoader worker's traceback folded into the error line"),
+    M("C1", "checkpoint", "cld_fast/checkpoint.py", "not isinstance(step, int) or step < 0:",
+      "not isinstance(step, int) or step < -10:", ["tests/test_checkpoint.py", "-k", "step_that"],
+      "a checkpoint with step -5 resumes"),
+    M("C2", "checkpoint", "cld_fast/checkpoint.py", "    for p in reversed(found):\n        if _loads_finite(p):",
+      "    for p in found:\n        if _loads_finite(p):", ["tests/test_checkpoint.py", "-k", "nan_hint"],
+      "NaN hint names the oldest finite checkpoint"),
+    M("C3", "checkpoint", "cld_fast/checkpoint.py",
+      "        if m and os.path.isfile(os.path.join(directory, name)):", "        if m:",
+      ["tests/test_checkpoint.py", "-k", "folder_named"], "a folder named ckpt_*.pt taken for the newest checkpoint"),
+    M("R1", "train", "cld_fast/train.py", "            self._set_aside_newer_checkpoints(path)\n", "            pass\n",
+      [RESUME_OLDER, "-k", "older_checkpoint"], "resume from an older checkpoint leaves a stale newest checkpoint"),
+    M("R2", "train", "cld_fast/train.py", "        self._check_resume_fits(state, path)\n", "",
+      [RESUME_OLDER, "-k", "architecture"], "resume with another --sde/--model-opt fails as an internal error"),
+    M("N1", "models", "models/layers.py", "num_groups=min(channels // 4, 32)", "num_groups=min(channels // 4, 16)",
+      [NCSNPP, "-k", "group_norm"], "GroupNorm capped at 16 groups"),
+    M("N2", "models", "models/ncsnpp.py", "embedding_size=nf, scale=cfg.fourier_scale)", "embedding_size=nf, scale=1.0)",
+      [NCSNPP, "-k", "fourier_scale"], "NCSN++ ignores fourier_scale"),
+    M("N3", "models", "models/ncsnpp.py",
+      "Downsample = functools.partial(layers.Downsample, with_conv=cfg.resamp_with_conv,",
+      "Downsample = functools.partial(layers.Downsample, with_conv=True,",
+      [NCSNPP, "-k", "downsampling_without_conv"], "DDPM down-sampling ignores resamp_with_conv=False"),
 ]
 
 
