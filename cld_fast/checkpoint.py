@@ -251,6 +251,8 @@ def load_checkpoint(path: str, map_location="cpu", check_finite: bool = True) ->
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file (ckpt_<step>.pt) or use resolve_resume")
+    if not os.path.isfile(path):  # a FIFO or device: reading it could block forever
+        raise CheckpointError(f"{path} is not a regular file (a pipe, socket or device); pass a checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint

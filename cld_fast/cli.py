@@ -272,7 +272,11 @@ def _train(args) -> int:
         if args.resume:
             path = resolve_resume(args.resume, out)
             if path is not None:
-                base = TrainConfig.from_dict(load_checkpoint(path)["config"])
+                try:
+                    base = TrainConfig.from_dict(load_checkpoint(path)["config"])
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"--resume {path}: its 'config' entry is not a valid training config of this "
+                                     f"version: {exc}") from None
         if base is None:
             config = get_preset(args.preset, **overrides)
         else:
@@ -345,6 +349,8 @@ def _sample(args) -> int:
     try:
         if os.path.isdir(src):
             src = resolve_resume(src, src)
+        if os.path.exists(src) and not os.path.isfile(src):
+            raise CheckpointError(f"{src} is not a regular file (a pipe, socket or device); pass a checkpoint file")
         if not os.path.isfile(src):
             raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
         try:

@@ -259,6 +259,19 @@ def _scalars(record: Dict[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", float(value)
 
 
+def _open_append_no_follow(path: str):
+    """``path`` opened for appending lines; a symbolic link there is refused, never written through."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) |
+                     getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link; a run folder's files are never written through links "
+                             "(remove it)") from None
+        raise
+    return os.fdopen(fd, "a", buffering=1)
+
+
 class _MetricsWriter:
     """``metrics.jsonl`` (one JSON record per line) and, when ``tensorboard_dir`` is given, every
     numeric field of each record as a TensorBoard scalar at ``record['step']``."""
@@ -266,12 +279,15 @@ class _MetricsWriter:
     def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None):
         self.path = path
         self._tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
-        self._f = open(path, "a", buffering=1) if path else None
+        self._f = _open_append_no_follow(path) if path else None
 
     def write(self, record: Dict[str, Any]) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
+            try:
+                self._f.write(json.dumps(record) + "\n")
+                self._f.flush()
+            except OSError as exc:  # a file object's error carries no path: name it (and so its disk)
+                raise OSError(exc.errno, exc.strerror or str(exc), self.path) from None
         if self._tb is not None:
             for tag, value in _scalars(record):
                 self._tb.add_scalar(tag, value, global_step=int(record.get("step", 0)))
@@ -319,6 +335,7 @@ class Trainer:
         self._lock = RunLock(self.run_dir)
         self._stop_signal: Optional[int] = None
         self._finishing: Optional[str] = None  # the final checkpoint's path, once written
+        created = not os.path.exists(self.run_dir)
         try:
             self._setup()
             self._data()
@@ -326,6 +343,8 @@ class Trainer:
             self._resume(resume)
         except BaseException:
             self._lock.release()
+            if created:
+                _remove_empty_run_folder(self.run_dir)
             raise
 
     # -- phase 1 ------------------------------------------------------------------------------
@@ -410,6 +429,9 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(path, map_location="cpu")
         self._check_resume_fits(state, path)
+        if int(state["step"]) > self.config.steps:
+            raise ValueError(f"--steps {self.config.steps} is below the step of the checkpoint to resume "
+                             f"({path}, step {state['step']}); --steps is the total, so pass at least that")
         try:
             self.load_state(state)
         except KeyError as exc:
@@ -943,6 +965,15 @@ class Trainer:
         if self.owns_process_group:
             dist_utils.destroy()
             self.owns_process_group = False
+
+
+def _remove_empty_run_folder(run_dir: str) -> None:
+    """Undo the folders a trainer that failed before training created (only empty folders are removed)."""
+    for d in (os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples"), run_dir):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 def train(config: TrainConfig, run_dir: str, *, resume=None, model: Optional[nn.Module] = None, progress: bool = True,

@@ -190,3 +190,35 @@ def test_a_folder_named_like_a_checkpoint_is_not_one(tmp_path):
 def test_wrapper_prefixes_are_stripped():
     sd = {"module.a.w": 1, "_orig_mod.b": 2, "module._orig_mod.c": 3, "d": 4}
     assert ckpt.bare_state_dict(sd) == {"a.w": 1, "b": 2, "c": 3, "d": 4}
+
+
+def test_a_fifo_is_refused_without_reading_it(tmp_path):
+    import threading
+
+    fifo = str(tmp_path / "ckpt_0000001.pt")
+    os.mkfifo(fifo)
+    got = {}
+
+    def load():
+        try:
+            ckpt.load_checkpoint(fifo)
+        except ckpt.CheckpointError as exc:
+            got["exc"] = exc
+
+    th = threading.Thread(target=load, daemon=True)
+    th.start()
+    th.join(20)
+    if th.is_alive():
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_checkpoint blocked reading a FIFO")
+    assert "not a regular file" in str(got["exc"]) and fifo in str(got["exc"])
+    assert ckpt.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_long_runs_prune_by_step_across_digit_counts(tmp_path):
+    d = str(tmp_path)
+    for step in (9999998, 9999999, 10000000, 10000001):
+        ckpt.save_checkpoint(_state(step), d, step, keep=2)
+    assert sorted(os.listdir(d)) == ["ckpt_10000000.pt", "ckpt_10000001.pt"]
+    assert ckpt.latest_checkpoint(d) == ckpt.checkpoint_path(d, 10000001)

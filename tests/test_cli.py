@@ -444,3 +444,14 @@ def test_internal_errors_say_they_are_a_bug(capsys, monkeypatch):
     monkeypatch.setattr(cli, "_dispatch", lambda parser, args: boom(args))
     rc, _, err = _main(capsys, "info")
     _one_line(rc, err, "internal error (a bug in cld_fast", "ZeroDivisionError", "--debug", "report", code=1)
+
+
+def test_resume_of_a_checkpoint_from_a_newer_version_names_it(toy_run, tmp_path, capsys):
+    state = torch.load(os.path.join(toy_run, "checkpoints", "ckpt_0000004.pt"), weights_only=True)
+    state["config"]["an_option_of_a_newer_version"] = 1
+    newer = str(tmp_path / "newer.pt")
+    torch.save(state, newer)
+    rc, _, err = _main(capsys, "train", "--out", str(tmp_path / "r"), "--resume", newer, *Q, "--steps", "6")
+    _one_line(rc, err, f"--resume {newer}", "an_option_of_a_newer_version")
+    rc, _, err = _main(capsys, "sample", newer, "--out", str(tmp_path / "s"))
+    _one_line(rc, err, newer, "an_option_of_a_newer_version")
