@@ -295,14 +295,16 @@ def _train(args) -> int:
     return 0
 
 
-def _out_of_memory(exc: RuntimeError, config):
-    """A ValueError naming --batch-size for an allocation failure, else None."""
+def _out_of_memory(exc: RuntimeError, config=None, flag: str = "", value=None, device=None):
+    """A ValueError naming the flag that sets the size (--batch-size by default) for an allocation failure,
+    else None."""
     text = str(exc)
     if not any(k in text for k in ("out of memory", "can't allocate memory", "Cannot allocate memory")):
         return None
+    if config is not None:
+        flag, value, device = "--batch-size", config.batch_size, config.device or "the default device"
     first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
-    return ValueError(f"out of memory with --batch-size {config.batch_size} (on {config.device or 'the default device'}): "
-                      f"lower --batch-size ({first})")
+    return ValueError(f"out of memory with {flag} {value} (on {device}): lower {flag} ({first})")
 
 
 def _report_train(r) -> None:
@@ -423,9 +425,12 @@ def _sample(args) -> int:
     _prepare_out_dir(out_dir, "--out" if args.out else "the samples folder")
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
-    res = sample(score, (n,) + tuple(shape), sde, steps=args.steps,
-                 method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
-                 generator=gen, device=device, progress=args.progress, order=args.order, predict=args.predict)
+    try:
+        res = sample(score, (n,) + tuple(shape), sde, steps=args.steps,
+                     method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
+                     generator=gen, device=device, progress=args.progress, order=args.order, predict=args.predict)
+    except RuntimeError as exc:
+        raise _out_of_memory(exc, flag="--n", value=n, device=device) or exc
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0

@@ -455,3 +455,8 @@ def test_resume_of_a_checkpoint_from_a_newer_version_names_it(toy_run, tmp_path,
     _one_line(rc, err, f"--resume {newer}", "an_option_of_a_newer_version")
     rc, _, err = _main(capsys, "sample", newer, "--out", str(tmp_path / "s"))
     _one_line(rc, err, newer, "an_option_of_a_newer_version")
+
+
+def test_sample_count_beyond_memory_names_the_flag(toy_run, tmp_path, capsys):
+    rc, _, err = _main(capsys, "sample", toy_run, "--n", "100000000000", "--out", str(tmp_path / "s"))
+    _one_line(rc, err, "out of memory with --n 100000000000", "lower --n")
