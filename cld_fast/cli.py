@@ -10,8 +10,10 @@
     cld-fast selftest                                # every op of every backend against the reference
 
 Errors: a user error (bad flag value, missing or bad checkpoint, full disk, locked run folder, ...)
-ends in one line on stderr and exit status 2; the traceback is printed with ``--debug`` or
-``CLD_FAST_DEBUG=1``. SIGINT / SIGTERM during ``train`` save a checkpoint and exit 130 / 143.
+ends in one line on stderr naming the flag, file or entry, and exit status 2; an internal error (a
+bug) is one line saying so, exit status 1; the traceback is printed with ``--debug`` or
+``CLD_FAST_DEBUG=1``. SIGINT / SIGTERM during ``train`` save a checkpoint and exit 130 / 143. Every
+file is written atomically. The rules: docs/guarantees.md.
 """
 from __future__ import annotations
 

@@ -214,6 +214,8 @@ def load_npz(path: str, key: Optional[str] = None) -> Tuple[torch.Tensor, bool]:
     """
     if path is None:
         raise DataError("npz data needs --data-path pointing at a .npz file")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"--data-path {path!r} is not a regular file (a folder, pipe or device); pass an .npz file")
     if not os.path.isfile(path):
         raise DataError(f"npz file not found: {path!r}")
     try:

@@ -91,10 +91,11 @@ class RunLock:
         if self._fd is not None:
             return self
         os.makedirs(self.run_dir, exist_ok=True)
-        fd = os.open(self.run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-        if fcntl is None:  # pragma: no cover - Windows
+        if fcntl is None:  # pragma: no cover - Windows: folders cannot be opened as files there
             warnings.warn("no fcntl on this platform: the run folder is not locked", RuntimeWarning)
+            st, fd = os.stat(self.run_dir), -1
         else:
+            fd = os.open(self.run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -102,7 +103,7 @@ class RunLock:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise RunLockedError(self.run_dir, _read_pid(self.path)) from None
                 raise
-        st = os.fstat(fd)
+            st = os.fstat(fd)
         self._identity = (st.st_dev, st.st_ino)
         self._fd = fd
         try:
@@ -134,7 +135,8 @@ class RunLock:
                 os.unlink(self.path)
             except OSError:
                 pass
-        os.close(fd)  # closing the descriptor releases the flock
+        if fd >= 0:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

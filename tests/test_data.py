@@ -302,3 +302,9 @@ def test_images_vanishing_mid_run_give_one_line(tmp_path):
             src.next(step, torch.Generator().manual_seed(0))
     msg = str(info.value)
     assert "\n" not in msg and "Traceback" not in msg and "could not read image" in msg
+
+
+def test_npz_path_that_is_a_fifo_is_not_opened(tmp_path):
+    os.mkfifo(tmp_path / "d.npz")
+    with pytest.raises(D.DataError, match="not a regular file"):
+        D.load_npz(str(tmp_path / "d.npz"))
