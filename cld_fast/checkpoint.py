@@ -258,7 +258,7 @@ def load_checkpoint(path: str, map_location="cpu", check_finite: bool = True) ->
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
         raise CheckpointError(f"could not load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     check_format(state, path)
-    check_entries(state, path, ("config", "model"))
+    check_entries(state, path, ("model",))
     if check_finite:
         bad = nonfinite_tensors(state)
         if bad:
@@ -293,7 +293,7 @@ def check_entries(state: Mapping[str, Any], path: str, keys) -> None:
         step = int(step)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"{path}: entry 'step' must be an int >= 0 (optimizer steps done), got {step!r}")
-    if not isinstance(state["config"], Mapping):
+    if "config" in keys and not isinstance(state["config"], Mapping):
         raise CheckpointError(f"{path}: entry 'config' must be a dict, got {type(state['config']).__name__}")
 
 

@@ -257,7 +257,7 @@ def _overrides(args) -> dict:
 
 def _train(args) -> int:
     from . import distributed as dist_utils
-    from .checkpoint import load_checkpoint, resolve_resume
+    from .checkpoint import check_entries, load_checkpoint, resolve_resume
     from .config import TrainConfig, get_preset
     from .train import NonFiniteLossError, train
 
@@ -274,8 +274,10 @@ def _train(args) -> int:
         if args.resume:
             path = resolve_resume(args.resume, out)
             if path is not None:
+                state = load_checkpoint(path)
+                check_entries(state, path, ("config", "model"))
                 try:
-                    base = TrainConfig.from_dict(load_checkpoint(path)["config"])
+                    base = TrainConfig.from_dict(state["config"])
                 except (TypeError, ValueError) as exc:
                     raise ValueError(f"--resume {path}: its 'config' entry is not a valid training config of this "
                                      f"version: {exc}") from None

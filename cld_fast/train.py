@@ -428,6 +428,7 @@ class Trainer:
                 print(f"[cld-fast] no checkpoint in {self.ckpt_dir}; starting from step 0", file=sys.stderr)
             return
         state = ckpt.load_checkpoint(path, map_location="cpu")
+        ckpt.check_entries(state, path, ("config", "model", "ema", "optimizer", "rng"))
         self._check_resume_fits(state, path)
         if int(state["step"]) > self.config.steps:
             raise ValueError(f"--steps {self.config.steps} is below the step of the checkpoint to resume "
@@ -992,6 +993,7 @@ def train(config: TrainConfig, run_dir: str, *, resume=None, model: Optional[nn.
 def load_for_sampling(path: str, use_ema: bool = True, device=None):
     """(network in eval mode, sde, TrainConfig, data shape) from one of our training checkpoints."""
     state = ckpt.load_checkpoint(path, map_location="cpu")
+    ckpt.check_entries(state, path, ("config", "model"))
     try:
         config = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as exc:

@@ -157,7 +157,12 @@ def test_missing_entries_and_other_versions_name_the_file(tmp_path):
     state = dict(_state(1), format=ckpt.FORMAT, step=1)
     del state["config"]
     torch.save(state, path)
+    loaded = ckpt.load_checkpoint(path)  # a checkpoint needs its model; who needs the config checks for it
     with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000001\.pt has no 'config' entry"):
+        ckpt.check_entries(loaded, path, ("config", "model"))
+    del state["model"]
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000001\.pt has no 'model' entry"):
         ckpt.load_checkpoint(path)
     torch.save(dict(_state(1), format="cld_fast.train/0", step=1), path)
     with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000001\.pt was written by another cld_fast version"):
