@@ -460,3 +460,12 @@ def test_resume_of_a_checkpoint_from_a_newer_version_names_it(toy_run, tmp_path,
 def test_sample_count_beyond_memory_names_the_flag(toy_run, tmp_path, capsys):
     rc, _, err = _main(capsys, "sample", toy_run, "--n", "100000000000", "--out", str(tmp_path / "s"))
     _one_line(rc, err, "out of memory with --n 100000000000", "lower --n")
+
+
+def test_sample_errors_do_not_suggest_train_only_flags(toy_run, tmp_path, capsys):
+    state = torch.load(os.path.join(toy_run, "checkpoints", "ckpt_0000004.pt"), weights_only=True)
+    state["config"]["model"] = "tiny"  # an image network for 2-D data: the checkpoint's own config is at fault
+    bad = str(tmp_path / "bad.pt")
+    torch.save(state, bad)
+    line = _one_line(*_main(capsys, "sample", bad, "--out", str(tmp_path / "s"))[::2], bad, "needs an MLP model")
+    assert "--model" not in line
