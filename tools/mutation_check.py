@@ -42,6 +42,7 @@ CLI = "tests/test_cli.py"
 DATA = "tests/test_data.py"
 RESUME_OLDER = "tests/test_train_resume.py"
 NCSNPP = "tests/test_models_ncsnpp.py"
+TRAIN = "tests/test_train.py"
 
 
 @dataclass
@@ -287,6 +288,21 @@ MUTANTS: List[Mutant] = [
       "Downsample = functools.partial(layers.Downsample, with_conv=cfg.resamp_with_conv,",
       "Downsample = functools.partial(layers.Downsample, with_conv=True,",
       [NCSNPP, "-k", "downsampling_without_conv"], "DDPM down-sampling ignores resamp_with_conv=False"),
+    M("H1", "train", "cld_fast/train.py", "self._f = _open_append_no_follow(path) if path else None",
+      'self._f = open(path, "a", buffering=1) if path else None', [TRAIN, "-k", "symlink"],
+      "metrics.jsonl appended through a planted symlink"),
+    M("H2", "checkpoint", "cld_fast/checkpoint.py", "    if not os.path.isfile(path):  # a FIFO or device",
+      "    if False:  # a FIFO or device", ["tests/test_checkpoint.py", "-k", "fifo"],
+      "--resume of a FIFO blocks forever"),
+    M("H3", "train", "cld_fast/train.py", '        if int(state["step"]) > self.config.steps:',
+      "        if False:", [TRAIN, "-k", "steps_below"], "--steps below the resumed step silently trains nothing"),
+    M("H4", "train", "cld_fast/train.py", "                _remove_empty_run_folder(self.run_dir)\n",
+      "                pass\n", [TRAIN, "-k", "failed_setup"], "a failed setup leaves empty run folders behind"),
+    M("H5", "cli", "cld_fast/cli.py", '        raise _out_of_memory(exc, flag="--n", value=n, device=device) or exc',
+      "        raise exc", [CLI, "-k", "sample_count_beyond"], "sample --n beyond memory is an internal error"),
+    M("H6", "train", "cld_fast/train.py",
+      "                raise OSError(exc.errno, exc.strerror or str(exc), self.path) from None",
+      "                raise", [TRAIN, "-k", "metrics_write"], "a full disk while logging names no file (nor its disk)"),
 ]
 
 
