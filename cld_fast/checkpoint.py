@@ -297,11 +297,12 @@ def check_entries(state: Mapping[str, Any], path: str, keys) -> None:
         raise CheckpointError(f"{path}: entry 'config' must be a dict, got {type(state['config']).__name__}")
 
 
-def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
+def resolve_resume(resume: str, run_dir: str, what: str = "--resume") -> Optional[str]:
     """The checkpoint file that ``--resume`` names.
 
     ``resume`` is ``"latest"`` (the newest checkpoint of ``<run_dir>/checkpoints``, None if there is
-    none), a checkpoint file, or a run/checkpoints folder (its newest checkpoint).
+    none), a checkpoint file, or a run/checkpoints folder (its newest checkpoint). ``what``: how
+    errors name the argument.
     """
     if resume in (None, "", False):
         return None
@@ -312,9 +313,9 @@ def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
             found = latest_checkpoint(d)
             if found:
                 return found
-        raise CheckpointError(f"--resume {resume}: no checkpoint (ckpt_<step>.pt) in that folder or its checkpoints/")
+        raise CheckpointError(f"{what} {resume}: no checkpoint (ckpt_<step>.pt) in that folder or its checkpoints/")
     if not os.path.exists(resume):
-        raise CheckpointError(f"--resume {resume}: no such file or folder")
+        raise CheckpointError(f"{what} {resume}: no such file or folder")
     return resume
 
 

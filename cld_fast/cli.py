@@ -354,7 +354,7 @@ def _sample(args) -> int:
     src = args.checkpoint
     try:
         if os.path.isdir(src):
-            src = resolve_resume(src, src)
+            src = resolve_resume(src, src, what="checkpoint folder")
         if os.path.exists(src) and not os.path.isfile(src):
             raise CheckpointError(f"{src} is not a regular file (a pipe, socket or device); pass a checkpoint file")
         if not os.path.isfile(src):

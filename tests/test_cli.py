@@ -469,3 +469,10 @@ def test_sample_errors_do_not_suggest_train_only_flags(toy_run, tmp_path, capsys
     torch.save(state, bad)
     line = _one_line(*_main(capsys, "sample", bad, "--out", str(tmp_path / "s"))[::2], bad, "needs an MLP model")
     assert "--model" not in line
+
+
+def test_sample_of_a_folder_without_checkpoints_names_no_train_flag(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    rc, _, err = _main(capsys, "sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"))
+    line = _one_line(rc, err, f"checkpoint folder {tmp_path / 'run'}: no checkpoint")
+    assert "--resume" not in line

@@ -303,6 +303,9 @@ MUTANTS: List[Mutant] = [
     M("H6", "train", "cld_fast/train.py",
       "                raise OSError(exc.errno, exc.strerror or str(exc), self.path) from None",
       "                raise", [TRAIN, "-k", "metrics_write"], "a full disk while logging names no file (nor its disk)"),
+    M("H7", "cli", "cld_fast/cli.py", 'src = resolve_resume(src, src, what="checkpoint folder")',
+      "src = resolve_resume(src, src)", [CLI, "-k", "without_checkpoints"],
+      "sample of a folder without checkpoints blames the train-only --resume"),
 ]
 
 
