@@ -472,6 +472,11 @@ def _sample(args) -> int:
 def _selftest(args) -> int:
     from .selftest import run_selftest
 
+    if args.out is not None:  # checked before the checks run, not after
+        _check_not_empty(args.out, "--out")
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; pass a file name for the Markdown table")
+        _check_out_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     try:
         report = run_selftest(device=args.device, backends=args.backend, dtypes=args.dtype, quick=args.quick)
     except (ValueError, RuntimeError) as exc:  # RuntimeError: torch.device() of a malformed name

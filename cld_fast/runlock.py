@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import warnings
 from typing import Optional
 
@@ -61,8 +62,6 @@ def _read_pid(path: str) -> Optional[int]:
     except OSError:
         return None
     try:
-        import stat
-
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         text = os.read(fd, 64).decode("ascii", "replace").strip()

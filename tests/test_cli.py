@@ -476,3 +476,15 @@ def test_sample_of_a_folder_without_checkpoints_names_no_train_flag(tmp_path, ca
     rc, _, err = _main(capsys, "sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"))
     line = _one_line(rc, err, f"checkpoint folder {tmp_path / 'run'}: no checkpoint")
     assert "--resume" not in line
+
+
+def test_selftest_out_is_checked_before_the_checks_run(tmp_path, capsys, monkeypatch):
+    import cld_fast.selftest
+
+    monkeypatch.setattr(cld_fast.selftest, "run_selftest", lambda **k: pytest.fail("ran before --out was checked"))
+    rc, _, err = _main(capsys, "selftest", "--out", str(tmp_path))
+    _one_line(rc, err, f"--out {tmp_path} is a folder")
+    (tmp_path / "f").write_text("x")
+    rc, _, err = _main(capsys, "selftest", "--out", str(tmp_path / "f" / "t.md"))
+    _one_line(rc, err, "--out")
+

@@ -306,6 +306,9 @@ MUTANTS: List[Mutant] = [
     M("H7", "cli", "cld_fast/cli.py", 'src = resolve_resume(src, src, what="checkpoint folder")',
       "src = resolve_resume(src, src)", [CLI, "-k", "without_checkpoints"],
       "sample of a folder without checkpoints blames the train-only --resume"),
+    M("H8", "cli", "cld_fast/cli.py", "        if os.path.isdir(args.out):\n            raise ValueError(f\"--out {args.out} is a folder",
+      "        if False:\n            raise ValueError(f\"--out {args.out} is a folder", [CLI, "-k", "selftest_out"],
+      "selftest --out naming a folder fails only after every check ran"),
 ]
 
 
