@@ -40,8 +40,9 @@ import torch
 
 __all__ = [
     "FORMAT", "atomic_save", "save_checkpoint", "open_checkpoint", "is_ours", "check_state", "load_checkpoint",
-    "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "resolve_resume", "clean_stale_temp", "CheckpointError",
-    "rng_state_tensors", "restore_rng_states", "nonfinite_tensors", "last_finite_checkpoint",
+    "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "resolve_resume",
+    "clean_stale_temp", "CheckpointError", "rng_state_tensors", "restore_rng_states", "nonfinite_tensors",
+    "last_finite_checkpoint", "check_format", "check_entries", "step_of", "bare_state_dict",
 ]
 
 FORMAT = "cld_fast.train/1"
@@ -126,7 +127,7 @@ def list_checkpoints(directory: str) -> List[str]:
     found = []
     for name in os.listdir(directory):
         m = _NAME.match(name)
-        if m:
+        if m and os.path.isfile(os.path.join(directory, name)):  # a folder or FIFO of that name is no checkpoint
             found.append((int(m.group(1)), os.path.join(directory, name)))
     return [p for _, p in sorted(found)]
 
@@ -216,18 +217,40 @@ def last_finite_checkpoint(directory: str, before: Optional[str] = None) -> Opti
     return None
 
 
-def _step_of(path: str) -> int:
+def step_of(path: str) -> int:
+    """The step in a checkpoint's file name ``ckpt_<step>.pt`` (2**62 for another name)."""
     m = _NAME.match(os.path.basename(path))
     return int(m.group(1)) if m else 2**62
 
 
+_step_of = step_of
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def bare_state_dict(sd: Mapping[str, Any]) -> dict:
+    """``sd`` without the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) key prefixes."""
+    out = {}
+    for k, v in sd.items():
+        nk = k
+        stripped = True
+        while stripped:
+            stripped = False
+            for pre in _WRAPPER_PREFIXES:
+                if nk.startswith(pre):
+                    nk, stripped = nk[len(pre):], True
+        out[nk] = v
+    return out
+
+
 def open_checkpoint(path: str, map_location="cpu") -> Any:
     """The object a checkpoint file holds, read once with ``torch.load(..., weights_only=True)``
-    (ours or an official one); CheckpointError for a missing, folder or unreadable path."""
+    (ours or an official one); CheckpointError for a missing, folder, non-regular or unreadable path."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder; pass a checkpoint file (ckpt_<step>.pt) or use resolve_resume")
+    if not os.path.isfile(path):  # a FIFO or device: reading it could block forever
+        raise CheckpointError(f"{path} is not a regular file (a pipe, socket or device); pass a checkpoint file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
@@ -249,13 +272,11 @@ def load_checkpoint(path: str, map_location="cpu", check_finite: bool = True) ->
 
 def check_state(state: Any, path: Optional[str], check_finite: bool = True) -> dict:
     """``state`` (loaded from ``path``; None for a dict loaded by the caller) if it is one of our
-    checkpoints, finite when ``check_finite``; CheckpointError naming the problem otherwise."""
+    checkpoints with a ``model`` entry and a valid ``step``, finite when ``check_finite``;
+    CheckpointError naming the problem otherwise."""
     name = path or "the checkpoint dict"
-    if not is_ours(state):
-        raise CheckpointError(
-            f"{name} is not a cld_fast training checkpoint (no format={FORMAT!r} entry); official CLD-SGM "
-            "checkpoints load with cld_fast.load_score_model(path, config) (`cld-fast sample PATH --config ...`)"
-        )
+    check_format(state, name)
+    check_entries(state, name, ("model",))
     if check_finite:
         bad = nonfinite_tensors(state)
         if bad:
@@ -267,11 +288,39 @@ def check_state(state: Any, path: Optional[str], check_finite: bool = True) -> d
     return state
 
 
-def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
+def check_format(state: Any, path: str) -> None:
+    """CheckpointError naming ``path`` unless ``state`` is a checkpoint of this format."""
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("cld_fast.train/") and fmt != FORMAT:
+        raise CheckpointError(f"{path} was written by another cld_fast version (format {fmt!r}; this version reads "
+                              f"{FORMAT!r}); use the cld_fast version that wrote it")
+    if fmt != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a cld_fast training checkpoint (no format={FORMAT!r} entry); official CLD-SGM "
+            "checkpoints are sampled with `cld-fast sample CKPT --config cifar10` (a preset or the official config "
+            "JSON) or loaded with cld_fast.load_score_model(path, config)")
+
+
+def check_entries(state: Mapping[str, Any], path: str, keys) -> None:
+    """CheckpointError naming ``path`` and the key when an entry is missing, or ``step`` is not an int >= 0."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} has no {missing[0]!r} entry (a damaged or hand-made checkpoint)")
+    step = state.get("step")
+    if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
+        step = int(step)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: entry 'step' must be an int >= 0 (optimizer steps done), got {step!r}")
+    if "config" in keys and not isinstance(state["config"], Mapping):
+        raise CheckpointError(f"{path}: entry 'config' must be a dict, got {type(state['config']).__name__}")
+
+
+def resolve_resume(resume: str, run_dir: str, what: str = "--resume") -> Optional[str]:
     """The checkpoint file that ``--resume`` names.
 
     ``resume`` is ``"latest"`` (the newest checkpoint of ``<run_dir>/checkpoints``, None if there is
-    none), a checkpoint file, or a run/checkpoints folder (its newest checkpoint).
+    none), a checkpoint file, or a run/checkpoints folder (its newest checkpoint). ``what``: how
+    errors name the argument.
     """
     if resume in (None, "", False):
         return None
@@ -282,9 +331,9 @@ def resolve_resume(resume: str, run_dir: str) -> Optional[str]:
             found = latest_checkpoint(d)
             if found:
                 return found
-        raise CheckpointError(f"--resume {resume}: no checkpoint (ckpt_<step>.pt) in that folder or its checkpoints/")
+        raise CheckpointError(f"{what} {resume}: no checkpoint (ckpt_<step>.pt) in that folder or its checkpoints/")
     if not os.path.exists(resume):
-        raise CheckpointError(f"--resume {resume}: no such file or folder")
+        raise CheckpointError(f"{what} {resume}: no such file or folder")
     return resume
 
 

@@ -10,8 +10,10 @@
     cld-fast selftest                                # every op of every backend against the reference
 
 Errors: a user error (bad flag value, missing or bad checkpoint, full disk, locked run folder, ...)
-ends in one line on stderr and exit status 2; the traceback is printed with ``--debug`` or
-``CLD_FAST_DEBUG=1``. SIGINT / SIGTERM during ``train`` save a checkpoint and exit 130 / 143.
+ends in one line on stderr naming the flag, file or entry, and exit status 2; an internal error (a
+bug) is one line saying so, exit status 1; the traceback is printed with ``--debug`` or
+``CLD_FAST_DEBUG=1``. SIGINT / SIGTERM during ``train`` save a checkpoint and exit 130 / 143. Every
+file is written atomically. The rules: docs/guarantees.md.
 """
 from __future__ import annotations
 
@@ -19,9 +21,12 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 import time
 import traceback
+
+from .fileio import atomic_write_text, atomic_writer, mount_of
 
 EXAMPLES_TRAIN = """examples:
   cld-fast train                                  toy preset: 2-D Gaussian mixture (8 modes), CPU, ~2 min
@@ -207,8 +212,20 @@ def _version_line() -> str:
     return f"cld-fast {__version__} (torch {torch_version})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) that also reads ``-1e-3`` as a value, not an option."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # Numbers such as -1e-3 or -.5e2 are values (argparse's own pattern misses exponents).
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$")
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cld-fast",
         description="Critically-damped Langevin diffusion, fast: fused kernels, samplers and a trainer.",
         epilog="run 'cld-fast COMMAND --help' for the options of a command")
@@ -267,12 +284,14 @@ def _overrides(args) -> dict:
 
 def _train(args) -> int:
     from . import distributed as dist_utils
-    from .checkpoint import load_checkpoint, resolve_resume
+    from .checkpoint import check_entries, load_checkpoint, resolve_resume
     from .config import TrainConfig, get_preset
     from .train import NonFiniteLossError, train
 
-    out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check_not_empty(args.out, "--out")
+    out = args.out if args.out is not None else os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_out_dir(out, "--out")
+    _check_backend_runs()
     if args.device:
         _check_device(args.device)
     overrides = _overrides(args)
@@ -282,12 +301,21 @@ def _train(args) -> int:
         if args.resume:
             path = resolve_resume(args.resume, out)
             if path is not None:
-                base = TrainConfig.from_dict(load_checkpoint(path)["config"])
+                state = load_checkpoint(path)
+                check_entries(state, path, ("config", "model"))
+                try:
+                    base = TrainConfig.from_dict(state["config"])
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"--resume {path}: its 'config' entry is not a valid training config of this "
+                                     f"version: {exc}") from None
         if base is None:
             config = get_preset(args.preset, **overrides)
         else:
             config = base.replace(**overrides) if overrides else base
-        result = train(config, out, resume=args.resume, progress=not args.no_progress)
+        try:
+            result = train(config, out, resume=args.resume, progress=not args.no_progress)
+        except RuntimeError as exc:
+            raise _out_of_memory(exc, config) or exc
     except NonFiniteLossError as exc:
         print(f"cld-fast train: {exc}", file=sys.stderr)
         return 1
@@ -296,6 +324,18 @@ def _train(args) -> int:
     if main:
         _report_train(result)
     return 0
+
+
+def _out_of_memory(exc: RuntimeError, config=None, flag: str = "", value=None, device=None):
+    """A ValueError naming the flag that sets the size (--batch-size by default) for an allocation failure,
+    else None."""
+    text = str(exc)
+    if not any(k in text for k in ("out of memory", "can't allocate memory", "Cannot allocate memory")):
+        return None
+    if config is not None:
+        flag, value, device = "--batch-size", config.batch_size, config.device or "the default device"
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    return ValueError(f"out of memory with {flag} {value} (on {device}): lower {flag} ({first})")
 
 
 def _report_train(r) -> None:
@@ -330,7 +370,11 @@ def _sample(args) -> int:
     from .samplers import get_spec
     from .sampling import sample, sampler_names
 
+    _check_not_empty(args.out, "--out")
+    _check_backend_runs()
     device = _check_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n must be >= 1 (the number of samples), got {args.n}")
     if args.name is not None and (not args.name.strip() or os.path.basename(args.name) != args.name
@@ -363,15 +407,19 @@ def _sample(args) -> int:
     except (TypeError, ValueError) as exc:
         print(f"cld-fast sample: error: --method {args.method}: {exc}", file=sys.stderr)
         return 2
+    out_dir = args.out or default_out
+    _prepare_out_dir(out_dir, "--out" if args.out else "the samples folder")
     gen = torch.Generator(device).manual_seed(args.seed)
     t0 = time.time()
-    res = sample(model.score_fn, (n,) + tuple(shape), sde, steps=args.steps,
-                 method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
-                 generator=gen, device=device, progress=args.progress, **_sampler_options(args))
+    try:
+        res = sample(model.score_fn, (n,) + tuple(shape), sde, steps=args.steps,
+                     method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
+                     generator=gen, device=device, progress=args.progress, **_sampler_options(args))
+    except RuntimeError as exc:
+        raise _out_of_memory(exc, flag="--n", value=n, device=device) or exc
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
-    out_dir = args.out or default_out
     os.makedirs(out_dir, exist_ok=True)
     stem = args.name or f"samples_{args.method}_{args.steps if args.method != 'ode' else 'adaptive'}"
     png = os.path.join(out_dir, stem + ".png")
@@ -379,7 +427,8 @@ def _sample(args) -> int:
     arrays = {"x": res.x.detach().cpu().numpy()}
     if res.v is not None:
         arrays["v"] = res.v.detach().cpu().numpy()
-    np.savez(npz, **arrays)
+    with atomic_writer(npz) as f:
+        np.savez(f, **arrays)
     if is_image:
         plots.image_grid(res.x, png)
     elif shape[0] == 2:
@@ -404,11 +453,22 @@ _SDE_FLAGS = ("beta0", "beta1", "m_inv", "gamma", "numerical_eps")
 
 def _load_sample_model(args, device):
     """``cf.load_score_model`` of ``cld-fast sample``'s checkpoint, --config, --no-ema, --precision and SDE flags."""
-    from .loading import load_score_model
+    from .checkpoint import CheckpointError
+    from .loading import OwnSettingsError, load_score_model
 
-    return load_score_model(args.checkpoint, config=args.config, use_ema=not args.no_ema, device=device,
-                            autocast_dtype=None if args.precision == "fp32" else args.precision,
-                            overrides={k: getattr(args, k) for k in _SDE_FLAGS})
+    src = args.checkpoint
+    if os.path.exists(src) and not os.path.isdir(src) and not os.path.isfile(src):
+        raise CheckpointError(f"{src} is not a regular file (a pipe, socket or device); pass a checkpoint file")
+    if not os.path.exists(src):
+        raise CheckpointError(f"checkpoint not found: {src}")
+    config = _read_config_arg(args.config) if args.config else None
+    try:
+        return load_score_model(src, config=config, use_ema=not args.no_ema, device=device,
+                                autocast_dtype=None if args.precision == "fp32" else args.precision,
+                                overrides={k: getattr(args, k) for k in _SDE_FLAGS})
+    except OwnSettingsError:
+        _refuse_official_flags(args, src)
+        raise
 
 
 def _sde_origin(model, config_flag) -> str:
@@ -431,6 +491,11 @@ def _sde_origin(model, config_flag) -> str:
 def _selftest(args) -> int:
     from .selftest import run_selftest
 
+    if args.out is not None:  # checked before the checks run, not after
+        _check_not_empty(args.out, "--out")
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out} is a folder; pass a file name for the Markdown table")
+        _check_out_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     try:
         report = run_selftest(device=args.device, backends=args.backend, dtypes=args.dtype, quick=args.quick)
     except (ValueError, RuntimeError) as exc:  # RuntimeError: torch.device() of a malformed name
@@ -447,8 +512,7 @@ def _selftest(args) -> int:
     if args.out:
         folder = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(folder, exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(report.to_markdown())
+        atomic_write_text(args.out, report.to_markdown())
         print(f"wrote {os.path.abspath(args.out)}")
     for row in report.failures():
         print(f"FAILED {row.backend} {row.op} [{row.mode}] {row.dtype} {row.shape}: {row.note}")
@@ -476,9 +540,58 @@ def _check_device(name: str):
                              f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif device.type not in ("cpu", "mps", "xpu"):
+    elif device.type in ("mps", "xpu"):
+        mod = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, "xpu", None)
+        if mod is None or not mod.is_available():
+            raise ValueError(f"--device {name}: no {device.type} device is available here; use --device cpu")
+    elif device.type != "cpu":
         raise ValueError(f"--device {name}: unsupported device type {device.type!r}")
     return device
+
+
+def _check_not_empty(value, flag: str) -> None:
+    if value is not None and not value.strip():
+        raise ValueError(f"{flag} must not be empty (leave the flag out for the default)")
+
+
+def _check_backend_runs() -> None:
+    """CLD_FAST_BACKEND must name a backend that can run on this machine (before any long work)."""
+    from . import backends
+
+    name = backends.forced()
+    if name and not backends.get(name).is_available():
+        raise ValueError(f"CLD_FAST_BACKEND={name} can't run here: {backends.get(name).why_unavailable()}; "
+                         "unset it or choose another backend (cld-fast info lists them)")
+
+
+
+
+def _refuse_official_flags(args, src: str) -> None:
+    """--config and the SDE flags apply to official checkpoints only: ours carry their settings."""
+    given = [f"--{k.replace('_', '-')}" for k in _SDE_FLAGS if getattr(args, k) is not None]
+    if args.config:
+        given.insert(0, "--config")
+    if given:
+        raise ValueError(f"{', '.join(given)}: only for official CLD-SGM checkpoints; {src} is a cld_fast checkpoint "
+                         "and carries its own network and SDE settings (leave these flags out)")
+
+
+def _read_config_arg(cfg: str):
+    """``--config``: a preset name, or a JSON file holding one object of official config keys."""
+    if not os.path.exists(cfg):
+        return cfg
+    if not os.path.isfile(cfg):
+        raise ValueError(f"--config {cfg} is not a file")
+    try:
+        with open(cfg) as f:
+            data = json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"--config {cfg} is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--config {cfg} is not a text JSON file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {cfg} must hold a JSON object of config keys, got a {type(data).__name__}")
+    return data
 
 
 def _check_out_dir(path: str, flag: str) -> None:
@@ -497,20 +610,37 @@ def _check_out_dir(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: the folder {probe} is not writable")
 
 
+def _prepare_out_dir(path: str, what: str) -> None:
+    """Prove that ``path`` (or, if missing, its nearest existing ancestor, where it will be created)
+    takes a file: a read-only mount or folder fails here, before any long work, as a one-line error
+    naming the folder and its mount. Creates nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", probe)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise OSError(exc.errno, f"{what} {path} is not writable ({why}; mount {_disk_of(path)})") from None
+
+
 def _disk_of(path: str) -> str:
-    """The mount point holding ``path`` (its nearest existing ancestor)."""
-    p = os.path.abspath(path or ".")
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    while not os.path.ismount(p):
-        p = os.path.dirname(p)
-    return p
+    """The mount point holding ``path`` (its nearest existing ancestor, links resolved)."""
+    return mount_of(path)
 
 
 def _describe(exc: BaseException) -> str:
-    """One line for an error: disk-full names the disk, OSErrors their file, newlines folded."""
+    """One line for an error: disk-full and read-only errors name the file and its mount, OSErrors
+    their file, newlines folded."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = exc.filename or ""
+        if not where:  # no path: naming the working directory's disk would point at the wrong one
+            return f"the disk is full ({exc.strerror or 'no space left on device'})"
         free = ""
         try:
             import shutil
@@ -518,8 +648,9 @@ def _describe(exc: BaseException) -> str:
             free = f", {shutil.disk_usage(_disk_of(where)).free / 2**20:.0f} MiB free"
         except OSError:
             pass
-        msg = f"the disk is full: no space left on {_disk_of(where)}{free}"
-        return msg + (f" while writing {where}" if where else "")
+        return f"the disk is full: no space left on {_disk_of(where)}{free} while writing {where}"
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS and exc.filename:
+        return f"read-only file system: mount {_disk_of(exc.filename)} while writing {exc.filename}"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     text = str(exc).strip() or type(exc).__name__
@@ -530,10 +661,14 @@ def _describe(exc: BaseException) -> str:
 
 def _user_errors() -> tuple:
     from .checkpoint import CheckpointError
-    from .runlock import RunLockedError
+    from .runlock import RunFolderGoneError, RunLockedError
     from .sampling import SamplingError
 
-    return (ValueError, TypeError, KeyError, OSError, CheckpointError, RunLockedError, SamplingError)
+    from .train import MissingExtraError
+
+    return (ValueError, TypeError, KeyError, OSError, CheckpointError, RunLockedError, RunFolderGoneError,
+            SamplingError, MissingExtraError)
+
 
 
 def main(argv=None) -> int:
@@ -563,8 +698,9 @@ def main(argv=None) -> int:
         if isinstance(exc, _user_errors()):
             print(f"{prog}: error: {_describe(exc)}", file=sys.stderr)
             return 2
-        print(f"{prog}: internal error: {type(exc).__name__}: {_describe(exc)} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
+        print(f"{prog}: internal error (a bug in cld_fast, not in your input): {type(exc).__name__}: "
+              f"{_describe(exc)}; please report it to the cld_fast maintainers with `cld-fast info` and the output "
+              "of the same command rerun with --debug", file=sys.stderr)
         return 1
 
 

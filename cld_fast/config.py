@@ -128,6 +128,15 @@ class TrainConfig:
 
         need(self.sample_method in SAMPLERS, f"sample_method must be one of {sampler_names()}, got {self.sample_method!r}")
         need(self.sample_steps >= 1 and self.eval_steps >= 1, "sample_steps and eval_steps must be >= 1")
+        # The final check compares two sample sets by energy distance: it needs two points a side.
+        need(isinstance(self.eval_samples, int) and self.eval_samples >= 2,
+             f"eval_samples (--eval-samples) must be an int >= 2, got {self.eval_samples!r}")
+        need(isinstance(self.sample_count, int) and self.sample_count >= 1,
+             f"sample_count must be an int >= 1, got {self.sample_count!r}")
+        need(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 0,
+             f"keep_checkpoints (--keep) must be an int >= 0 (0 keeps all), got {self.keep_checkpoints!r}")
+        need(isinstance(self.seed, int) and 0 <= self.seed < 2**63,
+             f"seed (--seed) must be an int in [0, 2**63), got {self.seed!r}")
         need(self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}")
         need(isinstance(self.model_overrides, dict), "model_overrides must be a dict")
         if self.model_overrides:

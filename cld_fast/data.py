@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import pickle
 from typing import List, Optional, Tuple
 
@@ -213,6 +214,8 @@ def load_npz(path: str, key: Optional[str] = None) -> Tuple[torch.Tensor, bool]:
     """
     if path is None:
         raise DataError("npz data needs --data-path pointing at a .npz file")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"--data-path {path!r} is not a regular file (a folder, pipe or device); pass an .npz file")
     if not os.path.isfile(path):
         raise DataError(f"npz file not found: {path!r}")
     try:
@@ -234,13 +237,20 @@ def load_npz(path: str, key: Optional[str] = None) -> Tuple[torch.Tensor, bool]:
             key = next((k for k in _NPZ_KEYS if k in keys), None)
             if key is None:
                 raise DataError(f"{path!r} holds several arrays {keys}; choose one with --npz-key")
-        arr = z[key]
+        try:
+            arr = z[key]
+        except ValueError as exc:  # object arrays: they would need pickle, which is never enabled
+            raise DataError(f"array {key!r} in {path!r} cannot be read without pickle ({exc}); save plain numeric "
+                            "arrays (uint8 images or floats)") from None
     if arr.dtype == np.uint8:
         if arr.ndim == 3:
             arr = arr[:, None]
         elif arr.ndim == 4:
             if arr.shape[-1] in (1, 3, 4) and arr.shape[1] not in (1, 3, 4):
                 arr = arr.transpose(0, 3, 1, 2)
+            elif arr.shape[1] not in (1, 3, 4):
+                raise DataError(f"uint8 image array in {path!r} has shape {arr.shape}: neither axis 1 nor the last "
+                                "axis is a channel axis of 1, 3 or 4 (grey, RGB, RGBA)")
         else:
             raise DataError(f"uint8 image array in {path!r} must be (N, H, W), (N, H, W, C) or (N, C, H, W); got shape {arr.shape}")
         return torch.from_numpy(np.ascontiguousarray(arr)), True
@@ -257,15 +267,54 @@ def load_npz(path: str, key: Optional[str] = None) -> Tuple[torch.Tensor, bool]:
 BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
+def _not_regular(fn: str) -> Optional[str]:
+    """Why ``fn`` is not a regular file (a FIFO, socket, device or folder), or None. Never opens it:
+    opening a FIFO would block until something writes into it."""
+    try:
+        mode = os.stat(fn).st_mode
+    except OSError as exc:
+        return f"{exc.strerror or type(exc).__name__}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "not a regular file")
+    return f"not a regular file: {kind}; not opened"
+
+
+# PIL modes of high-bit-depth images and their full-scale value (PNG stores 16-bit grey as I;16 or I).
+_WIDE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535}
+
+
+def _to_8bit(im, fn: str):
+    """``im`` with 8-bit channels: 16-bit images are scaled by their bit depth (65535 -> 255), never clipped."""
+    from PIL import Image
+
+    full = _WIDE_MODES.get(im.mode)
+    if full is None and im.mode == "I" and (im.format or "").upper() == "PNG":
+        full = 65535  # a 16-bit grey PNG opened as 32-bit 'I'
+    if full is None:
+        if im.mode in ("I", "F"):
+            raise DataError(f"image {fn!r} has PIL mode {im.mode!r} (32-bit integer or float pixels) whose range is "
+                            "not known; convert it to 8- or 16-bit PNG")
+        return im
+    arr = np.asarray(im, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8), mode="L")
+
+
 def _decode_error(fn: str) -> Optional[str]:
     """None if ``fn`` decodes completely as an image, else why not (one line)."""
     from PIL import Image
 
+    why = _not_regular(fn)
+    if why:
+        return why
     try:
         with Image.open(fn) as im:
             im.load()
             if im.size[0] < 1 or im.size[1] < 1:
                 return f"empty image {im.size}"
+            _to_8bit(im, fn)
     except Exception as exc:  # noqa: BLE001 - any decoder failure makes the file unusable
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
     return None
@@ -310,6 +359,8 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root: str, size: int, channels: int = 3, bad_images: str = "fail", validate: bool = True):
         if root is None:
             raise DataError("folder data needs --data-path pointing at a folder of images")
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise DataError(f"--data-path {root!r} is a file, not a folder of images (a .npz file is --data npz)")
         if not os.path.isdir(root):
             raise DataError(f"image folder not found: {root!r}")
         if size is None or int(size) < 1:
@@ -336,9 +387,12 @@ class ImageFolder(torch.utils.data.Dataset):
         from PIL import Image
 
         fn = self.files[i]
+        why = _not_regular(fn)
+        if why:
+            raise DataError(f"could not read image {fn!r}: {why}")
         try:
             with Image.open(fn) as im:
-                im = im.convert(self.mode)
+                im = _to_8bit(im, fn).convert(self.mode)
                 w, h = im.size
                 s = self.size / min(w, h)
                 nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
@@ -438,10 +492,14 @@ class DataSource:
         if self._loader_iter is None or self._loader_next_step != step:
             self._start_loader(step)
         try:
-            batch = next(self._loader_iter)
-        except StopIteration:  # end of an epoch: the next one starts at this step
-            self._start_loader(step)
-            batch = next(self._loader_iter)
+            try:
+                batch = next(self._loader_iter)
+            except StopIteration:  # end of an epoch: the next one starts at this step
+                self._start_loader(step)
+                batch = next(self._loader_iter)
+        except DataError as exc:  # raised in a worker: keep the worker's own message, not its traceback
+            self._loader_iter = None
+            raise DataError(_worker_message(exc)) from None
         self._loader_next_step = step + 1
         return batch
 
@@ -492,6 +550,19 @@ class DataSource:
         d = self.sampler.state_dict(step)
         d["kind"] = "dataset"
         return d
+
+
+def _worker_message(exc: BaseException) -> str:
+    """The original one-line message of an exception a DataLoader worker re-raised with its traceback."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    for p in (prefix, f"{type(exc).__name__}: "):
+        if last.startswith(p):
+            return last[len(p):]
+    return last
 
 
 def build_data(config, device, rank: int = 0, world_size: int = 1) -> DataSource:

@@ -113,10 +113,14 @@ def _unwrap(net):
     return net
 
 
+class OwnSettingsError(ValueError):
+    """A config or SDE override given for a cld_fast checkpoint, which carries its own."""
+
+
 def _resolve_path(src) -> str:
     path = os.fspath(src)
     if os.path.isdir(path):
-        return ckpt.resolve_resume(path, path)
+        return ckpt.resolve_resume(path, path, what="checkpoint folder")
     return path
 
 
@@ -164,6 +168,9 @@ def load_score_model(src: Any, config: Any = None, use_ema: bool = True, device=
 
 
 def _from_state(state, path, config, overrides, use_ema, device, autocast_dtype, kind) -> ScoreModel:
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("cld_fast.train/"):  # ours, maybe of another version: named
+        ckpt.check_format(state, path or "the checkpoint dict")
     if not ckpt.is_ours(state):
         if kind == "cld_fast":
             ckpt.check_state(state, path)  # raises, naming what a cld_fast checkpoint needs
@@ -173,8 +180,9 @@ def _from_state(state, path, config, overrides, use_ema, device, autocast_dtype,
                                    "official CLD-SGM one")
     if config is not None or overrides:
         given = "config" if config is not None else ", ".join(sorted(overrides))
-        raise ValueError(f"{given}: {path or 'this checkpoint'} is a cld_fast training checkpoint, which carries its "
-                         "own config and SDE; a config and SDE overrides apply to official checkpoints and networks")
+        raise OwnSettingsError(f"{given}: {path or 'this checkpoint'} is a cld_fast training checkpoint, which "
+                               "carries its own config and SDE; a config and SDE overrides apply to official "
+                               "checkpoints and networks")
     return _from_ours(ckpt.check_state(state, path), path, use_ema, device, autocast_dtype)
 
 
@@ -184,15 +192,24 @@ def _from_ours(state, path, use_ema, device, autocast_dtype) -> ScoreModel:
     from .train import build_network
 
     name = path or "the checkpoint"
-    config = TrainConfig.from_dict(state["config"])
+    ckpt.check_entries(state, name, ("config", "model"))
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as exc:
+        raise ckpt.CheckpointError(f"{name}: its 'config' entry is not a valid training config: "
+                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
     if not state.get("data_shape"):
         raise ckpt.CheckpointError(f"{name} has no 'data_shape' entry (written by every cld_fast trainer)")
     shape = tuple(int(d) for d in state["data_shape"])
     if use_ema and not isinstance(state.get("ema"), dict):
         raise ckpt.CheckpointError(f"{name} has no 'ema' entry; sample with the raw weights (--no-ema, use_ema=False)")
-    net = build_network(config, shape)
     try:
-        net.load_state_dict(state["model"])
+        net = build_network(config, shape)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ckpt.CheckpointError(f"{name}: its config does not describe a network that can be built: "
+                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
+    try:
+        net.load_state_dict(ckpt.bare_state_dict(state["model"]))
         if use_ema:
             ema = ExponentialMovingAverage(net.parameters())
             ema.load_state_dict(state["ema"])

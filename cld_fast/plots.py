@@ -1,5 +1,7 @@
 """PNG figures written during training and sampling (matplotlib, Agg backend; no display needed).
 
+Every figure is written atomically (``cld_fast.fileio.atomic_writer``).
+
 * :func:`scatter_2d`     samples over data for 2-D sets.
 * :func:`image_grid`     a grid of images in [-1, 1] (the centred training range).
 * :func:`quality_figure` samples over data, and energy distance vs. sampler steps per method.
@@ -12,6 +14,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .fileio import atomic_writer
 
 __all__ = ["scatter_2d", "image_grid", "quality_figure", "grid_array", "grid_scale", "log_floor_note"]
 
@@ -43,9 +47,8 @@ def _limits(*arrays, pad: float = 0.1) -> Tuple[float, float]:
 
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_writer(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     return path
 
 
@@ -112,9 +115,8 @@ def image_grid(images, path: str, nrow: Optional[int] = None, scale: Optional[in
     plt = _plt()
     arr = grid_array(images, nrow, scale=scale)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    plt.imsave(tmp, arr)
-    os.replace(tmp, path)
+    with atomic_writer(path) as f:
+        plt.imsave(f, arr, format="png")
     return path
 
 

@@ -27,9 +27,12 @@ not finite, and it is checked at every log and checkpoint point. A non-finite lo
 with :class:`NonFiniteLossError` naming the step and the last good checkpoint; no checkpoint is
 ever written from non-finite parameters.
 
-The run folder is locked (``cld_fast.runlock``: an OS ``flock`` on ``<run>/.lock``) from the
+The run folder is locked (``cld_fast.runlock``: an OS ``flock`` on the folder itself) from the
 start of the trainer to the end of ``run``: a second trainer on the same folder fails with the
-holder's PID. SIGINT / SIGTERM during ``run`` write a checkpoint at the next step boundary and raise
+holder's PID, and a folder deleted or replaced while training stops the run at the next log or
+checkpoint point (``RunFolderGoneError``) instead of being re-created unlocked. Every file of the run
+folder is written atomically (``cld_fast.fileio``), except ``metrics.jsonl``, which is appended one
+flushed line at a time. SIGINT / SIGTERM during ``run`` write a checkpoint at the next step boundary and raise
 :class:`TrainingInterrupted` (``cld-fast train`` then exits 130 / 143).
 
 Checkpoints hold the full state (network, EMA, optimizer, GradScaler, step, every rank's RNG
@@ -62,11 +65,13 @@ from .checks import value_checks
 from .config import TrainConfig
 from .data import DataSource, build_data
 from .ema import ExponentialMovingAverage
+from .fileio import atomic_write_text, atomic_writer
 from .runlock import RunLock
 from .sde import CLD, VPSDE
 from .sde_config import build_sde
 
-__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "build_sde", "build_network",
+__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "MissingExtraError",
+           "build_sde", "build_network",
            "resolve_precision", "load_for_sampling"]
 
 
@@ -95,11 +100,15 @@ class TrainingInterrupted(Exception):
     :class:`NonFiniteLossError` instead, as at any checkpoint.
     """
 
-    def __init__(self, signum: int, step: int, checkpoint: str):
+    def __init__(self, signum: int, step: int, checkpoint: str, after_final_checkpoint: bool = False):
         self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
         self.exit_code = 128 + self.signum
         name = signal.Signals(self.signum).name
-        super().__init__(f"interrupted by {name} at step {self.step}: saved {checkpoint}; continue with --resume")
+        if after_final_checkpoint:
+            super().__init__(f"interrupted by {name} at step {self.step}, after training finished: saved {checkpoint}; "
+                             "the final samples and evaluation were skipped")
+        else:
+            super().__init__(f"interrupted by {name} at step {self.step}: saved {checkpoint}; continue with --resume")
 
 
 @dataclass
@@ -158,11 +167,11 @@ def model_config(config: TrainConfig, data_shape) -> Dict[str, Any]:
     name = str(mcfg.get("name", "ncsnpp")).lower()
     if len(data_shape) == 1:
         if name != "mlp":
-            raise ValueError(f"data of shape {tuple(data_shape)} (vectors) needs an MLP model (e.g. --model toy2d), got {name!r}")
+            raise ValueError(f"data of shape {tuple(data_shape)} (vectors) needs an MLP model (the toy2d preset), got {name!r}")
         mcfg["data_dim"] = int(data_shape[0])
     elif len(data_shape) == 3:
         if name == "mlp":
-            raise ValueError(f"image data of shape {tuple(data_shape)} needs an NCSN++ model (e.g. --model cifar10), got 'mlp'")
+            raise ValueError(f"image data of shape {tuple(data_shape)} needs an NCSN++ model (such as the cifar10 preset), got 'mlp'")
         c, h, w = data_shape
         if h != w:
             raise ValueError(f"NCSN++ needs square images, got {h}x{w}")
@@ -176,7 +185,14 @@ def build_network(config: TrainConfig, data_shape) -> nn.Module:
     """A fresh network for the config and data shape (float32, CPU)."""
     from .models import build_model
 
-    return build_model(model_config(config, data_shape))
+    mcfg = model_config(config, data_shape)
+    try:
+        return build_model(mcfg)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        opts = " ".join(f"{k}={v!r}" for k, v in (config.model_overrides or {}).items())
+        given = f" with --model-opt {opts}" if opts else ""
+        raise ValueError(f"model {config.model if isinstance(config.model, str) else 'dict'!r}{given} cannot be "
+                         f"built: {_first_line(exc)}") from None
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -205,6 +221,10 @@ def network_score(net, sde, config: TrainConfig, autocast_dtype=None):
     return network_score_fn(net, sde, True, config.objective, autocast_dtype)
 
 
+class MissingExtraError(ImportError):
+    """An optional package a requested feature needs is not installed (the message names the extra)."""
+
+
 TENSORBOARD_HINT = "pip install 'cld_fast[tensorboard]' (or pip install tensorboard)"
 
 
@@ -214,7 +234,7 @@ def tensorboard_writer(log_dir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise ImportError(f"tensorboard logging (--tensorboard / TrainConfig.tensorboard) needs the tensorboard "
+        raise MissingExtraError(f"tensorboard logging (--tensorboard / TrainConfig.tensorboard) needs the tensorboard "
                           f"package: {TENSORBOARD_HINT}") from exc
     return SummaryWriter(log_dir=log_dir)
 
@@ -230,6 +250,19 @@ def _scalars(record: Dict[str, Any], prefix: str = ""):
             yield f"{prefix}{key}", float(value)
 
 
+def _open_append_no_follow(path: str):
+    """``path`` opened for appending lines; a symbolic link there is refused, never written through."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) |
+                     getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link; a run folder's files are never written through links "
+                             "(remove it)") from None
+        raise
+    return os.fdopen(fd, "a", buffering=1)
+
+
 class _MetricsWriter:
     """``metrics.jsonl`` (one JSON record per line) and, when ``tensorboard_dir`` is given, every
     numeric field of each record as a TensorBoard scalar at ``record['step']``."""
@@ -237,12 +270,15 @@ class _MetricsWriter:
     def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None):
         self.path = path
         self._tb = tensorboard_writer(tensorboard_dir) if tensorboard_dir else None
-        self._f = open(path, "a", buffering=1) if path else None
+        self._f = _open_append_no_follow(path) if path else None
 
     def write(self, record: Dict[str, Any]) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
+            try:
+                self._f.write(json.dumps(record) + "\n")
+                self._f.flush()
+            except OSError as exc:  # a file object's error carries no path: name it (and so its disk)
+                raise OSError(exc.errno, exc.strerror or str(exc), self.path) from None
         if self._tb is not None:
             for tag, value in _scalars(record):
                 self._tb.add_scalar(tag, value, global_step=int(record.get("step", 0)))
@@ -290,6 +326,8 @@ class Trainer:
         self.t_start = time.time()
         self._lock = RunLock(self.run_dir)
         self._stop_signal: Optional[int] = None
+        self._finishing: Optional[str] = None  # the final checkpoint's path, once written
+        created = not os.path.exists(self.run_dir)
         try:
             self._setup()
             self.loss_fn = loss_fn or getattr(self, LOSSES[type(self.sde)])
@@ -298,6 +336,8 @@ class Trainer:
             self._resume(resume)
         except BaseException:
             self._lock.release()
+            if created:
+                _remove_empty_run_folder(self.run_dir)
             raise
 
     # -- phase 1 ------------------------------------------------------------------------------
@@ -367,6 +407,7 @@ class Trainer:
     # -- phase 4 ------------------------------------------------------------------------------
     def _resume(self, resume) -> None:
         self.step = 0
+        self.superseded = None  # (folder, names) of the checkpoints a resume from an older one moved aside
         self.last_checkpoint: Optional[str] = None
         path = ckpt.resolve_resume(resume, self.run_dir) if resume else None
         if path is None:
@@ -379,10 +420,68 @@ class Trainer:
             if resume and self.is_main and self.verbose:
                 print(f"[cld-fast] no checkpoint in {self.ckpt_dir}; starting from step 0", file=sys.stderr)
             return
-        self.load_state(ckpt.load_checkpoint(path, map_location="cpu"))
+        state = ckpt.load_checkpoint(path, map_location="cpu")
+        ckpt.check_entries(state, path, ("config", "model", "ema", "optimizer", "rng"))
+        self._check_resume_fits(state, path)
+        if int(state["step"]) > self.config.steps:
+            raise ValueError(f"--steps {self.config.steps} is below the step of the checkpoint to resume "
+                             f"({path}, step {state['step']}); --steps is the total, so pass at least that")
+        try:
+            self.load_state(state)
+        except KeyError as exc:
+            raise ckpt.CheckpointError(f"{path} has no {exc.args[0]!r} entry, so it cannot be resumed (it can still "
+                                       "be sampled from); start a new run with another --out") from None
+        except (RuntimeError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"{path} does not fit this run's network or optimizer: "
+                                       f"{_first_line(exc)}") from None
         self.last_checkpoint = os.path.abspath(path)
         if self.is_main and self.verbose:
             print(f"[cld-fast] resumed from {path} at step {self.step}", file=sys.stderr)
+        if self.is_main:
+            self._set_aside_newer_checkpoints(path)
+        dist_utils.barrier()
+
+    # What a checkpoint's network is built from: a resumed run may not change it.
+    _ARCHITECTURE = (("sde", "--sde"), ("model", "--model"), ("model_overrides", "--model-opt"))
+
+    def _check_resume_fits(self, state: Dict[str, Any], path: str) -> None:
+        """CheckpointError naming the setting when this run's network differs from the checkpoint's."""
+        old = state["config"]
+        for key, flag in self._ARCHITECTURE:
+            mine = getattr(self.config, key)
+            theirs = old.get(key, mine)
+            if key == "model_overrides":
+                theirs = theirs or {}
+                mine = mine or {}
+            if theirs != mine:
+                raise ckpt.CheckpointError(
+                    f"--resume {path}: the checkpoint was trained with {key}={theirs!r}, this run asks for "
+                    f"{key}={mine!r}; {flag} cannot change when resuming (leave it out to keep the checkpoint's "
+                    "value, or start a new run with another --out)")
+        shape = state.get("data_shape")
+        if shape is not None and tuple(shape) != tuple(self.data.shape):
+            raise ckpt.CheckpointError(f"--resume {path}: the checkpoint was trained on data of shape {tuple(shape)}, "
+                                       f"this run's data ({self.config.data}) has shape {tuple(self.data.shape)}")
+
+    def _set_aside_newer_checkpoints(self, path: str) -> None:
+        """Move this run's checkpoints newer than the resumed step into ``checkpoints/superseded-...``, so
+        the newest checkpoint of the folder (what ``--resume`` and ``cld-fast sample RUN`` pick) is always
+        the resumed run's."""
+        newer = [p for p in ckpt.list_checkpoints(self.ckpt_dir) if ckpt.step_of(p) > self.step]
+        if not newer:
+            return
+        aside = os.path.join(self.ckpt_dir, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-resumed-at-{self.step:07d}")
+        os.makedirs(aside, exist_ok=True)
+        for p in newer:
+            os.replace(p, os.path.join(aside, os.path.basename(p)))
+        self.superseded = (aside, [os.path.basename(p) for p in newer])
+        msg = (f"resumed from step {self.step}, older than {len(newer)} checkpoint(s) of this run "
+               f"({', '.join(self.superseded[1])}): moved them to {aside} so that the newest checkpoint is this "
+               "run's")
+        if self.verbose:
+            print(f"[cld-fast] {msg}", file=sys.stderr)
+        else:
+            warnings.warn(msg, UserWarning, stacklevel=3)
 
     # -- losses ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -547,6 +646,7 @@ class Trainer:
         if self.scaler is not None:
             record["loss_scale"] = float(self.scaler.get_scale())
         if self.is_main:
+            self._lock.check()
             metrics.write(record)
             if bar is not None:
                 unit = "img/s" if self.data.is_image else "samples/s"
@@ -582,7 +682,7 @@ class Trainer:
 
     def load_state(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (from ``checkpoint.load_checkpoint``)."""
-        self.net.load_state_dict(state["model"])
+        self.net.load_state_dict(ckpt.bare_state_dict(state["model"]))
         self.ema.load_state_dict(state["ema"])
         self.ema.to(self.device)
         osd = copy.copy(state["optimizer"])
@@ -621,6 +721,7 @@ class Trainer:
         state = self.state_dict()
         path = None
         if self.is_main:
+            self._lock.check()  # never re-create a deleted or replaced run folder
             path = ckpt.save_checkpoint(state, self.ckpt_dir, self.step, keep=self.config.keep_checkpoints)
         dist_utils.barrier()
         self.last_checkpoint = os.path.abspath(path or ckpt.checkpoint_path(self.ckpt_dir, self.step))
@@ -687,8 +788,8 @@ class Trainer:
         tb_dir = os.path.join(self.run_dir, "tensorboard") if (self.is_main and cfg.tensorboard) else None
         metrics = _MetricsWriter(os.path.join(self.run_dir, "metrics.jsonl") if self.is_main else None, tb_dir)
         if self.is_main:
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=1)
+            self._lock.check()
+            atomic_write_text(os.path.join(self.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
         if self.is_main and self.verbose:
             print(f"[cld-fast] run dir {self.run_dir} | {self.n_params:,} parameters | device {self.device} | "
                   f"{self.world_size} rank(s) | precision {cfg.precision} -> {self.autocast_dtype or torch.float32}",
@@ -741,6 +842,8 @@ class Trainer:
             return {}
 
         def handler(signum, frame):
+            if self._finishing is not None:  # final evaluation: the checkpoint is written, stop at once
+                raise TrainingInterrupted(signum, self.step, self._finishing, after_final_checkpoint=True)
             if self._stop_signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self._stop_signal = signum
@@ -781,6 +884,9 @@ class Trainer:
     def _finish(self, metrics: "_MetricsWriter", last_record: Dict[str, Any], train_time: float) -> TrainResult:
         cfg = self.config
         path = self.save_checkpoint()
+        if self._stop_signal is not None:  # a signal between the last step and the final checkpoint
+            raise TrainingInterrupted(self._stop_signal, self.step, path, after_final_checkpoint=True)
+        self._finishing = path
         result = TrainResult(run_dir=self.run_dir, step=self.step, loss=last_record.get("loss"), checkpoint=path,
                              metrics=os.path.join(self.run_dir, "metrics.jsonl"), train_time=train_time)
         if self.is_main:
@@ -820,7 +926,8 @@ class Trainer:
         arrays = {"x": res.x.cpu().numpy()}
         if res.v is not None:
             arrays["v"] = res.v.cpu().numpy()
-        np.savez(npz, **arrays)
+        with atomic_writer(npz) as f:
+            np.savez(f, **arrays)
         result.samples_npz = npz
         record = {"step": self.step, "eval": {"method": main_method, "steps": cfg.eval_steps, "n": n,
                                               "energy_distance": ed, "energy_distance_data_vs_data": floor,
@@ -875,6 +982,15 @@ def recommend_sampler(curves: Dict[str, Sequence[Tuple[int, float]]], floor: flo
             "best": {"method": best_m, "steps": best_s, "energy_distance": best_e}}
 
 
+def _remove_empty_run_folder(run_dir: str) -> None:
+    """Undo the folders a trainer that failed before training created (only empty folders are removed)."""
+    for d in (os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "samples"), run_dir):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
 def train(config: TrainConfig, run_dir: str, *, resume=None, model: Optional[nn.Module] = None, progress: bool = True,
           loss_fn: Optional[LossFn] = None, verbose: bool = True) -> TrainResult:
     """Train with ``config`` into ``run_dir`` (see :class:`Trainer`) and return a :class:`TrainResult`."""
@@ -895,3 +1011,11 @@ def load_for_sampling(path: str, use_ema: bool = True, device=None):
 
     m = load_score_model(path, use_ema=use_ema, device=device, kind="cld_fast")
     return m.network, m.sde, m.config, m.data_shape
+
+
+def _first_line(exc: BaseException, limit: int = 400) -> str:
+    """The error message on one line, cut at a word boundary after ``limit`` characters."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."

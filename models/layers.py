@@ -318,7 +318,7 @@ class Upsample(nn.Module):
 class Downsample(nn.Module):
     """2x downsampling block (``resblock_type='ddpm'`` and ``progressive_input`` pyramids).
 
-    fir=False: pad (0,1,0,1) then ``Conv_0`` (3x3, stride 2) or 2x2 average pooling. fir=True: FIR
+    fir=False: pad (0,1,0,1) then ``Conv_0`` (3x3, stride 2), or 2x2 average pooling (no padding). fir=True: FIR
     ``downsample_2d`` or, with conv, the fused ``Conv2d_0`` (conv_downsample_2d).
     (B, in_ch, H, W) -> (B, out_ch, H/2, W/2).
     """
@@ -341,9 +341,8 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fir:
-            x = F.pad(x, (0, 1, 0, 1))
             if self.with_conv:
-                x = self.Conv_0(x)
+                x = self.Conv_0(F.pad(x, (0, 1, 0, 1)))
             else:
                 x = F.avg_pool2d(x, 2, stride=2)
         elif not self.with_conv:

@@ -276,3 +276,91 @@ def test_keep_last_n_checkpoints(tmp_path, keep, left):
         ckpt.save_checkpoint(_small_state(step), d, step, keep=keep)
     assert [int(os.path.basename(p)[5:12]) for p in ckpt.list_checkpoints(d)] == left
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(d))["step"] == 5
+
+
+@pytest.mark.parametrize("step", [-5, 1.5, "3", None])
+def test_a_step_that_is_not_a_count_is_refused_naming_file_and_key(tmp_path, step):
+    path = str(tmp_path / "ckpt_0000001.pt")
+    state = dict(_state(1), format=ckpt.FORMAT)
+    if step is not None:
+        state["step"] = step
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000001\.pt.*'step' must be an int >= 0"):
+        ckpt.load_checkpoint(path)
+
+
+def test_missing_entries_and_other_versions_name_the_file(tmp_path):
+    path = str(tmp_path / "ckpt_0000001.pt")
+    state = dict(_state(1), format=ckpt.FORMAT, step=1)
+    del state["config"]
+    torch.save(state, path)
+    loaded = ckpt.load_checkpoint(path)  # a checkpoint needs its model; who needs the config checks for it
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000001\.pt has no 'config' entry"):
+        ckpt.check_entries(loaded, path, ("config", "model"))
+    del state["model"]
+    torch.save(state, path)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000001\.pt has no 'model' entry"):
+        ckpt.load_checkpoint(path)
+    torch.save(dict(_state(1), format="cld_fast.train/0", step=1), path)
+    with pytest.raises(ckpt.CheckpointError, match=r"ckpt_0000001\.pt was written by another cld_fast version"):
+        ckpt.load_checkpoint(path)
+    torch.save({"model": {"w": torch.ones(1)}}, path)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_checkpoint(path)
+    assert "--official" not in str(info.value) and "--config" in str(info.value)  # a flag that exists
+
+
+def test_nan_hint_names_the_newest_finite_checkpoint(tmp_path):
+    d = str(tmp_path)
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(_state(step), d, step, keep=0)
+    bad = torch.load(ckpt.checkpoint_path(d, 8), weights_only=True)
+    bad["model"]["w"][0] = float("nan")
+    torch.save(bad, ckpt.checkpoint_path(d, 8))
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_checkpoint(ckpt.checkpoint_path(d, 8))
+    assert f"--resume {ckpt.checkpoint_path(d, 6)}" in str(info.value)
+    assert ckpt.last_finite_checkpoint(d) == ckpt.checkpoint_path(d, 6)
+
+
+def test_a_folder_named_like_a_checkpoint_is_not_one(tmp_path):
+    ckpt.save_checkpoint(_state(1), str(tmp_path), 3)
+    os.mkdir(tmp_path / "ckpt_0000009.pt")
+    assert ckpt.latest_checkpoint(str(tmp_path)) == ckpt.checkpoint_path(str(tmp_path), 3)
+
+
+def test_wrapper_prefixes_are_stripped():
+    sd = {"module.a.w": 1, "_orig_mod.b": 2, "module._orig_mod.c": 3, "d": 4}
+    assert ckpt.bare_state_dict(sd) == {"a.w": 1, "b": 2, "c": 3, "d": 4}
+
+
+def test_a_fifo_is_refused_without_reading_it(tmp_path):
+    import threading
+
+    fifo = str(tmp_path / "ckpt_0000001.pt")
+    os.mkfifo(fifo)
+    got = {}
+
+    def load():
+        try:
+            ckpt.load_checkpoint(fifo)
+        except ckpt.CheckpointError as exc:
+            got["exc"] = exc
+
+    th = threading.Thread(target=load, daemon=True)
+    th.start()
+    th.join(20)
+    if th.is_alive():
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_checkpoint blocked reading a FIFO")
+    assert "not a regular file" in str(got["exc"]) and fifo in str(got["exc"])
+    assert ckpt.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_long_runs_prune_by_step_across_digit_counts(tmp_path):
+    d = str(tmp_path)
+    for step in (9999998, 9999999, 10000000, 10000001):
+        ckpt.save_checkpoint(_state(step), d, step, keep=2)
+    assert sorted(os.listdir(d)) == ["ckpt_10000000.pt", "ckpt_10000001.pt"]
+    assert ckpt.latest_checkpoint(d) == ckpt.checkpoint_path(d, 10000001)

@@ -284,7 +284,7 @@ def test_read_only_out_folder(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(PermissionError(
         errno.EACCES, "Permission denied", str(tmp_path / "w" / "x.npz"))))
     rc, _, err = cli(capsys, "sample", ck, "--steps", "2", "--n", "3", "--out", str(tmp_path / "w"))
-    one_line_error(rc, err, "Permission denied: " + str(tmp_path / "w" / "x.npz"))
+    one_line_error(rc, err, "Permission denied: " + str(tmp_path / "w" / "samples_sscs_2.npz"))
 
 
 def test_disk_full_names_the_disk(tmp_path, capsys, monkeypatch):
@@ -367,3 +367,268 @@ def test_train_option_errors_are_one_line(tmp_path, capsys):
     rc, _, err = cli(capsys, "train", "--out", out, "--model-opt", "oops")
     one_line_error(rc, err, "--model-opt expects KEY=VALUE")
     assert not os.path.exists(out)
+
+
+# ---- user errors: one line on stderr naming the flag, file or key; exit 2 ----------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A finished 4-step toy run with checkpoints at steps 2 and 4."""
+    from cld_fast.config import get_preset
+    from cld_fast.train import train
+
+    out = str(tmp_path_factory.mktemp("toy_run"))
+    train(get_preset("toy", steps=4, batch_size=16, log_every=1, ckpt_every=2, keep_checkpoints=5, device="cpu",
+                     precision="fp32", quality_figure=False, eval_samples=50, eval_steps=2, sample_steps=2),
+          out, progress=False, verbose=False)
+    return out
+
+
+def _main(capsys, *argv):
+    try:
+        rc = main(list(argv))
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line(rc, err, *needles, code=2):
+    # progress notes ("[cld-fast] run dir ...") may come first; the error itself is one line
+    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("[cld-fast]")]
+    assert rc == code and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+Q = ["--batch-size", "16", "--no-progress", "--device", "cpu", "--steps", "2", "--eval-samples", "50",
+     "--eval-steps", "2", "--sample-steps", "2", "--no-quality-figure"]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--model-opt", "hidden_dim=-5"], ["--model-opt hidden_dim=-5"]),
+    (["--model-opt", "hidden_dim=abc"], ["--model-opt hidden_dim='abc'"]),
+    (["--device", "mps"], ["--device mps"]),
+    (["--eval-samples", "0"], ["--eval-samples"]),
+    (["--eval-samples", "1"], ["--eval-samples"]),
+    (["--lr", "-1e-3"], ["lr must be a finite number > 0"]),
+    (["--seed", str(2**70)], ["--seed"]),
+    (["--keep", "-1"], ["--keep"]),
+    (["--bogus"], ["unrecognized arguments: --bogus"]),
+])
+def test_train_user_errors_are_one_line_before_training(tmp_path, capsys, argv, needles):
+    out = str(tmp_path / "r")
+    rc, _, err = _main(capsys, "train", "--out", out, *Q, *argv)
+    _one_line(rc, err, *needles)
+    assert not os.path.exists(os.path.join(out, "checkpoints")) or not os.listdir(os.path.join(out, "checkpoints"))
+
+
+def test_train_out_must_not_be_empty(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _main(capsys, "train", "--out", "", *Q)
+    _one_line(rc, err, "--out must not be empty")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_backend_variable_naming_an_unavailable_backend(tmp_path, capsys, monkeypatch):
+    from cld_fast import backends
+
+    missing = [n for n in backends.BACKEND_NAMES if not backends.get(n).is_available()]
+    if not missing:
+        pytest.skip("every backend runs here")
+    monkeypatch.setenv("CLD_FAST_BACKEND", missing[0])
+    rc, _, err = _main(capsys, "train", "--out", str(tmp_path / "r"), *Q)
+    _one_line(rc, err, f"CLD_FAST_BACKEND={missing[0]} can't run here")
+
+
+def test_tensorboard_without_the_package(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tb(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard") or name == "tensorboard":
+            raise ImportError("No module named 'tensorboard'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    rc, _, err = _main(capsys, "train", "--out", str(tmp_path / "r"), *Q, "--tensorboard")
+    _one_line(rc, err, "pip install")
+
+
+def test_batch_size_beyond_memory_names_the_flag(tmp_path, capsys):
+    rc, _, err = _main(capsys, "train", "--out", str(tmp_path / "r"), *Q, "--batch-size", "100000000000")
+    _one_line(rc, err, "out of memory with --batch-size 100000000000", "lower --batch-size")
+
+
+def test_resume_with_another_architecture_names_the_flag(toy_run, tmp_path, capsys):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(toy_run, run)
+    rc, _, err = _main(capsys, "train", "--out", run, "--resume", *Q, "--model-opt", "hidden_dim=64")
+    _one_line(rc, err, "--model-opt cannot change")
+    rc, _, err = _main(capsys, "train", "--out", run, "--resume", *Q, "--sde", "vpsde")
+    _one_line(rc, err, "--sde cannot change")
+
+
+def test_sample_user_errors_name_the_flag_or_file(toy_run, tmp_path, capsys):
+    ck = ckpt_path = os.path.join(toy_run, "checkpoints", "ckpt_0000004.pt")
+    out = str(tmp_path / "s")
+    rc, _, err = _main(capsys, "sample", ck, "--beta0", "100", "--out", out)
+    _one_line(rc, err, "--beta0", "only for official")
+    rc, _, err = _main(capsys, "sample", ck, "--config", "cifar10", "--out", out)
+    _one_line(rc, err, "--config", "only for official")
+    rc, _, err = _main(capsys, "sample", ck, "--seed", str(2**70), "--out", out)
+    _one_line(rc, err, "--seed")
+    rc, _, err = _main(capsys, "sample", ck, "--out", "")
+    _one_line(rc, err, "--out must not be empty")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "bad.json").write_text("{bad")
+    official = os.path.join(FIXTURES, "official_small_checkpoint.pth")
+    rc, _, err = _main(capsys, "sample", official, "--config", str(tmp_path / "list.json"), "--out", out)
+    _one_line(rc, err, f"--config {tmp_path / 'list.json'} must hold a JSON object")
+    rc, _, err = _main(capsys, "sample", official, "--config", str(tmp_path / "bad.json"), "--out", out)
+    _one_line(rc, err, f"--config {tmp_path / 'bad.json'} is not valid JSON")
+    # another version's checkpoint: named as such, not read as an official one ("missing keys ...")
+    state = torch.load(ckpt_path, weights_only=True)
+    state["format"] = "cld_fast.train/0"
+    old = str(tmp_path / "old.pt")
+    torch.save(state, old)
+    rc, _, err = _main(capsys, "sample", old, "--out", out)
+    _one_line(rc, err, "old.pt was written by another cld_fast version")
+    # a checkpoint without its config entry names the file and the key
+    del state["config"]
+    state["format"] = "cld_fast.train/1"
+    torch.save(state, old)
+    rc, _, err = _main(capsys, "sample", old, "--out", out)
+    _one_line(rc, err, "old.pt has no 'config' entry")
+    assert not os.path.exists(out)
+
+
+def test_sample_run_folder_with_a_folder_named_like_a_checkpoint(toy_run, tmp_path, capsys):
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(toy_run, run)
+    os.mkdir(os.path.join(run, "checkpoints", "ckpt_0000009.pt"))
+    rc, out, err = _main(capsys, "sample", run, "--steps", "2", "--n", "3", "--out", str(tmp_path / "s"))
+    assert rc == 0, err
+
+
+def test_sample_unwritable_out_fails_before_sampling(toy_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    import cld_fast.sampling
+
+    calls = []
+    monkeypatch.setattr(cld_fast.sampling, "sample", lambda *a, **k: calls.append(1))
+    real = tempfile.TemporaryFile
+    ro = os.path.join(toy_run, "samples")
+
+    def read_only(*a, dir=None, **k):
+        if dir is not None and os.path.abspath(dir) == os.path.abspath(ro):
+            raise OSError(errno.EROFS, "Read-only file system", dir)
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    rc, _, err = _main(capsys, "sample", toy_run, "--steps", "2", "--n", "3")  # default out: RUN/samples
+    _one_line(rc, err, f"the samples folder {ro} is not writable", "Read-only file system", "mount ")
+    assert calls == []
+
+
+def test_sample_over_a_full_disk_keeps_the_old_file_and_names_the_mount(toy_run, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from cld_fast.fileio import mount_of
+
+    out = tmp_path / "s"
+    rc, _, err = _main(capsys, "sample", toy_run, "--steps", "2", "--n", "3", "--name", "s", "--out", str(out))
+    assert rc == 0, err
+    before = (out / "s.npz").read_bytes()
+
+    def full(file, **arrays):  # writes part of the file, then the disk is full (zipfile's error has no path)
+        f = file if hasattr(file, "write") else open(file, "wb")
+        f.write(before[:100])
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    rc, _, err = _main(capsys, "sample", toy_run, "--steps", "2", "--n", "3", "--name", "s", "--out", str(out))
+    line = _one_line(rc, err, "the disk is full", f"on {mount_of(str(out))}", f"while writing {out / 's.npz'}")
+    assert (out / "s.npz").read_bytes() == before  # the old file is intact: the write was atomic
+    assert sorted(os.listdir(out)) == ["s.npz", "s.png"]  # no temporary file left
+    assert line
+
+
+def test_mount_of_follows_links_to_the_failing_disk(tmp_path):
+    from cld_fast.fileio import mount_of
+
+    other = "/dev/shm"
+    if not (os.path.isdir(other) and os.path.ismount(other)) or mount_of(str(tmp_path)) == other:
+        pytest.skip("needs /dev/shm as a mount of its own")
+    target = tempfile_dir = os.path.join(other, f"cld_fast_test_{os.getpid()}")
+    os.makedirs(target, exist_ok=True)
+    try:
+        os.symlink(target, tmp_path / "link")
+        assert mount_of(str(tmp_path / "link" / "x" / "y.npz")) == other
+    finally:
+        os.rmdir(tempfile_dir)
+
+
+def test_internal_errors_say_they_are_a_bug(capsys, monkeypatch):
+    import cld_fast.cli as cli
+
+    def boom(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "_dispatch", lambda parser, args: boom(args))
+    rc, _, err = _main(capsys, "info")
+    _one_line(rc, err, "internal error (a bug in cld_fast", "ZeroDivisionError", "--debug", "report", code=1)
+
+
+def test_resume_of_a_checkpoint_from_a_newer_version_names_it(toy_run, tmp_path, capsys):
+    state = torch.load(os.path.join(toy_run, "checkpoints", "ckpt_0000004.pt"), weights_only=True)
+    state["config"]["an_option_of_a_newer_version"] = 1
+    newer = str(tmp_path / "newer.pt")
+    torch.save(state, newer)
+    rc, _, err = _main(capsys, "train", "--out", str(tmp_path / "r"), "--resume", newer, *Q, "--steps", "6")
+    _one_line(rc, err, f"--resume {newer}", "an_option_of_a_newer_version")
+    rc, _, err = _main(capsys, "sample", newer, "--out", str(tmp_path / "s"))
+    _one_line(rc, err, newer, "an_option_of_a_newer_version")
+
+
+def test_sample_count_beyond_memory_names_the_flag(toy_run, tmp_path, capsys):
+    rc, _, err = _main(capsys, "sample", toy_run, "--n", "100000000000", "--out", str(tmp_path / "s"))
+    _one_line(rc, err, "out of memory with --n 100000000000", "lower --n")
+
+
+def test_sample_errors_do_not_suggest_train_only_flags(toy_run, tmp_path, capsys):
+    state = torch.load(os.path.join(toy_run, "checkpoints", "ckpt_0000004.pt"), weights_only=True)
+    state["config"]["model"] = "tiny"  # an image network for 2-D data: the checkpoint's own config is at fault
+    bad = str(tmp_path / "bad.pt")
+    torch.save(state, bad)
+    line = _one_line(*_main(capsys, "sample", bad, "--out", str(tmp_path / "s"))[::2], bad, "needs an MLP model")
+    assert "--model" not in line
+
+
+def test_sample_of_a_folder_without_checkpoints_names_no_train_flag(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    rc, _, err = _main(capsys, "sample", str(tmp_path / "run"), "--out", str(tmp_path / "s"))
+    line = _one_line(rc, err, f"checkpoint folder {tmp_path / 'run'}: no checkpoint")
+    assert "--resume" not in line
+
+
+def test_selftest_out_is_checked_before_the_checks_run(tmp_path, capsys, monkeypatch):
+    import cld_fast.selftest
+
+    monkeypatch.setattr(cld_fast.selftest, "run_selftest", lambda **k: pytest.fail("ran before --out was checked"))
+    rc, _, err = _main(capsys, "selftest", "--out", str(tmp_path))
+    _one_line(rc, err, f"--out {tmp_path} is a folder")
+    (tmp_path / "f").write_text("x")
+    rc, _, err = _main(capsys, "selftest", "--out", str(tmp_path / "f" / "t.md"))
+    _one_line(rc, err, "--out")
+

@@ -257,3 +257,96 @@ def test_corrupt_image_fails_before_training_naming_the_file(tmp_path, capsys):
     (root / "empty.png").write_bytes(b"")
     rc, _, err = cli(capsys, *args)
     one_line_error(rc, err, "empty.png")
+
+
+def test_16_bit_png_is_scaled_by_its_bit_depth(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    grey16 = rng.integers(0, 65536, size=(8, 8), dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    grey8 = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    folder = D.ImageFolder(str(tmp_path), size=8, channels=1)
+    got = {os.path.basename(f): folder[i][0].numpy() for i, f in enumerate(folder.files)}
+    want16 = np.rint(grey16.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)  # independent: v / 257
+    np.testing.assert_array_equal(got["g16.png"], want16)
+    np.testing.assert_array_equal(got["g8.png"], grey8)
+    assert (got["g16.png"] == 255).mean() < 0.05  # not clipped to white
+    rgb = D.ImageFolder(str(tmp_path), size=8, channels=3)
+    np.testing.assert_array_equal(rgb[rgb.files.index(str(tmp_path / "g16.png"))].numpy(), np.stack([want16] * 3))
+
+
+def test_fifo_in_an_image_folder_is_never_opened(tmp_path):
+    import threading
+
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "ok.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    result = {}
+
+    def open_folder(policy):
+        try:
+            result[policy] = D.ImageFolder(str(tmp_path), size=8, bad_images=policy)
+        except Exception as exc:  # noqa: BLE001
+            result[policy] = exc
+
+    for policy in ("fail", "skip"):
+        th = threading.Thread(target=open_folder, args=(policy,), daemon=True)
+        th.start()
+        th.join(20)
+        if th.is_alive():  # unblock the reader, then fail
+            with open(tmp_path / "pipe.png", "wb") as w:
+                w.close()
+            pytest.fail("opening the image folder blocked on a FIFO")
+    assert isinstance(result["fail"], D.DataError)
+    assert "pipe.png" in str(result["fail"]) and "FIFO" in str(result["fail"])
+    assert result["skip"].files == [str(tmp_path / "ok.png")]
+
+
+def test_npz_odd_arrays_name_the_file(tmp_path):
+    p = str(tmp_path / "two.npz")
+    np.savez(p, x=np.zeros((4, 8, 8, 2), np.uint8))
+    with pytest.raises(D.DataError, match=r"two\.npz.*\(4, 8, 8, 2\).*channel"):
+        D.load_npz(p)
+    p = str(tmp_path / "obj.npz")
+    np.savez(p, x=np.array([1, "a"], dtype=object))
+    with pytest.raises(D.DataError, match=r"obj\.npz.*pickle"):
+        D.load_npz(p)
+
+
+def test_data_path_that_is_a_file(tmp_path):
+    (tmp_path / "f.npz").write_bytes(b"x")
+    with pytest.raises(D.DataError, match="is a file, not a folder"):
+        D.ImageFolder(str(tmp_path / "f.npz"), size=8)
+
+
+def test_worker_error_is_the_workers_one_line_message():
+    exc = D.DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                      '  File "x.py", line 1, in f\ncld_fast.data.DataError: could not read image \'a.png\': gone')
+    assert D._worker_message(exc) == "could not read image 'a.png': gone"
+
+
+def test_images_vanishing_mid_run_give_one_line(tmp_path):
+    from PIL import Image
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / f"{i}.png")
+    cfg = TrainConfig(data="folder", data_path=str(tmp_path), image_size=8, batch_size=2, num_workers=1,
+                      model="tiny", device="cpu")
+    src = D.build_data(cfg, "cpu")
+    src.next(0, torch.Generator().manual_seed(0))
+    for i in range(4):
+        os.unlink(tmp_path / f"{i}.png")
+    with pytest.raises(D.DataError) as info:
+        for step in range(1, 4):
+            src.next(step, torch.Generator().manual_seed(0))
+    msg = str(info.value)
+    assert "\n" not in msg and "Traceback" not in msg and "could not read image" in msg
+
+
+def test_npz_path_that_is_a_fifo_is_not_opened(tmp_path):
+    os.mkfifo(tmp_path / "d.npz")
+    with pytest.raises(D.DataError, match="not a regular file"):
+        D.load_npz(str(tmp_path / "d.npz"))

@@ -292,3 +292,78 @@ def test_unknown_model_options_are_rejected():
     assert TrainConfig(model="tiny", model_overrides={"n_channels": 8}).model_overrides == {"n_channels": 8}
     with pytest.raises(ValueError, match="grad_clip must be a finite number"):
         TrainConfig(grad_clip=float("nan"))
+
+
+def _group_norm_reference(x, groups, weight, bias, eps=1e-6):
+    """GroupNorm written out in float64: statistics over (C / groups, H, W) per sample and group."""
+    b, c, h, w = x.shape
+    g = x.double().reshape(b, groups, c // groups * h * w)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    y = ((g - mean) / torch.sqrt(var + eps)).reshape(b, c, h, w)
+    return y * weight.double().view(1, c, 1, 1) + bias.double().view(1, c, 1, 1)
+
+
+def test_official_network_group_norms_have_the_official_group_count(cifar10_model):
+    # the official NCSN++ builds every GroupNorm with min(channels // 4, 32) groups
+    norms = [m for m in cifar10_model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and max(m.num_channels for m in norms) >= 256
+    for m in norms:
+        assert m.num_groups == min(m.num_channels // 4, 32), (m.num_channels, m.num_groups)
+        assert m.eps == 1e-6
+    # and the computation is that of 32 groups at 128 channels (not of 16, which has the same shapes)
+    gn = next(m for m in norms if m.num_channels == 128)
+    torch.manual_seed(7)
+    x = torch.randn(2, 128, 4, 4) * torch.linspace(0.1, 3.0, 128).view(1, 128, 1, 1)
+    with torch.no_grad():
+        w, b = torch.randn(128), torch.randn(128)
+        gn_w, gn_b = gn.weight.clone(), gn.bias.clone()
+        gn.weight.copy_(w), gn.bias.copy_(b)
+        try:
+            got = gn(x)
+        finally:
+            gn.weight.copy_(gn_w), gn.bias.copy_(gn_b)
+    assert rel(got, _group_norm_reference(x, 32, w, b)) < 1e-5
+
+
+def test_fourier_scale_sets_the_frequencies():
+    got = {}
+    for scale in (1.0, 16.0, 0.25):
+        torch.manual_seed(11)
+        net = build_model(dict(get_config("tiny"), embedding_type="fourier", fourier_scale=scale))
+        got[scale] = net.all_modules[0].W.detach().clone()
+    assert torch.allclose(got[16.0], 16.0 * got[1.0]) and torch.allclose(got[0.25], 0.25 * got[1.0])
+    assert 0.5 < got[1.0].std().item() < 1.5  # N(0, scale^2) frequencies
+
+
+@pytest.mark.parametrize("fir", [False, True])
+def test_ddpm_downsampling_without_conv_is_average_pooling(fir):
+    import torch.nn.functional as F
+
+    from cld_fast.models import layers
+
+    torch.manual_seed(12)
+    net = build_model(dict(get_config("tiny"), resblock_type="ddpm", resamp_with_conv=False, use_fir=fir,
+                           progressive="none", progressive_input="none"))
+    downs = [m for m in net.modules() if isinstance(m, layers.Downsample)]
+    assert downs
+    x = torch.randn(2, downs[0].out_ch, 8, 8)
+    for m in downs:
+        assert not list(m.parameters())  # no learned convolution
+        if not fir:  # the official non-FIR path: 2x2 average pooling
+            assert torch.equal(m(x), F.avg_pool2d(x, 2, stride=2))
+        else:  # the FIR [1, 3, 3, 1] / 8 filter (both axes, zero padding 1), then every second pixel
+            c = x.shape[1]
+            k1 = torch.tensor([1.0, 3.0, 3.0, 1.0]) / 8.0
+            k = (k1[:, None] * k1[None, :]).expand(c, 1, 4, 4)
+            want = F.conv2d(F.pad(x, (1, 1, 1, 1)), k, groups=c)[:, :, ::2, ::2]
+            assert rel(m(x), want) < 1e-6
+
+
+def test_downsample_without_conv_on_odd_sizes_matches_average_pooling():
+    import torch.nn.functional as F
+
+    from cld_fast.models import layers
+
+    x = torch.randn(1, 4, 5, 5)
+    assert torch.equal(layers.Downsample(4, with_conv=False)(x), F.avg_pool2d(x, 2, stride=2))

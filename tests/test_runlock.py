@@ -160,3 +160,114 @@ def test_trainer_releases_the_lock_when_setup_fails(tmp_path):
     with pytest.raises(DataError):
         Trainer(bad, str(tmp_path), progress=False, verbose=False)
     RunLock(str(tmp_path)).acquire().release()  # not left held by the failed trainer
+
+
+def test_a_symlink_at_the_lock_name_is_never_followed(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(str(notes), str(run / LOCK_NAME))
+    with RunLock(str(run)) as lock:
+        assert not os.path.islink(lock.path)  # replaced by the PID file, not written through
+    assert notes.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("how", ["delete", "replace", "symlink"])
+def test_a_deleted_or_replaced_lock_file_does_not_let_a_second_holder_in(tmp_path, how):
+    run = str(tmp_path / "run")
+    first = RunLock(run).acquire()
+    try:
+        os.unlink(first.path)
+        if how == "replace":
+            with open(first.path, "w") as f:
+                f.write("1\n")
+        elif how == "symlink":
+            os.symlink(str(tmp_path / "elsewhere"), first.path)
+        with pytest.raises(RunLockedError):
+            RunLock(run).acquire()
+        first.check()  # the folder itself is still the locked one
+    finally:
+        first.release()
+    RunLock(run).acquire().release()
+
+
+def test_a_removed_or_swapped_run_folder_is_detected(tmp_path):
+    from cld_fast.runlock import RunFolderGoneError
+
+    run = tmp_path / "run"
+    lock = RunLock(str(run)).acquire()
+    try:
+        os.rename(str(run), str(tmp_path / "moved"))
+        run.mkdir()  # a new folder at the same path is not the locked one
+        with pytest.raises(RunFolderGoneError, match="deleted or replaced"):
+            lock.check()
+        run.rmdir()
+        with pytest.raises(RunFolderGoneError):
+            lock.check()
+    finally:
+        lock.release()
+
+
+def test_trainer_stops_when_its_folder_is_deleted_mid_run(tmp_path, capsys):
+    import shutil
+
+    from cld_fast.config import get_preset
+    from cld_fast.runlock import RunFolderGoneError
+    from cld_fast.train import Trainer
+
+    run = str(tmp_path / "run")
+    cfg = get_preset("toy", steps=6, batch_size=16, log_every=1, ckpt_every=2, device="cpu", precision="fp32",
+                     quality_figure=False, eval_samples=50, eval_steps=2, sample_steps=2)
+    tr = Trainer(cfg, run, progress=False, verbose=False)
+    inner, calls = tr.loss_fn, []
+
+    def loss_then_delete(model, x0, gen):
+        calls.append(1)
+        if len(calls) == 3:
+            shutil.rmtree(run)
+        return inner(model, x0, gen)
+
+    tr.loss_fn = loss_then_delete
+    with pytest.raises(RunFolderGoneError, match=re.escape(run)):
+        tr.run()
+    tr.close()
+    assert not os.path.exists(run)  # not silently re-created without its lock and metrics
+
+
+@pytest.mark.parametrize("phase", ["snapshot", "evaluation"])
+def test_sigterm_during_the_final_evaluation_stops_at_once(tmp_path, phase):
+    from cld_fast.config import get_preset
+    from cld_fast.train import Trainer, TrainingInterrupted
+
+    cfg = get_preset("toy", steps=3, batch_size=16, log_every=1, ckpt_every=0, device="cpu", precision="fp32",
+                     quality_figure=False, eval_samples=50, eval_steps=2, sample_steps=2)
+    tr = Trainer(cfg, str(tmp_path), progress=False, verbose=False)
+    target = "snapshot" if phase == "snapshot" else "_evaluate_toy"
+    real = getattr(tr, target)
+
+    def slow(*a, **k):  # the signal arrives while the final work runs, which then takes 30 s
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        return real(*a, **k)
+
+    setattr(tr, target, slow)
+    t0 = time.time()
+    try:
+        with pytest.raises(TrainingInterrupted, match="after training finished") as info:
+            tr.run()
+    finally:
+        tr.close()
+    assert time.time() - t0 < 20
+    assert info.value.exit_code == 143 and info.value.step == 3
+    assert ckpt.load_checkpoint(info.value.checkpoint)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or not callable(signal.getsignal(signal.SIGTERM)) \
+        or signal.getsignal(signal.SIGTERM).__name__ != "handler"  # handlers restored
+
+
+def test_lock_release_at_interpreter_exit_is_silent(tmp_path):
+    code = ("import sys; from cld_fast.runlock import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+            "sys.modules['stat'] = None")  # modules torn down before the lock's __del__ runs
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                         cwd=ROOT, env=ENV, timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr and "ignored" not in res.stderr, res.stderr

@@ -372,3 +372,55 @@ def test_loss_and_evaluation_samplers_come_from_the_sde(tmp_path):
     assert ev["method"] == "em" and set(ev["curves"]) == set(sampler_names(tr.sde, fixed_steps=True))
     assert [s for s, _ in ev["curves"]["em"]] == [10, 20, 50, 100, 200]
     assert dict(ev["curves"]["em"])[10] == ev["energy_distance"]
+
+
+def test_metrics_file_is_never_written_through_a_symlink(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(str(notes), str(run / "metrics.jsonl"))
+    with pytest.raises(ValueError, match=r"metrics\.jsonl is a symbolic link"):
+        train(_toy(steps=2), str(run), progress=False, verbose=False)
+    assert notes.read_text() == "precious\n"
+
+
+def test_metrics_write_errors_name_the_file(tmp_path):
+    import errno
+
+    from cld_fast.train import _MetricsWriter
+
+    path = str(tmp_path / "metrics.jsonl")
+    w = _MetricsWriter(path)
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a file object raises it: no path
+
+        def close(self):
+            pass
+
+    w._f = Full()
+    with pytest.raises(OSError) as info:
+        w.write({"step": 1})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == path
+
+
+def test_a_failed_setup_leaves_no_empty_run_folder(tmp_path):
+    run = tmp_path / "new_run"
+    with pytest.raises(ValueError, match="fp16"):
+        train(_toy(steps=2, precision="fp16", device="cpu"), str(run), progress=False, verbose=False)
+    assert not run.exists()
+    keep = tmp_path / "existing"
+    keep.mkdir()
+    with pytest.raises(ValueError, match="fp16"):
+        train(_toy(steps=2, precision="fp16", device="cpu"), str(keep), progress=False, verbose=False)
+    assert keep.exists()  # a folder the user made is left alone
+
+
+def test_resume_with_steps_below_the_checkpoint_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    train(_toy(steps=3, ckpt_every=0), run, progress=False, verbose=False)
+    with pytest.raises(ValueError, match=r"--steps 2 is below .*step 3"):
+        train(_toy(steps=2, ckpt_every=0), run, resume="latest", progress=False, verbose=False)
+    assert train(_toy(steps=3, ckpt_every=0), run, resume="latest", progress=False, verbose=False).step == 3

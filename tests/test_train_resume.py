@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from cld_fast import checkpoint as ckpt
@@ -100,6 +101,13 @@ class DropoutNet(nn.Module):
 def _cfg(**kw):
     base = dict(steps=12, batch_size=64, precision="fp32", log_every=4, ckpt_every=6, keep_checkpoints=2,
                 quality_figure=False, eval_samples=64, eval_steps=3, sample_count=64, sample_steps=3, sample_every=0)
+
+
+def _toy(**kw):
+    from cld_fast.config import get_preset
+
+    base = dict(steps=4, batch_size=16, log_every=1, ckpt_every=1, keep_checkpoints=0, device="cpu",
+                precision="fp32", quality_figure=False, eval_samples=50, eval_steps=2, sample_steps=2)
     base.update(kw)
     return get_preset("toy", **base)
 
@@ -124,3 +132,49 @@ def test_resume_with_dropout_is_bitwise_identical(tmp_path):
     for _ in range(6):
         other.train_step()
     assert not all(torch.equal(a, b) for a, b in zip(other.net.parameters(), part.net.parameters()))
+
+
+def test_resume_from_an_older_checkpoint_makes_its_run_the_newest(tmp_path):
+    from cld_fast.train import train
+
+    run = str(tmp_path / "run")
+    cdir = os.path.join(run, "checkpoints")
+    train(_toy(), run, progress=False, verbose=False)
+    old4 = torch.load(ckpt.checkpoint_path(cdir, 4), weights_only=True)
+    res = train(_toy(steps=3, lr=5e-3), run, resume=ckpt.checkpoint_path(cdir, 2), progress=False, verbose=False)
+    # the folder's newest checkpoint (what --resume and `cld-fast sample RUN` pick) is the resumed run's
+    assert ckpt.latest_checkpoint(cdir) == res.checkpoint == ckpt.checkpoint_path(cdir, 3)
+    assert ckpt.resolve_resume("latest", run) == res.checkpoint
+    # the newer checkpoints of the abandoned line are kept, moved aside, unchanged
+    aside = [d for d in os.listdir(cdir) if d.startswith("superseded-")]
+    assert len(aside) == 1 and aside[0].endswith("resumed-at-0000002")
+    moved = sorted(os.listdir(os.path.join(cdir, aside[0])))
+    assert moved == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+    kept = torch.load(os.path.join(cdir, aside[0], "ckpt_0000004.pt"), weights_only=True)
+    assert torch.equal(kept["model"]["main.0.weight"], old4["model"]["main.0.weight"])
+    assert torch.load(res.checkpoint, weights_only=True)["config"]["lr"] == 5e-3
+
+
+def test_resume_refuses_a_different_architecture_naming_the_flag(tmp_path):
+    from cld_fast.train import train
+
+    run = str(tmp_path / "run")
+    train(_toy(steps=2), run, progress=False, verbose=False)
+    with pytest.raises(ckpt.CheckpointError, match="--model-opt cannot change"):
+        train(_toy(steps=3, model_overrides={"hidden_dim": 64}), run, resume="latest", progress=False, verbose=False)
+    with pytest.raises(ckpt.CheckpointError, match="--sde cannot change"):
+        train(_toy(steps=3, sde="vpsde", sample_method="em"), run, resume="latest", progress=False, verbose=False)
+
+
+def test_resume_and_sample_a_checkpoint_with_wrapper_prefixes(tmp_path):
+    from cld_fast.train import load_for_sampling, train
+
+    run = str(tmp_path / "run")
+    res = train(_toy(steps=2), run, progress=False, verbose=False)
+    state = torch.load(res.checkpoint, weights_only=True)
+    state["model"] = {"module." + k: v for k, v in state["model"].items()}  # a DDP-wrapped state_dict
+    torch.save(state, res.checkpoint)
+    net, *_ = load_for_sampling(res.checkpoint, use_ema=False)
+    assert torch.equal(net.state_dict()["main.0.weight"], state["model"]["module.main.0.weight"])
+    again = train(_toy(steps=3), run, resume="latest", progress=False, verbose=False)
+    assert again.step == 3
