@@ -101,6 +101,8 @@ class DropoutNet(nn.Module):
 def _cfg(**kw):
     base = dict(steps=12, batch_size=64, precision="fp32", log_every=4, ckpt_every=6, keep_checkpoints=2,
                 quality_figure=False, eval_samples=64, eval_steps=3, sample_count=64, sample_steps=3, sample_every=0)
+    base.update(kw)
+    return get_preset("toy", **base)
 
 
 def _toy(**kw):
