@@ -127,25 +127,42 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
 
 
 class _HSMLoss(torch.autograd.Function):
-    """HSM loss; backward is one elementwise kernel (eps_v regenerated from the seed if seeded)."""
+    """HSM loss, eps_v drawn once per evaluation.
+
+    Backends with ``LOSS_GRAD_IN_FORWARD`` (the C++ CPU kernels, where drawing eps_v costs more than
+    the memory it would touch) compute d loss / d out for a unit upstream gradient in the forward
+    pass, from the same residuals, and the backward scales it (one multiply). The others keep the
+    forward/backward split and regenerate eps_v from the seed in the backward, which on a GPU moves
+    fewer bytes (docs/kernels.md).
+    """
 
     @staticmethod
     def forward(ctx, out2, u3, t, params, weighting, scale, reduction, eps_v, seed, backend_name, objective, output):
         mod = backends.get(backend_name)
-        loss = _run(mod, "hsm_loss_fwd", out2, u3, t, params, weighting, scale, reduction, eps_v, seed, objective,
-                    output)
-        ctx.save_for_backward(out2, u3, t, params, eps_v, seed)
+        unit_grad = None
+        if ctx.needs_input_grad[0] and getattr(mod, "LOSS_GRAD_IN_FORWARD", False):
+            unit_grad = torch.empty_like(out2, memory_format=torch.contiguous_format)
+            loss = _run(mod, "hsm_loss_fwd_grad", out2, u3, t, params, weighting, scale, reduction, eps_v, seed,
+                        objective, output, unit_grad)
+        else:
+            loss = _run(mod, "hsm_loss_fwd", out2, u3, t, params, weighting, scale, reduction, eps_v, seed, objective,
+                        output)
+        ctx.save_for_backward(out2, u3, t, params, eps_v, seed, unit_grad)
         ctx.args = (weighting, scale, backend_name, objective, output)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out2, u3, t, params, eps_v, seed = ctx.saved_tensors
+        out2, u3, t, params, eps_v, seed, unit_grad = ctx.saved_tensors
         weighting, scale, backend_name, objective, output = ctx.args
-        mod = backends.get(backend_name)
-        grad_out = _run(mod, "hsm_loss_bwd", grad, out2, u3, t, params, weighting, scale, eps_v, seed, objective,
-                        output)
+        if unit_grad is not None:
+            g = grad.to(unit_grad.dtype)
+            grad_out = unit_grad * (g if g.dim() == 0 else g.unsqueeze(1))
+        else:
+            mod = backends.get(backend_name)
+            grad_out = _run(mod, "hsm_loss_bwd", grad, out2, u3, t, params, weighting, scale, eps_v, seed, objective,
+                            output)
         grad_u = None
         if ctx.needs_input_grad[1]:
             # d loss / d v = (c / a) d loss / d out; only when u itself requires grad (not in training).
