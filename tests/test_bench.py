@@ -73,3 +73,23 @@ def test_one_row_per_implementation(report):
     for cpu_row in cpu_rows:  # every op's kernel call matches its schema (a stale call is an n/a "cpu failed")
         assert ("n/a [^" in cpu_row) == (not backends.get("cpu").is_available()), cpu_row
     assert "## Notes" in text and "[^1]:" in text
+
+
+def test_expect_counts_passes_on_its_own_report_and_fails_on_a_changed_count(report, tmp_path):
+    """--expect-counts: a run matches its own report; a report whose op-level counts differ exits 1 and says which."""
+    out, path, text = report
+    run = _load_run()
+    assert run.count_rows(text), "no op-level count table in the report"
+    assert run.count_differences(text, text) == []
+    impl, cells = next(iter(run.count_rows(text).items()))
+    stale = text.replace(f"| {impl} | {cells[0]} |", f"| {impl} | 999 (998) |", 1)
+    assert stale != text
+    problems = run.count_differences(stale, text)
+    assert len(problems) == 1 and problems[0].startswith(impl) and "999 (998)" in problems[0]
+    committed = tmp_path / "committed.md"
+    committed.write_text(stale)
+    argv = ["--only", "kernels", "--device", "cpu", "--sizes", "2x3x4x4", "--target-s", "0.002", "--no-compile",
+            "--no-plots", "--no-latest", "--out", str(tmp_path / "again"), "--expect-counts", str(committed)]
+    with pytest.raises(SystemExit) as info:
+        run.run(argv)
+    assert info.value.code == 1
