@@ -71,9 +71,20 @@ def host_values(x: torch.Tensor) -> np.ndarray:
     return x.numpy()
 
 
+_FINITE_CHUNK = 1 << 16
+
+
 def _all_finite(a: np.ndarray) -> bool:
-    # min and max propagate NaN and expose +-inf without allocating an (N,) mask.
-    return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+    # In cache-sized chunks: no (N,) mask is allocated and each chunk's mask is read from cache.
+    flat = a.reshape(-1)
+    mask = np.empty(min(flat.size, _FINITE_CHUNK), dtype=bool)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        part = mask[:chunk.size]
+        np.isfinite(chunk, out=part)
+        if not part.all():
+            return False
+    return True
 
 
 def device_assert(condition: torch.Tensor, message: str) -> None:
