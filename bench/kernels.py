@@ -1,6 +1,7 @@
 """Kernel table: each public op, per implementation, as a whole call (op level) and as a bare kernel.
 
-Ops (the calls a training or sampling loop makes; value checks off, as the trainer and samplers run):
+Ops (the calls a training or sampling loop makes, with the default settings: value checks on, which
+read no device value and dispatch no op):
 
     perturb   ``cf.perturb(x0, t, sde)``
     loss_fwd  ``cf.hsm_loss(out, u, t, sde, noise)`` with ``out`` requiring grad (the training forward)
@@ -465,30 +466,29 @@ def run(device: torch.device, sizes: List[Size], impls=IMPLS, ops=OPS, target_s:
     """Time and count every (op, size, implementation); failures become ``Result.na``, never exceptions."""
     results: List[Result] = []
     unavailable = {impl: impl_unavailable(impl, device) for impl in impls}
-    with cf.value_checks(False):   # as the built-in trainer and samplers run the ops
-        for op in ops:
-            for n, size in enumerate(sizes):
-                try:
-                    case = Case(op, size, device)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest size
-                    for impl in impls:
-                        results.append(Result(op, size, impl, na=f"inputs could not be built: {common.short_error(exc)}"))
-                    continue
+    for op in ops:
+        for n, size in enumerate(sizes):
+            try:
+                case = Case(op, size, device)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory at the largest size
                 for impl in impls:
-                    if unavailable[impl]:
-                        results.append(Result(op, size, impl, na=unavailable[impl]))
-                        continue
-                    try:
-                        res = _run_one(case, impl, device, target_s, first_size=(n == 0))
-                    except Exception as exc:  # noqa: BLE001 - a column that can't run shows n/a
-                        what = "torch.compile failed" if impl == "compile" else f"{impl} failed"
-                        res = Result(op, size, impl, na=f"{what}: {common.short_error(exc)}")
-                    results.append(res)
-                    _log_result(res, log)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                del case
-                _free(device)
+                    results.append(Result(op, size, impl, na=f"inputs could not be built: {common.short_error(exc)}"))
+                continue
+            for impl in impls:
+                if unavailable[impl]:
+                    results.append(Result(op, size, impl, na=unavailable[impl]))
+                    continue
+                try:
+                    res = _run_one(case, impl, device, target_s, first_size=(n == 0))
+                except Exception as exc:  # noqa: BLE001 - a column that can't run shows n/a
+                    what = "torch.compile failed" if impl == "compile" else f"{impl} failed"
+                    res = Result(op, size, impl, na=f"{what}: {common.short_error(exc)}")
+                results.append(res)
+                _log_result(res, log)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+            del case
+            _free(device)
     return results
 
 
@@ -537,8 +537,9 @@ def count_table(results: List[Result], notes: common.Footnotes) -> str:
     n_ops = notes.ref(
         "ops = non-view aten/custom ops dispatched per public call (bench.common.count_ops, a TorchDispatchMode), "
         "allocations included; in brackets the same without allocations (empty*), i.e. the launches "
-        "tests/test_launch_counts.py asserts. Value checks off. compile: Inductor's generated kernels for the graph "
-        "plus the ops dispatched around it (a dispatch mode cannot see inside a compiled region). The spec's goal: "
+        "tests/test_launch_counts.py asserts. Default settings (value checks on). compile: Inductor's generated kernels "
+        "for the graph plus the ops dispatched around it (a dispatch mode cannot see inside a compiled region). The "
+        "spec's goal: "
         "perturb 1 kernel + the seed draw, hsm_loss forward 1 (+1 final reduce if split), backward 1, one SSCS step 1.")
     rows = []
     for impl in IMPLS:

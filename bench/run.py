@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -58,6 +59,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "it is spent (default: 540 s for a full GPU run, none otherwise)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-latest", action="store_true", help="do not write latest-<kind>.md")
+    p.add_argument("--expect-counts", default=None, metavar="REPORT",
+                   help="a committed report (e.g. bench/results/latest-cpu.md): exit with status 1 when this run's "
+                        "op-level counts differ from its table (stale results are caught in CI)")
     args = p.parse_args(argv)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in args.only if s not in SECTIONS]
@@ -106,7 +110,10 @@ def _header(info: Dict[str, str], args, wall: Dict[str, float], argv) -> str:
     if info["kind"] == "cpu" and hasattr(os, "getloadavg"):
         la = info.get("loadavg")
         if la:
-            rows.append(["load average at start", la + " (CPU timings on a shared machine are noisy)"])
+            end = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+            rows.append(["load average (1 / 5 / 15 min)", f"{la} at start, {end} at the end, on {os.cpu_count()} CPUs "
+                                                          "(CPU timings on a shared machine are noisy; above the CPU "
+                                                          "count, every timing here is slowed by other work)"])
     title = "GPU" if info["kind"] == "gpu" else "CPU"
     return (f"# cld_fast benchmarks ({title})\n\n" + common.md_table(["", ""], rows, align="ll") + "\n\n"
             "Speed is shown, never asserted. Median times; GPU timings use CUDA events after warm-up with the L2 "
@@ -182,7 +189,60 @@ def _run(args, argv) -> Path:
     if not args.no_latest:
         shutil.copyfile(report, out_dir / f"latest-{info['kind']}.md")
     log(f"[bench] wrote {report} ({sum(wall.values()):.0f} s)")
+    if args.expect_counts:
+        problems = count_differences(Path(args.expect_counts).read_text(), text)
+        if problems:
+            log(f"[bench] op-level counts differ from {args.expect_counts} (regenerate the committed results):")
+            for line in problems:
+                log("  " + line)
+            raise SystemExit(1)
+        log(f"[bench] op-level counts match {args.expect_counts}")
     return report
+
+
+_FOOTNOTE = re.compile(r"\s*\[\^\d+\]")
+
+
+def count_rows(report: str) -> Dict[str, List[str]]:
+    """implementation -> cells of the "**Op-level counts**" table of a bench report (footnote marks dropped)."""
+    lines = report.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("**Op-level counts**")), None)
+    if start is None:
+        return {}
+    rows: Dict[str, List[str]] = {}
+    table: List[str] = []
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            table.append(line)
+        elif table:  # the first line after the table ends it
+            break
+    for line in table[2:]:  # header and alignment rows first
+        cells = [_FOOTNOTE.sub("", c).strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+# Rows left out of the comparison: Inductor's kernel count follows the installed torch, not this code.
+_UNCOMPARED = ("torch.compile",)
+
+
+def count_differences(expected_report: str, report: str) -> List[str]:
+    """Lines naming every implementation whose op-level counts differ between two reports (empty: they match).
+
+    The torch.compile row is not compared (its count is Inductor's, which changes with torch).
+    """
+    want, got = count_rows(expected_report), count_rows(report)
+    want = {k: v for k, v in want.items() if not k.startswith(_UNCOMPARED)}
+    got = {k: v for k, v in got.items() if not k.startswith(_UNCOMPARED)}
+    if not want:
+        return ["the committed report has no op-level count table"]
+    if not got:
+        return ["this run produced no op-level count table"]
+    problems = []
+    for impl in sorted(set(want) | set(got)):
+        if want.get(impl) != got.get(impl):
+            problems.append(f"{impl}: committed {want.get(impl)}, now {got.get(impl)}")
+    return problems
 
 
 def _section(title: str, body, notes: common.Footnotes) -> str:

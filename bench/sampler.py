@@ -13,9 +13,11 @@ generator, and its fused kernels draw every half step's noise from (seed, step c
 the contract of ``cld_fast.philox``. The check re-creates that generator, draws the same prior and
 seed, and feeds the official loop the very same normals, computed by the plain-torch reference
 ``cld_fast.philox.philox_normals`` (opening half step of step 0: tag HALF_STEP, step 0; the fused
-call at counter k: (z0, z1) close step k - 1, (z2, z3) open step k). The official loop's
-``sscs_num_stab`` is set to 0 for the check (our half-step covariances have no such term). Then
-every variant's samples x are compared with the official loop's on that noise.
+call at counter k: (z0, z1) close step k, (z2, z3) open step k + 1). The official loop's
+``sscs_num_stab`` is set to 0 for the check (our half-step covariances have no such term). Like is
+compared with like: every ``cf.sample`` call uses the official loop's grid (``striding="linear"``)
+and half-step spans (``sscs_official_half_steps=True``). Then every variant's samples x are
+compared with the official loop's on that noise.
 
 The official loop is timed separately with its own ``torch.randn_like`` noise (so its time is the
 official structure's, not our noise replay's). Each timed run is one whole ``sample`` call after a
@@ -44,6 +46,7 @@ from . import official_style as off
 SAMPLE_SEED = 20240607
 TOL_FP32 = 1e-4    # relative L2 error of x vs the official loop on the same noise (fp32 variants)
 TOL_BF16 = 5e-2    # the same for bf16 autocast variants
+OFFICIAL_STRIDING = "linear"  # official_style.SSCSSampler's default grid
 
 
 @dataclass
@@ -145,7 +148,7 @@ class _PhiloxReplay:
         if j == 0:
             z = philox.philox_normals(self.n, self.seed, 0, philox.TAG_HALF_STEP, device=self.device)
             return self._pair(z[0], z[1])
-        k = (j + 1) // 2                      # the fused call at counter k holds these normals
+        k = (j - 1) // 2                      # the fused call at counter k holds these normals
         z = philox.philox_normals(self.n, self.seed, k, philox.TAG_SSCS, device=self.device)
         return self._pair(z[0], z[1]) if j % 2 == 1 else self._pair(z[2], z[3])
 
@@ -221,7 +224,7 @@ def _run_model(spec: ModelSpec, variants, device, sde, osde, notes, log) -> List
 
     # (a) timed with its own randn_like noise
     u0, seed = _prior_and_seed(shape, device)
-    sampler = off.SSCSSampler(osde, steps, eps=1e-3, denoising=True)
+    sampler = off.SSCSSampler(osde, steps, eps=1e-3, denoising=True, striding=OFFICIAL_STRIDING)
     with torch.no_grad():
         off.SSCSSampler(osde, min(3, steps), eps=1e-3, denoising=True)(net, u0.clone())   # warm-up
         res_a = {}
@@ -230,12 +233,14 @@ def _run_model(spec: ModelSpec, variants, device, sde, osde, notes, log) -> List
     log(f"  sampler {spec.name}: (a) {rows[0].seconds:.3f} s, {rows[0].nfe} NFE")
     # (a) again on cf.sample's noise: the reference for every check
     replay = _PhiloxReplay(seed, shape, device)
-    check = off.SSCSSampler(osde, steps, eps=1e-3, denoising=True, num_stab=0.0, noise_fn=replay)
+    check = off.SSCSSampler(osde, steps, eps=1e-3, denoising=True, striding=OFFICIAL_STRIDING, num_stab=0.0,
+                             noise_fn=replay)
     with torch.no_grad():
         x_ref = check(net, u0.clone())[0]
     del res_a
 
     def run_variant(row: Row, score, **kw):
+        kw = dict(striding=OFFICIAL_STRIDING, sscs_official_half_steps=True, **kw)  # the official loop's grid
         warm = dict(kw)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -1,38 +1,95 @@
 """Input checks at the API boundary: each bad input raises a ValueError or TypeError naming the argument.
 
-Shape, dtype and device checks are free (metadata only). Value checks (t in (0, 1], finite
-values) read tensor contents, which costs a host synchronisation for CUDA tensors; they are on by
-default and can be switched off for hot loops with ``cld_fast.value_checks(False)`` (a context
-manager) or ``CLD_FAST_VALUE_CHECKS=0``. The built-in trainer and samplers make their own times and
-switch them off internally.
+Shape, dtype, device and layout checks read metadata only and always run. Value checks (t in
+(0, 1], finite values, step and seed ranges) read tensor contents and never stop the device:
+
+* CPU tensors are read in place on the host (no dispatched op, no synchronisation); a bad value
+  raises at once, naming the argument.
+* Tensors on an accelerator are checked by an asynchronous device assertion
+  (``torch._assert_async``) queued behind the op: no host synchronisation. A bad value surfaces as
+  a device-side assertion error at the next call that synchronises with the device (docs/guarantees.md).
+
+Value checks are on by default (``CLD_FAST_VALUE_CHECKS=0`` turns the default off) and can be
+switched off per thread with the ``cld_fast.value_checks(False)`` context manager: the switch of one
+thread never changes another thread's checks.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 STATE_DTYPES = (torch.float32, torch.float64)
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-_value_checks = [os.environ.get("CLD_FAST_VALUE_CHECKS", "1").lower() not in ("0", "false", "no", "off")]
+_DEFAULT_VALUE_CHECKS = os.environ.get("CLD_FAST_VALUE_CHECKS", "1").lower() not in ("0", "false", "no", "off")
+_local = threading.local()
+
+
+def _switches() -> list:
+    """This thread's stack of ``value_checks`` switches (empty: the process default)."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
 
 
 def value_checks_enabled() -> bool:
-    """Whether value checks (t range, finiteness) run; see the module docstring."""
-    return _value_checks[-1]
+    """Whether value checks (t range, finiteness, step and seed ranges) run in this thread."""
+    stack = _switches()
+    return stack[-1] if stack else _DEFAULT_VALUE_CHECKS
 
 
 @contextlib.contextmanager
 def value_checks(enabled: bool):
-    """Context manager that turns value checks on or off inside its block."""
-    _value_checks.append(bool(enabled))
+    """Context manager that turns value checks on or off inside its block, for the calling thread only."""
+    stack = _switches()
+    stack.append(bool(enabled))
     try:
         yield
     finally:
-        _value_checks.pop()
+        stack.pop()
+
+
+def _on_host(x: torch.Tensor) -> bool:
+    """Whether ``x``'s values can be read on the host without a device synchronisation."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and type(x) is torch.Tensor
+
+
+def host_values(x: torch.Tensor) -> np.ndarray:
+    """The values of a CPU tensor as a NumPy array sharing its memory (no dispatched op, no copy).
+
+    bfloat16 is widened to float32 (NumPy has no bfloat16); other dtypes keep theirs.
+    """
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        return (x.view(torch.int16).numpy().astype(np.int32) << 16).view(np.float32)
+    return x.numpy()
+
+
+_FINITE_CHUNK = 1 << 16
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    # In cache-sized chunks: no (N,) mask is allocated and each chunk's mask is read from cache.
+    flat = a.reshape(-1)
+    mask = np.empty(min(flat.size, _FINITE_CHUNK), dtype=bool)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        chunk = flat[start:start + _FINITE_CHUNK]
+        part = mask[:chunk.size]
+        np.isfinite(chunk, out=part)
+        if not part.all():
+            return False
+    return True
+
+
+def device_assert(condition: torch.Tensor, message: str) -> None:
+    """Queue an asynchronous device assertion that ``condition`` (a one-element bool tensor) holds."""
+    torch._assert_async(condition, message)
 
 
 def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
@@ -59,10 +116,22 @@ def same_device(reference: torch.Tensor, ref_name: str, **others) -> None:
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {reference.device}; put them on one device")
 
 
-def finite(x: torch.Tensor, name: str) -> None:
-    """Raise if ``x`` holds NaN or inf (a value check)."""
-    if value_checks_enabled() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf values")
+def finite(x: torch.Tensor, name: str, wait: bool = True) -> None:
+    """Raise if ``x`` holds NaN or inf (a value check).
+
+    CPU tensors are checked at once. Others: with ``wait`` (for a check once per long job, such as
+    a sampler's result) by a host read that synchronises; without (the ops) by a device assertion.
+    """
+    if not value_checks_enabled():
+        return
+    if _on_host(x):
+        if not _all_finite(host_values(x)):
+            raise ValueError(f"{name} contains NaN or inf values")
+    elif wait:
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf values")
+    else:
+        device_assert(torch.isfinite(x).all(), f"{name} contains NaN or inf values")
 
 
 def time(t, batch: int, device: torch.device, name: str = "t") -> torch.Tensor:
@@ -76,13 +145,43 @@ def time(t, batch: int, device: torch.device, name: str = "t") -> torch.Tensor:
     if t.device != torch.device(device) and not (t.device.type == torch.device(device).type == "cuda" and torch.device(device).index is None):
         raise ValueError(f"{name} is on {t.device} but the data is on {device}; put them on one device")
     if value_checks_enabled():
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf values")
-        if not bool(((t > 0) & (t <= 1)).all()):
-            raise ValueError(
-                f"{name} must lie in (0, 1] (forward time, t = 0 is data), got min {float(t.min()):.3g}, max {float(t.max()):.3g}"
-            )
+        in_range(t, name, 0.0, 1.0, low_open=True, what="(forward time, t = 0 is data)")
     return t
+
+
+def in_range(x: torch.Tensor, name: str, low: float, high: float, low_open: bool = False, what: str = "") -> None:
+    """Value check: every element of ``x`` is finite and in [low, high] (``low_open``: (low, high]).
+
+    The error reads "{name} must lie in [low, high] {what}"; on the host it adds the min and max.
+    """
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    message = " ".join(part for part in (f"{name} must lie in {interval}", what) if part)
+    if not _on_host(x):
+        above = (x > low) if low_open else (x >= low)
+        device_assert((above & (x <= high)).all(), message)
+        return
+    a = host_values(x)
+    if not _all_finite(a):
+        raise ValueError(f"{name} contains NaN or inf values")
+    lo, hi = a.min(), a.max()
+    if (lo <= low if low_open else lo < low) or hi > high:
+        raise ValueError(f"{message}, got min {float(lo):.3g}, max {float(hi):.3g}")
+
+
+def int_in_range(x: torch.Tensor, name: str, low: int, high: int, message: str = "") -> Optional[int]:
+    """Value check of a one-element int64 tensor: low <= x <= high. Returns the value when read on the host.
+
+    ``message`` (default: "{name} must be in [low, high]") is the error; on the host ``{value}`` in it is
+    replaced by the value read.
+    """
+    message = message or f"{name} must be in [{low}, {high}], got {{value}}"
+    if not _on_host(x):
+        device_assert(((x >= low) & (x <= high)).all(), message.replace("{value}", "an out-of-range value"))
+        return None
+    value = int(host_values(x).reshape(-1)[0])
+    if not low <= value <= high:
+        raise ValueError(message.replace("{value}", str(value)))
+    return value
 
 
 def state_for(u: torch.Tensor, x_shape: Sequence[int], name: str = "u", x_name: str = "x") -> None:

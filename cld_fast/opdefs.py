@@ -33,6 +33,8 @@ Ops (noise tags in brackets):
                   or summed over samples (reduction 1, 0-d); in the state dtype; (c, w, a) of
                   ``CLD.loss_coefficients(t, weighting, objective, output)``
     hsm_loss_bwd  d loss / d out = 2 scale w grad a (a out + c v - eps_v); grad 0-d or (B,)
+    hsm_loss_fwd_grad  hsm_loss_fwd's loss, and into grad_out (B, D) in out's dtype the gradient for
+                  grad = 1, from one pass that draws eps_v once (the loss's backward then scales it)
     mixed_score   c0(t) v + c1(t) out, (c0, c1) of ``CLD.score_coefficients(t, objective, output)``
                   (default codes: -v / s_vv(t) - out / l22(t))                           (B, D)
     half_step_    u <- reverse linear half step from ts[step] to ts[step + 1]            [HALF_STEP]
@@ -157,6 +159,13 @@ def hsm_loss_bwd_ref(grad, out, u, t, sde, weighting, scale, eps_v, seed, object
     return ((2.0 * (w * g)).unsqueeze(1) * (a * r)).to(out.dtype)
 
 
+def hsm_loss_fwd_grad_ref(out, u, t, sde, weighting, scale, reduction, eps_v, seed, objective, output, grad_out):
+    r, w, a = _loss_residual(out, u, t, sde, weighting, scale, eps_v, seed, objective, output)
+    grad_out.copy_(((2.0 * w).unsqueeze(1) * (a * r)).to(grad_out.dtype))
+    per_sample = w * (r * r).sum(dim=1)
+    return per_sample.sum() if reduction == 1 else per_sample
+
+
 def mixed_score_ref(out, u, t, sde, objective=0, output=0):
     c = _cld(sde).score_coefficients(t.to(torch.float64), OBJECTIVES[objective], OUTPUTS[output]).to(u.dtype)
     return c[:, 0:1] * u[:, 1] + c[:, 1:2] * out.to(u.dtype)
@@ -270,6 +279,10 @@ def _hsm_loss_bwd_fake(grad, out, u, t, sde, weighting, scale, eps_v, seed, obje
     return out.new_empty((u.shape[0], u.shape[2]))
 
 
+def _hsm_loss_fwd_grad_fake(out, u, t, sde, weighting, scale, reduction, eps_v, seed, objective, output, grad_out):
+    return _hsm_loss_fwd_fake(out, u, t, sde, weighting, scale, reduction, eps_v, seed, objective, output)
+
+
 def _mixed_score_fake(out, u, t, sde, objective, output):
     return u.new_empty((u.shape[0], u.shape[2]))
 
@@ -290,6 +303,10 @@ OPS: Dict[str, OpDef] = {d.name: d for d in (
          "(Tensor grad, Tensor out, Tensor u, Tensor t, Tensor sde, int weighting, float scale, Tensor? eps_v, "
          "Tensor? seed, int objective, int output) -> Tensor",
          (), _hsm_loss_bwd_fake, hsm_loss_bwd_ref),
+    _def("hsm_loss_fwd_grad",
+         "(Tensor out, Tensor u, Tensor t, Tensor sde, int weighting, float scale, int reduction, Tensor? eps_v, "
+         "Tensor? seed, int objective, int output, Tensor(a!) grad_out) -> Tensor",
+         ("grad_out",), _hsm_loss_fwd_grad_fake, hsm_loss_fwd_grad_ref),
     _def("mixed_score", "(Tensor out, Tensor u, Tensor t, Tensor sde, int objective, int output) -> Tensor", (),
          _mixed_score_fake, mixed_score_ref),
     _def("half_step_", "(Tensor(a!) u, Tensor ts, Tensor step, Tensor sde, Tensor? eps, Tensor? seed) -> ()",

@@ -98,7 +98,7 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
     checks.tensor(x0, "x0", min_dim=2)
     b = x0.shape[0]
     checks.time(t, b, x0.device)
-    checks.finite(x0, "x0")
+    checks.finite(x0, "x0", wait=False)
     d = x0[0].numel()
     mod = backends.select(x0.device, x0.dtype, backend)
     u = torch.empty((b, 2 * x0.shape[1]) + tuple(x0.shape[2:]), dtype=x0.dtype, device=x0.device)
@@ -114,7 +114,7 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
         checks.same_device(x0, "x0", eps=eps)
         if tuple(eps.shape) != (b, 2, d):
             raise ValueError(f"eps must have shape {(b, 2, d)} (eps_x, eps_v per element of x0), got {tuple(eps.shape)}")
-        checks.finite(eps, "eps")
+        checks.finite(eps, "eps", wait=False)
         eps = eps.to(x0.dtype)
     elif mod.NAME == "torch":
         eps = torch.randn((b, 2, d), generator=generator, device=x0.device, dtype=x0.dtype)
@@ -127,25 +127,42 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
 
 
 class _HSMLoss(torch.autograd.Function):
-    """HSM loss; backward is one elementwise kernel (eps_v regenerated from the seed if seeded)."""
+    """HSM loss, eps_v drawn once per evaluation.
+
+    Backends with ``LOSS_GRAD_IN_FORWARD`` (the C++ CPU kernels, where drawing eps_v costs more than
+    the memory it would touch) compute d loss / d out for a unit upstream gradient in the forward
+    pass, from the same residuals, and the backward scales it (one multiply). The others keep the
+    forward/backward split and regenerate eps_v from the seed in the backward, which on a GPU moves
+    fewer bytes (docs/kernels.md).
+    """
 
     @staticmethod
     def forward(ctx, out2, u3, t, params, weighting, scale, reduction, eps_v, seed, backend_name, objective, output):
         mod = backends.get(backend_name)
-        loss = _run(mod, "hsm_loss_fwd", out2, u3, t, params, weighting, scale, reduction, eps_v, seed, objective,
-                    output)
-        ctx.save_for_backward(out2, u3, t, params, eps_v, seed)
+        unit_grad = None
+        if ctx.needs_input_grad[0] and getattr(mod, "LOSS_GRAD_IN_FORWARD", False):
+            unit_grad = torch.empty_like(out2, memory_format=torch.contiguous_format)
+            loss = _run(mod, "hsm_loss_fwd_grad", out2, u3, t, params, weighting, scale, reduction, eps_v, seed,
+                        objective, output, unit_grad)
+        else:
+            loss = _run(mod, "hsm_loss_fwd", out2, u3, t, params, weighting, scale, reduction, eps_v, seed, objective,
+                        output)
+        ctx.save_for_backward(out2, u3, t, params, eps_v, seed, unit_grad)
         ctx.args = (weighting, scale, backend_name, objective, output)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out2, u3, t, params, eps_v, seed = ctx.saved_tensors
+        out2, u3, t, params, eps_v, seed, unit_grad = ctx.saved_tensors
         weighting, scale, backend_name, objective, output = ctx.args
-        mod = backends.get(backend_name)
-        grad_out = _run(mod, "hsm_loss_bwd", grad, out2, u3, t, params, weighting, scale, eps_v, seed, objective,
-                        output)
+        if unit_grad is not None:
+            g = grad.to(unit_grad.dtype)
+            grad_out = unit_grad * (g if g.dim() == 0 else g.unsqueeze(1))
+        else:
+            mod = backends.get(backend_name)
+            grad_out = _run(mod, "hsm_loss_bwd", grad, out2, u3, t, params, weighting, scale, eps_v, seed, objective,
+                            output)
         grad_u = None
         if ctx.needs_input_grad[1]:
             # d loss / d v = (c / a) d loss / d out; only when u itself requires grad (not in training).
@@ -264,25 +281,25 @@ def _grid(ts, device, name="ts") -> torch.Tensor:
         raise ValueError(f"{name} must be a 1-D floating tensor of forward times, got {tuple(ts.shape)} {ts.dtype}")
     if ts.device != torch.device(device) and not (ts.device.type == "cuda" == torch.device(device).type):
         ts = ts.to(device)
-    if checks.value_checks_enabled() and not bool(((ts >= 0) & (ts <= 1)).all()):
-        raise ValueError(f"{name} must hold forward times in [0, 1]")
+    if checks.value_checks_enabled():
+        checks.in_range(ts, name, 0.0, 1.0, what="(forward times)")
     return _times(ts)
 
 
 def _check_step_range(step, points: int, reads_next: bool, op: str) -> None:
     """Raise the same ValueError on every backend when the step lies outside the grid.
 
-    An int step is always checked; a tensor step only with value checks on (reading it is a host
-    sync on a GPU). With value checks off the kernels read the step themselves: the Triton and CUDA
-    kernels write NaN for an out-of-range step (no memory outside ``ts`` is read), the C++ CPU
-    kernels raise this error as a RuntimeError, and the torch reference's IndexError is re-raised
-    as this ValueError by ``_run_step``.
+    An int step is always checked; a tensor step with value checks on (``checks.int_in_range``: at
+    once on a CPU, by a device assertion elsewhere). Whatever the checks, the kernels read the step
+    themselves: the Triton and CUDA kernels write NaN for an out-of-range step (no memory outside
+    ``ts`` is read), the C++ CPU kernels raise this error as a RuntimeError, and the torch
+    reference's IndexError is re-raised as this ValueError by ``_run_step``.
     """
     last = points - 2 if reads_next else points - 1
     if isinstance(step, torch.Tensor) and checks.value_checks_enabled() and step.numel() == 1 \
             and step.dtype == torch.int64:
-        step = int(step.reshape(()).item())
-    if isinstance(step, int) and not isinstance(step, bool) and not 0 <= step <= last:
+        checks.int_in_range(step, "step", 0, last, _step_error(op, "{value}", points, last))
+    elif isinstance(step, int) and not isinstance(step, bool) and not 0 <= step <= last:
         raise ValueError(_step_error(op, step, points, last))
 
 
@@ -319,7 +336,7 @@ def _prepare_step(u, y, ts, sde, step, eps, eps_count, op, reads_next=True):
         if tuple(eps.shape) != want:
             raise ValueError(f"eps must have shape {want}, got {tuple(eps.shape)}")
         checks.same_device(u, "u", eps=eps)
-        checks.finite(eps, "eps")
+        checks.finite(eps, "eps", wait=False)
         eps = eps.to(u.dtype)
     return ts, step, eps
 
@@ -336,10 +353,8 @@ def _seed(seed, device):
     if isinstance(seed, torch.Tensor) and seed.dtype == torch.int64 and seed.numel() == 1:
         if seed.device != torch.device(device) and not (seed.device.type == "cuda" == torch.device(device).type):
             raise ValueError(f"seed is on {seed.device} but the data is on {device}")
-        if checks.value_checks_enabled():  # a host read: off in the trainer and the samplers
-            value = int(seed.reshape(()).item())
-            if not 0 <= value < philox.SEED_BOUND:
-                raise ValueError(f"seed must be in [0, 2**62), got {value}")
+        if checks.value_checks_enabled():
+            checks.int_in_range(seed, "seed", 0, philox.SEED_BOUND - 1, "seed must be in [0, 2**62), got {value}")
         return seed.reshape(1)
     raise TypeError("seed must be None, an int in [0, 2**62), a torch.Generator or a (1,) int64 tensor")
 
@@ -482,15 +497,16 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
     if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != GDDIM_COLS \
             or table.shape[0] < 1 or table.dtype not in (torch.float32, torch.float64):
         got = f"{tuple(table.shape)} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
-        raise ValueError(f"table must be a (S >= 1, {GDDIM_COLS}) float tensor from cld_fast.samplers.gddim.gddim_table, got {got}")
-    checks.finite(table, "table")
+        raise ValueError(f"table must be a (S >= 1, {GDDIM_COLS}) float tensor from "
+                         f"cld_fast.samplers.gddim.gddim_table, got {got}")
+    checks.finite(table, "table", wait=False)
     rows = table.shape[0]
-    value = step
+    message = f"gddim_step_: step = {{value}} is out of range for a table of {rows} rows (valid 0..{rows - 1})"
     if isinstance(step, torch.Tensor) and checks.value_checks_enabled() and step.numel() == 1 \
             and step.dtype == torch.int64:
-        value = int(step.reshape(()).item())
-    if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < rows:
-        raise ValueError(f"gddim_step_: step = {value} is out of range for a table of {rows} rows (valid 0..{rows - 1})")
+        checks.int_in_range(step, "step", 0, rows - 1, message)
+    elif isinstance(step, int) and not isinstance(step, bool) and not 0 <= step < rows:
+        raise ValueError(message.replace("{value}", str(step)))
     step = checks.step_tensor(step, u.device)
     mod = backends.select(u.device, u.dtype, backend)
     y2 = _flat(y)

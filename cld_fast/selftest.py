@@ -315,6 +315,13 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
                 _Variant(S, "likelihood grad (B,) seed", [grad_b, out, u, t, p, lik, 0.25, None, seed, hsm, mix]),
                 _Variant(S, "reweightedv1 eps-output grad (B,) seed",
                          [grad_b, out, u, t, p, rw1, 0.25, None, seed, hsm, eps_out])]
+    if name == "hsm_loss_fwd_grad":  # hsm_loss_fwd's arguments, then grad_out (B, D): the gradient is compared
+        return [_Variant(E, "reweightedv2 none", [out, u, t, p, rw, 1.0, 0, eps1, None, hsm, mix, target(b, d)]),
+                _Variant(E, "likelihood dsm eps-output sum",
+                         [out, u, t, p, lik, 0.5, 1, eps1, None, dsm, eps_out, target(b, d)]),
+                _Variant(S, "reweightedv2 sum seed", [out, u, t, p, rw, 1.0 / b, 1, None, seed, hsm, mix, target(b, d)]),
+                _Variant(S, "reweightedv1 score-output none seed",
+                         [out, u, t, p, rw1, 0.25, 0, None, seed, hsm, score_out, target(b, d)])]
     if name == "mixed_score":  # (out, u, t, sde, objective, output)
         return [_Variant(E, f"{obj} {outp}", [out, u, t, p, OBJECTIVE_CODES[obj], OUTPUT_CODES[outp]])
                 for obj in OBJECTIVE_CODES for outp in OUTPUT_CODES]

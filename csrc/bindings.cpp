@@ -12,15 +12,16 @@
 
 #include "cld_coefficients.h"
 #include "cld_philox.h"
+#include "cpu/cld_philox_cpu.h"
 
 namespace cld {
 bool cpu_kernels_compiled();  // csrc/cpu/ops_cpu.cpp
 }
 
 namespace {
-// The Philox contract as compiled into the kernels (cld_philox.h), for tests: the four uint32 outputs
-// (as int64) and their uniforms for element indices start .. start + n - 1. Returns ((4, n) int64,
-// (4, n) float32).
+// The Philox contract as compiled into the CPU kernels (cld_philox.h, vectorised by
+// cpu/cld_philox_cpu.h), for tests: the four uint32 outputs (as int64) and their uniforms for element
+// indices start .. start + n - 1. Returns ((4, n) int64, (4, n) float32).
 std::pair<at::Tensor, at::Tensor> philox_probe(int64_t seed, int64_t start, int64_t n, int64_t step, int64_t tag) {
   TORCH_CHECK(n >= 0, "_philox_probe: n must be >= 0, got ", n);
   TORCH_CHECK(tag >= 0 && tag <= 0xffffffffLL, "_philox_probe: tag must fit in 32 bits, got ", tag);
@@ -28,15 +29,27 @@ std::pair<at::Tensor, at::Tensor> philox_probe(int64_t seed, int64_t start, int6
   at::Tensor unif = at::empty({4, n}, at::kFloat);
   auto b = bits.accessor<int64_t, 2>();
   auto u = unif.accessor<float, 2>();
+  std::vector<uint32_t> words(static_cast<size_t>(4 * n));
+  uint32_t* w[4] = {words.data(), words.data() + n, words.data() + 2 * n, words.data() + 3 * n};
+  cld::cpu::philox_words(seed, start, n, step, static_cast<uint32_t>(tag), w);
   for (int64_t j = 0; j < n; ++j) {
-    const cld::Philox4 r = cld::philox_bits(seed, start + j, step, static_cast<uint32_t>(tag));
-    const uint32_t w[4] = {r.r0, r.r1, r.r2, r.r3};
     for (int k = 0; k < 4; ++k) {
-      b[k][j] = static_cast<int64_t>(w[k]);
-      u[k][j] = cld::uniform_from_bits(w[k]);
+      b[k][j] = static_cast<int64_t>(w[k][j]);
+      u[k][j] = cld::uniform_from_bits(w[k][j]);
     }
   }
   return {bits, unif};
+}
+
+// The normals z0..z3 the CPU kernels draw for element indices start .. start + n - 1 (vectorised
+// Box-Muller of cpu/cld_philox_cpu.h), (4, n) float32; for tests.
+at::Tensor philox_normals_probe(int64_t seed, int64_t start, int64_t n, int64_t step, int64_t tag) {
+  TORCH_CHECK(n >= 0, "_philox_normals: n must be >= 0, got ", n);
+  TORCH_CHECK(tag >= 0 && tag <= 0xffffffffLL, "_philox_normals: tag must fit in 32 bits, got ", tag);
+  at::Tensor z = at::empty({4, n}, at::kFloat);
+  float* rows[4] = {z[0].data_ptr<float>(), z[1].data_ptr<float>(), z[2].data_ptr<float>(), z[3].data_ptr<float>()};
+  cld::cpu::philox_normals<4>(seed, start, n, step, static_cast<uint32_t>(tag), rows);
+  return z;
 }
 
 // One probe row: the coefficient columns of `kind` at (t, h).
@@ -140,6 +153,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_philox_probe", &philox_probe, pybind11::arg("seed"), pybind11::arg("start"), pybind11::arg("n"),
         pybind11::arg("step"), pybind11::arg("tag"),
         "(bits (4, n) int64, uniforms (4, n) float32) of the compiled Philox contract; for tests");
+  m.def("_philox_normals", &philox_normals_probe, pybind11::arg("seed"), pybind11::arg("start"), pybind11::arg("n"),
+        pybind11::arg("step"), pybind11::arg("tag"), "(4, n) float32 normals the CPU kernels draw; for tests");
   m.def("_coefficients_probe", &coefficients_probe, pybind11::arg("kind"), pybind11::arg("t"), pybind11::arg("h"),
         pybind11::arg("params"), pybind11::arg("code") = 0, pybind11::arg("mixed") = false,
         pybind11::arg("objective") = 0, pybind11::arg("output") = 0,

@@ -90,3 +90,26 @@ def test_launch_counts_match_the_committed_table():
         assert f"| {r['label']} | {r['official']} | {r['ours']} |" in committed, r
     for key in ("| device |", "| torch |", "| git commit |", "| date |"):
         assert key in committed
+
+
+def test_expect_counts_passes_on_its_own_report_and_fails_on_a_changed_count(report, tmp_path):
+    """--expect-counts: a run matches its own report; a report whose op-level counts differ exits 1 and says which."""
+    out, path, text = report
+    run = _load_run()
+    from bench import kernels
+
+    rows = run.count_rows(text)
+    assert rows and set(rows) <= set(kernels.IMPL_TITLES.values()), rows  # that table's rows only
+    assert run.count_differences(text, text) == []
+    impl, cells = next(iter(run.count_rows(text).items()))
+    stale = text.replace(f"| {impl} | {cells[0]} |", f"| {impl} | 999 (998) |", 1)
+    assert stale != text
+    problems = run.count_differences(stale, text)
+    assert len(problems) == 1 and problems[0].startswith(impl) and "999 (998)" in problems[0]
+    committed = tmp_path / "committed.md"
+    committed.write_text(stale)
+    argv = ["--only", "kernels", "--device", "cpu", "--sizes", "2x3x4x4", "--target-s", "0.002", "--no-compile",
+            "--no-plots", "--no-latest", "--out", str(tmp_path / "again"), "--expect-counts", str(committed)]
+    with pytest.raises(SystemExit) as info:
+        run.run(argv)
+    assert info.value.code == 1

@@ -53,7 +53,7 @@ BAD = [
     # sampler steps
     ("ts 2-d", lambda: cf.sscs_step_(U.clone(), OUT, TS.view(3, 1), SDE, step=1), ValueError, "ts must be a 1-D floating tensor"),
     ("ts int", lambda: cf.sscs_step_(U.clone(), OUT, TS.long(), SDE, step=1), ValueError, "ts must be a 1-D floating tensor"),
-    ("ts above one", lambda: cf.sscs_step_(U.clone(), OUT, [1.5, 0.5], SDE, step=0), ValueError, r"ts must hold forward times in \[0, 1\]"),
+    ("ts above one", lambda: cf.sscs_step_(U.clone(), OUT, [1.5, 0.5], SDE, step=0), ValueError, r"ts must lie in \[0, 1\] \(forward times\)"),
     ("sscs sde", lambda: cf.sscs_step_(U.clone(), OUT, TS, cf.VPSDE(), step=1), TypeError, "sde must be a cld_fast.CLD"),
     ("y shape", lambda: cf.sscs_step_(U.clone(), torch.randn(3, 5), TS, SDE, step=1), ValueError, "y .* must have the data shape"),
     ("step negative", lambda: cf.sscs_step_(U.clone(), OUT, TS, SDE, step=-1), ValueError, r"step = -1 is out of range .* \(valid 0..1\)"),
@@ -156,3 +156,42 @@ def test_objective_and_non_finite_explicit_inputs(sde):
         cf.gddim_step_(u.clone(), y, hist, table, step=0)
     with cf.value_checks(False):  # the documented opt-out: no host read
         cf.gddim_step_(u.clone(), y, hist, table, step=0, backend="torch")
+
+
+def test_value_check_switch_is_per_thread():
+    """value_checks(False) in one thread leaves another thread's checks on (the switch is not process-global)."""
+    import threading
+
+    off, done = threading.Event(), threading.Event()
+
+    def quiet_thread():
+        with cf.value_checks(False):
+            off.set()
+            done.wait(10)
+
+    worker = threading.Thread(target=quiet_thread)
+    worker.start()
+    try:
+        assert off.wait(10)
+        assert cf.checks.value_checks_enabled()
+        with pytest.raises(ValueError, match="t contains NaN"):
+            cf.perturb(X0, torch.tensor([0.1, float("nan"), 0.5]), SDE, backend="torch")
+    finally:
+        done.set()
+        worker.join()
+
+
+def test_value_check_switch_applies_inside_its_thread():
+    seen = []
+
+    def run():
+        with cf.value_checks(False):
+            seen.append(cf.checks.value_checks_enabled())
+            cf.perturb(X0, torch.tensor([0.1, float("nan"), 0.5]), SDE, backend="torch")  # no error: checks off
+        seen.append(cf.checks.value_checks_enabled())
+
+    import threading
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert seen == [False, True]

@@ -139,6 +139,11 @@ def _seed_mode_cases(b, d, dtype):
     def loss_bwd(impl):
         return impl["hsm_loss_bwd"](grad, out, u, t, sde, 1, 0.5, None, seed, 0, 0)
 
+    def loss_fwd_grad(impl):  # the loss and the gradient written in the same pass, as one tensor
+        g = torch.empty(b, d, dtype=dtype)
+        loss = impl["hsm_loss_fwd_grad"](out, u, t, sde, 1, 0.5, 0, None, seed, 0, 0, g)
+        return torch.cat([loss, g.flatten()])
+
     def half(impl):
         w = u.clone()
         impl["half_step_"](w, ts, _i64(2), sde, None, seed)
@@ -154,7 +159,8 @@ def _seed_mode_cases(b, d, dtype):
         impl["affine_step"](u, y, ts, _i64(3), sde, 0, False, None, seed, res)
         return res
 
-    return {"perturb": perturb, "hsm_loss_fwd": loss_fwd, "hsm_loss_bwd": loss_bwd, "half_step_": half,
+    return {"perturb": perturb, "hsm_loss_fwd": loss_fwd, "hsm_loss_bwd": loss_bwd, "hsm_loss_fwd_grad": loss_fwd_grad,
+            "half_step_": half,
             "sscs_step_": sscs, "affine_step": affine}
 
 
@@ -163,7 +169,8 @@ _REFS = {name: d.reference for name, d in opdefs.OPS.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", ["perturb", "hsm_loss_fwd", "hsm_loss_bwd", "half_step_", "sscs_step_", "affine_step"])
+@pytest.mark.parametrize("name", ["perturb", "hsm_loss_fwd", "hsm_loss_bwd", "hsm_loss_fwd_grad", "half_step_",
+                                  "sscs_step_", "affine_step"])
 def test_seed_mode_draws_the_reference_noise(name, dtype):
     """In-kernel Philox noise equals the reference's (cld_fast.philox) for the same seed: the uniform
     bits are exact, so results differ only by float32 rounding of the normals (log / cos / sin)."""
@@ -386,6 +393,7 @@ def _opcheck_cases():
         "perturb": (out, None, t, sde, 0, None, seed, torch.empty(b, 2, d)),
         "hsm_loss_fwd": (out, u, t, sde, 1, 0.5, 1, None, seed, 1, 2),
         "hsm_loss_bwd": (torch.rand(b), out, u, t, sde, 2, 1.0, _randn(b, d, seed=4), None, 1, 0),
+        "hsm_loss_fwd_grad": (out, u, t, sde, 1, 0.5, 0, None, seed, 1, 2, torch.empty(b, d)),
         "mixed_score": (out, u, t, sde, 1, 1),
         "half_step_": (u.clone(), ts, step, sde, None, seed),
         "sscs_step_": (u.clone(), y, ts, step, sde, True, None, seed, True),

@@ -289,6 +289,18 @@ def hsm_loss_bwd(grad: torch.Tensor, out: torch.Tensor, u: torch.Tensor, t: torc
     return dout
 
 
+def hsm_loss_fwd_grad(out: torch.Tensor, u: torch.Tensor, t: torch.Tensor, sde: torch.Tensor, weighting: int,
+                      scale: float, reduction: int, eps_v: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                      objective: int, output: int, grad_out: torch.Tensor) -> torch.Tensor:
+    """The loss of ``hsm_loss_fwd`` and, into ``grad_out`` (B, D), ``hsm_loss_bwd`` for grad = 1
+    (opdefs "hsm_loss_fwd_grad"): the two kernels. On a GPU regenerating eps_v costs no memory
+    traffic, so ``cld_fast.hsm_loss`` keeps the forward/backward split there (docs/kernels.md)."""
+    loss = hsm_loss_fwd(out, u, t, sde, weighting, scale, reduction, eps_v, seed, objective, output)
+    one = torch.ones((), dtype=u.dtype, device=u.device)
+    grad_out.copy_(hsm_loss_bwd(one, out, u, t, sde, weighting, scale, eps_v, seed, objective, output))
+    return loss
+
+
 def aot_variants(B: int, D: int, empty):
     """(label, thunk) for every compiled variant of ``hsm_loss_fwd`` / ``hsm_loss_bwd`` at (B, D)
     (bench/aot_compile.py). The objective / output modes other than (hsm, mixed) only change the

@@ -14,6 +14,9 @@ from .. import opdefs
 from .._extension import compiled_parts, load_extension
 
 NAME = "cpu"
+# Drawing eps_v (Philox + Box-Muller) costs more than the bytes of a saved gradient: the loss's
+# forward also writes d loss / d out (``hsm_loss_fwd_grad``) and its backward only scales it.
+LOSS_GRAD_IN_FORWARD = True
 
 
 def is_available() -> bool:

@@ -111,6 +111,18 @@ at::Tensor hsm_loss_bwd_cuda(const at::Tensor& grad, const at::Tensor& out, cons
   return res;
 }
 
+// The loss and its gradient for a unit upstream gradient, as the forward and backward kernels: on a
+// GPU regenerating eps_v costs no memory traffic, so the split stays (docs/kernels.md, byte model).
+at::Tensor hsm_loss_fwd_grad_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t,
+                                  const at::Tensor& sde, int64_t weighting, double scale, int64_t reduction,
+                                  const std::optional<at::Tensor>& eps_v, const std::optional<at::Tensor>& seed,
+                                  int64_t objective, int64_t output, const at::Tensor& grad_out) {
+  at::Tensor loss = hsm_loss_fwd_cuda(out, u, t, sde, weighting, scale, reduction, eps_v, seed, objective, output);
+  const at::Tensor one = at::ones({}, u.options());
+  grad_out.copy_(hsm_loss_bwd_cuda(one, out, u, t, sde, weighting, scale, eps_v, seed, objective, output));
+  return loss;
+}
+
 at::Tensor mixed_score_cuda(const at::Tensor& out, const at::Tensor& u, const at::Tensor& t, const at::Tensor& sde,
                             int64_t objective, int64_t output) {
   check_cuda(u, "cld_fast::mixed_score", "u");
@@ -201,6 +213,7 @@ TORCH_LIBRARY_IMPL(cld_fast, CUDA, m) {
   m.impl("perturb", &cld::cuda::perturb_cuda);
   m.impl("hsm_loss_fwd", &cld::cuda::hsm_loss_fwd_cuda);
   m.impl("hsm_loss_bwd", &cld::cuda::hsm_loss_bwd_cuda);
+  m.impl("hsm_loss_fwd_grad", &cld::cuda::hsm_loss_fwd_grad_cuda);
   m.impl("mixed_score", &cld::cuda::mixed_score_cuda);
   m.impl("half_step_", &cld::cuda::half_step_cuda);
   m.impl("sscs_step_", &cld::cuda::sscs_step_cuda);

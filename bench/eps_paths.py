@@ -1,0 +1,89 @@
+"""The ``eps=`` paths and the in-kernel-noise paths of the cpu backend against single-core copy bandwidth.
+
+    python -m bench.eps_paths [--numel 16777216] [--out bench/results/eps-paths-cpu.md]
+
+One thread, default settings (value checks on). For each public op: median ms per call with the
+noise drawn in-kernel (seed) and handed in as tensors (``eps=``), GB/s by the byte model of
+``bench/kernels.py`` with the noise tensors counted as traffic (they are read), and the fraction
+of the measured copy bandwidth (``bench.common.copy_bandwidth``, bytes read + written).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+import cld_fast as cf
+from bench import common
+
+ROWS = 128  # rows of the flat (B, D) case
+
+
+def _cases(n: int):
+    """(op, noise, bytes per element of x, call) for the ops at x of shape (ROWS, n // ROWS)."""
+    sde, d = cf.CLD(), n // ROWS
+    g = torch.Generator().manual_seed(0)
+    x0, y = torch.randn(ROWS, d, generator=g), torch.randn(ROWS, d, generator=g)
+    t = torch.rand(ROWS, generator=g) * 0.98 + 0.01
+    eps2, eps4, eps1 = torch.randn(ROWS, 2, d, generator=g), torch.randn(ROWS, 4, d, generator=g), torch.randn(ROWS, d)
+    seed = torch.tensor([5], dtype=torch.int64)
+    ts, step = torch.linspace(1.0, 0.01, 11, dtype=torch.float64), torch.zeros(1, dtype=torch.int64)
+    u, noise = cf.perturb(x0, t, sde, seed=seed, backend="cpu")
+    _, noise_eps = cf.perturb(x0, t, sde, eps=eps2, backend="cpu")
+    out = torch.randn(ROWS, d, generator=g, requires_grad=True)
+    one = torch.ones(())
+
+    def loss(nz):
+        return lambda: torch.autograd.grad(cf.hsm_loss(out, u, t, sde, nz, backend="cpu"), out, one)
+
+    w = u.clone()
+    return [
+        ("perturb", "seed", 12, lambda: cf.perturb(x0, t, sde, seed=seed, backend="cpu")),
+        ("perturb", "eps=", 20, lambda: cf.perturb(x0, t, sde, eps=eps2, backend="cpu")),
+        ("loss forward + backward", "seed", 20, loss(noise)),
+        ("loss forward + backward", "eps=", 28, loss(noise_eps)),
+        ("SSCS step", "seed", 20, lambda: cf.sscs_step_(w, y, ts, sde, step=step, mixed=True, seed=seed, backend="cpu")),
+        ("SSCS step", "eps=", 36, lambda: cf.sscs_step_(w, y, ts, sde, step=step, mixed=True, eps=eps4, backend="cpu")),
+        ("EM step", "seed", 20, lambda: cf.em_step_(w, y, ts, sde, step=step, mixed=True, seed=seed, backend="cpu")),
+        ("EM step", "eps=", 24, lambda: cf.em_step_(w, y, ts, sde, step=step, mixed=True, eps=eps1, backend="cpu")),
+    ]
+
+
+def run(n: int) -> str:
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    info = common.device_info(device)
+    load_start = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    copy = common.copy_bandwidth(device, 128 << 20)
+    rows = []
+    for op, noise, per_elem, call in _cases(n):
+        t = common.measure(call, device, target_s=1.0, min_iters=3, max_iters=20, flush_l2=False)
+        gbps = per_elem * n / (t.median_ms * 1e-3) / 1e9
+        rows.append([op, noise, f"{t.median_ms:.1f}", f"{per_elem}N", f"{gbps:.2f}", f"{100 * gbps / copy.gbps:.0f}%"])
+    load_end = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    head = [["device", info["device"]], ["torch", info["torch"]], ["git commit", info["commit"]],
+            ["date", info["date"]], ["x", f"({ROWS}, {n // ROWS}) float32, {n} elements"],
+            ["copy bandwidth", f"{copy.gbps:.1f} GB/s (best of {', '.join(copy.methods)})"],
+            ["load average (1 / 5 / 15 min)", f"{load_start} at start, {load_end} at the end, on {os.cpu_count()} "
+                                              "CPUs: above the CPU count, other work slows every timing here"]]
+    return ("# cpu backend: in-kernel noise and eps= paths against copy bandwidth\n\n"
+            + common.md_table(["", ""], head, align="ll") + "\n\n"
+            + common.md_table(["op", "noise", "ms / call (median)", "bytes", "GB/s", "% copy"], rows, align="llrrrr")
+            + "\n\nBytes: fp32 minimum traffic per element of x (bench/kernels.py's byte model), the noise tensors "
+              "of the eps= rows included (perturb reads 2N of them, the loss N, SSCS 4N, EM N).\n")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--numel", type=int, default=1 << 24)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "eps-paths-cpu.md"))
+    args = p.parse_args(argv)
+    text = run(args.numel)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

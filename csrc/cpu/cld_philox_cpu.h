@@ -1,0 +1,292 @@
+// Blocks of normals of the noise contract (csrc/include/cld_philox.h) for the CPU kernels, vectorised.
+//
+// philox_normals<NZ>(seed, i0, n, step, tag, z) writes, for the n consecutive element indices
+// i0 .. i0 + n - 1, the first NZ normals of each index (NZ = 1: z0; 2: z0, z1; 4: z0 .. z3) into
+// z[0] .. z[NZ - 1]. With AVX-512 (16 lanes) or AVX2 + FMA (8 lanes), detected at run time, the
+// Philox4x32-10 rounds run on integer vectors (the uniform bits are those of the scalar code,
+// exactly) and Box-Muller calls SLEEF's 1-ulp vector log and sincos, the functions ATen's CPU
+// kernels call for torch.log / torch.sin / torch.cos, so the normals are those of the torch
+// reference (cld_fast.philox) on the same machine. Every index of a block, its tail included, goes
+// through the same lanes, so a normal does not depend on how the work is split into chunks. On a
+// CPU without either, the scalar functions of cld_philox.h run (std::log / std::sin / std::cos: a
+// normal may then differ from the vector one in the last bits).
+#pragma once
+
+#include <cstdint>
+
+#include "cld_philox.h"
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define CLD_PHILOX_X86 1
+#include <immintrin.h>
+#endif
+
+namespace cld {
+namespace cpu {
+
+// Scalar normals of indices [i0 + lo, i0 + n) into z[j][lo ..].
+template <int NZ>
+inline void philox_normals_scalar(int64_t seed, int64_t i0, int64_t lo, int64_t n, int64_t step, uint32_t tag,
+                                  float* const* z) {
+  for (int64_t i = lo; i < n; ++i) {
+    const Philox4 r = philox_bits(seed, i0 + i, step, tag);
+    float a, b;
+    box_muller(uniform_from_bits(r.r0), uniform_from_bits(r.r1), a, b);
+    z[0][i] = a;
+    if constexpr (NZ >= 2) z[1][i] = b;
+    if constexpr (NZ == 4) {
+      box_muller(uniform_from_bits(r.r2), uniform_from_bits(r.r3), a, b);
+      z[2][i] = a;
+      z[3][i] = b;
+    }
+  }
+}
+
+#if CLD_PHILOX_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512dq")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_undefined_* inside the intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+struct SleefF8Pair {
+  __m256 x, y;  // (sin, cos), as SLEEF's Sleef___m256_2
+};
+struct SleefF16Pair {
+  __m512 x, y;
+};
+
+extern "C" {
+__m256 Sleef_logf8_u10avx2(__m256);
+SleefF8Pair Sleef_sincosf8_u10avx2(__m256);
+__m512 Sleef_logf16_u10avx512f(__m512);
+SleefF16Pair Sleef_sincosf16_u10avx512f(__m512);
+}
+
+// The 16- and 8-lane operations the Philox rounds and Box-Muller need, as one interface.
+struct Lanes16 {
+  static constexpr int N = 16;
+  using I = __m512i;
+  using F = __m512;
+  static I set1(uint32_t a) { return _mm512_set1_epi32(static_cast<int>(a)); }
+  static I load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static I bxor(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  // 64-bit products of the even lanes and of the odd lanes (moved down by a shuffle), then the
+  // halves put back in place with shuffles and blends (no 32-bit multiply-low: it is two uops).
+  static void mulhilo(I a, I b, I& hi, I& lo) {
+    const I even = _mm512_mul_epu32(b, a);
+    const I odd = _mm512_mul_epu32(_mm512_shuffle_epi32(b, _MM_PERM_DDBB), a);
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(even, _MM_PERM_DDBB), odd);
+    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_shuffle_epi32(odd, _MM_PERM_CCAA));
+  }
+  static F uniform(I r) {  // int32 view, negatives to ~x (x ^ (x >> 31)), times 2^-31
+    const I x = _mm512_xor_si512(r, _mm512_srai_epi32(r, 31));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale));
+  }
+  static void box_muller(F u1, F u2, F& z0, F& z1) {
+    u1 = _mm512_max_ps(u1, _mm512_set1_ps(kBoxMullerMinU));
+    const F th = _mm512_mul_ps(u2, _mm512_set1_ps(kTwoPi));
+    const F r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), Sleef_logf16_u10avx512f(u1)));
+    const SleefF16Pair sc = Sleef_sincosf16_u10avx512f(th);
+    z0 = _mm512_mul_ps(r, sc.y);
+    z1 = _mm512_mul_ps(r, sc.x);
+  }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static void store_words(uint32_t* p, I v) { _mm512_storeu_si512(p, v); }
+};
+
+struct Lanes8 {
+  static constexpr int N = 8;
+  using I = __m256i;
+  using F = __m256;
+  static I set1(uint32_t a) { return _mm256_set1_epi32(static_cast<int>(a)); }
+  static I load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I bxor(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static void mulhilo(I a, I b, I& hi, I& lo) {
+    const I even = _mm256_mul_epu32(b, a);
+    const I odd = _mm256_mul_epu32(_mm256_shuffle_epi32(b, 0xF5), a);  // dwords (1, 1, 3, 3)
+    hi = _mm256_blend_epi32(_mm256_shuffle_epi32(even, 0xF5), odd, 0xAA);
+    lo = _mm256_blend_epi32(even, _mm256_shuffle_epi32(odd, 0xA0), 0xAA);  // dwords (0, 0, 2, 2)
+  }
+  static F uniform(I r) {
+    const I x = _mm256_xor_si256(r, _mm256_srai_epi32(r, 31));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(kUniformScale));
+  }
+  static void box_muller(F u1, F u2, F& z0, F& z1) {
+    u1 = _mm256_max_ps(u1, _mm256_set1_ps(kBoxMullerMinU));
+    const F th = _mm256_mul_ps(u2, _mm256_set1_ps(kTwoPi));
+    const F r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(u1)));
+    const SleefF8Pair sc = Sleef_sincosf8_u10avx2(th);
+    z0 = _mm256_mul_ps(r, sc.y);
+    z1 = _mm256_mul_ps(r, sc.x);
+  }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static void store_words(uint32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+
+// Philox4x32-10 on U * L::N consecutive counters i .. i + U * L::N - 1 (U independent vectors, so
+// the multiply latency of one hides behind the others): the rounds and key bumps of philox4x32_10,
+// lane by lane. Vector u holds counters i + u * L::N ..; its four output words go to c[u][0..3].
+template <typename L, int U>
+inline void philox_lanes(uint64_t seed, int64_t i, typename L::I c2_in, typename L::I c3_in, typename L::I (*c)[4]) {
+  using I = typename L::I;
+  alignas(64) uint32_t lo_words[U][L::N], hi_words[U][L::N];
+  for (int u = 0; u < U; ++u) {
+    for (int l = 0; l < L::N; ++l) {
+      const uint64_t idx = static_cast<uint64_t>(i + u * L::N + l);
+      lo_words[u][l] = static_cast<uint32_t>(idx);
+      hi_words[u][l] = static_cast<uint32_t>(idx >> 32);
+    }
+  }
+  const I mul_a = L::set1(kPhiloxRoundA), mul_b = L::set1(kPhiloxRoundB);
+  I c0[U], c1[U], c2[U], c3[U];
+  for (int u = 0; u < U; ++u) {
+    c0[u] = L::load(lo_words[u]);
+    c1[u] = L::load(hi_words[u]);
+    c2[u] = c2_in;
+    c3[u] = c3_in;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const I key0 = L::set1(k0), key1 = L::set1(k1);
+    for (int u = 0; u < U; ++u) {
+      I hi_a, lo_a, hi_b, lo_b;
+      L::mulhilo(mul_b, c2[u], hi_b, lo_b);
+      L::mulhilo(mul_a, c0[u], hi_a, lo_a);
+      c0[u] = L::bxor(L::bxor(hi_b, c1[u]), key0);
+      c2[u] = L::bxor(L::bxor(hi_a, c3[u]), key1);
+      c1[u] = lo_b;
+      c3[u] = lo_a;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  for (int u = 0; u < U; ++u) {
+    c[u][0] = c0[u];
+    c[u][1] = c1[u];
+    c[u][2] = c2[u];
+    c[u][3] = c3[u];
+  }
+}
+
+// Vectors processed together (independent Philox chains).
+constexpr int kPhiloxUnroll = 4;
+
+// Box-Muller of the words c[0..3] of one vector into z[j] + at (the first NZ normals).
+template <typename L, int NZ>
+inline void box_muller_store(const typename L::I* c, float* const* z, int64_t at) {
+  typename L::F z0, z1;
+  L::box_muller(L::uniform(c[0]), L::uniform(c[1]), z0, z1);
+  L::store(z[0] + at, z0);
+  if constexpr (NZ >= 2) L::store(z[1] + at, z1);
+  if constexpr (NZ == 4) {
+    typename L::F z2, z3;
+    L::box_muller(L::uniform(c[2]), L::uniform(c[3]), z2, z3);
+    L::store(z[2] + at, z2);
+    L::store(z[3] + at, z3);
+  }
+}
+
+// Full vectors of normals for indices [i0, i0 + whole), whole a multiple of L::N.
+template <typename L, int NZ>
+void philox_normals_lanes(int64_t seed, int64_t i0, int64_t whole, int64_t step, uint32_t tag, float* const* z) {
+  using I = typename L::I;
+  const I c2_in = L::set1(static_cast<uint32_t>(static_cast<uint64_t>(step)));
+  const I c3_in = L::set1(tag);
+  constexpr int64_t group = kPhiloxUnroll * L::N;
+  int64_t i = 0;
+  for (; i + group <= whole; i += group) {
+    I c[kPhiloxUnroll][4];
+    philox_lanes<L, kPhiloxUnroll>(static_cast<uint64_t>(seed), i0 + i, c2_in, c3_in, c);
+    for (int u = 0; u < kPhiloxUnroll; ++u) box_muller_store<L, NZ>(c[u], z, i + u * L::N);
+  }
+  for (; i < whole; i += L::N) {
+    I c[1][4];
+    philox_lanes<L, 1>(static_cast<uint64_t>(seed), i0 + i, c2_in, c3_in, c);
+    box_muller_store<L, NZ>(c[0], z, i);
+  }
+}
+
+// The four words of L::N counters from i0 into w[j][0 .. L::N) (for the compiled-contract probe).
+template <typename L>
+void philox_words_lanes(int64_t seed, int64_t i0, int64_t step, uint32_t tag, uint32_t (*w)[L::N]) {
+  typename L::I c[1][4];
+  philox_lanes<L, 1>(static_cast<uint64_t>(seed), i0, L::set1(static_cast<uint32_t>(static_cast<uint64_t>(step))),
+                     L::set1(tag), c);
+  for (int j = 0; j < 4; ++j) L::store_words(w[j], c[0][j]);
+}
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+// 16 (AVX-512), 8 (AVX2 + FMA) or 0 (scalar only): what this CPU runs, checked once.
+inline int philox_vector_lanes() {
+  static const int lanes = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) return 16;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 8;
+    return 0;
+  }();
+  return lanes;
+}
+#endif  // CLD_PHILOX_X86
+
+#if CLD_PHILOX_X86
+// Whole vectors, then the tail as one more vector into a scratch block: every index goes through the
+// same lanes, so a normal does not depend on where a parallel chunk starts.
+template <typename L, int NZ>
+void philox_normals_vector(int64_t seed, int64_t i0, int64_t n, int64_t step, uint32_t tag, float* const* z) {
+  const int64_t whole = n - n % L::N;
+  philox_normals_lanes<L, NZ>(seed, i0, whole, step, tag, z);
+  if (whole == n) return;
+  alignas(64) float scratch[NZ][L::N];
+  float* zs[NZ];
+  for (int j = 0; j < NZ; ++j) zs[j] = scratch[j];
+  philox_normals_lanes<L, NZ>(seed, i0 + whole, L::N, step, tag, zs);
+  for (int j = 0; j < NZ; ++j)
+    for (int64_t i = whole; i < n; ++i) z[j][i] = scratch[j][i - whole];
+}
+#endif
+
+template <int NZ>
+inline void philox_normals(int64_t seed, int64_t i0, int64_t n, int64_t step, uint32_t tag, float* const* z) {
+#if CLD_PHILOX_X86
+  const int lanes = philox_vector_lanes();
+  if (lanes == 16) return philox_normals_vector<Lanes16, NZ>(seed, i0, n, step, tag, z);
+  if (lanes == 8) return philox_normals_vector<Lanes8, NZ>(seed, i0, n, step, tag, z);
+#endif
+  philox_normals_scalar<NZ>(seed, i0, 0, n, step, tag, z);
+}
+
+// The four Philox words of indices i0 .. i0 + n - 1 into w[0..3][0 .. n), by the path the kernels
+// take (the vector lanes where the CPU has them), for the compiled-contract probe.
+inline void philox_words(int64_t seed, int64_t i0, int64_t n, int64_t step, uint32_t tag, uint32_t* const* w) {
+  int64_t done = 0;
+#if CLD_PHILOX_X86
+  const int lanes = philox_vector_lanes();
+  alignas(64) uint32_t block[4][16];
+  for (; lanes != 0 && done < n; done += lanes) {
+    if (lanes == 16) {
+      philox_words_lanes<Lanes16>(seed, i0 + done, step, tag, block);
+    } else {
+      alignas(64) uint32_t block8[4][8];
+      philox_words_lanes<Lanes8>(seed, i0 + done, step, tag, block8);
+      for (int j = 0; j < 4; ++j)
+        for (int l = 0; l < 8; ++l) block[j][l] = block8[j][l];
+    }
+    for (int j = 0; j < 4; ++j)
+      for (int64_t l = 0; l < lanes && done + l < n; ++l) w[j][done + l] = block[j][l];
+  }
+#endif
+  for (; done < n; ++done) {
+    const Philox4 r = philox_bits(seed, i0 + done, step, tag);
+    w[0][done] = r.r0;
+    w[1][done] = r.r1;
+    w[2][done] = r.r2;
+    w[3][done] = r.r3;
+  }
+}
+
+}  // namespace cpu
+}  // namespace cld
