@@ -788,8 +788,8 @@ def time_grid(n: int, eps: float, striding: str = "linear") -> torch.Tensor:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if not 0.0 < float(eps) < 1.0:
-        raise ValueError(f"eps must lie in (0, 1), got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"eps must be a number in (0, 1), got {eps!r}")
     if striding not in STRIDINGS:
         raise ValueError(f"striding must be one of {STRIDINGS}, got {striding!r}")
     if striding == "polynomial":

@@ -111,3 +111,23 @@ def test_options_that_can_only_give_garbage_are_refused(sde, kwargs, match):
     score = GaussianMixture2D().cld_score(sde)
     with pytest.raises(ValueError, match=match):
         cf.sample(score, (4, 2), sde, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(device="meta"), "device 'meta' holds no values"),
+    (dict(device="cuda:0"), "no CUDA device is available") if not torch.cuda.is_available() else
+    (dict(device="meta"), "meta"),
+    (dict(device="not-a-device"), "device must be"),
+    (dict(timesteps=[1.0, "0.5", 0.1]), "timesteps must be"),
+])
+def test_devices_and_grids_that_cannot_work_are_refused_by_name(sde, kwargs, match):
+    score = GaussianMixture2D().cld_score(sde)
+    with pytest.raises((ValueError, TypeError), match=match):
+        cf.sample(score, (4, 2), sde, steps=3, **kwargs)
+
+
+def test_time_grid_takes_numbers_only():
+    with pytest.raises(ValueError, match="eps must be a number"):
+        time_grid(5, "1e-3")
+    with pytest.raises(ValueError, match="n must be an int"):
+        time_grid("5", 1e-3)

@@ -194,10 +194,24 @@ def dict_callback(callback):
     return call
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device that can hold samples here (ValueError naming it otherwise)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda', got {device!r}") from exc
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no values to sample; use 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (torch.cuda.is_available() is "
+                         "False); use 'cpu'")
+    return device
+
+
 def default_device(score_fn, generator, device, u=None) -> torch.device:
     """Where a run samples: ``device``, else u's, else the network's, else the generator's, else CPU."""
     if device is not None:
-        return torch.device(device)
+        return check_device(device)
     if u is not None:
         return u.device
     if isinstance(score_fn, NetworkScore) and isinstance(score_fn.model, torch.nn.Module):
