@@ -113,7 +113,7 @@ class RunLock:
         return self
 
     def check(self) -> None:
-        """Raise :class:`RunFolderGoneError` if the folder at ``run_dir`` is no longer the locked one."""
+        """Raise :class:`RunFolderGoneError` if the folder at ``run_dir`` is not the folder this lock holds."""
         if self._fd is None:
             return
         try:
