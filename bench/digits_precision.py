@@ -62,15 +62,102 @@ def train_stage(run_root: str, steps: int, threads: int, seed: int) -> dict:
     return log
 
 
+def _samples(ckpt: str, n: int, steps: int, seed: int) -> torch.Tensor:
+    """``n`` SSCS samples (``steps`` steps) of the EMA network of ``ckpt``, (n, 1, 8, 8) float32 on the CPU."""
+    import cld_fast as cf
+    from cld_fast.train import load_for_sampling, network_score
+
+    net, sde, cfg, shape = load_for_sampling(ckpt, use_ema=True)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        res = cf.sample(network_score(net, sde, cfg), (n,) + tuple(shape), sde, steps=steps, method="sscs",
+                        generator=gen)
+    return res.x.float().cpu()
+
+
+def _moving_average(x, k: int = 25):
+    x = np.asarray(x, dtype=np.float64)
+    return np.convolve(x, np.ones(k) / k, mode="valid")
+
+
+def _loss_plot(log: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for p in PRECISIONS:
+        ma = _moving_average(log[p]["loss"])
+        a.plot(np.arange(len(ma)) + 25, ma, label=p)
+        b.plot(np.arange(len(log[p]["step_s"])) + 1, np.asarray(log[p]["step_s"]) * 1e3, label=p, lw=0.6)
+    a.set(xlabel="step", ylabel="HSM loss (moving average of 25)", title="digits (8x8): training loss")
+    b.set(xlabel="step", ylabel="ms per step", yscale="log", title="time per step (interleaved runs)")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _row(name: str, m: dict) -> list:
+    c, mem = m["classifier"], m["memorisation"]
+    return [name, f"{m['fd']:.3f}", f"{c['confident']:.3f}", f"{c['min_class']:.3f}",
+            " ".join(f"{h:.2f}" for h in c["histogram"]), f"{mem['median_nn_samples']:.3f}", f"{mem['ratio']:.3f}",
+            f"{mem['copies']:.3f}"]
+
+
 def eval_stage(args) -> None:
-    raise NotImplementedError
+    from cld_fast import plots
+    from cld_fast.metrics import digit_metrics
+
+    with open(os.path.join(args.run_root, "train_log.json")) as f:
+        train = json.load(f)
+    log = train["log"]
+    torch.set_num_threads(args.threads)
+    info = common.device_info(torch.device("cpu"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    metrics = {}
+    for p in PRECISIONS:
+        x = _samples(log[p]["ckpt"], args.samples, args.sample_steps, seed=args.seed + 1)
+        plots.image_grid(x[:64], str(RESULTS / f"digits-{p}-samples.png"))
+        metrics[p] = digit_metrics("digits", x, seed=args.seed)
+    _loss_plot(log, str(RESULTS / "digits_precision-cpu-loss.png"))
+    timing = {p: {"median_ms": 1e3 * float(np.median(log[p]["step_s"])), "mean_ms": 1e3 * float(np.mean(log[p]["step_s"])),
+                  "total_s": float(np.sum(log[p]["step_s"])),
+                  "final_loss_last100": float(np.mean(log[p]["loss"][-100:]))} for p in PRECISIONS}
+    floor = metrics["fp32"]["floor"]
+    lines = ["# fp32 vs bf16 autocast on the CPU: NCSN++ `digits8` on 8x8 digits", "",
+             f"- device: {info['device']}", f"- torch {info['torch']}, python {info['python']}, cld_fast {info['cld_fast']}",
+             f"- commit {info['commit']}, {info['date']}",
+             f"- written by `python -m bench.digits_precision` (preset `digits`, {train['steps']} steps each, seed "
+             f"{train['seed']}, {train['threads']} thread(s); the two runs advance in lockstep, one step each in turn)",
+             f"- parameters: {log['fp32']['n_params']:,}; samples: {args.samples} per model, SSCS {args.sample_steps} steps "
+             f"(EMA weights); metrics against the {metrics['fp32']['n_heldout']} held-out images", "",
+             "## Time per step", "",
+             common.md_table(["precision", "median ms/step", "mean ms/step", "training loop s", "loss (mean of last 100 steps)"],
+                             [[p, f"{timing[p]['median_ms']:.1f}", f"{timing[p]['mean_ms']:.1f}", f"{timing[p]['total_s']:.0f}",
+                               f"{timing[p]['final_loss_last100']:.3f}"] for p in PRECISIONS]),
+             "", "## Sample quality (floor: as many training images vs the held-out images)", "",
+             common.md_table(["", "Frechet distance", "classifier >= 0.9", "rarest class", "class histogram 0..9",
+                              "median NN distance", "NN ratio to held-out", "copies"],
+                             [_row(p, metrics[p]) for p in PRECISIONS] + [_row("floor (data vs held-out)", floor)]),
+             "",
+             f"Held-out accuracy of the feature classifier: {metrics['fp32']['heldout_classifier']['accuracy']:.4f}. "
+             "Loss curves and step times: `digits_precision-cpu-loss.png`; samples: `digits-fp32-samples.png`, "
+             "`digits-bf16-samples.png`.", ""]
+    (RESULTS / "digits_precision-cpu.md").write_text("\n".join(lines))
+    (RESULTS / "digits_precision-cpu.json").write_text(json.dumps(
+        {"info": info, "steps": train["steps"], "threads": train["threads"], "timing": timing, "metrics": metrics,
+         "loss": {p: log[p]["loss"] for p in PRECISIONS}}, indent=1) + "\n")
+    print("\n".join(lines))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=("train", "eval", "all"), default="all")
     ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-root", default="runs/digits_precision")
     ap.add_argument("--samples", type=int, default=300, help="samples per model for the metrics")

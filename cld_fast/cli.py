@@ -1,4 +1,4 @@
-"""The ``cld-fast`` command line: ``train``, ``sample``, ``info`` and ``selftest``.
+"""The ``cld-fast`` command line: ``train``, ``sample``, ``info``, ``selftest`` and ``fid``.
 
     cld-fast train                                   # 2-D toy CLD model, a couple of minutes on a CPU
     cld-fast train --preset cifar10 --data-path data/cifar-10-batches-py --out runs/cifar10
@@ -8,6 +8,7 @@
     cld-fast sample checkpoint_800000.pth --config cifar10 --steps 150 --n 64   # official CLD-SGM
     cld-fast info
     cld-fast selftest                                # every op of every backend against the reference
+    cld-fast fid samples.npz --inception pt_inception.pth --ref-stats ref.npz   # local files only
 
 Errors: a user error (bad flag value, missing or bad checkpoint, full disk, locked run folder, ...)
 ends in one line on stderr and exit status 2; the traceback is printed with ``--debug`` or
@@ -153,6 +154,33 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
+EXAMPLES_FID = """examples:
+  cld-fast fid ref.npz --inception pt_inception-2015-12-05-6726825d.pth --save-stats ref_stats.npz
+  cld-fast fid runs/c10/samples/samples_sscs_150.npz --inception pt_inception-2015-12-05-6726825d.pth \\
+      --ref-stats ref_stats.npz
+  cld-fast fid samples.npz --inception inception.pth --ref ref.npz       reference images instead of statistics
+
+Nothing is downloaded: the Inception weights (torch-fidelity's file) and the reference come from disk."""
+
+
+def _add_fid_parser(sub) -> None:
+    p = sub.add_parser(
+        "fid", help="Frechet Inception distance of images against reference statistics (local files only)",
+        description="Inception-v3 pool features (torchmetrics / torch-fidelity network, weights from --inception) of "
+                    "the images in an .npz (uint8 (N, H, W[, C]) / (N, C, H, W), or float (N, C, H, W) in [-1, 1] as "
+                    "cld-fast sample writes), and their Frechet distance to --ref-stats (an .npz with mu and sigma) "
+                    "or to the images of --ref. Needs pip install 'cld_fast[metrics]' torch-fidelity.",
+        epilog=EXAMPLES_FID, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", help=".npz of images (key x, or the only array)")
+    p.add_argument("--inception", required=True, metavar="FILE",
+                   help="local Inception-v3 weight file (torch-fidelity's pt_inception-2015-12-05-6726825d.pth)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ref-stats", metavar="NPZ", help="reference statistics: .npz with mu (F,) and sigma (F, F)")
+    g.add_argument("--ref", metavar="NPZ", help="reference images (.npz, same forms as IMAGES)")
+    p.add_argument("--save-stats", metavar="NPZ", help="write mu and sigma of IMAGES to this .npz")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward (default 50)")
+
+
 def _add_selftest_parser(sub) -> None:
     p = sub.add_parser(
         "selftest", help="check every op of every backend against the float64 torch reference",
@@ -196,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(sub)
     sub.add_parser("info", help="versions, backends available, compiled parts, GPU")
     _add_selftest_parser(sub)
+    _add_fid_parser(sub)
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or CLD_FAST_DEBUG=1)")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -434,6 +463,59 @@ def _sample(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # selftest
 # ------------------------------------------------------------------------------------------------
+def _fid_images(path: str, flag: str):
+    """uint8 (N, C, H, W) images from an .npz: uint8 as stored, float data in [-1, 1] mapped to 0..255."""
+    import torch
+
+    from .data import load_npz, uncenter
+
+    x, is_uint8 = load_npz(path)
+    if not is_uint8:
+        if x.dim() != 4:
+            raise ValueError(f"{flag} {path!r}: float images must be (N, C, H, W) in [-1, 1], got shape {tuple(x.shape)}")
+        x = torch.round(uncenter(x) * 255.0).to(torch.uint8)
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"{flag} {path!r}: images need 1 or 3 channels, got shape {tuple(x.shape)}")
+    return x
+
+
+def _fid_stats(path: str):
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--ref-stats {path!r} not found")
+    with np.load(path, allow_pickle=False) as z:
+        if "mu" not in z or "sigma" not in z:
+            raise ValueError(f"--ref-stats {path!r} must hold arrays 'mu' and 'sigma', it holds {sorted(z.keys())}")
+        return z["mu"], z["sigma"]
+
+
+def _fid(args) -> int:
+    import numpy as np
+
+    from .metrics import feature_stats, frechet_from_stats, inception_features
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (args.ref_stats or args.ref or args.save_stats):
+        raise ValueError("give --ref-stats or --ref (what to compare with), or --save-stats (where to write statistics)")
+    ref = _fid_stats(args.ref_stats) if args.ref_stats else None
+    images = _fid_images(args.images, "IMAGES")
+    try:
+        mu, sigma = feature_stats(inception_features(images, args.inception, batch=args.batch_size))
+    except ImportError as exc:  # a missing optional extra is the user's to install
+        raise ValueError(str(exc)) from exc
+    if args.save_stats:
+        np.savez(args.save_stats, mu=mu, sigma=sigma)
+        print(f"wrote Inception statistics of {images.shape[0]} images to {os.path.abspath(args.save_stats)}")
+    if args.ref:
+        ref = feature_stats(inception_features(_fid_images(args.ref, "--ref"), args.inception, batch=args.batch_size))
+    if ref is not None:
+        value = frechet_from_stats(mu, sigma, *ref)
+        print(f"FID {value:.4f}  ({images.shape[0]} images vs {args.ref_stats or args.ref})")
+    return 0
+
+
 def _selftest(args) -> int:
     from .selftest import run_selftest
 
@@ -597,6 +679,8 @@ def _dispatch(parser, args) -> int:
         return _sample(args)
     if args.command == "selftest":
         return _selftest(args)
+    if args.command == "fid":
+        return _fid(args)
     parser.print_help()
     return 0 if args.command is None else 2
 
