@@ -9,7 +9,9 @@ loss and wall time are recorded. ``eval`` samples the EMA networks (SSCS), compu
 ``cld_fast.metrics`` digit metrics of each against the held-out split (and the data-vs-held-out
 floor), and writes into ``bench/results/``:
 
-* ``digits_precision-cpu.md``   device, versions, commit, date, time per step, metrics table
+* ``digits_precision-cpu.md``   device, versions, commit, date, time per step, metrics table (each model
+  sampled twice with different seeds, and the floor from two training subsets: how much the numbers
+  move from sampling alone)
 * ``digits_precision-cpu.json`` the same numbers and the loss curves
 * ``digits_precision-cpu-loss.png``  loss curves (moving average)
 * ``digits-fp32-samples.png``, ``digits-bf16-samples.png``  sample grids (64 each)
@@ -117,11 +119,14 @@ def eval_stage(args) -> None:
     torch.set_num_threads(args.threads)
     info = common.device_info(torch.device("cpu"))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    metrics = {}
+    metrics, resampled = {}, {}
     for p in PRECISIONS:
         x = _samples(log[p]["ckpt"], args.samples, args.sample_steps, seed=args.seed + 1)
         plots.image_grid(x[:64], str(RESULTS / f"digits-{p}-samples.png"))
         metrics[p] = digit_metrics("digits", x, seed=args.seed)
+        # The same model with other sampler noise: how much the numbers move without any change to the model.
+        resampled[p] = digit_metrics("digits", _samples(log[p]["ckpt"], args.samples, args.sample_steps, seed=args.seed + 2),
+                                     seed=args.seed + 1)
     _loss_plot(log, str(RESULTS / "digits_precision-cpu-loss.png"))
     timing = {p: {"median_ms": 1e3 * float(np.median(log[p]["step_s"])), "mean_ms": 1e3 * float(np.mean(log[p]["step_s"])),
                   "total_s": float(np.sum(log[p]["step_s"])),
@@ -141,7 +146,10 @@ def eval_stage(args) -> None:
              "", "## Sample quality (floor: as many training images vs the held-out images)", "",
              common.md_table(["", "Frechet distance", "classifier >= 0.9", "rarest class", "class histogram 0..9",
                               "median NN distance", "NN ratio to held-out", "copies"],
-                             [_row(p, metrics[p]) for p in PRECISIONS] + [_row("floor (data vs held-out)", floor)]),
+                             [_row(p, metrics[p]) for p in PRECISIONS]
+                             + [_row(f"{p}, other sampler seed", resampled[p]) for p in PRECISIONS]
+                             + [_row("floor (data vs held-out)", floor),
+                                _row("floor, other training subset", resampled["fp32"]["floor"])]),
              "",
              f"Held-out accuracy of the feature classifier: {metrics['fp32']['heldout_classifier']['accuracy']:.4f}. "
              "Loss curves and step times: `digits_precision-cpu-loss.png`; samples: `digits-fp32-samples.png`, "
@@ -149,6 +157,7 @@ def eval_stage(args) -> None:
     (RESULTS / "digits_precision-cpu.md").write_text("\n".join(lines))
     (RESULTS / "digits_precision-cpu.json").write_text(json.dumps(
         {"info": info, "steps": train["steps"], "threads": train["threads"], "timing": timing, "metrics": metrics,
+         "metrics_other_seed": resampled,
          "loss": {p: log[p]["loss"] for p in PRECISIONS}}, indent=1) + "\n")
     print("\n".join(lines))
 

@@ -107,8 +107,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--keep", type=int, help="checkpoints to keep (newest N)")
     g.add_argument("--sample-every", type=int, help="steps between sample plots (0: only at the end)")
     g.add_argument("--sample-steps", type=int, help="sampler steps for plots")
-    g.add_argument("--eval-steps", type=int, help="toy data: SSCS steps of the final energy-distance check")
-    g.add_argument("--eval-samples", type=int, help="toy data: samples for the final energy-distance check")
+    g.add_argument("--eval-steps", type=int, help="toy data: SSCS steps of the final energy-distance check (digit data: of the "
+                        "final image metrics)")
+    g.add_argument("--eval-samples", type=int, help="toy data: samples for the final energy-distance check (digit data: for the "
+                        "final image metrics, at most the held-out count)")
     g.add_argument("--no-quality-figure", action="store_true", default=None, help="toy data: skip quality.png")
 
 
@@ -319,7 +321,16 @@ def _report_train(r) -> None:
     print(f"trained {r.step} steps in {r.wall_time:.1f} s (training loop {r.train_time:.1f} s); final loss {r.loss:.4f}"
           if r.loss is not None else f"trained {r.step} steps in {r.wall_time:.1f} s")
     ev = r.extra.get("eval")
-    if ev:
+    if ev and "fd" in ev:
+        fl = ev["floor"]
+        print(f"digit metrics of {ev['n']} samples ({ev['method']}, {ev['steps']} steps) vs {ev['n_heldout']} held-out "
+              f"images [floor: training images vs held-out]: Frechet distance {ev['fd']:.3f} [{fl['fd']:.3f}], "
+              f"classified with p >= 0.9 {ev['classifier']['confident']:.3f} [{fl['classifier']['confident']:.3f}], "
+              f"rarest class {ev['classifier']['min_class']:.3f} [{fl['classifier']['min_class']:.3f}], "
+              f"nearest-training-image distance / held-out's {ev['memorisation']['ratio']:.3f} [1]")
+    elif ev and "skipped" in ev:
+        print(f"digit metrics skipped: {ev['skipped']}")
+    elif ev:
         print(f"energy distance to fresh data ({ev['method']}, {ev['steps']} steps, {ev['n']} samples): "
               f"{ev['energy_distance']:.5f}   (two data samples: {ev['energy_distance_data_vs_data']:.5f})")
     print("wrote:")

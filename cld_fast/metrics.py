@@ -21,6 +21,7 @@ reference statistics from an ``.npz`` with ``mu`` and ``sigma``; nothing is down
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -269,4 +270,6 @@ def frechet_from_stats(mu1, sigma1, mu2, sigma2) -> float:
         setattr(fid, f"{pre}_features_cov_sum", s * (n - 1) + n * torch.outer(mu, mu))
         setattr(fid, f"{pre}_features_num_samples", torch.tensor(n))
     fid.orig_dtype = torch.float64
-    return float(fid.compute())
+    with warnings.catch_warnings():  # the accumulators were set directly, not by update()
+        warnings.filterwarnings("ignore", message=".*called before the ``update`` method.*")
+        return float(fid.compute())
