@@ -101,7 +101,8 @@ def test_digit_metrics_on_shipped_samples_sit_between_floor_and_noise():
     floor = res["floor"]
     assert res["n"] == samples.shape[0] and res["n_heldout"] == 300
     assert floor["fd"] < res["fd"] < noise["fd"] / 5
-    assert res["classifier"]["confident"] > 0.5 > noise["classifier"]["confident"]
-    assert floor["classifier"]["confident"] > 0.8 and floor["classifier"]["min_class"] > 0.03
-    assert 0.5 < res["memorisation"]["ratio"] and floor["memorisation"]["ratio"] == 1.0
+    # 64 samples of a briefly trained model: between the floor and uniform noise on every count
+    assert floor["classifier"]["confident"] > 0.8 > res["classifier"]["confident"] > 2 * noise["classifier"]["confident"]
+    assert floor["classifier"]["min_class"] > 0.02
+    assert 0.5 < res["memorisation"]["ratio"] < noise["memorisation"]["ratio"] and floor["memorisation"]["ratio"] == 1.0
     assert abs(sum(res["classifier"]["histogram"]) - 1.0) < 1e-3
