@@ -79,14 +79,14 @@ def write_results(rows, info) -> None:
             f"- device: {info['device']}", f"- torch {info['torch']}, python {info['python']}, cld_fast {info['cld_fast']}",
             f"- commit {info['commit']}, {info['date']}",
             "- written by `python -m bench.train_digit_classifier` (one CPU thread); held-out split: "
-            "`cld_fast.data.load_packaged`; a row keeps the header of the run that last rewrote this file", ""]
+            "`cld_fast.data.load_packaged`; rows of data sets not retrained keep their values from an earlier run of the same script (the digits row: commit 69c293a+dirty, two threads)", ""]
     table = common.md_table(
         ["data", "held-out accuracy", "held-out >= 0.9 confident", "train accuracy", "train / held-out images",
          "epochs", "parameters", "weight file", "bytes", "train seconds"],
         [[r["data"], f"{r['heldout_accuracy']:.4f}", f"{r['heldout_confident']:.4f}", f"{r['train_accuracy']:.4f}",
           f"{r['n_train']} / {r['n_heldout']}", r["epochs"], r["n_params"], f"`{r['file']}`", r["file_bytes"],
           f"{r['seconds']:.1f}"] for r in rows])
-    (RESULTS / "digit_classifiers.md").write_text("\n".join(head) + table + "\n")
+    (RESULTS / "digit_classifiers.md").write_text("\n".join(head) + "\n" + table + "\n")
     (RESULTS / "digit_classifiers.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
 
 

@@ -51,6 +51,14 @@ EXAMPLES_SELFTEST = """examples:
 Exit status 0 when every check passed, 1 when one failed or nothing could run, 2 on a usage error."""
 
 
+class _ExplicitPreset(argparse.Action):
+    """Stores --preset and notes that it was given, so --data digits can choose its own preset otherwise."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.preset_given = True
+
+
 def _add_train_parser(sub) -> None:
     from .config import OBJECTIVES, OPTIMIZERS, PRECISIONS, WEIGHTINGS, available_presets
 
@@ -60,7 +68,7 @@ def _add_train_parser(sub) -> None:
                     "Writes checkpoints, metrics.jsonl and sample plots into the run folder (--out).",
         epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--preset", default=None, choices=available_presets(),
+    g.add_argument("--preset", default="toy", choices=available_presets(), action=_ExplicitPreset,
                    help="named configuration (default: toy; with --data digits or mnist5k, that data set's preset)")
     g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>-<date>-<time>)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
@@ -278,9 +286,9 @@ def _preset_name(args) -> str:
     """--preset, else the preset named after a packaged digit data set (--data digits / mnist5k), else toy."""
     from .data import PACKAGED_DATASETS
 
-    if args.preset:
-        return args.preset
-    return args.data if args.data in PACKAGED_DATASETS else "toy"
+    if not getattr(args, "preset_given", False) and args.data in PACKAGED_DATASETS:
+        return args.data
+    return args.preset
 
 
 def _train(args) -> int:

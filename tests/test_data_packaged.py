@@ -81,3 +81,16 @@ def test_bad_name_and_split():
         D.load_packaged("mnist")
     with pytest.raises(ValueError, match="split"):
         D.load_packaged("digits", "test")
+
+
+def test_extras_and_shipped_assets_are_declared():
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras["data"]) == {"scikit-learn", "mlxtend"}
+    assert any(r.startswith("torchmetrics") for r in extras["metrics"])
+    assert '"assets/*.pt"' in (root / "setup.py").read_text()  # installed with the package
+    assert sorted(p.name for p in (root / "cld_fast" / "assets").glob("*.pt")) == [
+        "digits_classifier.pt", "mnist5k_classifier.pt"]

@@ -26,3 +26,14 @@ def test_cli_trains_a_few_steps_and_reports_digit_metrics(data, size, extra, tmp
     ev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval"]
     assert ev["n"] == 12 and ev["fd"] > ev["floor"]["fd"] >= 0.0
     assert set(ev["classifier"]) >= {"confident", "histogram", "min_class"}
+
+
+def test_data_flag_chooses_the_data_sets_preset_unless_one_is_given():
+    from cld_fast.cli import _preset_name, build_parser
+
+    def preset(*argv):
+        return _preset_name(build_parser().parse_args(["train", *argv]))
+
+    assert preset() == "toy" and preset("--data", "gmm") == "toy"
+    assert preset("--data", "digits") == "digits" and preset("--data", "mnist5k") == "mnist5k"
+    assert preset("--data", "digits", "--preset", "toy") == "toy"
