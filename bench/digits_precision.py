@@ -14,7 +14,8 @@ floor), and writes into ``bench/results/``:
   move from sampling alone)
 * ``digits_precision-cpu.json`` the same numbers and the loss curves
 * ``digits_precision-cpu-loss.png``  loss curves (moving average)
-* ``digits-fp32-samples.png``, ``digits-bf16-samples.png``  sample grids (64 each)
+* ``digits-fp32-samples.png``, ``digits-bf16-samples.png``  sample grids (64 each); ``digits-heldout.png``
+  the first 64 held-out images, for comparison
 """
 from __future__ import annotations
 
@@ -128,6 +129,10 @@ def eval_stage(args) -> None:
         resampled[p] = digit_metrics("digits", _samples(log[p]["ckpt"], args.samples, args.sample_steps, seed=args.seed + 2),
                                      seed=args.seed + 1)
     _loss_plot(log, str(RESULTS / "digits_precision-cpu-loss.png"))
+    from cld_fast.data import center, load_packaged
+
+    held, _ = load_packaged("digits", "heldout")
+    plots.image_grid(center(held[:64].float() / 255.0), str(RESULTS / "digits-heldout.png"))  # what real data looks like
     timing = {p: {"median_ms": 1e3 * float(np.median(log[p]["step_s"])), "mean_ms": 1e3 * float(np.mean(log[p]["step_s"])),
                   "total_s": float(np.sum(log[p]["step_s"])),
                   "final_loss_last100": float(np.mean(log[p]["loss"][-100:]))} for p in PRECISIONS}
