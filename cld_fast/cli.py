@@ -531,7 +531,7 @@ def _fid(args) -> int:
         ref = feature_stats(inception_features(_fid_images(args.ref, "--ref"), args.inception, batch=args.batch_size))
     if ref is not None:
         value = frechet_from_stats(mu, sigma, *ref)
-        print(f"FID {value:.4f}  ({images.shape[0]} images vs {args.ref_stats or args.ref})")
+        print(f"FID {value:.6g}  ({images.shape[0]} images vs {args.ref_stats or args.ref})")
     return 0
 
 
