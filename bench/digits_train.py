@@ -5,7 +5,7 @@
 
 Trains with ``cld_fast.train.train`` (preset ``digits`` or ``mnist5k``, fp32 on the CPU), whose last
 phase samples the EMA network (SSCS, ``eval_steps``) and computes the ``cld_fast.metrics`` digit
-metrics with their floor. Writes ``bench/results/<data>-train-cpu.md`` / ``.json`` (device, versions,
+metrics with their floor. Writes ``bench/results/<data>-<steps>steps-train-cpu.md`` / ``.json`` (device, versions,
 commit, date, time per step, the estimate for the preset's full step count, metrics) and the sample
 grid ``bench/results/<data>-<steps>steps-samples.png``.
 """
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
                               "NN ratio to held-out", "copies"],
                              [_row("samples", ev), _row("floor (data vs held-out)", ev["floor"])]),
              "", f"Samples: `{grid.name}`.", ""]
-    (RESULTS / f"{args.data}-train-cpu.md").write_text("\n".join(lines))
-    (RESULTS / f"{args.data}-train-cpu.json").write_text(json.dumps(
+    (RESULTS / f"{args.data}-{args.steps}steps-train-cpu.md").write_text("\n".join(lines))
+    (RESULTS / f"{args.data}-{args.steps}steps-train-cpu.json").write_text(json.dumps(
         {"info": info, "steps": args.steps, "threads": args.threads, "train_time_s": r.train_time,
          "s_per_step": s_per_step, "preset_steps": full.steps, "eval": ev, "loss_log": losses}, indent=1) + "\n")
     print("\n".join(lines))
