@@ -61,7 +61,8 @@ PACKAGE_DIR = {
     "cld_fast.triton_kernels": "triton_kernels",
     "cld_fast.models": "models",
 }
-PACKAGE_DATA = {"cld_fast": ["py.typed"]}  # py.typed: the package ships inline type hints (PEP 561)
+# py.typed: the package ships inline type hints (PEP 561); assets: the digit classifiers of cld_fast.metrics
+PACKAGE_DATA = {"cld_fast": ["py.typed", "assets/*.pt"]}
 EXT_NAME = "cld_fast._C"
 ERROR_LINES = 20
 

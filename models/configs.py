@@ -9,6 +9,10 @@ Presets:
                   1,1,2,2,2,2,2, numerical_eps 1e-6, beta(t) = 0.1 + 6.9 t (see the comment at
                   ``_CELEBAHQ256`` for where the values come from).
 * ``toy2d``       the MLP for 2-D toy data (official ``name = mlp``, ``configs/default_toy_data.txt``).
+* ``digits8``     a small NCSN++ for 8x8 grey digits (scikit-learn's ``digits``): 16..32 channels,
+                  two levels (8, 4), 1 res-block per level, attention at 4, no dropout.
+* ``mnist28``     a small NCSN++ for 28x28 grey digits (``mnist5k``): 32..64 channels, three levels
+                  (28, 14, 7), 1 res-block per level, attention at 7, no dropout.
 * ``tiny``        a very small NCSN++ for tests (8x8 images, 8..16 channels, every CIFAR-10 option
                   kind exercised: BigGAN FIR blocks, residual input pyramid, attention).
 
@@ -126,8 +130,22 @@ _TINY: Dict[str, Any] = dict(
     dropout=0.0,
 )
 
+# Digit presets: the CIFAR-10 block types at a size a 2-core CPU trains in minutes (8x8) or in
+# about half an hour (28x28); parameter counts in docs/images.md.
+_DIGITS8: Dict[str, Any] = dict(
+    _CIFAR10, image_size=8, image_channels=1, n_channels=16, ch_mult="1,2", n_resblocks=1,
+    attn_resolutions="4", dropout=0.0,
+)
+
+_MNIST28: Dict[str, Any] = dict(
+    _CIFAR10, image_size=28, image_channels=1, n_channels=32, ch_mult="1,2,2", n_resblocks=1,
+    attn_resolutions="7", dropout=0.0,
+)
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cifar10": _CIFAR10,
+    "digits8": _DIGITS8,
+    "mnist28": _MNIST28,
     "celebahq256": _CELEBAHQ256,
     "toy2d": _TOY2D,
     "tiny": _TINY,

