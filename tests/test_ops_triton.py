@@ -501,6 +501,7 @@ _TRACE_SCRIPT = textwrap.dedent(
     os.environ.pop("TRITON_INTERPRET", None)
     from torch._dynamo.backends.common import aot_autograd
     from cld_fast.backends import triton_backend as T
+    from cld_fast.samplers.gddim import gddim_table
     from cld_fast.sde import CLD, kernel_params
     assert T.REGISTRATION == "triton_op", T.REGISTRATION
     ops = torch.ops.cld_fast_triton
