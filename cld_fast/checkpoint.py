@@ -38,6 +38,8 @@ from typing import Any, List, Mapping, Optional
 
 import torch
 
+from .fileio import fsync_dir, process_umask
+
 __all__ = [
     "FORMAT", "atomic_save", "save_checkpoint", "open_checkpoint", "is_ours", "check_state", "load_checkpoint",
     "list_checkpoints", "latest_checkpoint", "prune_checkpoints", "checkpoint_path", "resolve_resume",
@@ -58,19 +60,6 @@ def checkpoint_path(directory: str, step: int) -> str:
     return os.path.join(directory, f"ckpt_{int(step):07d}.pt")
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str) -> str:
     """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
 
@@ -86,7 +75,7 @@ def atomic_save(obj: Any, path: str) -> str:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets a normal file's mode
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; a checkpoint gets a normal file's mode
         os.replace(tmp, path)
     except BaseException as exc:
         full = _disk_full(exc, directory)
@@ -97,14 +86,8 @@ def atomic_save(obj: Any, path: str) -> str:
         if full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from exc
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _disk_full(exc: BaseException, directory: str) -> bool:

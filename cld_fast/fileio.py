@@ -17,7 +17,7 @@ import os
 import tempfile
 from typing import IO, Iterator
 
-__all__ = ["atomic_writer", "atomic_write_text", "mount_of", "fsync_dir", "TEMP_SUFFIX"]
+__all__ = ["atomic_writer", "atomic_write_text", "mount_of", "fsync_dir", "process_umask", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -36,7 +36,8 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def process_umask() -> int:
+    """This process's file-mode creation mask (read by setting and restoring it)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -62,7 +63,7 @@ def atomic_writer(path: str, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a normal file's mode
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; the result gets a normal file's mode
         os.replace(tmp, path)
     except BaseException as exc:
         try:

@@ -199,7 +199,7 @@ MUTANTS: List[Mutant] = [
     M("M34", "ema", "cld_fast/ema.py", "self.num_updates = None if n is None else int(n)",
       "self.num_updates = None if n is None else 0", [EMA], "EMA state loses its update count"),
     # ---- checkpoints and resume -------------------------------------------------------------------------
-    M("M35", "checkpoint", "cld_fast/checkpoint.py", "    _fsync_dir(directory)\n    return path",
+    M("M35", "checkpoint", "cld_fast/checkpoint.py", "    fsync_dir(directory)\n    return path",
       "    return path", [CKPT, "-k", "fsync"], "no directory fsync after the rename"),
     M("M36", "checkpoint", "cld_fast/checkpoint.py", "removed = found[:-keep] if len(found) > keep else []",
       "removed = found[:-keep + 1] if len(found) > keep else []", [CKPT, "-k", "keep_last"],
