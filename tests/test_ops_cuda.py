@@ -444,6 +444,8 @@ def _opcheck_cases():
     return {
         "perturb": (out, None, t, sde, 0, None, seed, torch.empty(b, 2, d, device=DEV)),
         "hsm_loss_fwd": (out.bfloat16(), u, t, sde, 1, 0.5, 1, None, seed, 1, 2),
+        "hsm_loss_fwd_grad": (out.bfloat16(), u, t, sde, 1, 0.5, 1, None, seed, 1, 2,
+                              torch.empty(b, d, dtype=torch.bfloat16, device=DEV)),
         "hsm_loss_bwd": (grad, out.half(), u, t, sde, 2, 1.0, _randn(b, d, seed=5), None, 1, 0),
         "mixed_score": (out.bfloat16(), u, t, sde, 1, 1),
         "half_step_": (u.clone(), ts, step, sde, None, seed),
