@@ -324,3 +324,8 @@ def aot_variants(B: int, D: int, empty):
                     yield (f"hsm_loss_bwd {s} out={on} {m} {noise}",
                            lambda o=out, w=weighting, e=eps_v, q=q, u=u, sd=sd, ob=obj, op=outp: hsm_loss_bwd(
                                empty((), dtype=sd), o, u, t, sde, w, 0.5, e, q, ob, op))
+
+    # hsm_loss_fwd_grad launches the two kernels above; one call checks that the composition traces
+    u32 = empty(B, 2, D, dtype=torch.float32)
+    yield ("hsm_loss_fwd_grad float32 out=float32 w=0 seed (the hsm_loss_fwd and hsm_loss_bwd kernels)",
+           lambda: hsm_loss_fwd_grad(empty(B, D), u32, t, sde, 0, 0.5, 1, None, seed, 0, 0, empty(B, D)))
