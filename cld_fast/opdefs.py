@@ -47,7 +47,7 @@ Ops (noise tags in brackets):
     affine_step   out <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z0) for the step
                   ts[step] -> ts[step + 1]: kind em (noise), denoise (none), pf_drift (the
                   forward-time ODE drift at ts[step]; ts[step + 1] is not read)            [AFFINE]
-    gddim_step_   exponential-integrator multistep after a network evaluation, row r = table[step]
+    gddim_step_   exponential-integrator multistep after a network evaluation (float64 arithmetic), row r = table[step]
                   of ``cld_fast.samplers.gddim.gddim_table``: cur = E (x, v, y); u <- Lin u + C_0 cur + sum_j C_j
                   hist[(step - j) mod K]; hist[step mod K] <- cur. hist (K, B, H, D) in the state
                   dtype keeps the last K = order - 1 values of cur (H = 2: eps_R; H = 1: x0_hat)
@@ -241,15 +241,18 @@ def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out):
 
 
 def gddim_step_ref(u, hist, y, table, step):
-    r = table.index_select(0, step.reshape(1)).to(u.dtype)  # (1, GDDIM_COLS)
-    x, v, yy = u[:, 0], u[:, 1], y.to(u.dtype)
+    # float64 arithmetic for every state dtype (stored back in the state dtype): in the first rows Lin u and
+    # C_0 cur cancel with terms ~1e6 where a(t) is tiny, which float32 arithmetic turns into O(0.1) errors
+    f64 = torch.float64
+    r = table.index_select(0, step.reshape(1)).to(f64)  # (1, GDDIM_COLS)
+    x, v, yy = u[:, 0].to(f64), u[:, 1].to(f64), y.to(u.dtype).to(f64)
     cx = r[:, 0:1] * x + r[:, 1:2] * v + r[:, 2:3] * yy
     cv = r[:, 3:4] * x + r[:, 4:5] * v + r[:, 5:6] * yy
     nx = r[:, 6:7] * x + r[:, 7:8] * v + r[:, 10:11] * cx + r[:, 11:12] * cv
     nv = r[:, 8:9] * x + r[:, 9:10] * v + r[:, 12:13] * cx + r[:, 13:14] * cv
     k, channels = hist.shape[0], hist.shape[2]
     for j in range(1, k + 1):  # the j-th previous evaluation sits in slot (step - j) mod k
-        h = hist.index_select(0, torch.remainder(step.reshape(1) - j, k)).squeeze(0).to(u.dtype)
+        h = hist.index_select(0, torch.remainder(step.reshape(1) - j, k)).squeeze(0).to(f64)
         c = 10 + 4 * j
         nx = nx + r[:, c:c + 1] * h[:, 0]
         nv = nv + r[:, c + 2:c + 3] * h[:, 0]
@@ -259,8 +262,8 @@ def gddim_step_ref(u, hist, y, table, step):
     if k:
         cur = torch.stack([cx, cv], 1)[:, :channels].to(hist.dtype)
         hist.index_copy_(0, torch.remainder(step.reshape(1), k), cur.unsqueeze(0))
-    u[:, 0] = nx
-    u[:, 1] = nv
+    u[:, 0] = nx.to(u.dtype)
+    u[:, 1] = nv.to(u.dtype)
 
 
 # ---- fakes (shapes and dtypes only) -------------------------------------------------------------

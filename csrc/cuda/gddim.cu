@@ -1,7 +1,9 @@
 // CUDA kernel of cld_fast::gddim_step_: one exponential-integrator multistep (gDDIM) step after a
 // network evaluation, one launch per NFE. The row r = table[*step] of CLD.gddim_table (float64 or
-// float32, any strides) is read on the device and cast to float32 once per block (step_kernel), so
-// a sampler loop launches with no host synchronisation and can be captured in a CUDA graph:
+// float32, any strides) is read on the device once per block (step_kernel), so a sampler loop launches
+// with no host synchronisation and can be captured in a CUDA graph. The arithmetic is float64: in the
+// first rows Lin u and C_0 cur cancel with terms ~1e6 where a(t) is tiny, which float32 arithmetic
+// turns into O(0.1) errors; the kernel stays memory-bound.
 //
 //   cur = (cx, cv) = E (x, v, y)
 //   u   <- Lin u + C_0 cur + sum_{j=1..K} C_j hist[(step - j) mod K]
@@ -22,25 +24,14 @@ __device__ __forceinline__ int64_t ring_slot(int64_t i, int64_t n) {
   return m < 0 ? m + n : m;
 }
 
-// nx += c[0] hx + c[1] hv, nv += c[2] hx + c[3] hv for V elements of one ring slot (hv only when H = 2).
-template <int V, int H>
-__device__ __forceinline__ void add_history(const float* hp, int64_t D, const float* c, float (&nx)[V],
-                                            float (&nv)[V]) {
-  float hx[V];
-  load<V>(hp, hx);
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    nx[k] = nx[k] + c[0] * hx[k];
-    nv[k] = nv[k] + c[2] * hx[k];
-  }
+// nx += c[0] hx + c[1] hv, nv += c[2] hx + c[3] hv (hv only when H = 2), in the reference's order.
+template <int H>
+__device__ __forceinline__ void add_history(const volatile double* c, double hx, double hv, double& nx, double& nv) {
+  nx = nx + c[0] * hx;
+  nv = nv + c[2] * hx;
   if constexpr (H == 2) {
-    float hv[V];
-    load<V>(hp + D, hv);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      nx[k] = nx[k] + c[1] * hv[k];
-      nv[k] = nv[k] + c[3] * hv[k];
-    }
+    nx = nx + c[1] * hv;
+    nv = nv + c[3] * hv;
   }
 }
 
@@ -50,6 +41,7 @@ struct GddimStepOp {
   static constexpr int K = 14 + 4 * R;
   static constexpr int kChunk = 8;                          // columns one part loads (8 loads in flight)
   static constexpr int kParts = (K + kChunk - 1) / kChunk;  // in different warps, so the parts' loads overlap
+  using Coef = double;
 
   float* u;     // (B, 2, D), in place
   float* hist;  // (R, B, H, D), in place; unused when R = 0
@@ -57,11 +49,12 @@ struct GddimStepOp {
   TableArg table;
   const int64_t* step;
   int64_t B, D;
-  float r[K];
+  // The block's shared copy of the row, read at each use: 22 float64 values held in registers would spill.
+  const volatile double* r;
   int64_t own, prev1, prev2;  // element offsets of the ring slots step, step - 1, step - 2 (mod R)
 
-  // Columns [kChunk i, kChunk (i + 1)) of the row, cast to float32 (NaN when the step is out of range).
-  __device__ __forceinline__ void part(int i, float* c) const {
+  // Columns [kChunk i, kChunk (i + 1)) of the row as float64 (NaN when the step is out of range).
+  __device__ __forceinline__ void part(int i, double* c) const {
     const int64_t k = *step;
     const bool valid = k >= 0 && k < table.rows;
     const int64_t row = clamp_index(k, table.rows) * table.row_stride;
@@ -70,16 +63,15 @@ struct GddimStepOp {
       const int j = i * kChunk + q;
       if (j < K) {
         const int64_t off = row + j * table.col_stride;
-        const float value = table.is_double ? static_cast<float>(__ldg(static_cast<const double*>(table.data) + off))
-                                            : __ldg(static_cast<const float*>(table.data) + off);
-        c[j] = valid ? value : quiet_nan();
+        const double value = table.is_double ? __ldg(static_cast<const double*>(table.data) + off)
+                                             : static_cast<double>(__ldg(static_cast<const float*>(table.data) + off));
+        c[j] = valid ? value : static_cast<double>(quiet_nan());
       }
     }
   }
 
-  __device__ __forceinline__ void prepare(const float* c) {
-#pragma unroll
-    for (int j = 0; j < K; ++j) r[j] = c[j];
+  __device__ __forceinline__ void prepare(const double* c) {
+    r = c;
     if constexpr (R > 0) {
       const int64_t k = *step;
       const int64_t slab = B * H * D;
@@ -89,30 +81,45 @@ struct GddimStepOp {
     }
   }
 
+  // Inputs are loaded as float (vectorised), each element's arithmetic is float64 from its inputs to
+  // its rounded outputs, so only one element's float64 values are live at a time (no spills).
   template <int V>
   __device__ __forceinline__ void apply(int64_t b, int64_t d) const {
-    float x[V], v[V], yy[V], cx[V], cv[V], nx[V], nv[V];
+    float x[V], v[V], yy[V], h1x[V], h1v[V], h2x[V], h2v[V];
     float* px = u + b * 2 * D + d;
     load<V>(px, x);
     load<V>(px + D, v);
     load<V>(y + b * D + d, yy);
+    const int64_t hrow = b * H * D + d;
+    // Every history read of an element precedes its own slot's write (slot step - 2 is slot step when R = 2).
+    if constexpr (R > 0) {
+      load<V>(hist + prev1 + hrow, h1x);
+      if constexpr (H == 2) load<V>(hist + prev1 + hrow + D, h1v);
+    }
+    if constexpr (R > 1) {
+      load<V>(hist + prev2 + hrow, h2x);
+      if constexpr (H == 2) load<V>(hist + prev2 + hrow + D, h2v);
+    }
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      cx[k] = r[0] * x[k] + r[1] * v[k] + r[2] * yy[k];
-      cv[k] = r[3] * x[k] + r[4] * v[k] + r[5] * yy[k];
-      nx[k] = r[6] * x[k] + r[7] * v[k] + r[10] * cx[k] + r[11] * cv[k];
-      nv[k] = r[8] * x[k] + r[9] * v[k] + r[12] * cx[k] + r[13] * cv[k];
+      const double xd = x[k], vd = v[k], yd = yy[k];
+      const double cx = r[0] * xd + r[1] * vd + r[2] * yd;
+      const double cv = r[3] * xd + r[4] * vd + r[5] * yd;
+      double nx = r[6] * xd + r[7] * vd + r[10] * cx + r[11] * cv;
+      double nv = r[8] * xd + r[9] * vd + r[12] * cx + r[13] * cv;
+      if constexpr (R > 0) add_history<H>(r + 14, h1x[k], H == 2 ? double(h1v[k]) : 0.0, nx, nv);
+      if constexpr (R > 1) add_history<H>(r + 18, h2x[k], H == 2 ? double(h2v[k]) : 0.0, nx, nv);
+      x[k] = static_cast<float>(nx);
+      v[k] = static_cast<float>(nv);
+      yy[k] = static_cast<float>(cx);  // the slot's values, stored below
+      h1v[k] = static_cast<float>(cv);
     }
     if constexpr (R > 0) {
-      const int64_t hrow = b * H * D + d;
-      // Every history read of an element precedes its own slot's write (slot step - 2 is slot step when R = 2).
-      add_history<V, H>(hist + prev1 + hrow, D, r + 14, nx, nv);
-      if constexpr (R > 1) add_history<V, H>(hist + prev2 + hrow, D, r + 18, nx, nv);
-      store<V>(hist + own + hrow, cx);
-      if constexpr (H == 2) store<V>(hist + own + hrow + D, cv);
+      store<V>(hist + own + hrow, yy);
+      if constexpr (H == 2) store<V>(hist + own + hrow + D, h1v);
     }
-    store<V>(px, nx);
-    store<V>(px + D, nv);
+    store<V>(px, x);
+    store<V>(px + D, v);
   }
 };
 
@@ -127,7 +134,8 @@ void launch_ring(float* u, float* hist, const void* y, TableArg table, const int
 
 void launch_gddim_step(float* u, float* hist, int K, int H, const void* y, NetType y_type, TableArg table,
                        const int64_t* step, int64_t B, int64_t D, cudaStream_t stream) {
-  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {K > 0 ? hist : nullptr, 4}});
+  int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {K > 0 ? hist : nullptr, 4}});
+  if (K >= 2 && H == 2) vec = vec < 2 ? vec : 2;  // four elements' two-slot history spills 8 B on sm_90
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
     if (K <= 0) {

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 
 #include "cld_coefficients.h"
@@ -265,16 +266,26 @@ void launch_rows(const Op& op, int vec, int64_t B, int64_t D, cudaStream_t strea
 
 // ---- per-step coefficients: the step kernel ---------------------------------------------------
 // Op provides
-//   static constexpr int K, kParts                  floats of coefficients, independent parts
+//   static constexpr int K, kParts                  coefficients (float, or Op::Coef), independent parts
 //   part(i, c)                                      part i of the coefficients into c (double math;
 //                                                   run by lane 0 of warp i, so parts overlap)
 //   prepare(c)                                      per-thread setup from the coefficients c
 //   template <int V> apply(b, d)                    elements d .. d + V - 1 of row b
 
+// The coefficients' type: Op::Coef when the op declares one (double for float64 arithmetic), else float.
+template <typename Op, typename = void>
+struct CoefType {
+  using type = float;
+};
+template <typename Op>
+struct CoefType<Op, std::void_t<typename Op::Coef>> {
+  using type = typename Op::Coef;
+};
+
 template <int V, typename Index, typename Op>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) step_kernel(Op op, int64_t B, int64_t D) {
   static_assert(Op::kParts <= kThreads / 32, "one warp per coefficient part");
-  __shared__ float coef[Op::K];
+  __shared__ typename CoefType<Op>::type coef[Op::K];
   const int warp = threadIdx.x >> 5;
   if ((threadIdx.x & 31) == 0 && warp < Op::kParts) op.part(warp, coef);
   __syncthreads();
