@@ -1,12 +1,16 @@
 """Samplers on a learned image score: the digit metrics of each sampler vs network evaluations (NFE).
 
     python -m bench.digits_samplers --ckpt runs/digits_train/digits-3000/checkpoints/ckpt_0003000.pt
+    python -m bench.digits_samplers --ckpt RUN_DIR --steps 5 10 20 50 100 200 --samples 200 --ode
 
-The 8x8 ``digits`` model of ``bench.digits_train`` (EMA weights); 300 samples per cell (the held-out
-count), the same sampler seed everywhere; SSCS (linear and quadratic grids), EM, gDDIM orders 1-3 with
-``predict`` "eps" and "x0" (default grid), each at 5, 10, 20, 50 and 100 steps. Writes
-``bench/results/digits_samplers-cpu.md`` / ``.json``: the Frechet distance (and the fraction of samples
-the classifier labels with p >= 0.9) of each cell, with the floor. A cell that raises shows its error.
+A model of ``bench.digits_train`` / ``cld-fast train --data digits|mnist5k`` (EMA weights; the data set
+is read from its config); ``--samples`` per cell, the same sampler seed everywhere; SSCS (linear and
+quadratic grids), EM, gDDIM orders 1-3 with ``predict`` "eps" and "x0" (default grid), each at
+``--steps``; with ``--ode`` also the adaptive probability-flow ODE (its NFE). Writes
+``bench/results/<data>_samplers-cpu.md`` / ``.json``: the Frechet distance (and the fraction of samples
+the classifier labels with p >= 0.9) of each cell, with the floor, and sample grids at 10 and 50 steps
+(``<data>_samplers-<steps>steps.png``, SSCS quadratic and gDDIM order 2 side by side). A cell that raises
+shows its error.
 """
 from __future__ import annotations
 
@@ -34,20 +38,29 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
+    ap.add_argument("--ode", action="store_true", help="also the adaptive probability-flow ODE (rtol = atol = 1e-3)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     info = common.device_info(torch.device("cpu"))
     net, sde, cfg, shape = load_for_sampling(args.ckpt, use_ema=True)
     score = network_score(net, sde, cfg)
-    clf = load_classifier("digits")
-    cells, floor = {}, None
-    for name, kw in VARIANTS:
-        for steps in STEPS:
+    data = cfg.data
+    if data not in ("digits", "mnist5k"):
+        raise SystemExit(f"--ckpt: a model of the digits or mnist5k data is needed, this one trained on {data!r}")
+    clf = load_classifier(data)
+    steps_list = tuple(args.steps)
+    variants = list(VARIANTS) + ([("ode (adaptive)", dict(method="ode", rtol=1e-3, atol=1e-3))] if args.ode else [])
+    cells, floor, grids = {}, None, {}
+    for name, kw in variants:
+        for steps in (steps_list if kw["method"] != "ode" else (0,)):
             try:
                 with torch.no_grad():
-                    res = cf.sample(score, (args.samples,) + tuple(shape), sde, steps=steps,
+                    res = cf.sample(score, (args.samples,) + tuple(shape), sde, steps=max(steps, 1),
                                     generator=torch.Generator().manual_seed(args.seed), **kw)
-                m = digit_metrics("digits", res.x, classifier=clf)
+                m = digit_metrics(data, res.x, classifier=clf)
+                if steps in (10, 50) and name in ("sscs quadratic", "gddim order 2 eps"):
+                    grids.setdefault(steps, {})[name] = res.x[:32].cpu()
                 floor = m["floor"]
                 cells[f"{name}|{steps}"] = {"nfe": res.nfe, "fd": m["fd"], "confident": m["classifier"]["confident"]}
             except Exception as exc:  # noqa: BLE001 - the table shows it
@@ -55,26 +68,56 @@ def main(argv=None) -> int:
             print(name, steps, cells[f"{name}|{steps}"], flush=True)
 
     def cell(name, steps):
-        c = cells[f"{name}|{steps}"]
+        c = cells.get(f"{name}|{steps}")
+        if c is None:
+            return "-"
         return "error" if "error" in c else f"{c['fd']:.1f} ({c['confident']:.2f}; {c['nfe']})"
 
-    lines = ["# Samplers on the 8x8 digits model: Frechet distance vs steps", "",
+    from cld_fast.plots import image_grid
+
+    pngs = []
+    for steps, by_name in sorted(grids.items()):
+        if len(by_name) == 2:  # 4 rows of 8 per sampler, stacked: SSCS quadratic above gDDIM order 2
+            png = RESULTS / f"{data}_samplers-{steps}steps.png"
+            image_grid(torch.cat([by_name["sscs quadratic"], by_name["gddim order 2 eps"]]), str(png), nrow=8)
+            pngs.append(png.name)
+    size = "x".join(str(s) for s in shape[-2:])
+    ode_row = [[name] + ([cell(name, 0)] + ["-"] * (len(steps_list) - 1)) for name, kw in variants if kw["method"] == "ode"]
+    lines = [f"# Samplers on the {size} {data} model: Frechet distance vs steps", "",
              f"- device: {info['device']}", f"- torch {info['torch']}, python {info['python']}, cld_fast {info['cld_fast']}",
              f"- commit {info['commit']}, {info['date']}",
-             f"- written by `python -m bench.digits_samplers --ckpt {args.ckpt}`; {args.samples} samples per cell, "
-             f"sampler seed {args.seed}, EMA weights", "",
+             f"- written by `python -m bench.digits_samplers --ckpt {args.ckpt} --samples {args.samples} --steps "
+             f"{' '.join(map(str, steps_list))}{' --ode' if args.ode else ''}`; {args.samples} samples per cell, "
+             f"sampler seed {args.seed}, EMA weights of the checkpoint at step {cfg_step(args.ckpt)}", "",
              "Each cell: Frechet distance on classifier features against the held-out images (fraction "
              "classified with p >= 0.9; network evaluations). "
              f"Floor (training images vs held-out): {floor['fd']:.1f} ({floor['classifier']['confident']:.2f}).", "",
-             common.md_table(["sampler"] + [f"{s} steps" for s in STEPS],
-                             [[name] + [cell(name, s) for s in STEPS] for name, _ in VARIANTS]), ""]
+             common.md_table(["sampler"] + [f"{s} steps" for s in steps_list],
+                             [[name] + [cell(name, s) for s in steps_list] for name, kw in variants
+                              if kw["method"] != "ode"] + ode_row), ""]
+    if ode_row:
+        lines += ["The adaptive ODE row is one run at rtol = atol = 1e-3 (its NFE in the cell), not a step count.", ""]
+    if pngs:
+        lines += ["Sample grids (top 4 rows SSCS quadratic, bottom 4 gDDIM order 2): " + ", ".join(pngs), ""]
     errors = {k: v["error"] for k, v in cells.items() if "error" in v}
     if errors:
         lines += ["Errors:", ""] + [f"- {k}: {v}" for k, v in errors.items()] + [""]
-    (RESULTS / "digits_samplers-cpu.md").write_text("\n".join(lines))
-    (RESULTS / "digits_samplers-cpu.json").write_text(json.dumps({"info": info, "cells": cells, "floor": floor}, indent=1) + "\n")
+    (RESULTS / f"{data}_samplers-cpu.md").write_text("\n".join(lines))
+    (RESULTS / f"{data}_samplers-cpu.json").write_text(
+        json.dumps({"info": info, "cells": cells, "floor": floor}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def cfg_step(path: str) -> str:
+    """The training step of a checkpoint file or a run folder's newest checkpoint ("?" if unknown)."""
+    from cld_fast.loading import load_score_model
+
+    try:
+        file = load_score_model(path, kind="cld_fast").path
+        return str(int(torch.load(file, map_location="cpu", weights_only=True)["step"]))
+    except Exception:  # noqa: BLE001 - only for the header line
+        return "?"
 
 
 if __name__ == "__main__":

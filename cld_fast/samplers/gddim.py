@@ -30,7 +30,7 @@ MIN_EPS = 1e-12  # below it the float64 table loses its digits (measured: garbag
 
 
 def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool = False, denoise: bool = True,
-                nodes: int = 48, denoise_time: Optional[float] = None) -> torch.Tensor:
+                nodes: int = 48, denoise_time: Optional[float] = None, first_order_below: float = 0.0) -> torch.Tensor:
     """Per-step coefficients of the exponential-integrator multistep sampler, (S, GDDIM_COLS) float64.
 
     Step i runs from ts[i] to ts[i + 1] (S = n steps, plus a last row when ``denoise``): with y the
@@ -42,6 +42,8 @@ def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool 
     l_j the Lagrange basis on the last min(order, i + 1) evaluation times. The denoising row
     sets x to E[x0 | u] at ``denoise_time`` (default ts[n]; Tweedie) and keeps v. Columns: E (6, row-major 2x3), Lin (4),
     C_0, C_1, C_2 (4 each, row-major 2x2). Integrals by ``nodes``-point Gauss-Legendre.
+    A step that starts where the data's share of the mean, a_xx(ts[i]), is below ``first_order_below`` is
+    of order 1: there the extrapolation's coefficients are large and amplify score errors.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
@@ -55,6 +57,7 @@ def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool 
         theta = torch.zeros(n + 1, dtype=f64)
         theta[1:] = integrate_log(sde.rframe_angle_rate, ts[:-1], ts[1:], nodes).cumsum(0)
         x_gl, w_gl = legendre_nodes(nodes)
+        low = (sde.perturbation_kernel(ts[:-1], "hsm").a_xx < first_order_below).tolist()
         for i in range(n):
             s, t = ts[i], ts[i + 1]
             # nodes uniform in log tau (the integrands grow like tau^-3/2 towards 0): dtau = tau dlog tau
@@ -71,7 +74,7 @@ def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool 
             dsi_v = torch.stack([-k.s_xv / det, k.s_xx / det], -1) * gb[:, None]  # (N, 2)
             r_s = sde.rframe(s, theta[i])
             r_t = sde.rframe(t, theta[i + 1])
-            k_order = min(order, i + 1)
+            k_order = 1 if low[i] else min(order, i + 1)
             basis_nodes = [ts[i - j] for j in range(k_order)]
             if predict == "eps":
                 vrow = (dsi_v[:, :, None] * r_tau).sum(1)  # (N, 2): (D Sigma^-1 R / 2) v row
