@@ -216,19 +216,21 @@ class CLD:
         """(x, v): the two halves of a state (B, 2C, ...) along dim 1 (views)."""
         return torch.chunk(u, 2, dim=1)
 
-    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None) -> None:
-        """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (fused op)."""
+    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None, obs=None) -> None:
+        """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (fused op;
+        ``obs``: the packed inpainting condition, replaced at grid[step + 1])."""
         from . import ops
 
-        ops.em_step_(u, y, grid, self, step=step, mixed=mixed, seed=seed, backend=backend)
+        ops.em_step_(u, y, grid, self, step=step, mixed=mixed, seed=seed, backend=backend, obs=obs)
 
-    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None) -> None:
-        """The official last step, in place: a noise-free EM step of the reverse SDE at t = eps of size eps."""
+    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None, obs=None) -> None:
+        """The official last step, in place: a noise-free EM step of the reverse SDE at t = eps of size eps
+        (``obs``: the packed inpainting condition; x = x_obs on the observed coordinates)."""
         from . import ops
 
         grid = torch.tensor([eps, 0.0], dtype=torch.float64).to(u.device)
         ops.em_step_(u, y, grid, self, step=torch.zeros(1, dtype=torch.int64, device=u.device), mixed=mixed,
-                     denoise=True, backend=backend)
+                     denoise=True, backend=backend, obs=obs)
 
     def pf_drift(self, u, y, t, mixed: bool = False, backend=None) -> torch.Tensor:
         """du/dt of the probability-flow ODE in forward time at the (1,) float64 device time t (fused op)."""
@@ -239,6 +241,7 @@ class CLD:
     objectives = OBJECTIVES  # the training objectives a network of this SDE may have used
     weightings = WEIGHTINGS  # the training loss weightings it takes
     folds_mixed_score = True  # the fused sampler kernels take the raw HSM mixed-score output
+    inpaints = True  # the fused step ops replace observed coordinates (``cld_fast.conditions``)
 
     def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
                           differentiable: bool = False) -> torch.Tensor:
@@ -683,6 +686,7 @@ class VPSDE:
     objectives = ("hsm",)  # denoising score matching on x; no velocity to marginalise
     weightings = ("reweightedv2", "likelihood")  # the training loss weightings it takes
     folds_mixed_score = False
+    inpaints = False
 
     def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
                           differentiable: bool = False) -> torch.Tensor:

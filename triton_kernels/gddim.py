@@ -8,7 +8,9 @@ Row r = table[step] of ``cld_fast.sde.cld_fast.samplers.gddim.gddim_table`` (flo
     hist[step mod K] <- cur                 (the first H of its 2 numbers; K = order - 1)
 
 A step outside the table reads row 0 instead and writes NaN (the same guard as the other step
-kernels). Schema: ``cld_fast.opdefs`` "gddim_step_".
+kernels). With ``obs`` (an inpainting condition, ``inpaint.py``; needs the run's ``ts`` and ``sde``)
+the observed elements are replaced by a perturbation of x_obs at ts[step + 1], or set to x_obs
+after the denoising row (step + 1 = len(ts)). Schema: ``cld_fast.opdefs`` "gddim_step_".
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_index, check_shape, check_state, device_guard, elementwise_config, launch, store,
-                      tile_coords, tile_grid, to_compute)
+from ._common import (check_index, check_sde, check_shape, check_state, device_guard, elementwise_config, launch,
+                      store, tile_coords, tile_grid, to_compute)
+from .coefficients import load_sde
+from .inpaint import OBS_NONE, check_obs, load_obs, obs_mode, replace_obs
 
 GDDIM_COLS = 22  # cld_fast.sde.GDDIM_COLS (tests/test_coefficients.py checks they agree)
 
@@ -44,11 +48,11 @@ def _history(h_ptr, slot, rows, cols, s_hk, s_hb, s_hc, s_hd, mask, F64: tl.cons
 
 @triton.jit
 def _gddim_step_kernel(
-    u_ptr, h_ptr, y_ptr, table_ptr, step_ptr,
-    B, D, n_col_tiles, n_rows,
-    s_ub, s_us, s_ud, s_hk, s_hb, s_hc, s_hd, s_yb, s_yd, s_tr, s_tc,
+    u_ptr, h_ptr, y_ptr, table_ptr, step_ptr, ts_ptr, sde_ptr, seed_ptr, obs_ptr,
+    B, D, n_col_tiles, n_rows, n_ts,
+    s_ub, s_us, s_ud, s_hk, s_hb, s_hc, s_hd, s_yb, s_yd, s_tr, s_tc, s_ts, s_sde, s_ob, s_oc, s_od,
     K: tl.constexpr, CHANNELS: tl.constexpr, F64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBS: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step = tl.load(step_ptr).to(tl.int64)
@@ -85,16 +89,34 @@ def _gddim_step_kernel(
         store(hp, cx, mask)
         if CHANNELS == 2:
             store(hp + s_hc, cv, mask)
+    if OBS != OBS_NONE:
+        nx, nv = _replace(nx, nv, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, ts_ptr, s_ts, n_ts, sde_ptr, s_sde,
+                          seed_ptr, step, D, OBS, F64)
     store(up, nx, mask)
     store(up + s_us, nv, mask)
 
 
+@triton.jit
+def _replace(x, v, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, ts_ptr, s_ts, n_ts, sde_ptr, s_sde, seed_ptr, step, D,
+             OBS: tl.constexpr, F64: tl.constexpr):
+    """The replacement after step ``step``: at ts[step + 1], or x = x_obs when step + 1 = n_ts (denoising row)."""
+    j = tl.minimum(tl.maximum(step + 1, 0), n_ts - 1)
+    t_r = tl.load(ts_ptr + j * s_ts).to(tl.float64)
+    beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
+    rx, rv = replace_obs(x, v, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, t_r, beta0, beta1, m_inv, gamma, neps,
+                         seed_ptr, step, D, OBS, 0, F64)
+    xo, keep = load_obs(obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, F64)
+    exact = step + 1 >= n_ts
+    return tl.where(exact, tl.where(keep, xo, x), rx), tl.where(exact, v, rv)
+
+
 def gddim_step_(u: torch.Tensor, hist: torch.Tensor, y: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
-                block_b=None, block_d=None) -> None:
+                ts=None, sde=None, seed=None, obs=None, block_b=None, block_d=None) -> None:
     """In place: one exponential-integrator multistep step (opdefs "gddim_step_").
 
     u (B, 2, D) float32/float64; hist (K, B, H, D) in u's dtype, K in {0, 1, 2}, H in {1, 2};
-    y (B, D) float32/64, bf16, fp16; table (S, 22) float32/float64; step (1,) int64.
+    y (B, D) float32/64, bf16, fp16; table (S, 22) float32/float64; step (1,) int64; with obs
+    (B, 2 or 4, D): ts (S' + 1,) the run's grid, sde (5,) float64, seed (1,) int64 or None.
     """
     B, D = check_state(u, "u")
     check_shape(y, (B, D), "y")
@@ -107,6 +129,11 @@ def gddim_step_(u: torch.Tensor, hist: torch.Tensor, y: torch.Tensor, table: tor
         raise ValueError(f"triton backend: table must be (S >= 1, {GDDIM_COLS}) float32/float64, "
                          f"got {tuple(table.shape)} {table.dtype}")
     check_index(step, "step")
+    check_obs(obs, B, D)
+    if obs is not None:
+        if ts is None or sde is None:
+            raise ValueError("triton backend: gddim_step_ with obs needs ts and sde")
+        check_sde(sde)
     if B * D == 0:
         return
     k = hist.shape[0]
@@ -115,14 +142,18 @@ def gddim_step_(u: torch.Tensor, hist: torch.Tensor, y: torch.Tensor, table: tor
     bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=k == 2)
     n_col, grid = tile_grid(B, D, bb, bd)
     hs = hist.stride() if k else (0, 0, 0, 0)
+    # Placeholders for absent tensors are read-only inputs that are never dereferenced.
+    ts_, sde_ = (ts, sde) if obs is not None else (table, table)
+    os_ = obs.stride() if obs is not None else (0, 0, 0)
     with device_guard(u.device):
         launch(_gddim_step_kernel, grid,
-               u, hist if k else u, y, table, step,
-               B, D, n_col, table.shape[0],
+               u, hist if k else u, y, table, step, ts_, sde_, seed if seed is not None else step,
+               obs if obs is not None else table,
+               B, D, n_col, table.shape[0], ts_.shape[0],
                u.stride(0), u.stride(1), u.stride(2), hs[0], hs[1], hs[2], hs[3], y.stride(0), y.stride(1),
-               table.stride(0), table.stride(1),
+               table.stride(0), table.stride(1), ts_.stride(0), sde_.stride(0), *os_,
                K=k, CHANNELS=hist.shape[2], F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
-               num_warps=warps)
+               OBS=obs_mode(obs, seed), num_warps=warps)
 
 
 def aot_variants(B: int, D: int, empty):
@@ -137,3 +168,10 @@ def aot_variants(B: int, D: int, empty):
                     hist = empty(k, B, channels, D, dtype=sd)
                     label = f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K={k} H={channels}"
                     yield label, lambda u=u, h=hist, y=y: gddim_step_(u, h, y, table, step)
+            # the inpainting variants a run reaches: order 2 (K = 1, H = 2), seed / explicit noise / mean
+            ts, sde, seed = empty(11), empty(5, dtype=torch.float64), empty(1, dtype=torch.int64)
+            hist = empty(1, B, 2, D, dtype=sd)
+            for mode, channels, q in (("seed", 2, seed), ("eps", 4, None), ("mean", 2, None)):
+                obs = empty(B, channels, D, dtype=sd)
+                yield (f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K=1 H=2 obs={mode}",
+                       lambda u=u, y=y, o=obs, q=q: gddim_step_(u, hist, y, table, step, ts, sde, q, o))
