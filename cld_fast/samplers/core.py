@@ -384,7 +384,7 @@ class Stepper:
         """Before the first score evaluation (default: with a condition, the observed coordinates of the
         start state become a perturbation of x_obs at ts[0]; else nothing)."""
         if self.obs is not None:
-            self.condition.start_(u, float(self.plan.ts[0]), self.sde, self.obs, self.seed, self.backend)
+            self.condition.start_(u, self.plan.times[0], self.sde, self.obs, self.seed, self.backend)
 
     def step(self, u: torch.Tensor, y: torch.Tensor) -> None:
         """Advance u in place past the score evaluation y at step ``counter``; counter += 1."""
