@@ -4,11 +4,11 @@ References: the replacement is checked against ``CLD.perturbation_kernel`` direc
 ops of every backend here against the float64 torch reference, the samplers' final observed
 coordinates against x_obs, and the toy against the exact conditional of a Gaussian mixture.
 
-Toy tolerance (bench/results/inpaint-toy-cpu.md, 4000 samples, 3 seeds, two mixtures and SDEs): SSCS
-at 50 NFE is within 0.006 of the exact conditional in energy distance where the noise floor is
-|0.0005| and the unconditional sampler sits at 0.05-0.26; the test allows 0.015 (the largest measured
-value 0.0055 plus a margin for one seed at 3000 samples) and asks for less than a fifth of the
-unconditional error.
+Toy tolerance (bench/results/inpaint-toy-cpu.md, 4000 samples, mean of 3 seeds, two mixtures and
+SDEs, x1 = 0 observed): SSCS at 50 NFE is at energy distance 0.0020 (ring8, default CLD) and 0.0043
+(cross4, CLD(1, 7, 9)) from the exact conditional, where the noise floor is |0.0001| and the
+unconditional sampler sits at 0.053 and 0.082. The test (one seed, 3000 samples) allows 0.01, about
+twice the larger value, and asks for less than a fifth of the unconditional sampler's distance.
 """
 import math
 
@@ -242,7 +242,7 @@ def _exact_conditional(gm, a, n, g):
 
 
 @pytest.mark.parametrize("case", [(GaussianMixture2D(), CLD(), 0.0),
-                                  (GaussianMixture2D(4, 1.0, 0.2), CLD(beta0=1.0, beta1=7.0, m_inv=9.0), 0.8)],
+                                  (GaussianMixture2D(4, 1.0, 0.2), CLD(beta0=1.0, beta1=7.0, m_inv=9.0), 0.0)],
                          ids=["ring8-default-cld", "cross4-cld-1-7-9"])
 def test_toy_inpainting_samples_the_conditional(case):
     gm, sde, a = case
@@ -256,7 +256,7 @@ def test_toy_inpainting_samples_the_conditional(case):
     assert torch.equal(res.x[:, 0], torch.full((n,), a))
     e_cond = energy_distance(res.x[:, 1:].double(), exact)
     e_unc = energy_distance(unc.x[:, 1:].double(), exact)
-    assert e_cond < 0.015, (e_cond, e_unc)
+    assert e_cond < 0.01, (e_cond, e_unc)
     assert e_cond < 0.2 * e_unc, (e_cond, e_unc)
 
 
