@@ -235,6 +235,22 @@ def test_samplers_agree_across_backends_with_condition(backend):
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["sscs", "gddim"])
+def test_scheduler_loop_with_condition_matches_sample(method):
+    x_obs, mask = _inpaint_problem(b=4)
+    sde = CLD()
+    cond = cf.Inpaint(x_obs, mask)
+    want = cf.sample(_score, x_obs.shape, sde, steps=6, method=method, generator=torch.Generator().manual_seed(7),
+                     condition=cond)
+    sched = cf.Scheduler(sde, method=method, steps=6)
+    u = sched.init_noise(x_obs.shape, generator=torch.Generator().manual_seed(7), condition=cond)
+    for t in sched.timesteps:
+        u = sched.step(_score(u, t.expand(4)), t, u)
+    assert torch.equal(u, want.u)
+    with pytest.raises(ValueError, match="x_obs has shape"):
+        sched.init_noise((3, 3, 4, 4), condition=cond)
+
+
 def _exact_conditional(gm, a, n, g):
     w = torch.softmax(gm.log_weights - 0.5 * (a - gm.means[:, 0]) ** 2 / gm.std ** 2, 0)
     k = torch.multinomial(w, n, replacement=True, generator=g)
