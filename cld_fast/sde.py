@@ -625,6 +625,11 @@ def _check_output(output):
         raise ValueError(f"output must be one of {OUTPUTS} (what the network predicts), got {output!r}")
 
 
+def _no_obs(obs) -> None:
+    if obs is not None:
+        raise ValueError("a VP-SDE takes no inpainting condition (obs): the replacement is written for the CLD state")
+
+
 @dataclass(frozen=True)
 class VPSDE:
     """Variance-preserving SDE (Song et al. 2021), the non-CLD baseline: beta linear beta_min -> beta_max.
@@ -664,18 +669,22 @@ class VPSDE:
         row = row.to(u.dtype).reshape(-1, 3)
         return row[:, 0].view(shape) * u + row[:, 1].view(shape) * y.to(u.dtype)
 
-    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None) -> None:
+    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None, obs=None) -> None:
         """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (plain torch ops,
-        Philox noise of tag TAG_AFFINE at ``step``); ``mixed`` must be False (the score itself)."""
+        Philox noise of tag TAG_AFFINE at ``step``); ``mixed`` must be False (the score itself); no ``obs``
+        (``inpaints`` is False)."""
         from . import philox
+
+        _no_obs(obs)
 
         t = grid.index_select(0, step)
         row = self.reverse_coefficients(t, t - grid.index_select(0, step + 1), "em").to(u.dtype)
         z = philox.philox_normals(u.numel(), seed, step, philox.TAG_AFFINE, device=u.device)[0]
         u.copy_(self._apply(u, y, row) + row[:, 2].view((-1,) + (1,) * (u.dim() - 1)) * z.view(u.shape).to(u.dtype))
 
-    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None) -> None:
-        """The noise-free last step at t = eps of size eps, in place (plain torch ops)."""
+    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None, obs=None) -> None:
+        """The noise-free last step at t = eps of size eps, in place (plain torch ops); no ``obs``."""
+        _no_obs(obs)
         row = self.reverse_coefficients(torch.tensor([eps], dtype=torch.float64), eps, "denoise").to(u.device)
         u.copy_(self._apply(u, y, row))
 
