@@ -33,7 +33,7 @@ class Inpaint:
 
     Args:
         x_obs: (B, C, ...) or (1, C, ...) (broadcast over the batch) observed data, a floating
-            tensor; its values at unobserved positions are ignored (they may be anything finite).
+            tensor; its values at unobserved positions are ignored (NaN included).
         mask: the shape of x_obs, or broadcastable to it (e.g. (1, C, H, W) or (C, H, W) for one mask
             for all samples); bool, or 0/1 in any real dtype; 1 (True) = observed.
     """

@@ -137,9 +137,15 @@ def gddim_step_(u: torch.Tensor, hist: torch.Tensor, y: torch.Tensor, table: tor
     if B * D == 0:
         return
     k = hist.shape[0]
-    # A two-slot history keeps as many values live per element as an in-kernel Philox draw: the smaller
-    # tile keeps the float32 variants free of register spills (sm_90, bench/aot_compile.py).
-    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=k == 2)
+    # Tile size by register pressure, measured for the float32 variants on sm_90 (bench/aot_compile.py):
+    # a two-slot history keeps as many values live per element as an in-kernel Philox draw and takes the
+    # smaller tile; with a replacement (obs), ptxas fits the seeded draw and the two-slot history with
+    # explicit noise only on the larger tile, the other replacements only on the smaller one.
+    if obs is None:
+        small = k == 2
+    else:
+        small = seed is None and not (k == 2 and obs.shape[1] == 4)
+    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=small)
     n_col, grid = tile_grid(B, D, bb, bd)
     hs = hist.stride() if k else (0, 0, 0, 0)
     # Placeholders for absent tensors are read-only inputs that are never dereferenced.
@@ -168,10 +174,12 @@ def aot_variants(B: int, D: int, empty):
                     hist = empty(k, B, channels, D, dtype=sd)
                     label = f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K={k} H={channels}"
                     yield label, lambda u=u, h=hist, y=y: gddim_step_(u, h, y, table, step)
-            # the inpainting variants a run reaches: order 2 (K = 1, H = 2), seed / explicit noise / mean
+            # the inpainting variants: every ring, seed / explicit noise / mean replacement
             ts, sde, seed = empty(11), empty(5, dtype=torch.float64), empty(1, dtype=torch.int64)
-            hist = empty(1, B, 2, D, dtype=sd)
             for mode, channels, q in (("seed", 2, seed), ("eps", 4, None), ("mean", 2, None)):
                 obs = empty(B, channels, D, dtype=sd)
-                yield (f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K=1 H=2 obs={mode}",
-                       lambda u=u, y=y, o=obs, q=q: gddim_step_(u, hist, y, table, step, ts, sde, q, o))
+                for k in (0, 1, 2):
+                    for channels_h in ((1, 2) if k else (2,)):
+                        hist = empty(k, B, channels_h, D, dtype=sd)
+                        yield (f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K={k} H={channels_h} obs={mode}",
+                               lambda u=u, y=y, h=hist, o=obs, q=q: gddim_step_(u, h, y, table, step, ts, sde, q, o))

@@ -329,9 +329,10 @@ def _obs_variants(B: int, D: int, empty):
             yield f"half_step_ {s} obs={mode}", lambda o=obs, q=q: half_step_(u, ts, step, sde, None, q, o)
             for y_dtype in (sd, torch.bfloat16):
                 y, yn = empty(B, D, dtype=y_dtype), str(y_dtype).replace("torch.", "")
-                yield (f"sscs_step_ {s} y={yn} mixed=True seed obs={mode}",
+                noise = "seed" if q is not None else "none"
+                yield (f"sscs_step_ {s} y={yn} mixed=True {noise} obs={mode}",
                        lambda y=y, o=obs, q=q: sscs_step_(u, y, ts, step, sde, True, None, q, False, o))
-                yield (f"affine_step {s} y={yn} kind=0 mixed=True seed obs={mode}",
+                yield (f"affine_step {s} y={yn} kind=0 mixed=True {noise} obs={mode}",
                        lambda y=y, o=obs, q=q: affine_step(u, y, ts, step, sde, 0, True, None, q, u, o))
                 yield (f"affine_step {s} y={yn} kind=1 mixed=True obs=exact",
                        lambda y=y, o=obs: affine_step(u, y, ts, step, sde, 1, True, None, None, u, o))
