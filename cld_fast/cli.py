@@ -183,7 +183,14 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="network autocast on CUDA")
     p.add_argument("--out", metavar="DIR", help="output folder (default: the run's samples/ folder, or ./samples)")
-    p.add_argument("--name", help="file stem (default: samples_<method>_<steps>)")
+    p.add_argument("--name", help="file stem (default: samples_<method>_<steps>, inpaint_<method>_<steps>)")
+    g = p.add_argument_group(
+        "inpainting", "Fill in the unobserved part of given data (replacement, fused into every step; "
+        "docs/inpainting.md). The PNG shows the originals, the observed part and the inpainted samples.")
+    g.add_argument("--inpaint", metavar="NPZ", help="the data to inpaint: uint8 images (as `cld-fast fid` reads them) "
+                                                   "or float data in the model's range; one sample per item")
+    g.add_argument("--mask", metavar="NPZ", help="with --inpaint: 1 = observed, 0 = to fill in; uint8 or float 0/1, "
+                                                 "of the data's shape or broadcastable to it (e.g. one (1, C, H, W) mask)")
     g = p.add_argument_group(
         "official checkpoints: SDE", "Read from --config (preset or JSON: beta0, beta1, m_inv, gamma, numerical_eps, "
         "mixed_score, cld_objective); a key it lacks takes the official CIFAR-10 value; these flags override both. "
@@ -446,6 +453,8 @@ def _sample(args) -> int:
                          f"got {args.name!r}")
     if args.out:
         _check_out_dir(args.out, "--out")
+    if (args.inpaint is None) != (args.mask is None):
+        raise ValueError("--inpaint and --mask go together: the data and which of its entries are observed")
     try:
         model = _load_sample_model(args, device)
     except (CheckpointError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as exc:
@@ -465,8 +474,16 @@ def _sample(args) -> int:
     print(f"SDE: {model.describe()} ({_sde_origin(model, args.config)})")
     is_image = len(shape) == 3
     n = args.n if args.n is not None else (64 if is_image else 2000)
+    condition = None
+    if args.inpaint is not None:
+        condition = _inpaint_condition(args.inpaint, args.mask, tuple(shape), device)
+        if args.n is not None and args.n != condition.x_obs.shape[0]:
+            raise ValueError(f"--n {args.n}: with --inpaint the number of samples is the number of items in "
+                             f"{args.inpaint} ({condition.x_obs.shape[0]}); leave --n unset")
+        n = condition.x_obs.shape[0]
     try:
         get_spec(args.method).validate_options(_sampler_options(args))
+        get_spec(args.method).check_condition(condition, sde, (n,) + tuple(shape))
     except (TypeError, ValueError) as exc:
         print(f"cld-fast sample: error: --method {args.method}: {exc}", file=sys.stderr)
         return 2
@@ -477,14 +494,16 @@ def _sample(args) -> int:
     try:
         res = sample(model.score_fn, (n,) + tuple(shape), sde, steps=args.steps,
                      method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
-                     generator=gen, device=device, progress=args.progress, **_sampler_options(args))
+                     generator=gen, device=device, progress=args.progress, condition=condition,
+                     **_sampler_options(args))
     except RuntimeError as exc:
         raise _out_of_memory(exc, flag="--n", value=n, device=device) or exc
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
     os.makedirs(out_dir, exist_ok=True)
-    stem = args.name or f"samples_{args.method}_{args.steps if args.method != 'ode' else 'adaptive'}"
+    stem = args.name or (f"{'inpaint' if condition is not None else 'samples'}_{args.method}_"
+                         f"{args.steps if args.method != 'ode' else 'adaptive'}")
     png = os.path.join(out_dir, stem + ".png")
     npz = os.path.join(out_dir, stem + ".npz")
     arrays = {"x": res.x.detach().cpu().numpy()}
@@ -492,7 +511,9 @@ def _sample(args) -> int:
         arrays["v"] = res.v.detach().cpu().numpy()
     with atomic_writer(npz) as f:
         np.savez(f, **arrays)
-    if is_image:
+    if is_image and condition is not None:
+        plots.image_grid(inpainting_grid(condition.x_obs, condition.mask, res.x), png, nrow=min(n, 8))
+    elif is_image:
         plots.image_grid(res.x, png)
     elif shape[0] == 2:
         ref = None
@@ -512,6 +533,40 @@ def _sample(args) -> int:
 
 
 _SDE_FLAGS = ("beta0", "beta1", "m_inv", "gamma", "numerical_eps")
+
+
+def _inpaint_condition(data_path: str, mask_path: str, shape: tuple, device):
+    """``cf.Inpaint`` from ``--inpaint`` / ``--mask`` files (``cld_fast.data.load_npz``): uint8 images are
+    mapped to [-1, 1]; ValueError naming the flag for anything unusable."""
+    from .conditions import Inpaint
+    from .data import DataError, center, load_npz
+
+    def read(path, flag):
+        try:
+            return load_npz(path)
+        except DataError as exc:
+            raise ValueError(f"{flag} {path}: {exc}".replace("--data-path ", "")) from None
+
+    x, is_uint8 = read(data_path, "--inpaint")
+    x = center(x.float() / 255.0) if is_uint8 else x
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"--inpaint {data_path}: the model samples items of shape {shape}, the file holds "
+                         f"{tuple(x.shape)}")
+    m, _ = read(mask_path, "--mask")
+    try:
+        return Inpaint(x.to(device), m.to(device))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--mask {mask_path}: {exc}") from None
+
+
+def inpainting_grid(x_obs, mask, x, k: int = 8):
+    """(3k, C, H, W) images in [-1, 1] for a grid of k columns: originals, the observed part (0 = grey
+    where unobserved), inpainted samples; the first k = min(k, N) items."""
+    import torch
+
+    k = min(k, x.shape[0])
+    x_obs, mask, x = x_obs[:k].cpu().float(), mask[:k].cpu(), x[:k].detach().cpu().float()
+    return torch.cat([x_obs, torch.where(mask, x_obs, torch.zeros_like(x_obs)), x])
 
 
 def _load_sample_model(args, device):

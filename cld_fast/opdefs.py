@@ -23,6 +23,14 @@ Argument conventions shared by all ops (B samples, D elements of one sample's x)
            coefficients from (t, sde) with the formulas of ``cld_fast.sde``
     eps    explicit noise in the state dtype; seed (1,) int64 for in-kernel Philox
            (``cld_fast.philox``: the op's tag, counter word c2 = step, 0 for perturb); neither: none
+    obs    optional inpainting condition (B, 2, D) or (B, 4, D) in the state dtype: x_obs, mask (1 =
+           observed, 0 = free) and, in explicit-noise mode, the replacement noise (z_x, z_v); without
+           those two channels the replacement draws (z0, z1) of Philox tag INPAINT at the op's step
+           when ``seed`` is given ((z2, z3) for half_step_), else none (the mean). After the op's update,
+           every observed element's (x, v) is replaced by A(t_r) (x_obs, 0) + L(t_r) (z_x, z_v), the HSM
+           perturbation of x_obs (v0 ~ N(0, gamma M) marginalised) at the forward time t_r the op
+           leaves the state at; a denoising step (affine kind denoise, the gDDIM row past the grid)
+           sets x = x_obs exactly and keeps v
     int enums: objective (``sde.OBJECTIVE_CODES``), weighting (``sde.WEIGHTING_CODES``),
            output (``sde.OUTPUT_CODES``), kind (``sde.AFFINE_KINDS``)
 
@@ -38,19 +46,25 @@ Ops (noise tags in brackets):
     mixed_score   c0(t) v + c1(t) out, (c0, c1) of ``CLD.score_coefficients(t, objective, output)``
                   (default codes: -v / s_vv(t) - out / l22(t))                           (B, D)
     half_step_    u <- reverse linear half step from ts[step] to ts[step + 1]            [HALF_STEP]
+                  (obs: t_r = ts[step + 1])
     sscs_step_    SSCS after a network evaluation at ts[i], i = step: v <- alpha v + kappa y, the
                   closing half step (ts[i] - h/2 -> ts[i + 1]) with (z0, z1), the opening half step
                   of step i + 1 (ts[i + 1] -> ts[i + 1] - h_{i+1}/2) with (z2, z3) when i + 2 <= S
                   (else nothing); ``mixed`` folds the mixed score so y is the network output;
                   ``official_half``: the closing half step spans ts[i] -> ts[i] - h/2 instead
                   (``CLD.sscs_closing_half_step``, the official sampler's beta integral) [SSCS]
+                  (obs: t_r = ts[i + 1] - h_{i+1}/2, the end of the opening half step; ts[i + 1]
+                  when i + 2 > S)
     affine_step   out <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z0) for the step
                   ts[step] -> ts[step + 1]: kind em (noise), denoise (none), pf_drift (the
                   forward-time ODE drift at ts[step]; ts[step + 1] is not read)            [AFFINE]
+                  (obs: em t_r = ts[step + 1]; denoise x = x_obs; pf_drift takes no obs)
     gddim_step_   exponential-integrator multistep after a network evaluation (float64 arithmetic), row r = table[step]
                   of ``cld_fast.samplers.gddim.gddim_table``: cur = E (x, v, y); u <- Lin u + C_0 cur + sum_j C_j
                   hist[(step - j) mod K]; hist[step mod K] <- cur. hist (K, B, H, D) in the state
                   dtype keeps the last K = order - 1 values of cur (H = 2: eps_R; H = 1: x0_hat)
+                  (obs, with the run's ts, sde and seed: t_r = ts[step + 1]; step + 1 = len(ts)
+                  is the denoising row, x = x_obs)
 
 A step outside the grid (step < 0, or step + 1 >= len(ts); pf_drift: step >= len(ts)) is an error
 where the step is known on the host (``cld_fast.ops`` checks CPU steps) and poisons the output
@@ -181,7 +195,34 @@ def _linear(x, v, r, ex, ev):
     return nx, nv
 
 
-def half_step_ref(u, ts, step, sde, eps, seed):
+def _replace_obs(x, v, obs, t_r, cld, seed, step, pair):
+    """(x, v) with the observed elements replaced by the HSM perturbation of x_obs at t_r ((1,) float64).
+
+    ``t_r`` None: the denoising rule, x = x_obs, v kept. ``pair``: which Philox normals (0: z0, z1;
+    1: z2, z3) of tag INPAINT the seed mode takes.
+    """
+    if obs is None:
+        return x, v
+    dt = x.dtype
+    xo, keep = obs[:, 0].to(dt), obs[:, 1] != 0
+    if t_r is None:
+        return torch.where(keep, xo, x), v
+    k = cld.perturbation_kernel(t_r, "hsm")
+    c = [_col(f).to(dt) for f in (k.a_xx, k.a_vx, k.l11, k.l21, k.l22)]
+    rx, rv = c[0] * xo, c[1] * xo
+    if obs.shape[1] == 4:
+        zx, zv = obs[:, 2].to(dt), obs[:, 3].to(dt)
+    elif seed is not None:
+        zx, zv = _normals(x.shape, seed, step, philox.TAG_INPAINT, 4, dt)[2 * pair:2 * pair + 2]
+    else:
+        zx = zv = None
+    if zx is not None:
+        rx = rx + c[2] * zx
+        rv = rv + c[3] * zx + c[4] * zv
+    return torch.where(keep, rx, x), torch.where(keep, rv, v)
+
+
+def half_step_ref(u, ts, step, sde, eps, seed, obs=None):
     cld = _cld(sde)
     t0, t1 = _at(ts, step), _at(ts, step + 1)
     r = cld.half_step_coefficients(t0, t0 - t1).to(u.dtype)
@@ -192,11 +233,12 @@ def half_step_ref(u, ts, step, sde, eps, seed):
     else:
         ex = ev = None
     nx, nv = _linear(u[:, 0], u[:, 1], r, ex, ev)
+    nx, nv = _replace_obs(nx, nv, obs, t1, cld, seed, step, 1)
     u[:, 0] = nx
     u[:, 1] = nv
 
 
-def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed, official_half=False):
+def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed, official_half=False, obs=None):
     cld = _cld(sde)
     last = ts.numel() - 1
     t0, t1 = _at(ts, step), _at(ts, step + 1)
@@ -217,11 +259,13 @@ def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed, official_half=False):
     v = ak[:, 0:1] * u[:, 1] + ak[:, 1:2] * y.to(u.dtype)
     x, v = _linear(u[:, 0], v, closing, z[0], z[1])
     x, v = _linear(x, v, opening, z[2], z[3])
+    t_r = torch.where((step + 2 <= last).reshape(1), t1 - 0.5 * (t1 - t2), t1)
+    x, v = _replace_obs(x, v, obs, t_r, cld, seed, step, 0)
     u[:, 0] = x
     u[:, 1] = v
 
 
-def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out):
+def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out, obs=None):
     cld = _cld(sde)
     name = AFFINE_KINDS[kind]
     t0 = _at(ts, step)
@@ -236,11 +280,15 @@ def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out):
             nv = nv + r[:, 5:6] * eps.to(out.dtype)
         elif seed is not None:
             nv = nv + r[:, 5:6] * _normals(x.shape, seed, step, philox.TAG_AFFINE, 1, out.dtype)[0]
+    if name == "em":
+        nx, nv = _replace_obs(nx, nv, obs, _at(ts, step + 1), cld, seed, step, 0)
+    elif name == "denoise":
+        nx, nv = _replace_obs(nx, nv, obs, None, cld, seed, step, 0)
     out[:, 0] = nx
     out[:, 1] = nv
 
 
-def gddim_step_ref(u, hist, y, table, step):
+def gddim_step_ref(u, hist, y, table, step, ts=None, sde=None, seed=None, obs=None):
     # float64 arithmetic for every state dtype (stored back in the state dtype): in the first rows Lin u and
     # C_0 cur cancel with terms ~1e6 where a(t) is tiny, which float32 arithmetic turns into O(0.1) errors
     f64 = torch.float64
@@ -262,8 +310,22 @@ def gddim_step_ref(u, hist, y, table, step):
     if k:
         cur = torch.stack([cx, cv], 1)[:, :channels].to(hist.dtype)
         hist.index_copy_(0, torch.remainder(step.reshape(1), k), cur.unsqueeze(0))
-    u[:, 0] = nx.to(u.dtype)
-    u[:, 1] = nv.to(u.dtype)
+    nx, nv = nx.to(u.dtype), nv.to(u.dtype)
+    if obs is not None:
+        nx, nv = _gddim_replace(nx, nv, obs, ts, step, sde, seed)
+    u[:, 0] = nx
+    u[:, 1] = nv
+
+
+def _gddim_replace(x, v, obs, ts, step, sde, seed):
+    """The gDDIM step's replacement: at ts[step + 1], or the denoising rule when step + 1 = len(ts)."""
+    n = ts.numel()
+    exact = (step + 1 >= n).reshape(1)
+    t_r = _at(ts, torch.clamp(step + 1, max=n - 1))
+    cld = _cld(sde)
+    rx, rv = _replace_obs(x, v, obs, t_r, cld, seed, step, 0)
+    ex, ev = _replace_obs(x, v, obs, None, cld, seed, step, 0)
+    return torch.where(exact, ex, rx), torch.where(exact, ev, rv)
 
 
 # ---- fakes (shapes and dtypes only) -------------------------------------------------------------
@@ -312,17 +374,20 @@ OPS: Dict[str, OpDef] = {d.name: d for d in (
          ("grad_out",), _hsm_loss_fwd_grad_fake, hsm_loss_fwd_grad_ref),
     _def("mixed_score", "(Tensor out, Tensor u, Tensor t, Tensor sde, int objective, int output) -> Tensor", (),
          _mixed_score_fake, mixed_score_ref),
-    _def("half_step_", "(Tensor(a!) u, Tensor ts, Tensor step, Tensor sde, Tensor? eps, Tensor? seed) -> ()",
+    _def("half_step_",
+         "(Tensor(a!) u, Tensor ts, Tensor step, Tensor sde, Tensor? eps, Tensor? seed, Tensor? obs=None) -> ()",
          ("u",), _none, half_step_ref),
     _def("sscs_step_",
          "(Tensor(a!) u, Tensor y, Tensor ts, Tensor step, Tensor sde, bool mixed, Tensor? eps, Tensor? seed, "
-         "bool official_half) -> ()",
+         "bool official_half, Tensor? obs=None) -> ()",
          ("u",), _none, sscs_step_ref),
     _def("affine_step",
          "(Tensor u, Tensor y, Tensor ts, Tensor step, Tensor sde, int kind, bool mixed, Tensor? eps, Tensor? seed, "
-         "Tensor(a!) out) -> ()",
+         "Tensor(a!) out, Tensor? obs=None) -> ()",
          ("out",), _none, affine_step_ref),
-    _def("gddim_step_", "(Tensor(a!) u, Tensor(b!) hist, Tensor y, Tensor table, Tensor step) -> ()",
+    _def("gddim_step_",
+         "(Tensor(a!) u, Tensor(b!) hist, Tensor y, Tensor table, Tensor step, Tensor? ts=None, Tensor? sde=None, "
+         "Tensor? seed=None, Tensor? obs=None) -> ()",
          ("u", "hist"), _none, gddim_step_ref),
 )}
 

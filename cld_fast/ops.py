@@ -341,6 +341,23 @@ def _prepare_step(u, y, ts, sde, step, eps, eps_count, op, reads_next=True):
     return ts, step, eps
 
 
+def _check_obs(obs, u, x_shape):
+    """The packed inpainting condition of a step op (``cld_fast.conditions.Inpaint.packed``) checked
+    against the state: (B, 2, D) or (B, 4, D) contiguous, u's dtype and device."""
+    if obs is None:
+        return None
+    b, d = x_shape[0], int(math.prod(x_shape[1:]))
+    if not isinstance(obs, torch.Tensor) or obs.dim() != 3 or tuple(obs.shape[::2]) != (b, d) \
+            or obs.shape[1] not in (2, 4):
+        got = tuple(obs.shape) if isinstance(obs, torch.Tensor) else type(obs).__name__
+        raise ValueError(f"obs must be a ({b}, 2 or 4, {d}) tensor (x_obs, mask[, z_x, z_v]; "
+                         f"cf.Inpaint(...).packed(...)), got {got}")
+    if obs.dtype != u.dtype:
+        raise TypeError(f"obs must have the state dtype {u.dtype}, got {obs.dtype}")
+    checks.same_device(u, "u", obs=obs)
+    return obs.contiguous()
+
+
 def _seed(seed, device):
     if seed is None:
         return None
@@ -373,7 +390,7 @@ def _inplace(u, fn):
 
 
 def half_step_(u: torch.Tensor, ts, sde: CLD, step=0, seed=None, eps: Optional[torch.Tensor] = None,
-               backend: Optional[str] = None) -> torch.Tensor:
+               backend: Optional[str] = None, obs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In place: the exact linear part of the reverse SDE from forward time ts[step] to ts[step + 1].
 
     u <- A u + L z, with A and L computed in-kernel from the two times (``CLD.half_step_coefficients``).
@@ -385,17 +402,22 @@ def half_step_(u: torch.Tensor, ts, sde: CLD, step=0, seed=None, eps: Optional[t
         step: int or (1,) int64 tensor on u's device (read in-kernel: no host sync).
         seed: None (no noise unless ``eps``), an int, a Generator or a (1,) int64 tensor (in-kernel Philox).
         eps: optional explicit noise (B, 2, D).
+        obs: optional inpainting condition (B, 2 or 4, D) in u's dtype (``cf.Inpaint(...).packed``):
+            afterwards the observed elements hold a fresh HSM perturbation of x_obs at ts[step + 1]
+            (Philox tag INPAINT, normals z2, z3, unless obs carries the noise).
     """
     ts, step, eps = _prepare_step(u, None, ts, sde, step, eps, 2, "half_step_")
+    obs = _check_obs(obs, u, checks.data_shape_of(u))
     mod = backends.select(u.device, u.dtype, backend)
     s = _seed(seed, u.device)
     params = kernel_params(sde, u.device)
-    return _inplace(u, lambda u3: _run_step(mod, "half_step_", "half_step_", ts.numel(), u3, ts, step, params, eps, s))
+    return _inplace(u, lambda u3: _run_step(mod, "half_step_", "half_step_", ts.numel(), u3, ts, step, params, eps, s,
+                                            obs))
 
 
 def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool = False, seed=None,
                eps: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-               official_half_steps: bool = False) -> torch.Tensor:
+               official_half_steps: bool = False, obs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In place: the fused SSCS update after the network evaluation of step i = ``step`` (one launch per NFE).
 
     With t = ts[i] and h = ts[i] - ts[i + 1]: v <- alpha v + kappa y (the score's Euler step at t;
@@ -410,34 +432,44 @@ def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bo
         step, seed, eps: as in ``half_step_``; eps has shape (B, 4, D).
         official_half_steps: the closing half step spans t -> t - h/2 like the official sampler's
             (``CLD.sscs_closing_half_step``; differs from the default only for non-constant beta).
+        obs: optional inpainting condition (B, 2 or 4, D) in u's dtype (``cf.Inpaint(...).packed``):
+            afterwards the observed elements hold a fresh HSM perturbation of x_obs at the time the
+            opening half step ends, ts[i + 1] - h_{i+1} / 2 (ts[i + 1] after the grid's last step).
     """
     if not isinstance(official_half_steps, bool):
         raise TypeError(f"official_half_steps must be a bool, got {type(official_half_steps).__name__}")
     ts, step, eps = _prepare_step(u, y, ts, sde, step, eps, 4, "sscs_step_")
+    obs = _check_obs(obs, u, checks.data_shape_of(u))
     mod = backends.select(u.device, u.dtype, backend)
     s = _seed(seed, u.device)
     params = kernel_params(sde, u.device)
     y2 = _flat(y)
-    return _inplace(u, lambda u3: _run_step(mod, "sscs_step_", "sscs_step_", ts.numel(), u3, y2, ts, step, params, bool(mixed), eps, s,
-                                                 official_half_steps))
+    return _inplace(u, lambda u3: _run_step(mod, "sscs_step_", "sscs_step_", ts.numel(), u3, y2, ts, step, params,
+                                            bool(mixed), eps, s, official_half_steps, obs))
 
 
 def em_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool = False, denoise: bool = False,
-             seed=None, eps: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+             seed=None, eps: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+             obs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """In place: an Euler–Maruyama step of the reverse SDE from ts[step] to ts[step + 1].
 
     x <- x - m_inv beta h v; v <- v + beta h (x + Gamma m_inv v + 2 Gamma score) + sqrt(2 Gamma beta h) z.
     ``denoise=True``: the same step without noise (the official final "denoising" step).
     ``mixed``: y is a mixed-score network output (folded in-kernel). eps, if given, has shape (B, D).
+    ``obs``: optional inpainting condition (B, 2 or 4, D) in u's dtype (``cf.Inpaint(...).packed``):
+    afterwards the observed elements hold a fresh HSM perturbation of x_obs at ts[step + 1]
+    (``denoise``: x = x_obs exactly, v as the step leaves it).
     """
     ts, step, eps = _prepare_step(u, y, ts, sde, step, eps, 1, "em_step_")
+    obs = _check_obs(obs, u, checks.data_shape_of(u))
     mod = backends.select(u.device, u.dtype, backend)
     s = None if denoise else _seed(seed, u.device)
     eps = None if denoise else eps
     params = kernel_params(sde, u.device)
     kind = AFFINE_KIND_CODES["denoise" if denoise else "em"]
     y2 = _flat(y)
-    return _inplace(u, lambda u3: _run_step(mod, "affine_step", "em_step_", ts.numel(), u3, y2, ts, step, params, kind, bool(mixed), eps, s, u3))
+    return _inplace(u, lambda u3: _run_step(mod, "affine_step", "em_step_", ts.numel(), u3, y2, ts, step, params, kind,
+                                            bool(mixed), eps, s, u3, obs))
 
 
 def pf_drift(u: torch.Tensor, y: torch.Tensor, t, sde: CLD, mixed: bool = False, backend: Optional[str] = None) -> torch.Tensor:
@@ -470,7 +502,8 @@ def gddim_history(u: torch.Tensor, order: int, predict: str = "eps") -> torch.Te
 
 
 def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: torch.Tensor, step=0,
-                backend: Optional[str] = None) -> torch.Tensor:
+                backend: Optional[str] = None, obs: Optional[torch.Tensor] = None, ts=None, sde: Optional[CLD] = None,
+                seed=None) -> torch.Tensor:
     """In place: one exponential-integrator multistep step of the gDDIM sampler (one launch per NFE).
 
     With r = table[step] (a row of ``cld_fast.samplers.gddim.gddim_table``): cur = E (x, v, y), u <- Lin u + C_0 cur +
@@ -482,6 +515,10 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
         hist: (K, B, H, D) ring buffer from ``gddim_history`` (K = order - 1), updated in place.
         table: (S, 22) float64 rows from ``cld_fast.samplers.gddim.gddim_table`` on u's device.
         step: int or (1,) int64 tensor on u's device (read in-kernel: no host sync).
+        obs: optional inpainting condition (B, 2 or 4, D) in u's dtype (``cf.Inpaint(...).packed``),
+            with the run's time grid ``ts`` (the table's rows are its steps, plus the denoising row),
+            ``sde`` and ``seed``: afterwards the observed elements hold a fresh HSM perturbation of
+            x_obs at ts[step + 1]; after the denoising row (step + 1 = len(ts)) x = x_obs exactly.
     """
     checks.tensor(u, "u", min_dim=2)
     x_shape = checks.data_shape_of(u)
@@ -507,13 +544,26 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
         checks.int_in_range(step, "step", 0, rows - 1, message)
     elif isinstance(step, int) and not isinstance(step, bool) and not 0 <= step < rows:
         raise ValueError(message.replace("{value}", str(step)))
+    obs = _check_obs(obs, u, x_shape)
+    params = s = None
+    if obs is not None:
+        if ts is None or sde is None:
+            raise ValueError("gddim_step_ with obs needs the run's time grid ts and the sde (the replacement time)")
+        _check_sde(sde)
+        ts = _grid(ts, u.device)
+        if table.shape[0] not in (ts.numel() - 1, ts.numel()):
+            raise ValueError(f"ts has {ts.numel()} points but table has {table.shape[0]} rows; expected "
+                             f"{ts.numel() - 1} (no denoising row) or {ts.numel()}")
+        params, s = kernel_params(sde, u.device), _seed(seed, u.device)
+    else:
+        ts = None
     step = checks.step_tensor(step, u.device)
     mod = backends.select(u.device, u.dtype, backend)
     y2 = _flat(y)
 
     def run(u3):
         try:
-            _run(mod, "gddim_step_", u3, hist, y2, table, step)
+            _run(mod, "gddim_step_", u3, hist, y2, table, step, ts, params, s, obs)
         except IndexError as exc:  # the torch reference with a bad tensor step
             raise ValueError(f"gddim_step_: step = <tensor> is out of range for a table of {rows} rows "
                              f"(valid 0..{rows - 1})") from exc

@@ -13,7 +13,9 @@ op tag T:
 
 So one Philox call gives the four normals an element needs in any op: perturb uses (z0, z1) as
 (eps_x, eps_v) and the HSM loss regenerates z1; a fused SSCS step uses (z0, z1) for its closing half
-step and (z2, z3) for the opening one; an EM step uses z0. The uniforms are bit-exact across
+step and (z2, z3) for the opening one; an EM step uses z0. The inpainting replacement draw of a step op
+(``Tensor? obs``, ``cld_fast.conditions``) takes (z0, z1) of tag INPAINT at the op's step, that of
+``half_step_`` (the opening of a run) (z2, z3), so the two never share a number. The uniforms are bit-exact across
 backends; the normals agree to float32 rounding of log, cos and sin.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ TAG_PERTURB = 0
 TAG_HALF_STEP = 1
 TAG_SSCS = 2
 TAG_AFFINE = 3
+TAG_INPAINT = 4
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53

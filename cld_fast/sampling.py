@@ -68,7 +68,7 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
            generator: Optional[torch.Generator] = None, device=None, progress: bool = False,
            callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False,
            backend: Optional[str] = None, u: Optional[torch.Tensor] = None, timesteps=None,
-           **options) -> SampleResult:
+           condition=None, **options) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
@@ -110,6 +110,10 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
             ``denoise`` adds the final step at eps = t_n (NFE = n + 1, or n without denoising).
             Without ``u``, t_0 must be 1 (the prior's time). Adaptive samplers take exactly two
             entries, [t_start, t_end].
+        condition: sample conditionally, e.g. ``cf.Inpaint(x_obs, mask)`` (inpainting / imputation by
+            replacement, fused into every step: ``cld_fast.conditions``, docs/inpainting.md); CLD
+            only, with the samplers whose ``cf.SAMPLERS[method].conditions`` is True (sscs, em,
+            gddim); the final denoising step puts x_obs itself on the observed coordinates.
         **options: the sampler's own options, declared in its file and listed by
             ``cf.SAMPLERS[method].options`` (name, type, allowed values, default), e.g.
             ``order=3, predict="x0"`` for "gddim", ``rtol``, ``atol``, ``max_nfe`` for "ode",
@@ -132,6 +136,7 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
     striding = spec.default_striding if striding is None else striding
     core.check_striding(striding)
     opts = spec.validate_options(options)
+    spec.check_condition(condition, sde, shape)
     core.check_dtype(dtype)
     core.check_generator(generator)
     if not isinstance(denoise, bool):
@@ -155,7 +160,8 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
         bar = core.progress_bar(progress, steps if spec.fixed_steps else None, method)
         run = SamplerRun(sde=sde, ev=ev, u=state, steps=steps, eps=eps, striding=striding, denoise=denoise, seed=seed,
                          bar=bar, callback=callback, cuda_graph=cuda_graph, backend=backend, options=opts,
-                         timesteps=ts if spec.fixed_steps else None, t_start=1.0 if ts is None else float(ts[0]))
+                         timesteps=ts if spec.fixed_steps else None, t_start=1.0 if ts is None else float(ts[0]),
+                         condition=condition)
         try:
             nfe = spec.loop(run)
         finally:

@@ -87,19 +87,24 @@ class Scheduler:
     def dtype(self) -> torch.dtype:
         return self._plan.dtype
 
-    def init_noise(self, shape: Sequence[int], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def init_noise(self, shape: Sequence[int], generator: Optional[torch.Generator] = None,
+                   condition=None) -> torch.Tensor:
         """Start a run: draw u_1 from the prior and the run's Philox seed, and take the sampler's ``begin``.
 
         ``shape`` is the data shape (B, C, ...) or (B, D); returns the state (B, 2C, ...) at which the
-        first score is evaluated.
+        first score is evaluated. ``condition``: as ``cf.sample``'s (e.g. ``cf.Inpaint(x_obs, mask)``),
+        applied by every step of the run.
         """
         shape = core.check_shape(shape)
         core.check_generator(generator)
+        self.spec.check_condition(condition, self.sde, shape)
         plan = self._plan
         with torch.no_grad(), checks.value_checks(False):
             u = core.prior(self.sde, shape, generator, plan.device, plan.dtype)
             seed = philox.seed_from_generator(generator, plan.device)
             self._stepper = self.spec.stepper(self.sde, plan, u, seed, self.mixed, self.backend, **self.options)
+            if condition is not None:
+                self._stepper.condition_on(condition, u)
             if plan.n >= 1:
                 self._stepper.begin(u)
         self._i = 0

@@ -216,19 +216,21 @@ class CLD:
         """(x, v): the two halves of a state (B, 2C, ...) along dim 1 (views)."""
         return torch.chunk(u, 2, dim=1)
 
-    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None) -> None:
-        """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (fused op)."""
+    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None, obs=None) -> None:
+        """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (fused op;
+        ``obs``: the packed inpainting condition, replaced at grid[step + 1])."""
         from . import ops
 
-        ops.em_step_(u, y, grid, self, step=step, mixed=mixed, seed=seed, backend=backend)
+        ops.em_step_(u, y, grid, self, step=step, mixed=mixed, seed=seed, backend=backend, obs=obs)
 
-    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None) -> None:
-        """The official last step, in place: a noise-free EM step of the reverse SDE at t = eps of size eps."""
+    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None, obs=None) -> None:
+        """The official last step, in place: a noise-free EM step of the reverse SDE at t = eps of size eps
+        (``obs``: the packed inpainting condition; x = x_obs on the observed coordinates)."""
         from . import ops
 
         grid = torch.tensor([eps, 0.0], dtype=torch.float64).to(u.device)
         ops.em_step_(u, y, grid, self, step=torch.zeros(1, dtype=torch.int64, device=u.device), mixed=mixed,
-                     denoise=True, backend=backend)
+                     denoise=True, backend=backend, obs=obs)
 
     def pf_drift(self, u, y, t, mixed: bool = False, backend=None) -> torch.Tensor:
         """du/dt of the probability-flow ODE in forward time at the (1,) float64 device time t (fused op)."""
@@ -239,6 +241,7 @@ class CLD:
     objectives = OBJECTIVES  # the training objectives a network of this SDE may have used
     weightings = WEIGHTINGS  # the training loss weightings it takes
     folds_mixed_score = True  # the fused sampler kernels take the raw HSM mixed-score output
+    inpaints = True  # the fused step ops replace observed coordinates (``cld_fast.conditions``)
 
     def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
                           differentiable: bool = False) -> torch.Tensor:
@@ -622,6 +625,11 @@ def _check_output(output):
         raise ValueError(f"output must be one of {OUTPUTS} (what the network predicts), got {output!r}")
 
 
+def _no_obs(obs) -> None:
+    if obs is not None:
+        raise ValueError("a VP-SDE takes no inpainting condition (obs): the replacement is written for the CLD state")
+
+
 @dataclass(frozen=True)
 class VPSDE:
     """Variance-preserving SDE (Song et al. 2021), the non-CLD baseline: beta linear beta_min -> beta_max.
@@ -661,18 +669,22 @@ class VPSDE:
         row = row.to(u.dtype).reshape(-1, 3)
         return row[:, 0].view(shape) * u + row[:, 1].view(shape) * y.to(u.dtype)
 
-    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None) -> None:
+    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None, obs=None) -> None:
         """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (plain torch ops,
-        Philox noise of tag TAG_AFFINE at ``step``); ``mixed`` must be False (the score itself)."""
+        Philox noise of tag TAG_AFFINE at ``step``); ``mixed`` must be False (the score itself); no ``obs``
+        (``inpaints`` is False)."""
         from . import philox
+
+        _no_obs(obs)
 
         t = grid.index_select(0, step)
         row = self.reverse_coefficients(t, t - grid.index_select(0, step + 1), "em").to(u.dtype)
         z = philox.philox_normals(u.numel(), seed, step, philox.TAG_AFFINE, device=u.device)[0]
         u.copy_(self._apply(u, y, row) + row[:, 2].view((-1,) + (1,) * (u.dim() - 1)) * z.view(u.shape).to(u.dtype))
 
-    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None) -> None:
-        """The noise-free last step at t = eps of size eps, in place (plain torch ops)."""
+    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None, obs=None) -> None:
+        """The noise-free last step at t = eps of size eps, in place (plain torch ops); no ``obs``."""
+        _no_obs(obs)
         row = self.reverse_coefficients(torch.tensor([eps], dtype=torch.float64), eps, "denoise").to(u.device)
         u.copy_(self._apply(u, y, row))
 
@@ -683,6 +695,7 @@ class VPSDE:
     objectives = ("hsm",)  # denoising score matching on x; no velocity to marginalise
     weightings = ("reweightedv2", "likelihood")  # the training loss weightings it takes
     folds_mixed_score = False
+    inpaints = False
 
     def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
                           differentiable: bool = False) -> torch.Tensor:

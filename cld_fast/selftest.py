@@ -289,6 +289,11 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
     def pout():
         return target(b, 2, d)
 
+    def obs(noise):  # an inpainting condition: x_obs, a 0/1 mask[, the replacement noise]
+        v = torch.randn(b, 4 if noise else 2, d, generator=gen, dtype=torch.float64)
+        v[:, 1] = (torch.rand(b, d, generator=gen) < 0.5).double()
+        return _State(v, sl)
+
     if name == "perturb":  # (x0, v0, t, sde, objective, eps, seed, out)
         return [_Variant(E, "hsm eps", [x0, None, t, p, hsm, eps2, None, pout()]),
                 _Variant(E, "hsm mean", [x0, None, t, p, hsm, None, None, pout()]),
@@ -325,19 +330,24 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
     if name == "mixed_score":  # (out, u, t, sde, objective, output)
         return [_Variant(E, f"{obj} {outp}", [out, u, t, p, OBJECTIVE_CODES[obj], OUTPUT_CODES[outp]])
                 for obj in OBJECTIVE_CODES for outp in OUTPUT_CODES]
-    if name == "half_step_":  # (u, ts, step, sde, eps, seed)
+    if name == "half_step_":  # (u, ts, step, sde, eps, seed, obs)
         return [_Variant(E, "eps", [u, ts, step, p, eps2, None]),
                 _Variant(E, "no noise", [u, ts, step, p, None, None]),
-                _Variant(S, "seed", [u, ts, step, p, None, seed])]
-    if name == "sscs_step_":  # (u, y, ts, step, sde, mixed, eps, seed, official_half)
+                _Variant(E, "eps obs eps", [u, ts, step, p, eps2, None, obs(True)]),
+                _Variant(E, "no noise obs mean", [u, ts, step, p, None, None, obs(False)]),
+                _Variant(S, "seed", [u, ts, step, p, None, seed]),
+                _Variant(S, "seed obs seed", [u, ts, step, p, None, seed, obs(False)])]
+    if name == "sscs_step_":  # (u, y, ts, step, sde, mixed, eps, seed, official_half, obs)
         return [_Variant(E, "eps", [u, y, ts, step, p, False, eps4, None, False]),
                 _Variant(E, "mixed eps", [u, y, ts, step, p, True, eps4, None, False]),
                 _Variant(E, "mixed no noise", [u, y, ts, step, p, True, None, None, False]),
                 _Variant(E, "mixed eps official half steps", [u, y, ts, step, p, True, eps4, None, True]),
+                _Variant(E, "mixed eps obs eps", [u, y, ts, step, p, True, eps4, None, False, obs(True)]),
+                _Variant(S, "mixed seed obs seed", [u, y, ts, step, p, True, None, seed, False, obs(False)]),
                 _Variant(S, "seed", [u, y, ts, step, p, False, None, seed, False]),
                 _Variant(S, "mixed seed", [u, y, ts, step, p, True, None, seed, False]),
                 _Variant(S, "official half steps seed", [u, y, ts, step, p, False, None, seed, True])]
-    if name == "affine_step":  # (u, y, ts, step, sde, kind, mixed, eps, seed, out)
+    if name == "affine_step":  # (u, y, ts, step, sde, kind, mixed, eps, seed, out, obs)
         return [_Variant(E, "em eps", [u, y, ts, step, p, em, False, eps1, None, pout()]),
                 _Variant(E, "em mixed eps", [u, y, ts, step, p, em, True, eps1, None, pout()]),
                 _Variant(E, "denoise", [u, y, ts, step, p, den, False, None, None, pout()]),
@@ -345,12 +355,18 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
                 _Variant(E, "pf_drift", [u, y, ts, step, p, pf, False, None, None, pout()]),
                 _Variant(E, "pf_drift mixed", [u, y, ts, step, p, pf, True, None, None, pout()]),
                 _Variant(S, "em seed", [u, y, ts, step, p, em, False, None, seed, pout()]),
-                _Variant(S, "em mixed seed", [u, y, ts, step, p, em, True, None, seed, pout()])]
-    if name == "gddim_step_":  # (u, hist, y, table, step); a real table, a ring with earlier values
+                _Variant(S, "em mixed seed", [u, y, ts, step, p, em, True, None, seed, pout()]),
+                _Variant(E, "em mixed eps obs eps", [u, y, ts, step, p, em, True, eps1, None, pout(), obs(True)]),
+                _Variant(E, "denoise mixed obs", [u, y, ts, step, p, den, True, None, None, pout(), obs(False)]),
+                _Variant(S, "em mixed seed obs seed", [u, y, ts, step, p, em, True, None, seed, pout(), obs(False)])]
+    if name == "gddim_step_":  # (u, hist, y, table, step, ts, sde, seed, obs); a real table, a ring with earlier values
         table = _Fixed(gddim_table(SDE, torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True))
         return [_Variant(E, "order 3 eps_R", [u, randn(2, b, 2, d), y, table, step]),
                 _Variant(E, "order 2 x0_hat", [u, randn(1, b, 1, d), y, table, step]),
-                _Variant(E, "order 1", [u, randn(0, b, 2, d), y, table, step])]
+                _Variant(E, "order 1", [u, randn(0, b, 2, d), y, table, step]),
+                _Variant(E, "order 2 eps_R obs eps", [u, randn(1, b, 2, d), y, table, step, ts, p, None, obs(True)]),
+                _Variant(E, "order 2 eps_R obs mean", [u, randn(1, b, 2, d), y, table, step, ts, p, None, obs(False)]),
+                _Variant(S, "order 2 eps_R obs seed", [u, randn(1, b, 2, d), y, table, step, ts, p, seed, obs(False)])]
     raise NotImplementedError(f"selftest: no inputs for op {name!r}; add them to cld_fast/selftest.py")
 
 

@@ -127,6 +127,7 @@ pybind11::dict layout() {
   tags["half_step"] = cld::kTagHalfStep;
   tags["sscs"] = cld::kTagSscs;
   tags["affine"] = cld::kTagAffine;
+  tags["inpaint"] = cld::kTagInpaint;
   pybind11::dict d;
   d["params"] = params;
   d["objective"] = codes(cld::kObjectiveNames, cld::kNumObjectives);

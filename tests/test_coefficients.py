@@ -102,7 +102,7 @@ def test_layouts_agree_across_languages(language):
     assert dict(layout["output"]) == sde_mod.OUTPUT_CODES
     assert dict(layout["kind"]) == sde_mod.AFFINE_KIND_CODES
     tags = {"perturb": philox.TAG_PERTURB, "half_step": philox.TAG_HALF_STEP, "sscs": philox.TAG_SSCS,
-            "affine": philox.TAG_AFFINE}
+            "affine": philox.TAG_AFFINE, "inpaint": philox.TAG_INPAINT}
     assert dict(layout["philox_tags"]) == tags
 
 

@@ -63,7 +63,9 @@ def _backend(name):
 
 # (public call, launches at most). perturb: the kernel + the Philox seed draw from the generator (a
 # passed seed makes it one launch); loss forward: one kernel (triton: + the final sum over a long row's chunks).
-GOALS = {"perturb": 2, "hsm_loss": 2, "hsm_loss_backward": 1, "sscs_step": 1, "em_step": 1, "gddim_step": 1}
+GOALS = {"perturb": 2, "hsm_loss": 2, "hsm_loss_backward": 1, "sscs_step": 1, "em_step": 1, "gddim_step": 1,
+         "sscs_step_inpaint": 1, "em_step_inpaint": 1, "denoise_inpaint": 1, "gddim_step_inpaint": 1,
+         "half_step_inpaint": 1}
 
 
 def _calls(backend, b):
@@ -83,6 +85,7 @@ def _calls(backend, b):
     table = gddim_table(sde, ts, order=2).to(torch.float64)
     hist = cf.gddim_history(u, 2)
     one = torch.ones(())
+    obs = cf.Inpaint(x0, torch.rand(1, 3, 32, 32, generator=g) < 0.5).packed(x0.shape, torch.float32, "cpu")
     return {
         "perturb": lambda: cf.perturb(x0, t, sde, backend=backend),
         "perturb_seeded": lambda: cf.perturb(x0, t, sde, seed=seed, backend=backend),
@@ -91,6 +94,15 @@ def _calls(backend, b):
         "sscs_step": lambda: cf.sscs_step_(w, y, ts, sde, step=step, mixed=True, seed=seed, backend=backend),
         "em_step": lambda: cf.em_step_(w, y, ts, sde, step=step, mixed=True, seed=seed, backend=backend),
         "gddim_step": lambda: cf.gddim_step_(w, y, hist, table, step=step, backend=backend),
+        "sscs_step_inpaint": lambda: cf.sscs_step_(w, y, ts, sde, step=step, mixed=True, seed=seed, backend=backend,
+                                                   obs=obs),
+        "em_step_inpaint": lambda: cf.em_step_(w, y, ts, sde, step=step, mixed=True, seed=seed, backend=backend,
+                                               obs=obs),
+        "denoise_inpaint": lambda: cf.em_step_(w, y, ts, sde, step=step, mixed=True, denoise=True, backend=backend,
+                                               obs=obs),
+        "gddim_step_inpaint": lambda: cf.gddim_step_(w, y, hist, table, step=step, backend=backend, obs=obs, ts=ts,
+                                                     sde=sde, seed=seed),
+        "half_step_inpaint": lambda: cf.half_step_(w, ts, sde, step=step, seed=seed, backend=backend, obs=obs),
     }
 
 
@@ -110,6 +122,33 @@ def test_public_ops_launch_counts_and_no_host_sync(backend):
         assert len(counts[name]) <= goal, f"{name}: {len(counts[name])} launches {counts[name]} (goal {goal})"
     if backend == "cpu":
         assert len(counts["hsm_loss"]) == 1, counts["hsm_loss"]
+
+
+@pytest.mark.parametrize("method", ["sscs", "em", "gddim"])
+def test_inpainting_keeps_one_launch_per_network_evaluation(method):
+    """A sampler run with cf.Inpaint launches as many kernels per step as without (one), no host sync in the
+    loop; em and gddim add the start state's replacement (perturb + one select) once per run."""
+    _backend("cpu")
+    sde = CLD()
+    g = torch.Generator().manual_seed(0)
+    x_obs = torch.randn(4, 3, 8, 8, generator=g)
+    cond = cf.Inpaint(x_obs, torch.rand(1, 3, 8, 8, generator=g) < 0.5)
+
+    def net(u, t):
+        return -u[:, 3:]
+
+    def run(steps, condition):
+        with _Launches() as mode:
+            cf.sample(net, x_obs.shape, sde, steps=steps, method=method, generator=torch.Generator().manual_seed(1),
+                      condition=condition)
+        return len(mode.ops), len(mode.syncs)
+
+    (p5, s5), (p9, s9) = run(5, None), run(9, None)
+    (c5, t5), (c9, t9) = run(5, cond), run(9, cond)
+    assert c9 - c5 == p9 - p5, (c9 - c5, p9 - p5)  # the same launches per extra step
+    assert (t5, t9) == (s5, s9)  # no host synchronisation added
+    extra = 0 if method == "sscs" else 6  # the start: its time, perturb, mask, cat, select, copy into u
+    assert c5 - p5 <= extra + 4, (c5, p5)  # + packing the condition once (cast, select, zeros, stack)
 
 
 BAD_VALUES = [

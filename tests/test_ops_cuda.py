@@ -245,6 +245,55 @@ def test_sscs_step_network_output_dtypes(D, y_dtype):
             _close(w, ref, F32, torch.float32)
 
 
+def _obs(b, d, channels, seed=0, offset=0):
+    """An inpainting condition (x_obs, a 0/1 mask[, z_x, z_v]) on DEV (cld_fast.conditions)."""
+    obs = _randn(b, channels, d, seed=seed, offset=offset)
+    obs[:, 1] = (torch.rand(b, d, generator=_g(seed + 1)) < 0.5).to(DEV, torch.float32)
+    return obs
+
+
+@pytest.mark.parametrize("mode", ["eps", "seed", "mean"])
+@pytest.mark.parametrize("D", [7, 1024])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_step_ops_with_an_inpainting_condition(mode, D, offset):
+    """Every step op's replacement (obs) against the float64 reference, at every step of the grid (the
+    last sscs step has no opening half step; the gDDIM denoising row sets x = x_obs)."""
+    b = 3
+    obs = _obs(b, D, 4 if mode == "eps" else 2, seed=21, offset=offset)
+    seed = _i64(SEED) if mode == "seed" else None
+    tol = F32 + (SEEDED if mode == "seed" else 0.0)
+    u, y = _randn(b, 2, D, seed=22), _randn(b, D, seed=23)
+    table = gddim_table(SDE, torch.tensor(TS, dtype=torch.float64), 2, "eps", mixed=True).to(DEV)
+    cpu_seed = None if seed is None else _i64(SEED, "cpu")
+    for step in range(len(TS) - 1):
+        calls = {
+            "half_step_": (lambda w, f: f(w, _ts(w.device), _i64(step, w.device), _sde(w.device), None,
+                                          seed if w.device == DEV else cpu_seed, obs_of(w))),
+            "sscs_step_": (lambda w, f: f(w, y_of(w), _ts(w.device), _i64(step, w.device), _sde(w.device), True, None,
+                                          seed if w.device == DEV else cpu_seed, False, obs_of(w))),
+            "affine_step": (lambda w, f: f(w, y_of(w), _ts(w.device), _i64(step, w.device), _sde(w.device),
+                                           1 if step == len(TS) - 2 else 0, True, None,
+                                           seed if w.device == DEV else cpu_seed, w, obs_of(w))),
+            "gddim_step_": (lambda w, f: f(w, torch.zeros(1, b, 2, D, dtype=w.dtype, device=w.device), y_of(w),
+                                           table if w.device == DEV else table.cpu(), _i64(step + 1, w.device),
+                                           _ts(w.device), _sde(w.device), seed if w.device == DEV else cpu_seed,
+                                           obs_of(w))),
+        }
+
+        def obs_of(w):
+            return obs if w.device == DEV and w.dtype == torch.float32 else _f64(obs)[0]
+
+        def y_of(w):
+            return y if w.device == DEV and w.dtype == torch.float32 else _f64(y)[0]
+
+        for name, call in calls.items():
+            got = u.clone()
+            call(got, K.op(name))
+            want = _f64(u)[0]
+            call(want, opdefs.OPS[name].reference)
+            _close(got, want, tol, torch.float32)
+
+
 @pytest.mark.parametrize("offset", [1, 2])
 @pytest.mark.parametrize("D", [7, 1024, 5000])
 def test_misaligned_pointers(D, offset):
@@ -451,7 +500,8 @@ def _opcheck_cases():
         "half_step_": (u.clone(), ts, step, sde, None, seed),
         "sscs_step_": (u.clone(), y.half(), ts, step, sde, True, None, seed, True),
         "affine_step": (u, y, ts, step, sde, 0, True, None, seed, torch.empty(b, 2, d, device=DEV)),
-        "gddim_step_": (u.clone(), _randn(2, b, 2, d, seed=6), y.bfloat16(), table, step),
+        "gddim_step_": (u.clone(), _randn(2, b, 2, d, seed=6), y.bfloat16(), table, step, ts, sde, seed,
+                        _obs(b, d, 2, seed=7)),
     }
 
 

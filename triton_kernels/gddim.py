@@ -8,7 +8,9 @@ Row r = table[step] of ``cld_fast.sde.cld_fast.samplers.gddim.gddim_table`` (flo
     hist[step mod K] <- cur                 (the first H of its 2 numbers; K = order - 1)
 
 A step outside the table reads row 0 instead and writes NaN (the same guard as the other step
-kernels). Schema: ``cld_fast.opdefs`` "gddim_step_".
+kernels). With ``obs`` (an inpainting condition, ``inpaint.py``; needs the run's ``ts`` and ``sde``)
+the observed elements are replaced by a perturbation of x_obs at ts[step + 1], or set to x_obs
+after the denoising row (step + 1 = len(ts)). Schema: ``cld_fast.opdefs`` "gddim_step_".
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_index, check_shape, check_state, device_guard, elementwise_config, launch, store,
-                      tile_coords, tile_grid, to_compute)
+from ._common import (check_index, check_sde, check_shape, check_state, device_guard, elementwise_config, launch,
+                      store, tile_coords, tile_grid, to_compute)
+from .coefficients import load_sde
+from .inpaint import OBS_NONE, check_obs, load_obs, obs_mode, replace_obs
 
 GDDIM_COLS = 22  # cld_fast.sde.GDDIM_COLS (tests/test_coefficients.py checks they agree)
 
@@ -44,40 +48,41 @@ def _history(h_ptr, slot, rows, cols, s_hk, s_hb, s_hc, s_hd, mask, F64: tl.cons
 
 @triton.jit
 def _gddim_step_kernel(
-    u_ptr, h_ptr, y_ptr, table_ptr, step_ptr,
-    B, D, n_col_tiles, n_rows,
-    s_ub, s_us, s_ud, s_hk, s_hb, s_hc, s_hd, s_yb, s_yd, s_tr, s_tc,
+    u_ptr, h_ptr, y_ptr, table_ptr, step_ptr, ts_ptr, sde_ptr, seed_ptr, obs_ptr,
+    B, D, n_col_tiles, n_rows, n_ts,
+    s_ub, s_us, s_ud, s_hk, s_hb, s_hc, s_hd, s_yb, s_yd, s_tr, s_tc, s_ts, s_sde, s_ob, s_oc, s_od,
     K: tl.constexpr, CHANNELS: tl.constexpr, F64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBS: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step = tl.load(step_ptr).to(tl.int64)
     bad = (step < 0) | (step >= n_rows)
     row_ptr = table_ptr + tl.where(bad, 0, step) * s_tr
     up = u_ptr + rows * s_ub + cols * s_ud
-    x = to_compute(tl.load(up, mask=mask, other=0.0), F64)
-    v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), F64)
-    y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), F64)
-    cx = _coef(row_ptr, s_tc, 0, bad, F64) * x + _coef(row_ptr, s_tc, 1, bad, F64) * v \
-        + _coef(row_ptr, s_tc, 2, bad, F64) * y
-    cv = _coef(row_ptr, s_tc, 3, bad, F64) * x + _coef(row_ptr, s_tc, 4, bad, F64) * v \
-        + _coef(row_ptr, s_tc, 5, bad, F64) * y
-    nx = _coef(row_ptr, s_tc, 6, bad, F64) * x + _coef(row_ptr, s_tc, 7, bad, F64) * v \
-        + _coef(row_ptr, s_tc, 10, bad, F64) * cx + _coef(row_ptr, s_tc, 11, bad, F64) * cv
-    nv = _coef(row_ptr, s_tc, 8, bad, F64) * x + _coef(row_ptr, s_tc, 9, bad, F64) * v \
-        + _coef(row_ptr, s_tc, 12, bad, F64) * cx + _coef(row_ptr, s_tc, 13, bad, F64) * cv
+    # float64 arithmetic for every state dtype (F64 is the state's: the replacement's compute dtype)
+    x = to_compute(tl.load(up, mask=mask, other=0.0), True)
+    v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), True)
+    y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), True)
+    cx = _coef(row_ptr, s_tc, 0, bad, True) * x + _coef(row_ptr, s_tc, 1, bad, True) * v \
+        + _coef(row_ptr, s_tc, 2, bad, True) * y
+    cv = _coef(row_ptr, s_tc, 3, bad, True) * x + _coef(row_ptr, s_tc, 4, bad, True) * v \
+        + _coef(row_ptr, s_tc, 5, bad, True) * y
+    nx = _coef(row_ptr, s_tc, 6, bad, True) * x + _coef(row_ptr, s_tc, 7, bad, True) * v \
+        + _coef(row_ptr, s_tc, 10, bad, True) * cx + _coef(row_ptr, s_tc, 11, bad, True) * cv
+    nv = _coef(row_ptr, s_tc, 8, bad, True) * x + _coef(row_ptr, s_tc, 9, bad, True) * v \
+        + _coef(row_ptr, s_tc, 12, bad, True) * cx + _coef(row_ptr, s_tc, 13, bad, True) * cv
     if K >= 1:
         slot = (step - 1) % K
         slot = tl.where(slot < 0, slot + K, slot)
-        hx, hv = _history(h_ptr, slot, rows, cols, s_hk, s_hb, s_hc, s_hd, mask, F64, CHANNELS)
-        nx = nx + _coef(row_ptr, s_tc, 14, bad, F64) * hx + _coef(row_ptr, s_tc, 15, bad, F64) * hv
-        nv = nv + _coef(row_ptr, s_tc, 16, bad, F64) * hx + _coef(row_ptr, s_tc, 17, bad, F64) * hv
+        hx, hv = _history(h_ptr, slot, rows, cols, s_hk, s_hb, s_hc, s_hd, mask, True, CHANNELS)
+        nx = nx + _coef(row_ptr, s_tc, 14, bad, True) * hx + _coef(row_ptr, s_tc, 15, bad, True) * hv
+        nv = nv + _coef(row_ptr, s_tc, 16, bad, True) * hx + _coef(row_ptr, s_tc, 17, bad, True) * hv
     if K >= 2:
         slot2 = (step - 2) % K
         slot2 = tl.where(slot2 < 0, slot2 + K, slot2)
-        hx2, hv2 = _history(h_ptr, slot2, rows, cols, s_hk, s_hb, s_hc, s_hd, mask, F64, CHANNELS)
-        nx = nx + _coef(row_ptr, s_tc, 18, bad, F64) * hx2 + _coef(row_ptr, s_tc, 19, bad, F64) * hv2
-        nv = nv + _coef(row_ptr, s_tc, 20, bad, F64) * hx2 + _coef(row_ptr, s_tc, 21, bad, F64) * hv2
+        hx2, hv2 = _history(h_ptr, slot2, rows, cols, s_hk, s_hb, s_hc, s_hd, mask, True, CHANNELS)
+        nx = nx + _coef(row_ptr, s_tc, 18, bad, True) * hx2 + _coef(row_ptr, s_tc, 19, bad, True) * hv2
+        nv = nv + _coef(row_ptr, s_tc, 20, bad, True) * hx2 + _coef(row_ptr, s_tc, 21, bad, True) * hv2
     if K >= 1:
         own = step % K
         own = tl.where(own < 0, own + K, own)
@@ -85,16 +90,34 @@ def _gddim_step_kernel(
         store(hp, cx, mask)
         if CHANNELS == 2:
             store(hp + s_hc, cv, mask)
+    if OBS != OBS_NONE:
+        nx, nv = _replace(nx, nv, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, ts_ptr, s_ts, n_ts, sde_ptr, s_sde,
+                          seed_ptr, step, D, OBS, F64)
     store(up, nx, mask)
     store(up + s_us, nv, mask)
 
 
+@triton.jit
+def _replace(x, v, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, ts_ptr, s_ts, n_ts, sde_ptr, s_sde, seed_ptr, step, D,
+             OBS: tl.constexpr, F64: tl.constexpr):
+    """The replacement after step ``step``: at ts[step + 1], or x = x_obs when step + 1 = n_ts (denoising row)."""
+    j = tl.minimum(tl.maximum(step + 1, 0), n_ts - 1)
+    t_r = tl.load(ts_ptr + j * s_ts).to(tl.float64)
+    beta0, beta1, m_inv, gamma, neps = load_sde(sde_ptr, s_sde)
+    rx, rv = replace_obs(x, v, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, t_r, beta0, beta1, m_inv, gamma, neps,
+                         seed_ptr, step, D, OBS, 0, F64)
+    xo, keep = load_obs(obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, F64)
+    exact = step + 1 >= n_ts
+    return tl.where(exact, tl.where(keep, xo, x), rx), tl.where(exact, v, rv)
+
+
 def gddim_step_(u: torch.Tensor, hist: torch.Tensor, y: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
-                block_b=None, block_d=None) -> None:
+                ts=None, sde=None, seed=None, obs=None, block_b=None, block_d=None) -> None:
     """In place: one exponential-integrator multistep step (opdefs "gddim_step_").
 
     u (B, 2, D) float32/float64; hist (K, B, H, D) in u's dtype, K in {0, 1, 2}, H in {1, 2};
-    y (B, D) float32/64, bf16, fp16; table (S, 22) float32/float64; step (1,) int64.
+    y (B, D) float32/64, bf16, fp16; table (S, 22) float32/float64; step (1,) int64; with obs
+    (B, 2 or 4, D): ts (S' + 1,) the run's grid, sde (5,) float64, seed (1,) int64 or None.
     """
     B, D = check_state(u, "u")
     check_shape(y, (B, D), "y")
@@ -107,24 +130,38 @@ def gddim_step_(u: torch.Tensor, hist: torch.Tensor, y: torch.Tensor, table: tor
         raise ValueError(f"triton backend: table must be (S >= 1, {GDDIM_COLS}) float32/float64, "
                          f"got {tuple(table.shape)} {table.dtype}")
     check_index(step, "step")
+    check_obs(obs, B, D)
+    if obs is not None:
+        if ts is None or sde is None:
+            raise ValueError("triton backend: gddim_step_ with obs needs ts and sde")
+        check_sde(sde)
     if B * D == 0:
         return
     k = hist.shape[0]
-    # The arithmetic is float64 for every state dtype (F64=True): the first rows' Lin u and C_0 cur
-    # cancel (terms ~1e6 where a(t) is tiny), which float32 arithmetic turns into O(0.1) errors.
-    # Float64 values need twice the registers: any history takes the smaller tile (no spills on sm_90,
-    # bench/aot_compile.py).
-    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=k >= 1)
+    # The step's arithmetic is float64 for every state dtype: the first rows' Lin u and C_0 cur cancel
+    # (terms ~1e6 where a(t) is tiny), which float32 arithmetic turns into O(0.1) errors. Tile size by
+    # register pressure, measured on sm_90 (bench/aot_compile.py): any history takes the smaller tile;
+    # with a replacement (obs), ptxas fits the seeded draw and the two-slot history with explicit noise
+    # only on the larger tile, the other replacements only on the smaller one.
+    if obs is None:
+        small = k >= 1
+    else:
+        small = seed is None and not (k == 2 and obs.shape[1] == 4)
+    bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=small)
     n_col, grid = tile_grid(B, D, bb, bd)
     hs = hist.stride() if k else (0, 0, 0, 0)
+    # Placeholders for absent tensors are read-only inputs that are never dereferenced.
+    ts_, sde_ = (ts, sde) if obs is not None else (table, table)
+    os_ = obs.stride() if obs is not None else (0, 0, 0)
     with device_guard(u.device):
         launch(_gddim_step_kernel, grid,
-               u, hist if k else u, y, table, step,
-               B, D, n_col, table.shape[0],
+               u, hist if k else u, y, table, step, ts_, sde_, seed if seed is not None else step,
+               obs if obs is not None else table,
+               B, D, n_col, table.shape[0], ts_.shape[0],
                u.stride(0), u.stride(1), u.stride(2), hs[0], hs[1], hs[2], hs[3], y.stride(0), y.stride(1),
-               table.stride(0), table.stride(1),
-               K=k, CHANNELS=hist.shape[2], F64=True, BLOCK_B=bb, BLOCK_D=bd,
-               num_warps=warps)
+               table.stride(0), table.stride(1), ts_.stride(0), sde_.stride(0), *os_,
+               K=k, CHANNELS=hist.shape[2], F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
+               OBS=obs_mode(obs, seed), num_warps=warps)
 
 
 def aot_variants(B: int, D: int, empty):
@@ -139,3 +176,12 @@ def aot_variants(B: int, D: int, empty):
                     hist = empty(k, B, channels, D, dtype=sd)
                     label = f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K={k} H={channels}"
                     yield label, lambda u=u, h=hist, y=y: gddim_step_(u, h, y, table, step)
+            # the inpainting variants: every ring, seed / explicit noise / mean replacement
+            ts, sde, seed = empty(11), empty(5, dtype=torch.float64), empty(1, dtype=torch.int64)
+            for mode, channels, q in (("seed", 2, seed), ("eps", 4, None), ("mean", 2, None)):
+                obs = empty(B, channels, D, dtype=sd)
+                for k in (0, 1, 2):
+                    for channels_h in ((1, 2) if k else (2,)):
+                        hist = empty(k, B, channels_h, D, dtype=sd)
+                        yield (f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K={k} H={channels_h} obs={mode}",
+                               lambda u=u, y=y, h=hist, o=obs, q=q: gddim_step_(u, h, y, table, step, ts, sde, q, o))

@@ -34,11 +34,12 @@ UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
 TWO_PI = tl.constexpr(6.283185307179586)
 
 # Op tags (counter word c3), as cld_fast.philox.TAG_*; checked by tests/test_coefficients.py.
-TAGS = {"perturb": 0, "half_step": 1, "sscs": 2, "affine": 3}
+TAGS = {"perturb": 0, "half_step": 1, "sscs": 2, "affine": 3, "inpaint": 4}
 TAG_PERTURB = tl.constexpr(TAGS["perturb"])
 TAG_HALF_STEP = tl.constexpr(TAGS["half_step"])
 TAG_SSCS = tl.constexpr(TAGS["sscs"])
 TAG_AFFINE = tl.constexpr(TAGS["affine"])
+TAG_INPAINT = tl.constexpr(TAGS["inpaint"])
 
 
 @triton.jit

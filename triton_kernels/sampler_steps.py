@@ -5,6 +5,8 @@ program) from the forward-time grid ``ts`` (S + 1,) and ``step``, a (1,) int64 d
 inside the kernel: a sampler loop advances ``step`` on the device (``step += 1``) and never
 synchronises with the host, so the loop can be captured in a CUDA graph. With a seed, the noise is
 the Philox contract with counter word c2 = step and the op's tag; ``eps`` tensors replace it.
+With ``obs`` (an inpainting condition, ``inpaint.py``) the observed elements of the result are
+replaced by a perturbation of x_obs at the time the step leaves the state at, in the same launch.
 
     half_step_   (x, v) <- A (x, v) + L (z0, z1): ts[step] -> ts[step + 1]           eps (B, 2, D)
     sscs_step_   v <- alpha v + kappa y; closing half step with (z0, z1); opening half step of the
@@ -30,6 +32,7 @@ from ._common import (NAN, check_index, check_sde, check_shape, check_state, dev
 from .coefficients import (PF_DRIFT, EM, affine_coefficients, half_step_coefficients, load_sde,
                            sscs_coefficients)
 from .perturb import NOISE_EPS, NOISE_NONE, NOISE_SEED, noise_mode
+from .inpaint import check_obs, obs_mode, replace_obs
 from .philox import TAG_AFFINE, TAG_HALF_STEP, TAG_SSCS, load_key, normal_z0, normals2, normals4
 
 
@@ -68,10 +71,10 @@ def _apply_half(x, v, a_xx, a_xv, a_vx, a_vv, l11, l21, l22, ex, ev, HAS_NOISE: 
 
 @triton.jit
 def _half_step_kernel(
-    u_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr,
+    u_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, obs_ptr,
     B, D, n_col_tiles, n_ts,
-    s_ub, s_us, s_ud, s_ts, s_sde, s_eb, s_es, s_ed,
-    NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    s_ub, s_us, s_ud, s_ts, s_sde, s_eb, s_es, s_ed, s_ob, s_oc, s_od,
+    NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBS: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, True)
@@ -93,17 +96,19 @@ def _half_step_kernel(
         ex = x
         ev = v
     x, v = _apply_half(x, v, a_xx, a_xv, a_vx, a_vv, l11, l21, l22, ex, ev, NOISE != NOISE_NONE, F64)
+    x, v = replace_obs(x, v, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, t1, beta0, beta1, m_inv, gamma, neps,
+                       seed_ptr, step, D, OBS, 1, F64)
     store(up, x, mask)
     store(up + s_us, v, mask)
 
 
 @triton.jit
 def _sscs_step_kernel(
-    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr,
+    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, obs_ptr,
     B, D, n_col_tiles, n_ts,
-    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_es, s_ed,
+    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_es, s_ed, s_ob, s_oc, s_od,
     MIXED: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    OFFICIAL: tl.constexpr,
+    OFFICIAL: tl.constexpr, OBS: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, True)
@@ -138,17 +143,19 @@ def _sscs_step_kernel(
     noisy = NOISE != NOISE_NONE
     x, v = _apply_half(x, v, c_xx, c_xv, c_vx, c_vv, c11, c21, c22, z0, z1, noisy, F64)
     x, v = _apply_half(x, v, o_xx, o_xv, o_vx, o_vv, o11, o21, o22, z2, z3, noisy, F64)
+    x, v = replace_obs(x, v, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, t1 - 0.5 * (t1 - t2), beta0, beta1,
+                       m_inv, gamma, neps, seed_ptr, step, D, OBS, 0, F64)
     store(up, x, mask)
     store(up + s_us, v, mask)
 
 
 @triton.jit
 def _affine_step_kernel(
-    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, out_ptr,
+    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, out_ptr, obs_ptr,
     B, D, n_col_tiles, n_ts,
-    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_ed, s_ob, s_os, s_od,
+    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_ed, s_ob, s_os, s_od, s_pb, s_pc, s_pd,
     KIND: tl.constexpr, MIXED: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBS: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, KIND != PF_DRIFT)
@@ -172,6 +179,8 @@ def _affine_step_kernel(
             k0, k1 = load_key(seed_ptr)
             z = to_compute(normal_z0(rows * D + cols, k0, k1, step.to(tl.uint32), TAG_AFFINE), F64)
             nv = nv + to_compute(sigma, F64) * z
+    nx, nv = replace_obs(nx, nv, obs_ptr, rows, cols, mask, s_pb, s_pc, s_pd, t1, beta0, beta1, m_inv, gamma, neps,
+                         seed_ptr, step, D, OBS, 0, F64)
     op = out_ptr + rows * s_ob + cols * s_od
     store(op, nx, mask)
     store(op + s_os, nv, mask)
@@ -196,16 +205,23 @@ def _check_noise(eps, seed, shape):
         check_index(seed, "seed")
 
 
+def _obs_args(obs, fallback):
+    """(pointer, strides) of obs, or a never-read placeholder."""
+    return (obs, obs.stride()) if obs is not None else (fallback, (0, 0, 0))
+
+
 def half_step_(u: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
-               eps: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+               eps: Optional[torch.Tensor], seed: Optional[torch.Tensor], obs: Optional[torch.Tensor] = None,
                block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
     """Reverse linear half step ts[step] -> ts[step + 1] in place on u (B, 2, D) (opdefs "half_step_").
 
-    ts: (S + 1,) grid, step: (1,) int64 (read in-kernel), sde: (5,) float64; eps (B, 2, D) or seed (1,) int64.
+    ts: (S + 1,) grid, step: (1,) int64 (read in-kernel), sde: (5,) float64; eps (B, 2, D) or seed (1,) int64;
+    obs (B, 2 or 4, D): the replacement at ts[step + 1] (Philox normals z2, z3).
     """
     B, D = check_state(u, "u")
     _check_grid(ts, step, sde, 2)
     _check_noise(eps, seed, (B, 2, D))
+    check_obs(obs, B, D)
     if B * D == 0:
         return
     noise = noise_mode(eps, seed)
@@ -213,49 +229,57 @@ def half_step_(u: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch
     n_col, grid = tile_grid(B, D, bb, bd)
     # Placeholders for absent tensors are read-only inputs that are never dereferenced (never ``u``).
     es = eps.stride() if eps is not None else (0, 0, 0)
+    op, os_ = _obs_args(obs, ts)
     with device_guard(u.device):
         launch(_half_step_kernel, grid,
-               u, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step,
+               u, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, op,
                B, D, n_col, ts.shape[0],
-               u.stride(0), u.stride(1), u.stride(2), ts.stride(0), sde.stride(0), es[0], es[1], es[2],
-               NOISE=noise, F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
+               u.stride(0), u.stride(1), u.stride(2), ts.stride(0), sde.stride(0), es[0], es[1], es[2], *os_,
+               NOISE=noise, F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd, OBS=obs_mode(obs, seed),
+               num_warps=warps)
 
 
 def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
                mixed: bool, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor], official_half: bool = False,
-               block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
+               obs: Optional[torch.Tensor] = None, block_b: Optional[int] = None,
+               block_d: Optional[int] = None) -> None:
     """Fused SSCS update after a network evaluation at ts[step], in place on u (opdefs "sscs_step_").
 
     y: (B, D) score, or the network output when ``mixed``; eps (B, 4, D) or seed (1,) int64;
-    ``official_half``: the official sampler's closing half step (``CLD.sscs_closing_half_step``).
+    ``official_half``: the official sampler's closing half step (``CLD.sscs_closing_half_step``);
+    obs (B, 2 or 4, D): the replacement at the end of the opening half step.
     """
     B, D = check_state(u, "u")
     check_shape(y, (B, D), "y")
     _check_grid(ts, step, sde, 2)
     _check_noise(eps, seed, (B, 4, D))
+    check_obs(obs, B, D)
     if B * D == 0:
         return
     noise = noise_mode(eps, seed)
     bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=noise == NOISE_SEED.value)
     n_col, grid = tile_grid(B, D, bb, bd)
     es = eps.stride() if eps is not None else (0, 0, 0)
+    op, os_ = _obs_args(obs, ts)
     with device_guard(u.device):
         launch(_sscs_step_kernel, grid,
-               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step,
+               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, op,
                B, D, n_col, ts.shape[0],
                u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), ts.stride(0), sde.stride(0),
-               es[0], es[1], es[2],
+               es[0], es[1], es[2], *os_,
                MIXED=bool(mixed), NOISE=noise, F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
-               OFFICIAL=bool(official_half), num_warps=warps)
+               OFFICIAL=bool(official_half), OBS=obs_mode(obs, seed), num_warps=warps)
 
 
 def affine_step(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
                 kind: int, mixed: bool, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                out: torch.Tensor, block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
+                out: torch.Tensor, obs: Optional[torch.Tensor] = None, block_b: Optional[int] = None,
+                block_d: Optional[int] = None) -> None:
     """out = affine step of u for ts[step] -> ts[step + 1] (opdefs "affine_step"); ``out`` may be ``u``.
 
     kind: 0 em (noise z0 from eps (B, D) or the seed), 1 denoise, 2 pf_drift (the forward-time ODE
-    drift at ts[step]); computed in out's dtype.
+    drift at ts[step]); computed in out's dtype. obs (B, 2 or 4, D): em replaces at ts[step + 1],
+    denoise sets x = x_obs; pf_drift takes none.
     """
     B, D = check_state(u, "u")
     check_state(out, "out")
@@ -265,25 +289,56 @@ def affine_step(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.
         raise ValueError(f"triton backend: kind must be 0 (em), 1 (denoise) or 2 (pf_drift), got {kind}")
     _check_grid(ts, step, sde, 1 if kind == PF_DRIFT.value else 2)
     _check_noise(eps, seed, (B, D))
+    check_obs(obs, B, D)
+    if obs is not None and kind == PF_DRIFT.value:
+        raise ValueError("triton backend: obs (an inpainting condition) is not taken by the pf_drift kind")
     if B * D == 0:
         return
     noise = noise_mode(eps, seed) if kind == EM.value else NOISE_NONE.value
     bb, bd, warps = elementwise_config(B, D, u.device, block_b, block_d, philox=noise == NOISE_SEED.value)
     n_col, grid = tile_grid(B, D, bb, bd)
     es = eps.stride() if eps is not None else (0, 0)
+    op, os_ = _obs_args(obs, ts)
     with device_guard(u.device):
         launch(_affine_step_kernel, grid,
-               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, out,
+               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, out, op,
                B, D, n_col, ts.shape[0],
                u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), ts.stride(0), sde.stride(0),
-               es[0], es[1], out.stride(0), out.stride(1), out.stride(2),
+               es[0], es[1], out.stride(0), out.stride(1), out.stride(2), *os_,
                KIND=int(kind), MIXED=bool(mixed), NOISE=noise, F64=out.dtype == torch.float64,
-               BLOCK_B=bb, BLOCK_D=bd, num_warps=warps)
+               BLOCK_B=bb, BLOCK_D=bd, OBS=obs_mode(obs, seed, exact=kind == 1), num_warps=warps)
 
 
 def aot_variants(B: int, D: int, empty):
     """(label, thunk) for every compiled variant of ``half_step_``, ``sscs_step_`` and ``affine_step``
     at (B, D); ``empty(*shape, dtype=...)`` makes the (meta) tensors (bench/aot_compile.py)."""
+    yield from _plain_variants(B, D, empty)
+    yield from _obs_variants(B, D, empty)
+
+
+def _obs_variants(B: int, D: int, empty):
+    """The inpainting variants: every obs mode a sampler run reaches (seed: the runs' mode; explicit noise;
+    the mean), float32 and float64 states, mixed-score network outputs in the state dtype or bf16."""
+    sde, ts = empty(5, dtype=torch.float64), empty(11)
+    step, seed = empty(1, dtype=torch.int64), empty(1, dtype=torch.int64)
+    for sd in (torch.float32, torch.float64):
+        s = str(sd).replace("torch.", "")
+        u = empty(B, 2, D, dtype=sd)
+        for mode, channels, q in (("seed", 2, seed), ("eps", 4, None), ("mean", 2, None)):
+            obs = empty(B, channels, D, dtype=sd)
+            yield f"half_step_ {s} obs={mode}", lambda o=obs, q=q: half_step_(u, ts, step, sde, None, q, o)
+            for y_dtype in (sd, torch.bfloat16):
+                y, yn = empty(B, D, dtype=y_dtype), str(y_dtype).replace("torch.", "")
+                noise = "seed" if q is not None else "none"
+                yield (f"sscs_step_ {s} y={yn} mixed=True {noise} obs={mode}",
+                       lambda y=y, o=obs, q=q: sscs_step_(u, y, ts, step, sde, True, None, q, False, o))
+                yield (f"affine_step {s} y={yn} kind=0 mixed=True {noise} obs={mode}",
+                       lambda y=y, o=obs, q=q: affine_step(u, y, ts, step, sde, 0, True, None, q, u, o))
+                yield (f"affine_step {s} y={yn} kind=1 mixed=True obs=exact",
+                       lambda y=y, o=obs: affine_step(u, y, ts, step, sde, 1, True, None, None, u, o))
+
+
+def _plain_variants(B: int, D: int, empty):
     sde, ts = empty(5, dtype=torch.float64), empty(11)
     step, seed = empty(1, dtype=torch.int64), empty(1, dtype=torch.int64)
     for sd in (torch.float32, torch.float64):

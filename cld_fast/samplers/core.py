@@ -363,26 +363,37 @@ class Stepper:
     """
 
     options: Tuple[Option, ...] = ()
+    conditions = False  # its steps pass ``self.obs`` to the fused ops (``cf.sample(condition=...)``)
 
     def __init__(self, sde, plan: FixedPlan, u: torch.Tensor, seed, mixed: bool, backend=None, **options):
         self.sde, self.plan, self.seed, self.mixed, self.backend = sde, plan, seed, mixed, backend
         self.opts = options
         self.counter = torch.zeros(1, dtype=torch.int64, device=u.device)
+        self.condition, self.obs = None, None
+
+    def condition_on(self, condition, u: torch.Tensor) -> None:
+        """Sample conditionally: ``obs`` (the packed condition, ``cld_fast.conditions``) goes to every fused step."""
+        x_shape = (u.shape[0], u.shape[1] // 2) + tuple(u.shape[2:])
+        self.condition, self.obs = condition, condition.packed(x_shape, u.dtype, u.device)
 
     def time(self, batch: int) -> torch.Tensor:
         """(B,) forward times of the next score evaluation, read on the device (no host sync)."""
         return self.plan.t_net.index_select(0, self.counter).expand(batch)
 
     def begin(self, u: torch.Tensor) -> None:
-        """Before the first score evaluation (default: nothing)."""
+        """Before the first score evaluation (default: with a condition, the observed coordinates of the
+        start state become a perturbation of x_obs at ts[0]; else nothing)."""
+        if self.obs is not None:
+            self.condition.start_(u, self.plan.times[0], self.sde, self.obs, self.seed, self.backend)
 
     def step(self, u: torch.Tensor, y: torch.Tensor) -> None:
         """Advance u in place past the score evaluation y at step ``counter``; counter += 1."""
         raise NotImplementedError
 
     def denoise(self, u: torch.Tensor, y: torch.Tensor) -> None:
-        """The final noise-free step at t = eps of size eps (default: the SDE's denoising step)."""
-        self.sde.denoise_(u, y, self.plan.eps, mixed=self.mixed, backend=self.backend)
+        """The final noise-free step at t = eps of size eps (default: the SDE's denoising step; with a
+        condition it puts x_obs on the observed coordinates)."""
+        self.sde.denoise_(u, y, self.plan.eps, mixed=self.mixed, backend=self.backend, obs=self.obs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,6 +485,7 @@ class SamplerRun:
     options: Dict[str, object] = field(default_factory=dict)
     timesteps: Optional[torch.Tensor] = None  # custom (n + 1,) float64 CPU grid (fixed-step samplers)
     t_start: float = 1.0  # the forward time of ``u``
+    condition: object = None  # a ``cld_fast.conditions`` condition (fixed-step samplers with ``conditions``)
 
     def __getattr__(self, name):
         options = self.__dict__.get("options") or {}
@@ -496,6 +508,8 @@ def fixed_step_loop(stepper_cls) -> Callable[[SamplerRun], int]:
         u, ev, batch = run.u, run.ev, run.u.shape[0]
         plan = FixedPlan(run.steps, run.eps, run.striding, run.denoise, u.device, u.dtype, ts=run.timesteps)
         stepper = stepper_cls(run.sde, plan, u, run.seed, ev.fold, run.backend, **run.options)
+        if run.condition is not None:
+            stepper.condition_on(run.condition, u)
         if plan.n >= 1:
             stepper.begin(u)
 
@@ -536,6 +550,30 @@ class SamplerSpec:
 
     def option(self, name: str) -> Optional[Option]:
         return next((o for o in self.options if o.name == name), None)
+
+    @property
+    def conditions(self) -> bool:
+        """It samples with ``condition=`` (a fixed-step sampler whose steps pass the condition to the fused ops)."""
+        return self.stepper is not None and self.stepper.conditions
+
+    def check_condition(self, condition, sde, shape) -> None:
+        """Refuse a condition this sampler or SDE cannot honour, naming them; check it against the data shape."""
+        from ..conditions import CONDITIONS
+
+        if condition is None:
+            return
+        if not isinstance(condition, CONDITIONS):
+            raise TypeError(f"condition must be one of {[c.__name__ for c in CONDITIONS]} (e.g. cf.Inpaint(x_obs, "
+                            f"mask)) or None, got {type(condition).__name__}")
+        if not getattr(sde, "inpaints", False):
+            raise ValueError(f"condition=: inpainting by replacement is implemented for the CLD, not for a "
+                             f"{type(sde).__name__}")
+        if not self.conditions:
+            why = (" (adaptive: its error control would treat the replacement's fresh noise as integration error)"
+                   if not self.fixed_steps else "")
+            raise ValueError(f"method={self.name!r} does not take condition={why}; use one of "
+                             f"{[n for n, s in SAMPLERS.items() if s.conditions]}")
+        condition.check_shape(shape)
 
     def validate_options(self, given: Dict[str, object]) -> Dict[str, object]:
         """The sampler's options from ``given`` (None = unset), defaults filled in; an option of another

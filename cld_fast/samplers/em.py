@@ -16,9 +16,12 @@ from .core import Stepper, register_sampler
 
 
 class EulerMaruyama(Stepper):
+    conditions = True
+
     def step(self, u: torch.Tensor, y: torch.Tensor) -> None:
         """One reverse Euler-Maruyama step ts[counter] -> ts[counter + 1], then counter += 1."""
-        self.sde.em_step_(u, y, self.plan.grid, self.counter, self.seed, mixed=self.mixed, backend=self.backend)
+        self.sde.em_step_(u, y, self.plan.grid, self.counter, self.seed, mixed=self.mixed, backend=self.backend,
+                          obs=self.obs)
         self.counter.add_(1)
 
 

@@ -112,6 +112,7 @@ def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool 
 
 
 class GDDIM(Stepper):
+    conditions = True
     options = (
         Option("order", int, 2, "multistep order: Lagrange extrapolation through the last `order` evaluations",
                choices=ORDERS),
@@ -130,7 +131,8 @@ class GDDIM(Stepper):
 
     def step(self, u: torch.Tensor, y: torch.Tensor) -> None:
         """The fused step after the network evaluation at ts[counter], then counter += 1 (on the device)."""
-        ops.gddim_step_(u, y, self.hist, self.table, step=self.counter, backend=self.backend)
+        ops.gddim_step_(u, y, self.hist, self.table, step=self.counter, backend=self.backend, obs=self.obs,
+                        ts=self.plan.grid, sde=self.sde, seed=self.seed)
         self.counter.add_(1)
 
     def denoise(self, u: torch.Tensor, y: torch.Tensor) -> None:

@@ -32,22 +32,26 @@ class SSCS(Stepper):
                "under the linear half step): what the diffusers scheduler does"),
     )
 
+    conditions = True
+
     def begin(self, u: torch.Tensor) -> None:
-        """The opening half step of step 0: ts[0] -> ts[0] - h_0 / 2."""
+        """The opening half step of step 0: ts[0] -> ts[0] - h_0 / 2 (with a condition, its observed coordinates
+        are then a perturbation of x_obs at ts[0] - h_0 / 2)."""
         if not self.opts["first_half_step"]:
             if float(self.plan.ts[0]) != 1.0:
                 raise ValueError("first_half_step=False treats the start as an opened prior draw, so the run must "
                                  f"start at t = 1, not {float(self.plan.ts[0]):.6g}")
+            super().begin(u)
             return
         t0, t1 = float(self.plan.ts[0]), float(self.plan.ts[1])
         opening = torch.tensor([t0, t0 - 0.5 * (t0 - t1)], dtype=torch.float64).to(u.device)
         ops.half_step_(u, opening, self.sde, step=torch.zeros_like(self.counter), seed=self.seed,
-                       backend=self.backend)
+                       backend=self.backend, obs=self.obs)
 
     def step(self, u: torch.Tensor, y: torch.Tensor) -> None:
         """Score Euler step, closing half step and the next step's opening half step: one fused kernel."""
         ops.sscs_step_(u, y, self.plan.grid, self.sde, step=self.counter, mixed=self.mixed, seed=self.seed,
-                       backend=self.backend, official_half_steps=self.opts["sscs_official_half_steps"])
+                       backend=self.backend, official_half_steps=self.opts["sscs_official_half_steps"], obs=self.obs)
         self.counter.add_(1)
 
 

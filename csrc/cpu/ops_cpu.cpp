@@ -477,9 +477,75 @@ inline void linear_step(const LinearT<T>& c, T& x, T& v, T ex, T ev) {
   v = nv;
 }
 
+// The inpainting replacement of a step op (opdefs ``obs``), applied to a row piece [d0, d1) after the
+// op's own update of it: an observed element (mask != 0) becomes A(t_r) (x_obs, 0) + L(t_r) (z_x, z_v),
+// with the noise from obs's channels 2, 3, else Philox tag INPAINT at step k (normals 2 pair, 2 pair + 1),
+// else none; `exact` (a denoising step) sets x = x_obs and keeps v.
+template <typename T>
+struct Replacer {
+  const T* obs = nullptr;
+  int64_t channels = 0;
+  T c[5] = {};  // a_xx a_vx l11 l21 l22
+  bool exact = false, has_seed = false;
+  int64_t seed = 0, k = 0;
+  int pair = 0;
+
+  inline void put(T* xr, T* vr, int64_t d, T xo, T m, T zx, T zv, bool noisy) const {
+    if (m == T(0)) return;
+    T rx = c[0] * xo, rv = c[1] * xo;
+    if (noisy) {
+      rx = rx + c[2] * zx;
+      rv = rv + c[3] * zx + c[4] * zv;
+    }
+    xr[d] = rx;
+    vr[d] = rv;
+  }
+
+  void apply(T* xr, T* vr, int64_t b, int64_t d0, int64_t d1, int64_t D) const {
+    if (obs == nullptr) return;
+    const T* xo = obs + b * channels * D;
+    const T* m = xo + D;
+    if (exact) {
+      for (int64_t d = d0; d < d1; ++d)
+        if (m[d] != T(0)) xr[d] = xo[d];
+    } else if (channels == 4) {
+      for (int64_t d = d0; d < d1; ++d) put(xr, vr, d, xo[d], m[d], xo[2 * D + d], xo[3 * D + d], true);
+    } else if (has_seed) {
+      with_normals<4>(seed, b * D, d0, d1, k, kTagInpaint, [&](int64_t lo, int64_t hi, const float* const* z) {
+        for (int64_t d = lo; d < hi; ++d)
+          put(xr, vr, d, xo[d], m[d], static_cast<T>(z[2 * pair][d - lo]), static_cast<T>(z[2 * pair + 1][d - lo]),
+              true);
+      });
+    } else {
+      for (int64_t d = d0; d < d1; ++d) put(xr, vr, d, xo[d], m[d], T(0), T(0), false);
+    }
+  }
+};
+
+// A Replacer for the contiguous obs (or none), at t_r (exact: the denoising rule).
+template <typename T>
+Replacer<T> make_replacer(const std::optional<at::Tensor>& obs, const Params& p, double t_r, bool exact,
+                          const std::optional<at::Tensor>& seed, int64_t k, int pair) {
+  Replacer<T> r;
+  if (!obs.has_value()) return r;
+  r.obs = obs->data_ptr<T>();
+  r.channels = obs->size(1);
+  r.exact = exact;
+  if (!exact) {
+    const Replacement c = replacement_coefficients(p, t_r);
+    const double cs[5] = {c.a_xx, c.a_vx, c.l11, c.l21, c.l22};
+    for (int i = 0; i < 5; ++i) r.c[i] = static_cast<T>(cs[i]);
+  }
+  r.has_seed = seed.has_value();
+  r.seed = read_i64(seed);
+  r.k = k;
+  r.pair = pair;
+  return r;
+}
+
 template <typename T>
 void half_step_kernel(const at::Tensor& u, const LinearT<T>& r, int64_t k, const std::optional<at::Tensor>& eps,
-                      const std::optional<at::Tensor>& seed, int64_t B, int64_t D) {
+                      const std::optional<at::Tensor>& seed, const Replacer<T>& rep, int64_t B, int64_t D) {
   T* pu = u.data_ptr<T>();
   const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
   const int64_t s = read_i64(seed);
@@ -503,29 +569,34 @@ void half_step_kernel(const at::Tensor& u, const LinearT<T>& r, int64_t k, const
       } else {
         for (int64_t d = d0; d < d1; ++d) element(d, T(0), T(0));
       }
+      rep.apply(xr, vr, b, d0, d1, D);
     });
   });
 }
 
 void half_step_cpu(const at::Tensor& u, const at::Tensor& ts, const at::Tensor& step, const at::Tensor& sde,
-                   const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed) {
+                   const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
+                   const std::optional<at::Tensor>& obs) {
   const char* op = "cld_fast::half_step_";
-  const Dims n = check_half_step(u, ts, step, sde, eps, seed, true);
+  const Dims n = check_half_step(u, ts, step, sde, eps, seed, obs, true);
   const StepAt s = read_step(step, ts, /*reads_next=*/true, op);
   const double t0 = time_at(ts, s.k), t1 = time_at(ts, s.k + 1);
-  const HalfStep h = half_step_coefficients(read_params(sde), t0, t0 - t1);
+  const Params p = read_params(sde);
+  const HalfStep h = half_step_coefficients(p, t0, t0 - t1);
   const InPlace w(u);
   const auto ec = contiguous(eps);
+  const auto oc = contiguous(obs);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "cld_fast::half_step_", [&] {
-    half_step_kernel<scalar_t>(w.work, to_state<scalar_t>(h), s.k, ec, seed, n.B, n.D);
+    half_step_kernel<scalar_t>(w.work, to_state<scalar_t>(h), s.k, ec, seed,
+                               make_replacer<scalar_t>(oc, p, t1, false, seed, s.k, 1), n.B, n.D);
   });
   w.commit();
 }
 
 template <typename T, typename O>
 void sscs_step_kernel(const at::Tensor& u, const at::Tensor& y, const SscsStep& c, int64_t k,
-                      const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed, int64_t B,
-                      int64_t D) {
+                      const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
+                      const Replacer<T>& rep, int64_t B, int64_t D) {
   const T alpha = static_cast<T>(c.score.alpha), kappa = static_cast<T>(c.score.kappa);
   const LinearT<T> closing = to_state<T>(c.closing), opening = to_state<T>(c.opening);
   T* pu = u.data_ptr<T>();
@@ -560,24 +631,30 @@ void sscs_step_kernel(const at::Tensor& u, const at::Tensor& y, const SscsStep& 
       } else {
         for (int64_t d = d0; d < d1; ++d) element(d, T(0), T(0), T(0), T(0));
       }
+      rep.apply(xr, vr, b, d0, d1, D);
     });
   });
 }
 
 void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                    const at::Tensor& sde, bool mixed, const std::optional<at::Tensor>& eps,
-                   const std::optional<at::Tensor>& seed, bool official_half) {
+                   const std::optional<at::Tensor>& seed, bool official_half, const std::optional<at::Tensor>& obs) {
   const char* op = "cld_fast::sscs_step_";
-  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, true);
+  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, obs, true);
   const StepAt s = read_step(step, ts, /*reads_next=*/true, op);
-  const double t2 = time_at(ts, std::min(s.k + 2, s.n_ts - 1));
-  const SscsStep c = sscs_step_coefficients(read_params(sde), time_at(ts, s.k), time_at(ts, s.k + 1), t2,
-                                            sscs_has_opening(s.k, s.n_ts), mixed, official_half);
+  const double t1 = time_at(ts, s.k + 1), t2 = time_at(ts, std::min(s.k + 2, s.n_ts - 1));
+  const Params p = read_params(sde);
+  const SscsStep c = sscs_step_coefficients(p, time_at(ts, s.k), t1, t2, sscs_has_opening(s.k, s.n_ts), mixed,
+                                            official_half);
   const InPlace w(u);
   const at::Tensor yc = y.contiguous();
   const auto ec = contiguous(eps);
+  const auto oc = contiguous(obs);
   dispatch_state_net(u, y, [&](auto tt, auto ot) {
-    sscs_step_kernel<decltype(tt), decltype(ot)>(w.work, yc, c, s.k, ec, seed, n.B, n.D);
+    using T = decltype(tt);
+    sscs_step_kernel<T, decltype(ot)>(w.work, yc, c, s.k, ec, seed,
+                                      make_replacer<T>(oc, p, sscs_replacement_time(t1, t2), false, seed, s.k, 0),
+                                      n.B, n.D);
   });
   w.commit();
 }
@@ -585,7 +662,7 @@ void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& t
 template <typename T, typename O>
 void affine_step_kernel(const at::Tensor& u, const at::Tensor& y, const Affine& a, bool noisy, int64_t k,
                         const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
-                        const at::Tensor& out, int64_t B, int64_t D) {
+                        const at::Tensor& out, const Replacer<T>& rep, int64_t B, int64_t D) {
   const T r[6] = {static_cast<T>(a.c_xx), static_cast<T>(a.c_xv), static_cast<T>(a.c_vx),
                   static_cast<T>(a.c_vv), static_cast<T>(a.c_vy), static_cast<T>(a.sigma)};
   const T* pu = u.data_ptr<T>();  // may alias po (an in-place step): each element is read, then written
@@ -618,26 +695,32 @@ void affine_step_kernel(const at::Tensor& u, const at::Tensor& y, const Affine& 
       } else {
         for (int64_t d = d0; d < d1; ++d) element(d, T(0));
       }
+      rep.apply(oxr, ovr, b, d0, d1, D);
     });
   });
 }
 
 void affine_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                      const at::Tensor& sde, int64_t kind, bool mixed, const std::optional<at::Tensor>& eps,
-                     const std::optional<at::Tensor>& seed, const at::Tensor& out) {
+                     const std::optional<at::Tensor>& seed, const at::Tensor& out,
+                     const std::optional<at::Tensor>& obs) {
   const char* op = "cld_fast::affine_step";
-  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, true);
+  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, obs, true);
   const bool drift = kind == kAffinePfDrift;
   const StepAt s = read_step(step, ts, /*reads_next=*/!drift, op);
   const double t0 = time_at(ts, s.k);
-  const double h = drift ? 0.0 : t0 - time_at(ts, s.k + 1);
-  const Affine a = affine_coefficients(read_params(sde), t0, h, static_cast<int>(kind), mixed);
+  const double t1 = drift ? t0 : time_at(ts, s.k + 1);
+  const Params p = read_params(sde);
+  const Affine a = affine_coefficients(p, t0, t0 - t1, static_cast<int>(kind), mixed);
   const InPlace w(out);
   const at::Tensor src = source_for(u, out, w);
   const at::Tensor yc = y.contiguous();
   const auto ec = contiguous(eps);
+  const auto oc = contiguous(obs);
   dispatch_state_net(out, y, [&](auto tt, auto ot) {
-    affine_step_kernel<decltype(tt), decltype(ot)>(src, yc, a, kind == kAffineEm, s.k, ec, seed, w.work, n.B, n.D);
+    using T = decltype(tt);
+    affine_step_kernel<T, decltype(ot)>(src, yc, a, kind == kAffineEm, s.k, ec, seed, w.work,
+                                        make_replacer<T>(oc, p, t1, kind == kAffineDenoise, seed, s.k, 0), n.B, n.D);
   });
   w.commit();
 }
@@ -665,7 +748,7 @@ inline void add_history(const T* c, T hx, T hv, T& nx, T& nv) {
 
 template <typename T, typename O, int K, int H>
 void gddim_step_kernel(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const double* r, int64_t k,
-                       int64_t B, int64_t D) {
+                       const Replacer<T>& rep, int64_t B, int64_t D) {
   T* pu = u.data_ptr<T>();
   T* ph = K > 0 ? hist.data_ptr<T>() : nullptr;
   const O* py = y.data_ptr<O>();
@@ -702,6 +785,7 @@ void gddim_step_kernel(const at::Tensor& u, const at::Tensor& hist, const at::Te
       xr[d] = static_cast<T>(nx);
       vr[d] = static_cast<T>(nv);
     }
+    rep.apply(xr, vr, b, d0, d1, D);
   });
 }
 
@@ -721,11 +805,17 @@ void dispatch_ring(int64_t k, int64_t h, const F& f) {
 }
 
 void gddim_step_cpu(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
-                    const at::Tensor& step) {
+                    const at::Tensor& step, const std::optional<at::Tensor>& ts, const std::optional<at::Tensor>& sde,
+                    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs) {
   const char* op = "cld_fast::gddim_step_";
-  const Dims n = check_gddim_step(u, hist, y, table, step, true);
+  const Dims n = check_gddim_step(u, hist, y, table, step, ts, sde, seed, obs, true);
   const int64_t k = step.data_ptr<int64_t>()[0];
   check_table_step_range(k, table.size(0), op);
+  // The replacement at ts[k + 1]; k + 1 = len(ts) is the denoising row (x = x_obs).
+  const bool exact = obs.has_value() && k + 1 >= ts->size(0);
+  const double t_r = obs.has_value() && !exact ? time_at(*ts, k + 1) : 1.0;
+  const Params p = obs.has_value() ? read_params(*sde) : Params{};
+  const auto oc = contiguous(obs);
   double row[kGddimCols];
   for (int64_t c = 0; c < kGddimCols; ++c) {
     const int64_t off = k * table.stride(0) + c * table.stride(1);
@@ -738,7 +828,8 @@ void gddim_step_cpu(const at::Tensor& u, const at::Tensor& hist, const at::Tenso
     using T = decltype(tt);
     using O = decltype(ot);
     dispatch_ring(hist.size(0), hist.size(2), [&](auto kc, auto hc) {
-      gddim_step_kernel<T, O, decltype(kc)::value, decltype(hc)::value>(wu.work, wh.work, yc, row, k, n.B, n.D);
+      gddim_step_kernel<T, O, decltype(kc)::value, decltype(hc)::value>(
+          wu.work, wh.work, yc, row, k, make_replacer<T>(oc, p, t_r, exact, seed, k, 0), n.B, n.D);
     });
   });
   wh.commit();

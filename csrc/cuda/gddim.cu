@@ -38,9 +38,11 @@ __device__ __forceinline__ void add_history(const volatile double* c, double hx,
 // Coefficients: E (6) | Lin (4) | C_0 (4) | C_1 .. C_R (4 each): the first 14 + 4 R columns of the row.
 template <typename Y, int R, int H>
 struct GddimStepOp {
-  static constexpr int K = 14 + 4 * R;
-  static constexpr int kChunk = 8;                          // columns one part loads (8 loads in flight)
-  static constexpr int kParts = (K + kChunk - 1) / kChunk;  // in different warps, so the parts' loads overlap
+  static constexpr int KT = 14 + 4 * R;  // the table's columns
+  static constexpr int K = KT + kObsCoefs;
+  static constexpr int kChunk = 8;  // columns one part loads (8 loads in flight)
+  // in different warps, so the parts' loads overlap; the last part is the replacement
+  static constexpr int kParts = (KT + kChunk - 1) / kChunk + 1;
   using Coef = double;
 
   float* u;     // (B, 2, D), in place
@@ -48,20 +50,34 @@ struct GddimStepOp {
   const Y* y;   // (B, D)
   TableArg table;
   const int64_t* step;
+  ObsArg obs;
+  TimeArg ts;  // the run's grid and parameters: read only with obs
+  const double* sde;
   int64_t B, D;
   // The block's shared copy of the row, read at each use: 22 float64 values held in registers would spill.
   const volatile double* r;
   int64_t own, prev1, prev2;  // element offsets of the ring slots step, step - 1, step - 2 (mod R)
+  int64_t k_step, obs_seed;
 
-  // Columns [kChunk i, kChunk (i + 1)) of the row as float64 (NaN when the step is out of range).
+  // Columns [kChunk i, kChunk (i + 1)) of the row as float64 (NaN when the step is out of range);
+  // the last part: the replacement at ts[step + 1], the exact rule after the denoising row.
   __device__ __forceinline__ void part(int i, double* c) const {
     const int64_t k = *step;
     const bool valid = k >= 0 && k < table.rows;
+    if (i == kParts - 1) {
+      if (obs.p != nullptr) {
+        float rc[kObsCoefs];
+        store_replacement(rc, sde, grid_at(ts, k + 1), k + 1 >= ts.size, valid);
+#pragma unroll
+        for (int j = 0; j < kObsCoefs; ++j) c[KT + j] = rc[j];
+      }
+      return;
+    }
     const int64_t row = clamp_index(k, table.rows) * table.row_stride;
 #pragma unroll
     for (int q = 0; q < kChunk; ++q) {
       const int j = i * kChunk + q;
-      if (j < K) {
+      if (j < KT) {
         const int64_t off = row + j * table.col_stride;
         const double value = table.is_double ? __ldg(static_cast<const double*>(table.data) + off)
                                              : static_cast<double>(__ldg(static_cast<const float*>(table.data) + off));
@@ -79,6 +95,8 @@ struct GddimStepOp {
       prev1 = ring_slot(k - 1, R) * slab;
       prev2 = ring_slot(k - 2, R) * slab;
     }
+    k_step = *step;
+    obs_seed = read_obs_seed(obs);
   }
 
   // Inputs are loaded as float (vectorised), each element's arithmetic is float64 from its inputs to
@@ -118,39 +136,46 @@ struct GddimStepOp {
       store<V>(hist + own + hrow, yy);
       if constexpr (H == 2) store<V>(hist + own + hrow + D, h1v);
     }
+    if (obs.p != nullptr) {
+      float rc[kObsCoefs];
+#pragma unroll
+      for (int j = 0; j < kObsCoefs; ++j) rc[j] = static_cast<float>(r[KT + j]);
+      replace_obs<V>(obs, rc, obs_seed, b, d, D, k_step, 0, x, v);
+    }
     store<V>(px, x);
     store<V>(px + D, v);
   }
 };
 
 template <typename Y, int R, int H>
-void launch_ring(float* u, float* hist, const void* y, TableArg table, const int64_t* step, int64_t B, int64_t D,
-                 int vec, cudaStream_t stream) {
-  const GddimStepOp<Y, R, H> op{u, hist, static_cast<const Y*>(y), table, step, B, D, {}, 0, 0, 0};
+void launch_ring(float* u, float* hist, const void* y, TableArg table, const int64_t* step, ObsArg obs, TimeArg ts,
+                 const double* sde, int64_t B, int64_t D, int vec, cudaStream_t stream) {
+  const GddimStepOp<Y, R, H> op{u, hist, static_cast<const Y*>(y), table, step, obs, ts, sde, B, D, {}, 0, 0, 0, 0, 0};
   launch_steps(op, vec, B, D, stream);
 }
 
 }  // namespace
 
 void launch_gddim_step(float* u, float* hist, int K, int H, const void* y, NetType y_type, TableArg table,
-                       const int64_t* step, int64_t B, int64_t D, cudaStream_t stream) {
-  int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {K > 0 ? hist : nullptr, 4}});
+                       const int64_t* step, ObsArg obs, TimeArg ts, const double* sde, int64_t B, int64_t D,
+                       cudaStream_t stream) {
+  int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {K > 0 ? hist : nullptr, 4}, {obs.p, 4}});
   if (K >= 2 && H == 2) vec = vec < 2 ? vec : 2;  // four elements' two-slot history spills 8 B on sm_90
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
     if (K <= 0) {
-      launch_ring<Y, 0, 1>(u, hist, y, table, step, B, D, vec, stream);  // no ring: H is not read
+      launch_ring<Y, 0, 1>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);  // no ring: H is not read
     } else if (K == 1) {
       if (H == 1) {
-        launch_ring<Y, 1, 1>(u, hist, y, table, step, B, D, vec, stream);
+        launch_ring<Y, 1, 1>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);
       } else {
-        launch_ring<Y, 1, 2>(u, hist, y, table, step, B, D, vec, stream);
+        launch_ring<Y, 1, 2>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);
       }
     } else {
       if (H == 1) {
-        launch_ring<Y, 2, 1>(u, hist, y, table, step, B, D, vec, stream);
+        launch_ring<Y, 2, 1>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);
       } else {
-        launch_ring<Y, 2, 2>(u, hist, y, table, step, B, D, vec, stream);
+        launch_ring<Y, 2, 2>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);
       }
     }
   });

@@ -50,6 +50,11 @@ NoiseArg noise(const std::optional<at::Tensor>& eps, const std::optional<at::Ten
   return NoiseArg{fptr(eps), iptr(seed)};
 }
 
+ObsArg obs_arg(const std::optional<at::Tensor>& obs_c, const std::optional<at::Tensor>& seed) {
+  if (!obs_c.has_value()) return ObsArg{nullptr, 2, nullptr};
+  return ObsArg{obs_c->data_ptr<float>(), static_cast<int>(obs_c->size(1)), iptr(seed)};
+}
+
 // The (5,) parameters as a contiguous pointer (kernel_params tensors already are).
 const double* params(const at::Tensor& sde_c) { return sde_c.data_ptr<double>(); }
 
@@ -137,47 +142,49 @@ at::Tensor mixed_score_cuda(const at::Tensor& out, const at::Tensor& u, const at
 }
 
 void half_step_cuda(const at::Tensor& u, const at::Tensor& ts, const at::Tensor& step, const at::Tensor& sde,
-                    const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed) {
+                    const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
+                    const std::optional<at::Tensor>& obs) {
   check_cuda(u, "cld_fast::half_step_", "u");
-  const Dims n = check_half_step(u, ts, step, sde, eps, seed, false);
+  const Dims n = check_half_step(u, ts, step, sde, eps, seed, obs, false);
   const c10::cuda::CUDAGuard guard(u.device());
   const InPlace w(u);
   const at::Tensor sc = sde.contiguous();
-  const auto ec = contiguous(eps);
-  launch_half_step(w.work.data_ptr<float>(), times(ts), step.data_ptr<int64_t>(), params(sc), noise(ec, seed), n.B,
-                   n.D, stream());
+  const auto ec = contiguous(eps), oc = contiguous(obs);
+  launch_half_step(w.work.data_ptr<float>(), times(ts), step.data_ptr<int64_t>(), params(sc), noise(ec, seed),
+                   obs_arg(oc, seed), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   w.commit();
 }
 
 void sscs_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                     const at::Tensor& sde, bool mixed, const std::optional<at::Tensor>& eps,
-                    const std::optional<at::Tensor>& seed, bool official_half) {
+                    const std::optional<at::Tensor>& seed, bool official_half, const std::optional<at::Tensor>& obs) {
   check_cuda(u, "cld_fast::sscs_step_", "u");
-  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, false);
+  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, obs, false);
   const c10::cuda::CUDAGuard guard(u.device());
   const InPlace w(u);
   const at::Tensor yc = y.contiguous(), sc = sde.contiguous();
-  const auto ec = contiguous(eps);
+  const auto ec = contiguous(eps), oc = contiguous(obs);
   launch_sscs_step(w.work.data_ptr<float>(), yc.data_ptr(), net_type(yc), times(ts), step.data_ptr<int64_t>(),
-                   params(sc), mixed, official_half, noise(ec, seed), n.B, n.D, stream());
+                   params(sc), mixed, official_half, noise(ec, seed), obs_arg(oc, seed), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   w.commit();
 }
 
 void affine_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                       const at::Tensor& sde, int64_t kind, bool mixed, const std::optional<at::Tensor>& eps,
-                      const std::optional<at::Tensor>& seed, const at::Tensor& out) {
+                      const std::optional<at::Tensor>& seed, const at::Tensor& out,
+                      const std::optional<at::Tensor>& obs) {
   check_cuda(out, "cld_fast::affine_step", "out");
-  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, false);
+  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, obs, false);
   const c10::cuda::CUDAGuard guard(out.device());
   const InPlace w(out);
   const at::Tensor src = source_for(u, out, w);
   const at::Tensor yc = y.contiguous(), sc = sde.contiguous();
-  const auto ec = contiguous(eps);
+  const auto ec = contiguous(eps), oc = contiguous(obs);
   launch_affine_step(src.data_ptr<float>(), yc.data_ptr(), net_type(yc), times(ts), step.data_ptr<int64_t>(),
-                     params(sc), static_cast<int>(kind), mixed, noise(ec, seed), w.work.data_ptr<float>(), n.B, n.D,
-                     stream());
+                     params(sc), static_cast<int>(kind), mixed, noise(ec, seed), obs_arg(oc, seed),
+                     w.work.data_ptr<float>(), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   w.commit();
 }
@@ -189,17 +196,21 @@ TableArg table_arg(const at::Tensor& table) {
 }
 
 void gddim_step_cuda(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
-                     const at::Tensor& step) {
+                     const at::Tensor& step, const std::optional<at::Tensor>& ts, const std::optional<at::Tensor>& sde,
+                     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs) {
   const char* op = "cld_fast::gddim_step_";
   check_cuda(u, op, "u");
-  const Dims n = check_gddim_step(u, hist, y, table, step, false);
+  const Dims n = check_gddim_step(u, hist, y, table, step, ts, sde, seed, obs, false);
   const c10::cuda::CUDAGuard guard(u.device());
   const InPlace wu(u), wh(hist);
   const at::Tensor yc = y.contiguous();
   const int64_t k = hist.size(0);
+  const auto oc = contiguous(obs), sc = contiguous(sde);
+  const TimeArg grid = obs.has_value() ? times(*ts) : TimeArg{nullptr, 0, 0, false};
   launch_gddim_step(wu.work.data_ptr<float>(), k > 0 ? wh.work.data_ptr<float>() : nullptr, static_cast<int>(k),
                     static_cast<int>(hist.size(2)), yc.data_ptr(), net_type(yc), table_arg(table),
-                    step.data_ptr<int64_t>(), n.B, n.D, stream());
+                    step.data_ptr<int64_t>(), obs_arg(oc, seed), grid, sc.has_value() ? params(*sc) : nullptr, n.B,
+                    n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   wh.commit();
   wu.commit();

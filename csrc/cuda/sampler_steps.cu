@@ -4,7 +4,8 @@
 // there (cld_coefficients.h, once per block), so a sampler loop launches one kernel per step with no
 // host synchronisation and no step table, and can be captured in a CUDA graph. A step outside the
 // grid gives NaN outputs. In-kernel noise: half step tag kTagHalfStep (z0, z1), SSCS kTagSscs
-// (z0..z3), affine kTagAffine (z0, kind em only); counter word c2 = the step.
+// (z0..z3), affine kTagAffine (z0, kind em only); counter word c2 = the step. With an inpainting
+// condition (ObsArg) the observed elements of the result are replaced (replace_obs) in the same pass.
 #include "cld_cuda_common.cuh"
 
 namespace cld {
@@ -35,19 +36,24 @@ struct StepArgs {
 };
 
 struct HalfStepOp {
-  static constexpr int K = 7;
-  static constexpr int kParts = 1;
+  static constexpr int K = 7 + kObsCoefs;
+  static constexpr int kParts = 2;  // the half step, the replacement
 
   float* u;  // (B, 2, D), in place; eps (B, 2, D)
   StepArgs s;
+  ObsArg obs;
   int64_t D;
   float r[K];
-  int64_t step, seed;
+  int64_t step, seed, obs_seed;
 
-  __device__ __forceinline__ void part(int, float* c) const {
+  __device__ __forceinline__ void part(int i, float* c) const {
     const StepIndex k = read_step(s.step, s.ts, /*reads_next=*/true);
     const double t0 = grid_at(s.ts, k.k), t1 = grid_at(s.ts, k.k + 1);
-    store_half_step(c, half_step_coefficients(load_params(s.sde), t0, t0 - t1), k.valid);
+    if (i == 0) {
+      store_half_step(c, half_step_coefficients(load_params(s.sde), t0, t0 - t1), k.valid);
+    } else if (obs.p != nullptr) {
+      store_replacement(c + 7, s.sde, t1, false, k.valid);
+    }
   }
 
   __device__ __forceinline__ void prepare(const float* c) {
@@ -55,6 +61,7 @@ struct HalfStepOp {
     for (int j = 0; j < K; ++j) r[j] = c[j];
     step = *s.step;
     seed = read_seed(s.noise);
+    obs_seed = read_obs_seed(obs);
   }
 
   template <int V>
@@ -72,6 +79,7 @@ struct HalfStepOp {
 #pragma unroll
       for (int k = 0; k < V; ++k) linear_step<false>(r, x[k], v[k], 0.f, 0.f);
     }
+    replace_obs<V>(obs, r + 7, obs_seed, b, d, D, step, 1, x, v);
     store<V>(px, x);
     store<V>(px + D, v);
   }
@@ -80,17 +88,18 @@ struct HalfStepOp {
 // Coefficients: alpha kappa | closing half step (7) | opening half step (7).
 template <typename Y>
 struct SscsStepOp {
-  static constexpr int K = 16;
-  static constexpr int kParts = 3;  // score step, closing and opening half steps
+  static constexpr int K = 16 + kObsCoefs;
+  static constexpr int kParts = 4;  // score step, closing and opening half steps, the replacement
 
   float* u;    // (B, 2, D), in place; eps (B, 4, D)
   const Y* y;  // (B, D) network output
   StepArgs s;
+  ObsArg obs;
   bool mixed;
   bool official_half;
   int64_t D;
   float r[K];
-  int64_t step, seed;
+  int64_t step, seed, obs_seed;
 
   __device__ __forceinline__ void part(int i, float* c) const {
     const StepIndex k = read_step(s.step, s.ts, /*reads_next=*/true);
@@ -103,9 +112,12 @@ struct SscsStepOp {
       store_coefficients<2>(c, v, k.valid);
     } else if (i == 1) {
       store_half_step(c + 2, half_step_coefficients(p, tm.t_close, tm.h_close), k.valid);
-    } else {
+    } else if (i == 2) {
       const bool opening = sscs_has_opening(k.k, s.ts.size);
       store_half_step(c + 9, opening ? half_step_coefficients(p, tm.t_open, tm.h_open) : identity_half_step(), k.valid);
+    } else if (obs.p != nullptr) {
+      const double t_r = sscs_replacement_time(grid_at(s.ts, k.k + 1), grid_at(s.ts, k.k + 2));
+      store_replacement(c + 16, s.sde, t_r, false, k.valid);
     }
   }
 
@@ -114,6 +126,7 @@ struct SscsStepOp {
     for (int j = 0; j < K; ++j) r[j] = c[j];
     step = *s.step;
     seed = read_seed(s.noise);
+    obs_seed = read_obs_seed(obs);
   }
 
   template <int V>
@@ -149,6 +162,7 @@ struct SscsStepOp {
         linear_step<false>(r + 9, x[k], v[k], 0.f, 0.f);
       }
     }
+    replace_obs<V>(obs, r + 16, obs_seed, b, d, D, step, 0, x, v);
     store<V>(px, x);
     store<V>(px + D, v);
   }
@@ -157,27 +171,32 @@ struct SscsStepOp {
 // Coefficients: c_xx c_xv c_vx c_vv c_vy sigma.
 template <typename Y>
 struct AffineStepOp {
-  static constexpr int K = 6;
-  static constexpr int kParts = 1;
+  static constexpr int K = 6 + kObsCoefs;
+  static constexpr int kParts = 2;  // the step, the replacement
 
   const float* u;  // (B, 2, D); may be `out` itself: each thread reads its elements before writing them
   const Y* y;      // (B, D)
   StepArgs s;      // eps (B, D)
+  ObsArg obs;
   int kind;
   bool mixed;
   float* out;  // (B, 2, D)
   int64_t D;
   float r[K];
-  int64_t step, seed;
+  int64_t step, seed, obs_seed;
 
-  __device__ __forceinline__ void part(int, float* c) const {
+  __device__ __forceinline__ void part(int i, float* c) const {
     const bool drift = kind == kAffinePfDrift;
     const StepIndex k = read_step(s.step, s.ts, /*reads_next=*/!drift);
     const double t0 = grid_at(s.ts, k.k);
-    const double h = drift ? 0.0 : t0 - grid_at(s.ts, k.k + 1);
-    const Affine a = affine_coefficients(load_params(s.sde), t0, h, kind, mixed);
-    const double v[K] = {a.c_xx, a.c_xv, a.c_vx, a.c_vv, a.c_vy, a.sigma};
-    store_coefficients<K>(c, v, k.valid);
+    if (i == 0) {
+      const double h = drift ? 0.0 : t0 - grid_at(s.ts, k.k + 1);
+      const Affine a = affine_coefficients(load_params(s.sde), t0, h, kind, mixed);
+      const double v[6] = {a.c_xx, a.c_xv, a.c_vx, a.c_vv, a.c_vy, a.sigma};
+      store_coefficients<6>(c, v, k.valid);
+    } else if (obs.p != nullptr) {
+      store_replacement(c + 6, s.sde, grid_at(s.ts, k.k + 1), kind == kAffineDenoise, k.valid);
+    }
   }
 
   __device__ __forceinline__ void prepare(const float* c) {
@@ -185,6 +204,7 @@ struct AffineStepOp {
     for (int j = 0; j < K; ++j) r[j] = c[j];
     step = *s.step;
     seed = read_seed(s.noise);
+    obs_seed = read_obs_seed(obs);
   }
 
   template <int V>
@@ -210,6 +230,7 @@ struct AffineStepOp {
         for (int k = 0; k < V; ++k) nv[k] = nv[k] + r[5] * normal_z0(seed, b * D + d + k, step, kTagAffine);
       }
     }
+    replace_obs<V>(obs, r + 6, obs_seed, b, d, D, step, 0, nx, nv);
     store<V>(out + o, nx);
     store<V>(out + o + D, nv);
   }
@@ -217,29 +238,32 @@ struct AffineStepOp {
 
 }  // namespace
 
-void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* sde, NoiseArg noise, int64_t B,
-                      int64_t D, cudaStream_t stream) {
-  const HalfStepOp op{u, {ts, step, sde, noise}, D, {}, 0, 0};
-  launch_steps(op, pick_vec(D, {{u, 4}, {noise.eps, 4}}), B, D, stream);
+void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* sde, NoiseArg noise, ObsArg obs,
+                      int64_t B, int64_t D, cudaStream_t stream) {
+  const HalfStepOp op{u, {ts, step, sde, noise}, obs, D, {}, 0, 0, 0};
+  launch_steps(op, pick_vec(D, {{u, 4}, {noise.eps, 4}, {obs.p, 4}}), B, D, stream);
 }
 
 void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step, const double* sde,
-                      bool mixed, bool official_half, NoiseArg noise, int64_t B, int64_t D, cudaStream_t stream) {
-  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}});
+                      bool mixed, bool official_half, NoiseArg noise, ObsArg obs, int64_t B, int64_t D,
+                      cudaStream_t stream) {
+  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}, {obs.p, 4}});
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
-    const SscsStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, mixed, official_half, D, {}, 0, 0};
+    const SscsStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, obs, mixed, official_half, D, {},
+                           0, 0, 0};
     launch_steps(op, vec, B, D, stream);
   });
 }
 
 void launch_affine_step(const float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step,
-                        const double* sde, int kind, bool mixed, NoiseArg noise, float* out, int64_t B, int64_t D,
-                        cudaStream_t stream) {
-  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}, {out, 4}});
+                        const double* sde, int kind, bool mixed, NoiseArg noise, ObsArg obs, float* out, int64_t B,
+                        int64_t D, cudaStream_t stream) {
+  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}, {out, 4}, {obs.p, 4}});
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
-    const AffineStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, kind, mixed, out, D, {}, 0, 0};
+    const AffineStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, obs, kind, mixed, out, D, {},
+                             0, 0, 0};
     launch_steps(op, vec, B, D, stream);
   });
 }

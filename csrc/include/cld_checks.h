@@ -238,27 +238,42 @@ inline void check_step_args(const at::Tensor& ts, const at::Tensor& step, const 
   check_seed(seed, state, op);
 }
 
+// obs: the optional inpainting condition (B, 2 or 4, D) in the state dtype: x_obs, mask[, z_x, z_v].
+inline void check_obs(const std::optional<at::Tensor>& obs, Dims n, const at::Tensor& state, const char* op) {
+  if (!obs.has_value()) return;
+  const at::Tensor& o = *obs;
+  TORCH_CHECK(o.dim() == 3 && o.size(0) == n.B && (o.size(1) == 2 || o.size(1) == 4) && o.size(2) == n.D, op,
+              ": obs must have shape (B, 2 or 4, D) = (", n.B, ", 2 or 4, ", n.D,
+              ") (x_obs, mask and optionally the replacement noise), got ", shape_str(o.sizes()));
+  check_dtype(o, state.scalar_type(), op, "obs");
+  check_device(o, state, op, "obs");
+}
+
 inline Dims check_half_step(const at::Tensor& u, const at::Tensor& ts, const at::Tensor& step, const at::Tensor& sde,
-                            const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed, bool cpu) {
+                            const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
+                            const std::optional<at::Tensor>& obs, bool cpu) {
   const char* op = "cld_fast::half_step_";
   const Dims n = check_state(u, cpu, op, "u");
   check_step_args(ts, step, sde, eps, seed, 2, n, u, op);
+  check_obs(obs, n, u, op);
   return n;
 }
 
 inline Dims check_sscs_step(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                             const at::Tensor& sde, const std::optional<at::Tensor>& eps,
-                            const std::optional<at::Tensor>& seed, bool cpu) {
+                            const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs, bool cpu) {
   const char* op = "cld_fast::sscs_step_";
   const Dims n = check_state(u, cpu, op, "u");
   check_net(y, n, u, cpu, op, "y");
   check_step_args(ts, step, sde, eps, seed, 4, n, u, op);
+  check_obs(obs, n, u, op);
   return n;
 }
 
 inline Dims check_affine(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                          const at::Tensor& sde, int64_t kind, const std::optional<at::Tensor>& eps,
-                         const std::optional<at::Tensor>& seed, const at::Tensor& out, bool cpu) {
+                         const std::optional<at::Tensor>& seed, const at::Tensor& out,
+                         const std::optional<at::Tensor>& obs, bool cpu) {
   const char* op = "cld_fast::affine_step";
   const Dims n = check_state(out, cpu, op, "out");
   check_arg(u, {n.B, 2, n.D}, out.scalar_type(), out, op, "u");
@@ -267,6 +282,9 @@ inline Dims check_affine(const at::Tensor& u, const at::Tensor& y, const at::Ten
   check_net(y, n, out, cpu, op, "y");
   check_code(kind, kNumAffineKinds, kAffineKindNames, op, "kind");
   check_step_args(ts, step, sde, eps, seed, 0, n, out, op);
+  check_obs(obs, n, out, op);
+  TORCH_CHECK(!obs.has_value() || kind != kAffinePfDrift, op, ": obs (an inpainting condition) is not taken by the ",
+              "pf_drift kind (a drift, not a step)");
   return n;
 }
 
@@ -304,13 +322,22 @@ inline void check_table_step_range(int64_t k, int64_t rows, const char* op) {
 }
 
 inline Dims check_gddim_step(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
-                             const at::Tensor& step, bool cpu) {
+                             const at::Tensor& step, const std::optional<at::Tensor>& ts,
+                             const std::optional<at::Tensor>& sde, const std::optional<at::Tensor>& seed,
+                             const std::optional<at::Tensor>& obs, bool cpu) {
   const char* op = "cld_fast::gddim_step_";
   const Dims n = check_state(u, cpu, op, "u");
   check_ring(hist, n, u, op, "hist");
   check_net(y, n, u, cpu, op, "y");
   check_table(table, u, op);
   check_scalar_i64(step, u, op, "step");
+  check_obs(obs, n, u, op);
+  if (obs.has_value()) {
+    TORCH_CHECK(ts.has_value() && sde.has_value(), op, ": obs needs the run's time grid ts and the sde parameters");
+    check_grid(*ts, u, op);
+    check_params(*sde, u, op);
+    check_seed(seed, u, op);
+  }
   return n;
 }
 

@@ -335,6 +335,22 @@ CLD_HD SscsStep sscs_step_coefficients(const Params& p, double t0, double t1, do
                   has_opening ? half_step_coefficients(p, s.t_open, s.h_open) : identity_half_step()};
 }
 
+// ---- the inpainting replacement (opdefs ``obs``) ------------------------------------------------
+
+// An observed element becomes A(t_r) (x_obs, 0) + L(t_r) (z_x, z_v): the HSM kernel at t_r.
+struct Replacement {
+  double a_xx, a_vx, l11, l21, l22;
+};
+
+CLD_HD Replacement replacement_coefficients(const Params& p, double t_r) {
+  const PerturbCoefficients k = perturb_coefficients(p, t_r, kObjectiveHsm);
+  return Replacement{k.a_xx, k.a_vx, k.l11, k.l21, k.l22};
+}
+
+// The SSCS step's replacement time: the end of the opening half step, t1 - (t1 - t2) / 2 (t1 when
+// t2 = t1, the grid's last step).
+CLD_HD double sscs_replacement_time(double t1, double t2) { return t1 - 0.5 * (t1 - t2); }
+
 // ---- step indices into a time grid ts of n_ts = S + 1 points ------------------------------------
 
 // Step k runs ts[k] -> ts[k + 1]: valid for 0 <= k <= n_ts - 2; an op that reads only ts[k]

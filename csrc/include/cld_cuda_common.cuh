@@ -141,6 +141,69 @@ __device__ __forceinline__ void store_half_step(float* c, const HalfStep& h, boo
   store_coefficients<7>(c, v, valid);
 }
 
+// ---- the inpainting replacement (ObsArg) ---------------------------------------------------------
+
+// Coefficients of the replacement in an op's table: a_xx a_vx l11 l21 l22 of the HSM kernel at t_r,
+// then 1 for the exact rule (x = x_obs, a denoising step) or 0.
+constexpr int kObsCoefs = 6;
+
+__device__ __forceinline__ void store_replacement(float* c, const double* sde, double t_r, bool exact, bool valid) {
+  const Replacement r = replacement_coefficients(load_params(sde), t_r);
+  const double v[5] = {r.a_xx, r.a_vx, r.l11, r.l21, r.l22};
+  store_coefficients<5>(c, v, valid);
+  c[5] = exact ? 1.f : 0.f;
+}
+
+__device__ __forceinline__ int64_t read_obs_seed(const ObsArg& o) {
+  return o.p != nullptr && o.seed != nullptr ? *o.seed : 0;
+}
+
+// Elements d .. d + V - 1 of row b after the op's update: observed ones (mask != 0) become
+// A(t_r) (x_obs, 0) + L(t_r) (z_x, z_v) with c = the kObsCoefs coefficients (or x = x_obs, exact);
+// Philox normals (z0, z1) (pair 0) or (z2, z3) (pair 1) of tag kTagInpaint at `step`.
+template <int V>
+__device__ __forceinline__ void replace_obs(const ObsArg& o, const float* c, int64_t seed, int64_t b, int64_t d,
+                                            int64_t D, int64_t step, int pair, float (&x)[V], float (&v)[V]) {
+  if (o.p == nullptr) return;
+  const float* row = o.p + b * o.channels * D;
+  float xo[V], m[V];
+  load<V>(row + d, xo);
+  load<V>(row + D + d, m);
+  if (c[5] != 0.f) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) x[k] = m[k] != 0.f ? xo[k] : x[k];
+    return;
+  }
+  float zx[V], zv[V];
+  const bool noisy = o.channels == 4 || o.seed != nullptr;
+  if (o.channels == 4) {
+    load<V>(row + 2 * D + d, zx);
+    load<V>(row + 3 * D + d, zv);
+  } else if (o.seed != nullptr) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      if (pair == 0) {
+        normals2(seed, b * D + d + k, step, kTagInpaint, zx[k], zv[k]);
+      } else {
+        float z[4];
+        normals4(seed, b * D + d + k, step, kTagInpaint, z);
+        zx[k] = z[2];
+        zv[k] = z[3];
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    float rx = c[0] * xo[k], rv = c[1] * xo[k];
+    if (noisy) {
+      rx = rx + c[2] * zx[k];
+      rv = rv + c[3] * zx[k] + c[4] * zv[k];
+    }
+    x[k] = m[k] != 0.f ? rx : x[k];
+    v[k] = m[k] != 0.f ? rv : v[k];
+  }
+}
+
 // ---- host side --------------------------------------------------------------------------------
 
 inline int num_sms() {

@@ -43,6 +43,16 @@ struct NoiseArg {
   const int64_t* seed;
 };
 
+// The inpainting condition of a step op (opdefs ``obs``): (B, channels, D) contiguous float32 with
+// channels x_obs, mask (1 = observed)[, z_x, z_v]; nullptr when absent. The replacement noise comes
+// from channels 2, 3 when channels = 4, else from the Philox contract (tag kTagInpaint) when `seed`
+// is given, else there is none.
+struct ObsArg {
+  const float* p;
+  int channels;
+  const int64_t* seed;
+};
+
 // out (B, 2, D) = A(t) (x0, v0) + L(t) (z0, z1); objective: cld::Objective.
 void launch_perturb(const float* x0, const float* v0, TimeArg t, const double* sde, int objective, NoiseArg noise,
                     float* out, int64_t B, int64_t D, cudaStream_t stream);
@@ -67,28 +77,33 @@ void launch_hsm_loss_bwd(const float* grad, int64_t grad_stride, const void* out
 void launch_mixed_score(const void* out, NetType out_type, const float* u, TimeArg t, const double* sde,
                         int objective, int output, float* res, int64_t B, int64_t D, cudaStream_t stream);
 
-// In place: the reverse linear half step ts[*step] -> ts[*step + 1]; eps (B, 2, D).
-void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* sde, NoiseArg noise, int64_t B,
-                      int64_t D, cudaStream_t stream);
+// In place: the reverse linear half step ts[*step] -> ts[*step + 1]; eps (B, 2, D); obs replaced at
+// ts[*step + 1] (Philox normals z2, z3).
+void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* sde, NoiseArg noise, ObsArg obs,
+                      int64_t B, int64_t D, cudaStream_t stream);
 
 // In place: the fused SSCS update after a network evaluation at ts[*step]; y (B, D); eps (B, 4, D);
-// official_half: the official sampler's closing half step (cld::sscs_times).
+// official_half: the official sampler's closing half step (cld::sscs_times); obs replaced at the end
+// of the opening half step (cld::sscs_replacement_time).
 void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step, const double* sde,
-                      bool mixed, bool official_half, NoiseArg noise, int64_t B, int64_t D, cudaStream_t stream);
+                      bool mixed, bool official_half, NoiseArg noise, ObsArg obs, int64_t B, int64_t D,
+                      cudaStream_t stream);
 
 // out = the affine step of u for ts[*step] -> ts[*step + 1] (kind: cld::AffineKind); out may be u
-// itself; eps (B, D), used by kind em only.
+// itself; eps (B, D), used by kind em only; obs: em replaces at ts[*step + 1], denoise sets x = x_obs.
 void launch_affine_step(const float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step,
-                        const double* sde, int kind, bool mixed, NoiseArg noise, float* out, int64_t B, int64_t D,
-                        cudaStream_t stream);
+                        const double* sde, int kind, bool mixed, NoiseArg noise, ObsArg obs, float* out, int64_t B,
+                        int64_t D, cudaStream_t stream);
 
 // In place: the gDDIM multistep after a network evaluation with row r = table[*step] (the
 // (S, 22) rows of CLD.gddim_table, cast to float32 on the device): cur = E (x, v, y), u <- Lin u +
 // C_0 cur + sum_{j=1..K} C_j hist[(*step - j) mod K], hist[*step mod K] <- cur[:H]. hist (K, B, H, D)
 // contiguous float32 ring buffer, K in {0, 1, 2} (nullptr allowed when K = 0), H in {1, 2}; y (B, D).
-// A step outside [0, S) gives NaN in u and in the ring slot written.
+// A step outside [0, S) gives NaN in u and in the ring slot written. obs (with the run's grid ts and
+// the parameters sde, unread without obs): replaced at ts[*step + 1], x = x_obs when *step + 1 = len(ts).
 void launch_gddim_step(float* u, float* hist, int K, int H, const void* y, NetType y_type, TableArg table,
-                       const int64_t* step, int64_t B, int64_t D, cudaStream_t stream);
+                       const int64_t* step, ObsArg obs, TimeArg ts, const double* sde, int64_t B, int64_t D,
+                       cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace cld

@@ -41,6 +41,7 @@ constexpr uint32_t kTagPerturb = 0;
 constexpr uint32_t kTagHalfStep = 1;
 constexpr uint32_t kTagSscs = 2;
 constexpr uint32_t kTagAffine = 3;
+constexpr uint32_t kTagInpaint = 4;
 
 struct Philox4 {
   uint32_t r0, r1, r2, r3;
