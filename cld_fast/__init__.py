@@ -43,6 +43,8 @@ _LAZY = {
     "load_score_model": "loading",
     "ScoreModel": "loading",
     "build_sde": "sde_config",
+    "ClassifierGuidance": "guidance",
+    "ClassifierFree": "guidance",
 }
 # Names that need an optional dependency (diffusers): lazy too, and kept out of __all__ so that
 # `from cld_fast import *` works without it.

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import checks, philox
+from .guidance import bind_guidance
 from .samplers import core
 from .samplers.core import (DEFAULT_EPS, DEFAULT_STEPS, SAMPLERS, NFEBudgetError, NonFiniteSamplesError,
                             SampleResult, SamplerRun, SamplerSpec, SamplingError, register_sampler, sampler_names)
@@ -68,7 +69,7 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
            generator: Optional[torch.Generator] = None, device=None, progress: bool = False,
            callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False,
            backend: Optional[str] = None, u: Optional[torch.Tensor] = None, timesteps=None,
-           **options) -> SampleResult:
+           guidance=None, **options) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
@@ -110,6 +111,11 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
             ``denoise`` adds the final step at eps = t_n (NFE = n + 1, or n without denoising).
             Without ``u``, t_0 must be 1 (the prior's time). Adaptive samplers take exactly two
             entries, [t_start, t_end].
+        guidance: class-conditional sampling (``cld_fast.guidance``, docs/guidance.md):
+            ``cf.ClassifierGuidance(classifier, labels, scale)`` adds scale * grad_v log p(y | u, t) of a
+            noise-conditional classifier to the score; ``cf.ClassifierFree(labels, weight)`` samples a
+            conditional score function with (1 + w) s(u, t, y) - w s(u, t, none), both halves in one
+            batch-doubled call. Either works with every sampler; NFE counts score evaluations.
         **options: the sampler's own options, declared in its file and listed by
             ``cf.SAMPLERS[method].options`` (name, type, allowed values, default), e.g.
             ``order=3, predict="x0"`` for "gddim", ``rtol``, ``atol``, ``max_nfe`` for "ode",
@@ -148,7 +154,7 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
             core.warn_graph(f"the samples live on {device.type} and CUDA graphs need CUDA tensors")
             cuda_graph = False
 
-    ev = core.Evaluator(score_fn, sde, shape)
+    ev = core.Evaluator(score_fn, sde, shape, guidance=bind_guidance(guidance, score_fn, shape[0], device))
     with torch.no_grad(), checks.value_checks(False):
         state = core.prior(sde, shape, generator, device, dtype) if u is None else u.detach().to(device, dtype, copy=True)
         seed = philox.seed_from_generator(generator, device) if spec.fixed_steps else None
