@@ -165,7 +165,7 @@ class NetworkScore:
     def __call__(self, u: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """grad_v log p_t(u) of the data shape, in u's dtype. u (B, 2C, ...) (VP-SDE: x (B, C, ...)), t (B,);
         ``class_labels`` (B,) int64 for a conditional network (see ``num_classes``)."""
-        out = self.raw(u, t, class_labels)
+        out = self.raw(u, t) if class_labels is None else self.raw(u, t, class_labels)
         if self.output == "score":
             return out.to(u.dtype)
         return self.sde.score_from_output(out, u, t, self.objective, self.output, self.is_differentiable)
