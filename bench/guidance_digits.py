@@ -183,6 +183,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def rewrite(json_path) -> None:
+    """Write the Markdown report again from its ``.json`` (no sampling)."""
+    json_path = Path(json_path)
+    write_markdown(json.loads(json_path.read_text()), json_path.with_suffix(".md"))
+
+
 def write_markdown(rep, path):
     info, args, rows = rep["info"], rep["args"], rep["rows"]
     first = rows["classifier"][0]
@@ -220,7 +226,10 @@ def write_markdown(rep, path):
         lines.append(f"| {r['weight']:g} | {r['accuracy']:.3f} | {r['fd']:.3f} | {r['confident']:.3f} | "
                      f"{r['seconds']:.0f} |")
     lines += ["", f"Grids (one row per class 0..9, {args['grid_per_class']} samples each, one panel per scale): "
-              f"`{rep['grids']['classifier']}`, `{rep['grids']['free']}`.", ""]
+              f"`{rep['grids']['classifier']}`, `{rep['grids']['free']}`.", "",
+              "The Frechet-distance floor is itself one estimate from as many images, not a lower bound: "
+              "samples more typical than the data can land below it. Sampling times are indicative only "
+              "(a shared machine).", ""]
     path.write_text("\n".join(lines))
 
 
