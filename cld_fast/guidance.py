@@ -25,10 +25,10 @@ term is common to both and the weights sum to 1).
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
@@ -53,14 +53,20 @@ def _labels(labels: Labels, name: str = "labels") -> torch.Tensor:
     return labels.detach().to("cpu", torch.int64)
 
 
-def _bind_labels(labels: torch.Tensor, batch: int, num_classes: Optional[int], device, name="labels") -> torch.Tensor:
-    """(B,) int64 labels on ``device``, checked against the batch and the class count (host values)."""
+def _label_range(labels: torch.Tensor) -> Tuple[int, int]:
+    """(min, max) of CPU labels, read once when the guidance is built (never inside ``cf.sample``)."""
+    return (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
+
+
+def _bind_labels(labels: torch.Tensor, bounds: Tuple[int, int], batch: int, num_classes: Optional[int], device,
+                 name="labels") -> torch.Tensor:
+    """(B,) int64 labels on ``device``, checked against the batch and the class count (``bounds``: their range)."""
     if labels.dim() == 0:
         labels = labels.expand(batch)
     if labels.shape != (batch,):
         raise ValueError(f"{name} must hold one label per sample ({batch}) or be one int, got shape "
                          f"{tuple(labels.shape)}")
-    lo, hi = int(labels.min()), int(labels.max())
+    lo, hi = bounds
     if lo < 0 or (num_classes is not None and hi >= num_classes):
         bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
         raise ValueError(f"{name} must lie in {bound}, got values in [{lo}, {hi}]")
@@ -110,18 +116,23 @@ class ClassifierGuidance:
     classifier: Callable
     labels: Labels
     scale: float = 1.0
+    bounds: Tuple[int, int] = field(default=(0, 0), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not callable(self.classifier):
             raise TypeError(f"classifier must be callable as classifier(u, t) -> logits, got "
                             f"{type(self.classifier).__name__}")
-        object.__setattr__(self, "labels", _labels(self.labels))
+        labels = _labels(self.labels)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "bounds", _label_range(labels))
         object.__setattr__(self, "scale", _check_number(self.scale, "scale"))
 
     def bind(self, score_fn, batch: int, device) -> "ClassifierGuidance":
         """This guidance with (B,) labels on ``device`` (checked), for one ``cf.sample`` run."""
         k = getattr(self.classifier, "num_classes", None)
-        return dataclasses.replace(self, labels=_bind_labels(self.labels, batch, k, device))
+        bound = copy.copy(self)  # no __post_init__: the labels were checked when built
+        object.__setattr__(bound, "labels", _bind_labels(self.labels, self.bounds, batch, k, device))
+        return bound
 
     def evaluate(self, ev, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What ``ev.fn`` returns at (u, t), guided: its output plus the classifier term in its units."""
@@ -149,9 +160,12 @@ class ClassifierFree:
 
     labels: Labels
     weight: float = 1.0
+    bounds: Tuple[int, int] = field(default=(0, 0), init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "labels", _labels(self.labels))
+        labels = _labels(self.labels)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "bounds", _label_range(labels))
         object.__setattr__(self, "weight", _check_number(self.weight, "weight"))
 
     def bind(self, score_fn, batch: int, device) -> "ClassifierFree":
@@ -161,9 +175,10 @@ class ClassifierFree:
                              "(score_fn(u, t, class_labels) with a num_classes attribute, e.g. cf.score_fn of a "
                              "network trained with --conditional); use cf.ClassifierGuidance with a classifier "
                              "for an unconditional model")
-        labels = _bind_labels(self.labels, batch, k, device)
-        both = torch.cat([labels, torch.full_like(labels, k)])  # (2B,): the labels, then "no label"
-        return dataclasses.replace(self, labels=both)
+        labels = _bind_labels(self.labels, self.bounds, batch, k, device)
+        bound = copy.copy(self)  # no __post_init__: the labels were checked when built
+        object.__setattr__(bound, "labels", torch.cat([labels, torch.full_like(labels, k)]))  # labels, then none
+        return bound
 
     def evaluate(self, ev, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = u.shape[0]

@@ -228,3 +228,27 @@ def test_same_seed_same_guided_samples(sde, gm, kind):
             for s in (5, 5, 6)]
     assert torch.equal(runs[0].u, runs[1].u)
     assert not torch.equal(runs[0].u, runs[2].u)
+
+
+def _dispatch_counts(fn):
+    from test_launch_counts import launches_and_syncs
+
+    ops, syncs = launches_and_syncs(fn)
+    return [o for o in ops if o.startswith("cld_fast")], syncs
+
+
+@pytest.mark.parametrize("kind", ["classifier", "free"])
+def test_guidance_keeps_one_fused_step_per_evaluation_and_no_host_sync(sde, gm, toy_score_net, kind):
+    """The fused step ops of a guided run are those of the unguided run (one per NFE), and the loop reads
+    nothing back to the host (the one sync of cf.sample is its final finite check)."""
+    if kind == "classifier":
+        score = cf.score_fn(toy_score_net(width=16)(), sde)
+        guide = cf.ClassifierGuidance(gm.cld_classifier(sde), 1, 2.0)
+    else:
+        score, guide = cf.score_fn(CondNet(), sde), cf.ClassifierFree(1, 2.0)
+    run = lambda g: cf.sample(score, (32, 2), sde, steps=6, guidance=g,  # noqa: E731
+                              generator=torch.Generator().manual_seed(0))
+    plain_ops, plain_syncs = _dispatch_counts(lambda: run(None))
+    guided_ops, guided_syncs = _dispatch_counts(lambda: run(guide))
+    assert guided_ops == plain_ops and len(plain_ops) >= 6
+    assert len(guided_syncs) == len(plain_syncs), guided_syncs
