@@ -1,6 +1,6 @@
 """Class-conditional digits: classifier guidance and classifier-free guidance vs guidance scale.
 
-    python -m bench.guidance_digits --data digits                  # 8x8 digits (~15 min on 2 CPU cores)
+    python -m bench.guidance_digits --data digits                  # 8x8 digits (~30 min on a shared 2-core CPU)
     python -m bench.guidance_digits --data mnist5k --n 1000        # 28x28 (the model alone trains ~100 min)
 
 Trains (or reuses, from ``--run-root``) a class-conditional NCSN++ (``cld-fast train --conditional``: the
