@@ -125,7 +125,8 @@ class TrainConfig:
             need(getattr(self, name) in allowed, _foreign_option(name, getattr(self, name), self.sde, allowed))
         need(isinstance(self.conditional, bool), f"conditional must be a bool, got {self.conditional!r}")
         need(not self.conditional or self.data in LABELED_DATASETS,
-             f"conditional training needs labelled data ({', '.join(LABELED_DATASETS)}), got data {self.data!r}")
+             f"conditional (--conditional) training needs labelled data ({', '.join(LABELED_DATASETS)}), got data "
+             f"{self.data!r}")
         need(isinstance(self.label_dropout, (int, float)) and 0.0 <= self.label_dropout <= 1.0,
              f"label_dropout (--label-dropout) must be a number in [0, 1], got {self.label_dropout!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")

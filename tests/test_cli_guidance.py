@@ -80,3 +80,11 @@ def test_guidance_user_errors_are_one_line(runs, capsys):
         rc, _, err = cli(capsys, "sample", *args, *base)
         one_line_error(rc, err, *needles)
     assert not os.path.exists(out)
+
+
+def test_train_conditional_user_errors_are_one_line(tmp_path, capsys):
+    rc, _, err = cli(capsys, "train", "--conditional", "--steps", "2", "--out", str(tmp_path / "a"), "--no-progress")
+    one_line_error(rc, err, "--conditional", "labelled data", "gmm")
+    rc, _, err = cli(capsys, "train", "--data", "digits", "--conditional", "--label-dropout", "2", "--steps", "2",
+                     "--out", str(tmp_path / "b"), "--no-progress")
+    one_line_error(rc, err, "--label-dropout", "[0, 1]")

@@ -80,7 +80,7 @@ def test_same_seed_same_conditional_weights(tmp_path):
 
 
 def test_bad_conditional_configs():
-    with pytest.raises(ValueError, match="conditional training needs labelled data"):
+    with pytest.raises(ValueError, match=r"conditional \(--conditional\) training needs labelled data"):
         get_preset("toy", conditional=True)
     with pytest.raises(ValueError, match=r"label_dropout \(--label-dropout\) must be a number in \[0, 1\]"):
         get_preset("digits", conditional=True, label_dropout=1.5)
