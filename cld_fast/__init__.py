@@ -44,6 +44,8 @@ _LAZY = {
     "ScoreModel": "loading",
     "build_sde": "sde_config",
     "Inpaint": "conditions",
+    "ClassifierGuidance": "guidance",
+    "ClassifierFree": "guidance",
 }
 # Names that need an optional dependency (diffusers): lazy too, and kept out of __all__ so that
 # `from cld_fast import *` works without it.

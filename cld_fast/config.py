@@ -37,6 +37,7 @@ from .sde import CLD_DEFAULTS, VPSDE_DEFAULTS
 __all__ = ["TrainConfig", "PRESETS", "get_preset", "available_presets"]
 
 TOY_DATASETS = ("swissroll", "gmm")
+LABELED_DATASETS = {"digits": 10, "mnist5k": 10}  # data sets with class labels: their number of classes
 SDES = ("cld", "vpsde")
 WEIGHTINGS = ("reweightedv2", "likelihood", "reweightedv1")  # reweightedv1: CLD only (beta Gamma)
 OBJECTIVES = ("hsm", "dsm")
@@ -74,6 +75,8 @@ class TrainConfig:
     model: Union[str, Dict[str, Any]] = "toy2d"     # a cld_fast.models preset or a config dict
     model_overrides: Dict[str, Any] = field(default_factory=dict)
     channels_last: bool = True         # images only
+    conditional: bool = False          # class-conditional network (labelled data: digits, mnist5k)
+    label_dropout: float = 0.1         # conditional: fraction of labels replaced by "no label" per step
     compile: bool = False              # torch.compile the network
     # --- optimisation -----------------------------------------------------------------------
     steps: int = 10000                 # optimizer steps in total
@@ -120,6 +123,12 @@ class TrainConfig:
         sde = self.build_sde()
         for name, allowed in (("weighting", sde.weightings), ("objective", sde.objectives)):
             need(getattr(self, name) in allowed, _foreign_option(name, getattr(self, name), self.sde, allowed))
+        need(isinstance(self.conditional, bool), f"conditional must be a bool, got {self.conditional!r}")
+        need(not self.conditional or self.data in LABELED_DATASETS,
+             f"conditional (--conditional) training needs labelled data ({', '.join(LABELED_DATASETS)}), got data "
+             f"{self.data!r}")
+        need(isinstance(self.label_dropout, (int, float)) and 0.0 <= self.label_dropout <= 1.0,
+             f"label_dropout (--label-dropout) must be a number in [0, 1], got {self.label_dropout!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(0.0 < self.loss_eps < 1.0, f"loss_eps must be in (0, 1), got {self.loss_eps}")
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")

@@ -538,8 +538,9 @@ class DataSource:
     """
 
     def __init__(self, *, shape, is_image, device, batch_size, toy=None, tensor=None, folder=None,
-                 sampler=None, random_flip=False, dequantize=False, num_workers=0):
+                 sampler=None, random_flip=False, dequantize=False, num_workers=0, labels=None):
         self.shape = tuple(shape)
+        self.labels = labels
         self.is_image = is_image
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -591,6 +592,13 @@ class DataSource:
             if raw.device != self.device:
                 raw = raw.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else raw.to(self.device)
         return self._preprocess(raw, generator)
+
+    def labels_of(self, step: int) -> torch.Tensor:
+        """(B,) int64 labels of the batch that ``next(step, ...)`` returns, on the device (labelled data only)."""
+        if self.labels is None:
+            raise ValueError("this data source has no labels (conditional training needs digits or mnist5k)")
+        idx = torch.tensor(self.sampler.batch(step), dtype=torch.long)
+        return self.labels.index_select(0, idx.to(self.labels.device)).to(self.device, non_blocking=True)
 
     def _preprocess(self, raw: torch.Tensor, generator) -> torch.Tensor:
         if raw.dtype == torch.uint8:
@@ -654,7 +662,7 @@ def build_data(config, device, rank: int = 0, world_size: int = 1) -> DataSource
         tensor, _ = load_npz(config.data_path, config.npz_key)
         is_image = tensor.dim() == 4
     elif config.data in PACKAGED_DATASETS:
-        tensor, is_image = load_packaged(config.data, "train")[0], True
+        (tensor, labels), is_image = load_packaged(config.data, "train"), True
     elif config.data == "folder":
         folder = ImageFolder(config.data_path, config.image_size, bad_images=config.bad_images)
         sampler = ResumableSampler(len(folder), per_rank, rank, world_size, seed=config.seed)
@@ -668,6 +676,7 @@ def build_data(config, device, rank: int = 0, world_size: int = 1) -> DataSource
     # Small in-memory sets live on the training device: batches are gathered there without copies.
     if device.type == "cuda" and tensor.numel() * tensor.element_size() <= (2 << 30):
         tensor = tensor.to(device)
+    labels = labels.to(tensor.device) if config.data in PACKAGED_DATASETS else None
     return DataSource(shape=tuple(tensor.shape[1:]), is_image=is_image, device=device, batch_size=per_rank,
                       tensor=tensor, sampler=sampler, random_flip=config.random_flip if is_image else False,
-                      dequantize=config.dequantize)
+                      dequantize=config.dequantize, labels=labels)

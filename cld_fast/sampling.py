@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import checks, philox
+from .guidance import bind_guidance
 from .samplers import core
 from .samplers.core import (DEFAULT_EPS, DEFAULT_STEPS, SAMPLERS, NFEBudgetError, NonFiniteSamplesError,
                             SampleResult, SamplerRun, SamplerSpec, SamplingError, register_sampler, sampler_names)
@@ -68,7 +69,7 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
            generator: Optional[torch.Generator] = None, device=None, progress: bool = False,
            callback: Optional[Callable] = None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False,
            backend: Optional[str] = None, u: Optional[torch.Tensor] = None, timesteps=None,
-           condition=None, **options) -> SampleResult:
+           condition=None, guidance=None, **options) -> SampleResult:
     """Draw samples by integrating the reverse-time CLD (or VP) dynamics from the prior at t = 1 to t = eps.
 
     Args:
@@ -114,6 +115,11 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
             replacement, fused into every step: ``cld_fast.conditions``, docs/inpainting.md); CLD
             only, with the samplers whose ``cf.SAMPLERS[method].conditions`` is True (sscs, em,
             gddim); the final denoising step puts x_obs itself on the observed coordinates.
+        guidance: class-conditional sampling (``cld_fast.guidance``, docs/guidance.md):
+            ``cf.ClassifierGuidance(classifier, labels, scale)`` adds scale * grad_v log p(y | u, t) of a
+            noise-conditional classifier to the score; ``cf.ClassifierFree(labels, weight)`` samples a
+            conditional score function with (1 + w) s(u, t, y) - w s(u, t, none), both halves in one
+            batch-doubled call. Either works with every sampler; NFE counts score evaluations.
         **options: the sampler's own options, declared in its file and listed by
             ``cf.SAMPLERS[method].options`` (name, type, allowed values, default), e.g.
             ``order=3, predict="x0"`` for "gddim", ``rtol``, ``atol``, ``max_nfe`` for "ode",
@@ -153,7 +159,7 @@ def sample(score_fn: Callable, shape: Optional[Sequence[int]], sde, steps: Optio
             core.warn_graph(f"the samples live on {device.type} and CUDA graphs need CUDA tensors")
             cuda_graph = False
 
-    ev = core.Evaluator(score_fn, sde, shape)
+    ev = core.Evaluator(score_fn, sde, shape, guidance=bind_guidance(guidance, score_fn, shape[0], device))
     with torch.no_grad(), checks.value_checks(False):
         state = core.prior(sde, shape, generator, device, dtype) if u is None else u.detach().to(device, dtype, copy=True)
         seed = philox.seed_from_generator(generator, device) if spec.fixed_steps else None

@@ -143,19 +143,29 @@ class NetworkScore:
         # CUDA-graph capture (cf.sample(cuda_graph=True) captures this call).
         return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
 
-    def raw(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network output ``model(u, t)`` as float32 (data shape), in eval mode, no grad unless differentiable."""
+    @property
+    def num_classes(self) -> Optional[int]:
+        """K for a class-conditional network (``model.num_classes`` > 0: ``model(u, t, class_labels)`` with
+        labels in [0, K], K = "no label"), else None."""
+        k = getattr(self.model, "num_classes", None)
+        return int(k) if isinstance(k, int) and not isinstance(k, bool) and k > 0 else None
+
+    def raw(self, u: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network output ``model(u, t)`` (``model(u, t, class_labels)`` when labels are given) as
+        float32 (data shape), in eval mode, no grad unless differentiable."""
         model = self.model
         if isinstance(model, torch.nn.Module) and model.training:
             model.eval()
         grad = contextlib.nullcontext() if self.is_differentiable else torch.no_grad()
+        args = (u.to(torch.float32), t.to(torch.float32)) + (() if class_labels is None else (class_labels,))
         with grad, self._autocast(u.device):
-            out = model(u.to(torch.float32), t.to(torch.float32))
+            out = model(*args)
         return network_output(out).to(torch.float32)
 
-    def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """grad_v log p_t(u) of the data shape, in u's dtype. u (B, 2C, ...) (VP-SDE: x (B, C, ...)), t (B,)."""
-        out = self.raw(u, t)
+    def __call__(self, u: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """grad_v log p_t(u) of the data shape, in u's dtype. u (B, 2C, ...) (VP-SDE: x (B, C, ...)), t (B,);
+        ``class_labels`` (B,) int64 for a conditional network (see ``num_classes``)."""
+        out = self.raw(u, t) if class_labels is None else self.raw(u, t, class_labels)
         if self.output == "score":
             return out.to(u.dtype)
         return self.sde.score_from_output(out, u, t, self.objective, self.output, self.is_differentiable)

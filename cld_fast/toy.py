@@ -123,6 +123,40 @@ class GaussianMixture2D:
 
         return score
 
+    # ---- classes: the components ----------------------------------------------------------------
+    def sample_class(self, n: int, label: int, generator: Optional[torch.Generator] = None, device=None,
+                     dtype=torch.float32) -> torch.Tensor:
+        """(n, 2) samples of component ``label`` (the class-conditional data distribution)."""
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.n_components:
+            raise ValueError(f"label must be an int in [0, {self.n_components}), got {label!r}")
+        gdev = generator.device if generator is not None else torch.device("cpu")
+        z = torch.randn(n, 2, generator=generator, device=gdev, dtype=torch.float64)
+        x = self.means[label].to(gdev) + self.std * z
+        return x.to(device=device if device is not None else gdev, dtype=dtype)
+
+    def cld_class_log_posterior(self, u: torch.Tensor, t: torch.Tensor, sde: CLD) -> torch.Tensor:
+        """Exact log p_t(k | u) of the classes (components) under the CLD perturbation, (B, K) float64.
+
+        Bayes with the perturbed components: log pi_k + log N(u; a mu_k, C) normalised over k (the
+        responsibilities of the perturbed mixture). Differentiable in u: the exact noise-conditional
+        classifier for ``cf.ClassifierGuidance`` (its logits).
+        """
+        logw, _ = self._cld_terms(u, t, sde)
+        return torch.log_softmax(logw, dim=1)
+
+    def cld_classifier(self, sde: CLD):
+        """The exact classifier ``classifier(u, t) -> logits`` (B, K) float64 (log p_t(k | u))."""
+        if not isinstance(sde, CLD):
+            raise TypeError(f"sde must be a cld_fast.CLD, got {type(sde).__name__}")
+        return lambda u, t: self.cld_class_log_posterior(u, t, sde)
+
+    def cld_class_score(self, sde: CLD) -> "ClassScore":
+        """The exact class-conditional score ``score(u, t, class_labels=None)`` (B, 2) float32: the score of
+        component y for labels y in [0, K), of the whole mixture for y = K ("no label") or None."""
+        if not isinstance(sde, CLD):
+            raise TypeError(f"sde must be a cld_fast.CLD, got {type(sde).__name__}")
+        return ClassScore(self, sde)
+
     # ---- exact VP-SDE marginal ------------------------------------------------------------------
     def _vp_terms(self, x: torch.Tensor, t: torch.Tensor, sde: VPSDE):
         if x.dim() != 2 or x.shape[1] != self.dim:
@@ -150,6 +184,26 @@ class GaussianMixture2D:
         return score
 
 
+class ClassScore:
+    """Exact conditional CLD score of a :class:`GaussianMixture2D` whose classes are its components.
+
+    ``score(u, t, class_labels=None)``: u (B, 4), t (B,), labels (B,) int64 in [0, K] (K: no label,
+    the mixture) -> (B, 2) float32 grad_v log p_t(u | y). ``num_classes`` = K.
+    """
+
+    def __init__(self, gm: GaussianMixture2D, sde: CLD):
+        self.gm, self.sde, self.num_classes = gm, sde, gm.n_components
+
+    def __call__(self, u: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        logw, comp = self.gm._cld_terms(u, t, self.sde)
+        mixture = _mixture_score(logw, comp)
+        if class_labels is None:
+            return mixture
+        y = class_labels.to(u.device).long()
+        own = comp.gather(1, y.clamp(max=self.num_classes - 1)[:, None, None].expand(-1, 1, comp.shape[2]))[:, 0]
+        return torch.where((y < self.num_classes)[:, None], own.to(torch.float32), mixture)
+
+
 def energy_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> float:
     """Energy distance E|X - Y| - E|X - X'| / 2 - E|Y - Y'| / 2 between two samples (n, d) and (m, d).
 
@@ -173,7 +227,7 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> floa
     return mean_dist(a, b, False) - 0.5 * mean_dist(a, a, True) - 0.5 * mean_dist(b, b, True)
 
 
-__all__ = ["GaussianMixture2D", "energy_distance"]
+__all__ = ["GaussianMixture2D", "ClassScore", "energy_distance"]
 
 
 def _mixture_score(logw: torch.Tensor, component_scores: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -166,6 +167,12 @@ def model_config(config: TrainConfig, data_shape) -> Dict[str, Any]:
     mcfg.update(config.model_overrides or {})
     mcfg["sde"] = config.sde
     name = str(mcfg.get("name", "ncsnpp")).lower()
+    if config.conditional:
+        from .config import LABELED_DATASETS
+
+        if name != "ncsnpp":
+            raise ValueError(f"conditional training needs an NCSN++ model, got {name!r}")
+        mcfg["num_classes"] = LABELED_DATASETS[config.data]
     if len(data_shape) == 1:
         if name != "mlp":
             raise ValueError(f"data of shape {tuple(data_shape)} (vectors) needs an MLP model (the toy2d preset), got {name!r}")
@@ -443,7 +450,8 @@ class Trainer:
         dist_utils.barrier()
 
     # What a checkpoint's network is built from: a resumed run may not change it.
-    _ARCHITECTURE = (("sde", "--sde"), ("model", "--model"), ("model_overrides", "--model-opt"))
+    _ARCHITECTURE = (("sde", "--sde"), ("model", "--model"), ("model_overrides", "--model-opt"),
+                     ("conditional", "--conditional"))
 
     def _check_resume_fits(self, state: Dict[str, Any], path: str) -> None:
         """CheckpointError naming the setting when this run's network differs from the checkpoint's."""
@@ -559,6 +567,12 @@ class Trainer:
         per = r.pow(2).flatten(1).sum(1)
         return (per * w if w is not None else per).mean()
 
+    def dropped_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels with each replaced by "no label" (the class count K) with probability ``label_dropout``,
+        drawn from the training generator (classifier-free guidance trains both models in one network)."""
+        drop = torch.rand(labels.shape, generator=self.generator, device=labels.device) < self.config.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.net.num_classes), labels)
+
     # -- one step -------------------------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
         """Learning rate of 0-based step ``step``: linear warm-up to ``lr`` over ``warmup`` steps."""
@@ -583,8 +597,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        model = self.model
+        if cfg.conditional:
+            model = functools.partial(model, class_labels=self.dropped_labels(self.data.labels_of(self.step)))
         with value_checks(False):
-            loss = self.loss_fn(self.model, x0, self.generator)
+            loss = self.loss_fn(model, x0, self.generator)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)

@@ -100,6 +100,8 @@ class NCSNppConfig:
         nonlinearity: 'swish' | 'silu' | 'elu' | 'relu' | 'lrelu'.
         sde: 'cld' doubles the input channels for (x, v); anything else takes x only.
         name: model name, 'ncsnpp'.
+        num_classes: K > 0 makes the network class-conditional (an extension; the official model has
+            K = 0): an embedding of K + 1 entries, the last one "no label", added to the time embedding.
     """
 
     image_size: int = 32
@@ -126,6 +128,7 @@ class NCSNppConfig:
     nonlinearity: str = "swish"
     sde: str = "cld"
     name: str = "ncsnpp"
+    num_classes: int = 0
 
     def __post_init__(self):
         self.image_size = int(self.image_size)
@@ -152,6 +155,7 @@ class NCSNppConfig:
         self.nonlinearity = str(self.nonlinearity).lower()
         self.sde = str(self.sde).lower()
         self.name = str(self.name).lower()
+        self.num_classes = int(self.num_classes)
         self.validate()
 
     def validate(self) -> None:
@@ -183,6 +187,8 @@ class NCSNppConfig:
         if self.normalization.lower() != "groupnorm":
             warnings.warn(f"normalization {self.normalization!r} is ignored: the official NCSN++ always uses "
                           "GroupNorm", UserWarning, stacklevel=3)
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
         if self.name != "ncsnpp":
             raise ValueError(f"NCSNppConfig.name must be 'ncsnpp', got {self.name!r}")
         if self.conv_size != 3:
@@ -233,7 +239,7 @@ class NCSNpp(nn.Module):
     Args:
         config: an :class:`NCSNppConfig` or a dict with official config keys (defaults: CIFAR-10).
 
-    ``forward(u, t)``:
+    ``forward(u, t, class_labels=None)``:
         u: (B, 2C, H, W) floating tensor, ``cat(x, v)`` along channels (C = image_channels; for
            ``sde != 'cld'`` just x with C channels). H and W must be divisible by
            ``2 ** (len(ch_mult) - 1)``; contiguous or channels_last.
@@ -242,6 +248,8 @@ class NCSNpp(nn.Module):
         returns: (B, C, H, W) network output for the velocity channels, in u's dtype (or the
            autocast dtype under autocast; the time embedding itself is always computed in the
            parameters' dtype with autocast disabled, as in the official code).
+        class_labels: conditional networks (``num_classes`` K > 0) only: (B,) int64 labels in [0, K],
+           K meaning "no label"; None is K for every sample (the unconditional model).
     """
 
     def __init__(self, config: Any = None):
@@ -384,6 +392,12 @@ class NCSNpp(nn.Module):
             modules.append(layers.conv3x3(in_ch, self.out_channels, init_scale=init_scale))
 
         self.all_modules = nn.ModuleList(modules)
+        self.num_classes = cfg.num_classes
+        if self.num_classes:
+            # Outside all_modules, so the official state_dict layout is unchanged; zero at the start,
+            # so a fresh conditional network is the unconditional one.
+            self.label_embedding = nn.Embedding(self.num_classes + 1, nf * 4)
+            nn.init.zeros_(self.label_embedding.weight)
 
     # ------------------------------------------------------------------------------------------
     def _time_embedding(self, t: torch.Tensor) -> torch.Tensor:
@@ -415,8 +429,19 @@ class NCSNpp(nn.Module):
                 temb = F.linear(self.act(temb), dense1.weight.to(cdt), dense1.bias.to(cdt))
         return temb.to(pdt)
 
-    def forward(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """See the class docstring: u (B, 2C, H, W), t (B,) -> (B, C, H, W)."""
+    def _label_embedding(self, class_labels, batch: int, device) -> torch.Tensor:
+        """(B, 4 * n_channels) embedding of the labels (None: the "no label" entry K for all)."""
+        if class_labels is None:
+            class_labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        elif not isinstance(class_labels, torch.Tensor) or class_labels.dtype not in (torch.int32, torch.int64) \
+                or class_labels.shape != (batch,):
+            raise ValueError(f"class_labels must be a (B,) = ({batch},) int64 tensor of labels in [0, "
+                             f"{self.num_classes}], got {getattr(class_labels, 'dtype', type(class_labels).__name__)} "
+                             f"{tuple(getattr(class_labels, 'shape', ()))}")
+        return self.label_embedding(class_labels.to(device=device, dtype=torch.long))
+
+    def forward(self, u: torch.Tensor, t: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """See the class docstring: u (B, 2C, H, W), t (B,), class_labels (B,) or None -> (B, C, H, W)."""
         if u.ndim != 4 or u.shape[1] != self.in_channels:
             raise ValueError(f"expected u of shape (B, {self.in_channels}, H, W), got {tuple(u.shape)}")
         if t.ndim == 0:
@@ -428,6 +453,10 @@ class NCSNpp(nn.Module):
 
         modules = self.all_modules
         temb = self._time_embedding(t)
+        if self.num_classes:
+            temb = temb + self._label_embedding(class_labels, u.shape[0], u.device).to(temb.dtype)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an unconditional network (num_classes = 0)")
         m_idx = 2 if self.embedding_type == "positional" else 3
         sqrt2 = math.sqrt(2.0)
         num_res = self.num_resolutions

@@ -24,7 +24,7 @@ SKIP = re.compile(r"^<!--\s*docs-test:\s*skip\s*\((?P<why>[^)]+)\)\s*-->$")
 STATED = re.compile(r"^\s*print\(.*\)\s*#\s*(?P<out>torch\.Size.*?)\s*$")
 LINK = re.compile(r"!?\[[^\]]*\]\((?P<target>[^)\s]+)\)")
 SLOW = {("dropin.md", "Networks and official checkpoints"), ("sampling.md", "Likelihood"),
-        ("training.md", "From Python")}  # 5-60 s on a 2-core CPU
+        ("training.md", "From Python"), ("guidance.md", "From Python")}  # 5-60 s on a 2-core CPU
 
 
 def parse(text: str, name: str = "page"):

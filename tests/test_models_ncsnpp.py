@@ -367,3 +367,48 @@ def test_downsample_without_conv_on_odd_sizes_matches_average_pooling():
 
     x = torch.randn(1, 4, 5, 5)
     assert torch.equal(layers.Downsample(4, with_conv=False)(x), F.avg_pool2d(x, 2, stride=2))
+
+
+# ---- class-conditional NCSN++ ----------------------------------------------------------------------
+def _conditional(num_classes=3):
+    torch.manual_seed(0)
+    net = build_model(dict(get_config("tiny"), image_channels=1, num_classes=num_classes)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # as if trained: no zero-initialised layers, an embedding that matters
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return net
+
+
+def test_conditional_network_labels_and_no_label():
+    net = _conditional()
+    g = torch.Generator().manual_seed(0)
+    u, t = torch.randn(4, 2, 8, 8, generator=g), torch.rand(4, generator=g) * 0.9 + 0.1
+    with torch.no_grad():
+        none = net(u, t)
+        k = net(u, t, torch.full((4,), 3))
+        a, b = net(u, t, torch.tensor([0, 0, 0, 0])), net(u, t, torch.tensor([1, 1, 1, 1]))
+        mixed = net(u, t, torch.tensor([0, 1, 0, 1]))
+    assert torch.equal(none, k)  # no labels = the "no label" entry K
+    assert rel(a, b) > 1e-2
+    torch.testing.assert_close(mixed[0::2], a[0::2])
+    torch.testing.assert_close(mixed[1::2], b[1::2])
+    # the embedding is added to the time embedding: equal to shifting the Dense layers' input
+    temb = net._time_embedding(t) + net.label_embedding(torch.tensor([0, 0, 0, 0]))
+    assert temb.shape == (4, 4 * net.n_channels)
+
+
+def test_conditional_network_keeps_the_official_layout_and_checks_labels():
+    uncond = build_model("tiny")
+    cond = build_model(dict(get_config("tiny"), num_classes=10))
+    extra = set(cond.state_dict()) - set(uncond.state_dict())
+    assert extra == {"label_embedding.weight"} and cond.label_embedding.weight.shape == (11, 32)
+    assert uncond.num_classes == 0 and cond.num_classes == 10
+    assert NCSNppConfig.from_dict(dict(get_config("tiny"), num_classes=10)).to_dict()["num_classes"] == 10
+    u, t = torch.randn(2, 6, 8, 8), torch.rand(2) + 0.1
+    with pytest.raises(ValueError, match="class_labels given to an unconditional network"):
+        uncond(u, t, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"class_labels must be a \(B,\) = \(2,\) int64 tensor"):
+        cond(u, t, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="num_classes must be >= 0"):
+        NCSNppConfig.from_dict(dict(get_config("tiny"), num_classes=-1))

@@ -285,19 +285,43 @@ class Evaluator:
     For a ``NetworkScore`` whose parameterisation the fused step kernels fold in themselves (the
     HSM mixed score of the sampler's own SDE), ``fold`` is True: the raw network output is returned
     and the steps are told so (``mixed=True``), so the output goes straight into the kernel.
+
+    ``guidance`` (a bound ``cf.ClassifierGuidance`` / ``cf.ClassifierFree``, see ``cld_fast.guidance``)
+    replaces the plain call by ``guidance.evaluate(self, u, t)``, which calls ``fn`` and combines with
+    :meth:`combine` / :meth:`score_term`, so its result is still what the steps expect (raw
+    output when ``fold``, else the score).
     """
 
-    def __init__(self, score_fn, sde, x_shape, fold_ok: bool = True):
+    def __init__(self, score_fn, sde, x_shape, fold_ok: bool = True, guidance=None):
         check_score_callable(score_fn)
         self.fold = bool(fold_ok and isinstance(score_fn, NetworkScore) and score_fn.hsm_mixed
                          and score_fn.sde == sde)
         self.fn = score_fn.raw if self.fold else score_fn
         self.x_shape = tuple(x_shape)
         self.sde = sde
+        self.guidance = guidance
         self.calls = 0
 
+    @staticmethod
+    def combine(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
+        """Classifier-free guidance, elementwise: (1 + w) cond - w uncond = cond + w (cond - uncond).
+
+        Linear with weights summing to 1, so it gives the same score whether cond / uncond are
+        scores or raw mixed-score outputs (score = c0 v + c1 out: the c0 v term is common).
+        """
+        return torch.add(cond, cond - uncond, alpha=weight)
+
+    def score_term(self, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A term g in score units (grad_v log, data shape) as a term to add to what ``fn`` returns:
+        g itself, or g / c1(t) = -l22(t) g when ``fn`` returns the raw mixed-score output
+        (score = c0 v + c1 out, so score + g = c0 v + c1 (out + g / c1))."""
+        if not self.fold:
+            return g
+        c1 = self.sde.score_coefficients(t.to(torch.float64), "hsm", "mixed")[:, 1]
+        return g / c1.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
+
     def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y = self.fn(u, t)
+        y = self.fn(u, t) if self.guidance is None else self.guidance.evaluate(self, u, t)
         self.calls += 1
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"score_fn(u, t) must return a tensor, got {type(y).__name__}")
