@@ -87,7 +87,7 @@ def test_one_file_reaches_every_adapter(toy_sampler, sde, tmp_path):
 
 def test_options_are_declared_once_and_checked(sde):
     score = GaussianMixture2D().cld_score(sde)
-    assert [o.name for o in SAMPLERS["gddim"].options] == ["order", "predict"]
+    assert [o.name for o in SAMPLERS["gddim"].options] == ["order", "predict", "first_order_below"]
     with pytest.raises(ValueError, match="order must be one of"):
         cf.sample(score, (4, 2), sde, method="gddim", steps=4, order=4)
     with pytest.raises(TypeError, match="unknown argument colour="):

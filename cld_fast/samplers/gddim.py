@@ -27,6 +27,9 @@ from .core import Option, Stepper, register_sampler
 
 ORDERS = (1, 2, 3)
 MIN_EPS = 1e-12  # below it the float64 table loses its digits (measured: garbage at 1e-17, drift at 1e-14)
+# Chosen on four 2-D mixtures with exact and 1%-perturbed scores (bench/results/sampler_defaults-cpu.md):
+# without it a 1% score error where a(t) ~ 1e-5 makes orders 2-3 diverge.
+FIRST_ORDER_BELOW = 0.01
 
 
 def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool = False, denoise: bool = True,
@@ -42,8 +45,10 @@ def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool 
     l_j the Lagrange basis on the last min(order, i + 1) evaluation times. The denoising row
     sets x to E[x0 | u] at ``denoise_time`` (default ts[n]; Tweedie) and keeps v. Columns: E (6, row-major 2x3), Lin (4),
     C_0, C_1, C_2 (4 each, row-major 2x2). Integrals by ``nodes``-point Gauss-Legendre.
-    A step that starts where the data's share of the mean, a_xx(ts[i]), is below ``first_order_below`` is
-    of order 1: there the extrapolation's coefficients are large and amplify score errors.
+    Evaluations made where the data's share of the mean, a_xx(ts[i]), is below ``first_order_below``
+    take no part in any extrapolation (a step starting there is of order 1, and the later steps
+    extrapolate only through evaluations made past it): there x0_hat and eps_R carry the score's error
+    divided by a tiny a(t), which a higher order's extrapolation carries into the following steps.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
@@ -58,6 +63,7 @@ def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool 
         theta[1:] = integrate_log(sde.rframe_angle_rate, ts[:-1], ts[1:], nodes).cumsum(0)
         x_gl, w_gl = legendre_nodes(nodes)
         low = (sde.perturbation_kernel(ts[:-1], "hsm").a_xx < first_order_below).tolist()
+        usable = 0  # evaluations made where a_xx >= first_order_below, counted back from step i
         for i in range(n):
             s, t = ts[i], ts[i + 1]
             # nodes uniform in log tau (the integrands grow like tau^-3/2 towards 0): dtau = tau dlog tau
@@ -74,7 +80,8 @@ def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool 
             dsi_v = torch.stack([-k.s_xv / det, k.s_xx / det], -1) * gb[:, None]  # (N, 2)
             r_s = sde.rframe(s, theta[i])
             r_t = sde.rframe(t, theta[i + 1])
-            k_order = 1 if low[i] else min(order, i + 1)
+            usable = 0 if low[i] else usable + 1
+            k_order = max(1, min(order, usable))
             basis_nodes = [ts[i - j] for j in range(k_order)]
             if predict == "eps":
                 vrow = (dsi_v[:, :, None] * r_tau).sum(1)  # (N, 2): (D Sigma^-1 R / 2) v row
@@ -116,8 +123,10 @@ class GDDIM(Stepper):
     options = (
         Option("order", int, 2, "multistep order: Lagrange extrapolation through the last `order` evaluations",
                choices=ORDERS),
-        Option("predict", str, "eps", "what is extrapolated: 'eps' (eps_R, gDDIM) or 'x0' (the Tweedie estimate)",
+        Option("predict", str, "x0", "what is extrapolated: 'x0' (the Tweedie estimate) or 'eps' (eps_R, gDDIM)",
                choices=GDDIM_PREDICTIONS),
+        Option("first_order_below", float, FIRST_ORDER_BELOW,
+               "evaluations where a_xx(t) is below this take no part in extrapolation (order 1 there)", minimum=0.0),
     )
 
     def __init__(self, sde, plan, u, seed, mixed, backend=None, **options):
@@ -126,7 +135,8 @@ class GDDIM(Stepper):
             raise ValueError(f"eps = {plan.eps:g} is below what gddim's float64 coefficients resolve; use eps >= "
                              f"{MIN_EPS:g} (the default is 1e-3)")
         self.table = gddim_table(sde, plan.ts, self.opts["order"], self.opts["predict"], mixed=mixed,
-                                 denoise=plan.denoise, denoise_time=plan.eps).to(u.device)
+                                 denoise=plan.denoise, denoise_time=plan.eps,
+                                 first_order_below=self.opts["first_order_below"]).to(u.device)
         self.hist = ops.gddim_history(u, self.opts["order"], self.opts["predict"])
 
     def step(self, u: torch.Tensor, y: torch.Tensor) -> None:
