@@ -130,7 +130,8 @@ def _add_train_parser(sub) -> None:
                         "final image metrics)")
     g.add_argument("--eval-samples", type=int, help="toy data: samples for the final energy-distance check (digit data: for the "
                         "final image metrics, at most the held-out count)")
-    g.add_argument("--no-quality-figure", action="store_true", default=None, help="toy data: skip quality.png")
+    g.add_argument("--no-quality-figure", action="store_true", default=None,
+                   help="skip the sampler comparison: toy data quality.png, digit data sampler_table.md")
 
 
 def _add_sampler_options(p) -> None:
@@ -428,6 +429,8 @@ def _report_train(r) -> None:
               f"classified with p >= 0.9 {ev['classifier']['confident']:.3f} [{fl['classifier']['confident']:.3f}], "
               f"rarest class {ev['classifier']['min_class']:.3f} [{fl['classifier']['min_class']:.3f}], "
               f"nearest-training-image distance / held-out's {ev['memorisation']['ratio']:.3f} [1]")
+        for method, rows in ev.get("sampler_table", {}).items():
+            print(f"  {method}: Frechet distance " + ", ".join(f"{fd:.2f} at {s} steps" for s, fd, _ in rows))
     elif ev and "skipped" in ev:
         print(f"digit metrics skipped: {ev['skipped']}")
     elif ev:
@@ -441,7 +444,7 @@ def _report_train(r) -> None:
     print("wrote:")
     for label, path in (("run folder", r.run_dir), ("checkpoint", r.checkpoint), ("metrics", r.metrics),
                         ("samples plot", r.samples_plot), ("samples npz", r.samples_npz),
-                        ("quality figure", r.quality_plot)):
+                        ("quality figure", r.quality_plot), ("sampler table", r.extra.get("sampler_table_md"))):
         if path:
             print(f"  {label:<15} {path}")
 

@@ -228,13 +228,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         preset="digits", sde="cld", data="digits", model="digits8", steps=2000, batch_size=64, lr=1e-3,
         warmup=100, grad_clip=1.0, ema_decay=0.999, random_flip=False, precision="auto", num_threads=1,
         log_every=50, ckpt_every=500, keep_checkpoints=2, sample_count=64, sample_steps=100, eval_samples=300,
-        eval_steps=100, quality_figure=False,
+        eval_steps=100, quality_figure=True,
     ),
     "mnist5k": dict(
         preset="mnist5k", sde="cld", data="mnist5k", model="mnist28", steps=6000, batch_size=64, lr=5e-4,
         warmup=200, grad_clip=1.0, ema_decay=0.999, random_flip=False, precision="auto", log_every=50,
         ckpt_every=500, keep_checkpoints=2, sample_count=64, sample_steps=100, eval_samples=1000,
-        eval_steps=100, quality_figure=False,
+        eval_steps=100, quality_figure=True,
     ),
     "cifar10": dict(
         preset="cifar10", sde="cld", data="cifar10", data_path="data/cifar-10-batches-py", model="cifar10",

@@ -12,8 +12,10 @@ def test_cli_trains_a_few_steps_and_reports_digit_metrics(data, size, extra, tmp
     pytest.importorskip(extra)
     pytest.importorskip("torchmetrics")
     out = tmp_path / "run"
+    table = data == "digits"  # the sampler table (SSCS and gDDIM at 10, 20, 50 steps): on the 8x8 data only
     code = main(["train", "--data", data, "--steps", "2", "--log-every", "1", "--sample-steps", "2",
-                 "--eval-steps", "2", "--eval-samples", "12", "--no-progress", "--out", str(out)])
+                 "--eval-steps", "2", "--eval-samples", "12", "--no-progress", "--out", str(out)]
+                + ([] if table else ["--no-quality-figure"]))
     assert code == 0
     stdout = capsys.readouterr().out
     assert "Frechet distance" in stdout
@@ -26,6 +28,10 @@ def test_cli_trains_a_few_steps_and_reports_digit_metrics(data, size, extra, tmp
     ev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval"]
     assert ev["n"] == 12 and ev["fd"] > ev["floor"]["fd"] >= 0.0
     assert set(ev["classifier"]) >= {"confident", "histogram", "min_class"}
+    assert ("sampler_table" in ev) == table and (out / "sampler_table.md").is_file() == table
+    if table:
+        assert [row[0] for row in ev["sampler_table"]["gddim"]] == [10, 20, 50]
+        assert "sampler table" in stdout and "gddim: Frechet distance" in stdout
 
 
 def test_data_flag_chooses_the_data_sets_preset_unless_one_is_given():
