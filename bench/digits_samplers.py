@@ -9,7 +9,7 @@ quadratic grids), EM, gDDIM orders 1-3 with ``predict`` "eps" and "x0" (default 
 ``--steps``; with ``--ode`` also the adaptive probability-flow ODE (its NFE). Writes
 ``bench/results/<data>_samplers-cpu.md`` / ``.json``: the Frechet distance (and the fraction of samples
 the classifier labels with p >= 0.9) of each cell, with the floor, and sample grids at 10 and 50 steps
-(``<data>_samplers-<steps>steps.png``, SSCS quadratic and gDDIM order 2 side by side). A cell that raises
+(``<data>_samplers-<steps>steps.png``, SSCS quadratic above gDDIM order 2 x0). A cell that raises
 shows its error.
 """
 from __future__ import annotations
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
     ap.add_argument("--ode", action="store_true", help="also the adaptive probability-flow ODE (rtol = atol = 1e-3)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of the sampler names, e.g. 'sscs quadratic,gddim order 2 x0'")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     info = common.device_info(torch.device("cpu"))
@@ -50,7 +52,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"--ckpt: a model of the digits or mnist5k data is needed, this one trained on {data!r}")
     clf = load_classifier(data)
     steps_list = tuple(args.steps)
-    variants = list(VARIANTS) + ([("ode (adaptive)", dict(method="ode", rtol=1e-3, atol=1e-3))] if args.ode else [])
+    variants = list(VARIANTS)
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",")]
+        unknown = sorted(set(wanted) - {name for name, _ in VARIANTS})
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; choose from {[name for name, _ in VARIANTS]}")
+        variants = [(name, kw) for name, kw in VARIANTS if name in wanted]
+    variants += [("ode (adaptive)", dict(method="ode", rtol=1e-3, atol=1e-3))] if args.ode else []
     cells, floor, grids = {}, None, {}
     for name, kw in variants:
         for steps in (steps_list if kw["method"] != "ode" else (0,)):
@@ -59,7 +68,7 @@ def main(argv=None) -> int:
                     res = cf.sample(score, (args.samples,) + tuple(shape), sde, steps=max(steps, 1),
                                     generator=torch.Generator().manual_seed(args.seed), **kw)
                 m = digit_metrics(data, res.x, classifier=clf)
-                if steps in (10, 50) and name in ("sscs quadratic", "gddim order 2 eps"):
+                if steps in (10, 50) and name in ("sscs quadratic", "gddim order 2 x0"):
                     grids.setdefault(steps, {})[name] = res.x[:32].cpu()
                 floor = m["floor"]
                 cells[f"{name}|{steps}"] = {"nfe": res.nfe, "fd": m["fd"], "confident": m["classifier"]["confident"]}
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
     for steps, by_name in sorted(grids.items()):
         if len(by_name) == 2:  # 4 rows of 8 per sampler, stacked: SSCS quadratic above gDDIM order 2
             png = RESULTS / f"{data}_samplers-{steps}steps.png"
-            image_grid(torch.cat([by_name["sscs quadratic"], by_name["gddim order 2 eps"]]), str(png), nrow=8)
+            image_grid(torch.cat([by_name["sscs quadratic"], by_name["gddim order 2 x0"]]), str(png), nrow=8)
             pngs.append(png.name)
     size = "x".join(str(s) for s in shape[-2:])
     ode_row = [[name] + ([cell(name, 0)] + ["-"] * (len(steps_list) - 1)) for name, kw in variants if kw["method"] == "ode"]
@@ -87,7 +96,8 @@ def main(argv=None) -> int:
              f"- device: {info['device']}", f"- torch {info['torch']}, python {info['python']}, cld_fast {info['cld_fast']}",
              f"- commit {info['commit']}, {info['date']}",
              f"- written by `python -m bench.digits_samplers --ckpt {args.ckpt} --samples {args.samples} --steps "
-             f"{' '.join(map(str, steps_list))}{' --ode' if args.ode else ''}`; {args.samples} samples per cell, "
+             f"{' '.join(map(str, steps_list))}{' --ode' if args.ode else ''}"
+             f"{' --variants ' + repr(args.variants) if args.variants else ''}`; {args.samples} samples per cell, "
              f"sampler seed {args.seed}, EMA weights of the checkpoint at step {cfg_step(args.ckpt)}", "",
              "Each cell: Frechet distance on classifier features against the held-out images (fraction "
              "classified with p >= 0.9; network evaluations). "
@@ -98,7 +108,7 @@ def main(argv=None) -> int:
     if ode_row:
         lines += ["The adaptive ODE row is one run at rtol = atol = 1e-3 (its NFE in the cell), not a step count.", ""]
     if pngs:
-        lines += ["Sample grids (top 4 rows SSCS quadratic, bottom 4 gDDIM order 2): " + ", ".join(pngs), ""]
+        lines += ["Sample grids (top 4 rows SSCS quadratic, bottom 4 gDDIM order 2 x0): " + ", ".join(pngs), ""]
     errors = {k: v["error"] for k, v in cells.items() if "error" in v}
     if errors:
         lines += ["Errors:", ""] + [f"- {k}: {v}" for k, v in errors.items()] + [""]
