@@ -21,7 +21,9 @@ Both work on any score function and sampler. With a ``cf.score_fn`` network (the
 -v / s_vv - out / l22, which the fused steps fold in themselves) the guided quantity stays a raw
 network output: the classifier term g enters as out - l22(t) g (``Evaluator.score_term``) and the
 classifier-free combination acts on the two outputs directly (``Evaluator.combine``; the -v / s_vv
-term is common to both and the weights sum to 1).
+term is common to both and the weights sum to 1). The fixed-step CLD samplers (sscs, em, gddim) leave
+that combination to their fused step op (``y_uncond``, ``guide_weight`` of ``cld_fast.ops``): one launch
+per network evaluation with guidance too.
 """
 from __future__ import annotations
 
@@ -134,8 +136,9 @@ class ClassifierGuidance:
         object.__setattr__(bound, "labels", _bind_labels(self.labels, self.bounds, batch, k, device))
         return bound
 
-    def evaluate(self, ev, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What ``ev.fn`` returns at (u, t), guided: its output plus the classifier term in its units."""
+    def evaluate(self, ev, u: torch.Tensor, t: torch.Tensor, fuse: bool = False) -> torch.Tensor:
+        """What ``ev.fn`` returns at (u, t), guided: its output plus the classifier term in its units
+        (``fuse`` is not read: the gradient comes from autograd, not an elementwise combination)."""
         y = ev.fn(u, t)
         if self.scale == 0.0:
             return y
@@ -180,11 +183,17 @@ class ClassifierFree:
         object.__setattr__(bound, "labels", torch.cat([labels, torch.full_like(labels, k)]))  # labels, then none
         return bound
 
-    def evaluate(self, ev, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, ev, u: torch.Tensor, t: torch.Tensor, fuse: bool = False):
+        """The guided output at (u, t): ``ev.combine`` of the two halves of one batch-doubled call, or with
+        ``fuse`` the halves themselves as a ``Guided`` (views, no copies) for the fused step op to combine."""
+        from .samplers.core import Guided
+
         b = u.shape[0]
         if self.weight == 0.0:
             return ev.fn(u, t, class_labels=self.labels[:b])
         out = ev.fn(torch.cat([u, u]), torch.cat([t, t]), class_labels=self.labels)
+        if fuse:
+            return Guided(out[:b], out[b:], self.weight)
         return ev.combine(out[:b], out[b:], self.weight)
 
 

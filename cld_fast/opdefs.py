@@ -31,10 +31,17 @@ Argument conventions shared by all ops (B samples, D elements of one sample's x)
            perturbation of x_obs (v0 ~ N(0, gamma M) marginalised) at the forward time t_r the op
            leaves the state at; a denoising step (affine kind denoise, the gDDIM row past the grid)
            sets x = x_obs exactly and keeps v
+    y_uncond, guide_weight  optional classifier-free guidance of the step ops that read y: y_uncond has
+           y's shape and dtype (the unconditional half of a batch-doubled network output) and the op
+           reads y + guide_weight (y - y_uncond) in place of y, each term cast to the compute dtype
+           first (the state dtype; gDDIM: the state dtype, then float64). The combination of raw
+           mixed-score outputs equals the combination of the scores (the c0 v term is common), so the
+           guided score costs no launch of its own
     int enums: objective (``sde.OBJECTIVE_CODES``), weighting (``sde.WEIGHTING_CODES``),
            output (``sde.OUTPUT_CODES``), kind (``sde.AFFINE_KINDS``)
 
-Ops (noise tags in brackets):
+Ops (noise tags in brackets; sscs_step_, affine_step and gddim_step_ take the guidance pair
+y_uncond, guide_weight):
 
     perturb       out <- A(t) (x0, v0) + L(t) (z0, z1)                                   [PERTURB]
     hsm_loss_fwd  scale * w(t) * sum_d (a(t) out + c(t) v - eps_v)^2, per sample (reduction 0, (B,))
@@ -58,7 +65,7 @@ Ops (noise tags in brackets):
     affine_step   out <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z0) for the step
                   ts[step] -> ts[step + 1]: kind em (noise), denoise (none), pf_drift (the
                   forward-time ODE drift at ts[step]; ts[step + 1] is not read)            [AFFINE]
-                  (obs: em t_r = ts[step + 1]; denoise x = x_obs; pf_drift takes no obs)
+                  (obs: em t_r = ts[step + 1]; denoise x = x_obs; pf_drift takes no obs, no y_uncond)
     gddim_step_   exponential-integrator multistep after a network evaluation (float64 arithmetic), row r = table[step]
                   of ``cld_fast.samplers.gddim.gddim_table``: cur = E (x, v, y); u <- Lin u + C_0 cur + sum_j C_j
                   hist[(step - j) mod K]; hist[step mod K] <- cur. hist (K, B, H, D) in the state
@@ -195,6 +202,15 @@ def _linear(x, v, r, ex, ev):
     return nx, nv
 
 
+def guided_output(y, y_uncond, guide_weight, dtype):
+    """The network output a step op reads, in ``dtype``: y, or the classifier-free combination
+    y + w (y - y_uncond) of the conditional and unconditional halves (the rule every backend follows)."""
+    y = y.to(dtype)
+    if y_uncond is None:
+        return y
+    return y + guide_weight * (y - y_uncond.to(dtype))
+
+
 def _replace_obs(x, v, obs, t_r, cld, seed, step, pair):
     """(x, v) with the observed elements replaced by the HSM perturbation of x_obs at t_r ((1,) float64).
 
@@ -238,7 +254,8 @@ def half_step_ref(u, ts, step, sde, eps, seed, obs=None):
     u[:, 1] = nv
 
 
-def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed, official_half=False, obs=None):
+def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed, official_half=False, obs=None, y_uncond=None,
+                  guide_weight=0.0):
     cld = _cld(sde)
     last = ts.numel() - 1
     t0, t1 = _at(ts, step), _at(ts, step + 1)
@@ -256,7 +273,7 @@ def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed, official_half=False, ob
         z = list(_normals(u[:, 0].shape, seed, step, philox.TAG_SSCS, 4, u.dtype))
     else:
         z = [None] * 4
-    v = ak[:, 0:1] * u[:, 1] + ak[:, 1:2] * y.to(u.dtype)
+    v = ak[:, 0:1] * u[:, 1] + ak[:, 1:2] * guided_output(y, y_uncond, guide_weight, u.dtype)
     x, v = _linear(u[:, 0], v, closing, z[0], z[1])
     x, v = _linear(x, v, opening, z[2], z[3])
     t_r = torch.where((step + 2 <= last).reshape(1), t1 - 0.5 * (t1 - t2), t1)
@@ -265,7 +282,7 @@ def sscs_step_ref(u, y, ts, step, sde, mixed, eps, seed, official_half=False, ob
     u[:, 1] = v
 
 
-def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out, obs=None):
+def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out, obs=None, y_uncond=None, guide_weight=0.0):
     cld = _cld(sde)
     name = AFFINE_KINDS[kind]
     t0 = _at(ts, step)
@@ -274,7 +291,9 @@ def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out, obs=None):
     r = cld.reverse_affine_coefficients(t0, h, name, mixed=mix).to(out.dtype)
     x, v = u[:, 0].to(out.dtype), u[:, 1].to(out.dtype)
     nx = r[:, 0:1] * x + r[:, 1:2] * v
-    nv = r[:, 2:3] * x + r[:, 3:4] * v + r[:, 4:5] * y.to(out.dtype)
+    if name == "pf_drift" and y_uncond is not None:
+        raise ValueError("affine_step: the pf_drift kind takes no y_uncond (guidance of the ODE drift is unfused)")
+    nv = r[:, 2:3] * x + r[:, 3:4] * v + r[:, 4:5] * guided_output(y, y_uncond, guide_weight, out.dtype)
     if name == "em":
         if eps is not None:
             nv = nv + r[:, 5:6] * eps.to(out.dtype)
@@ -288,12 +307,13 @@ def affine_step_ref(u, y, ts, step, sde, kind, mixed, eps, seed, out, obs=None):
     out[:, 1] = nv
 
 
-def gddim_step_ref(u, hist, y, table, step, ts=None, sde=None, seed=None, obs=None):
+def gddim_step_ref(u, hist, y, table, step, ts=None, sde=None, seed=None, obs=None, y_uncond=None,
+                   guide_weight=0.0):
     # float64 arithmetic for every state dtype (stored back in the state dtype): in the first rows Lin u and
     # C_0 cur cancel with terms ~1e6 where a(t) is tiny, which float32 arithmetic turns into O(0.1) errors
     f64 = torch.float64
     r = table.index_select(0, step.reshape(1)).to(f64)  # (1, GDDIM_COLS)
-    x, v, yy = u[:, 0].to(f64), u[:, 1].to(f64), y.to(u.dtype).to(f64)
+    x, v, yy = u[:, 0].to(f64), u[:, 1].to(f64), guided_output(y, y_uncond, guide_weight, u.dtype).to(f64)
     cx = r[:, 0:1] * x + r[:, 1:2] * v + r[:, 2:3] * yy
     cv = r[:, 3:4] * x + r[:, 4:5] * v + r[:, 5:6] * yy
     nx = r[:, 6:7] * x + r[:, 7:8] * v + r[:, 10:11] * cx + r[:, 11:12] * cv
@@ -379,15 +399,15 @@ OPS: Dict[str, OpDef] = {d.name: d for d in (
          ("u",), _none, half_step_ref),
     _def("sscs_step_",
          "(Tensor(a!) u, Tensor y, Tensor ts, Tensor step, Tensor sde, bool mixed, Tensor? eps, Tensor? seed, "
-         "bool official_half, Tensor? obs=None) -> ()",
+         "bool official_half, Tensor? obs=None, Tensor? y_uncond=None, float guide_weight=0.0) -> ()",
          ("u",), _none, sscs_step_ref),
     _def("affine_step",
          "(Tensor u, Tensor y, Tensor ts, Tensor step, Tensor sde, int kind, bool mixed, Tensor? eps, Tensor? seed, "
-         "Tensor(a!) out, Tensor? obs=None) -> ()",
+         "Tensor(a!) out, Tensor? obs=None, Tensor? y_uncond=None, float guide_weight=0.0) -> ()",
          ("out",), _none, affine_step_ref),
     _def("gddim_step_",
          "(Tensor(a!) u, Tensor(b!) hist, Tensor y, Tensor table, Tensor step, Tensor? ts=None, Tensor? sde=None, "
-         "Tensor? seed=None, Tensor? obs=None) -> ()",
+         "Tensor? seed=None, Tensor? obs=None, Tensor? y_uncond=None, float guide_weight=0.0) -> ()",
          ("u", "hist"), _none, gddim_step_ref),
 )}
 

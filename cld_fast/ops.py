@@ -358,6 +358,25 @@ def _check_obs(obs, u, x_shape):
     return obs.contiguous()
 
 
+def _check_guidance(y_uncond, guide_weight, y):
+    """The classifier-free guidance pair of a step op: y_uncond (y's shape, dtype and device; any
+    strides, e.g. the unconditional half of a batch-doubled network output) as (B, D), and the weight
+    as a finite float. Without y_uncond the weight is not read."""
+    if y_uncond is None:
+        return None, 0.0
+    if not isinstance(y_uncond, torch.Tensor):
+        raise TypeError(f"y_uncond must be a tensor (the unconditional network output) or None, "
+                        f"got {type(y_uncond).__name__}")
+    if tuple(y_uncond.shape) != tuple(y.shape) or y_uncond.dtype != y.dtype:
+        raise ValueError(f"y_uncond must have y's shape and dtype {tuple(y.shape)} {y.dtype}, "
+                         f"got {tuple(y_uncond.shape)} {y_uncond.dtype}")
+    checks.same_device(y, "y", y_uncond=y_uncond)
+    if isinstance(guide_weight, bool) or not isinstance(guide_weight, (int, float)) \
+            or not math.isfinite(guide_weight):
+        raise ValueError(f"guide_weight must be a finite real number, got {guide_weight!r}")
+    return _flat(y_uncond), float(guide_weight)
+
+
 def _seed(seed, device):
     if seed is None:
         return None
@@ -417,7 +436,8 @@ def half_step_(u: torch.Tensor, ts, sde: CLD, step=0, seed=None, eps: Optional[t
 
 def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool = False, seed=None,
                eps: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-               official_half_steps: bool = False, obs: Optional[torch.Tensor] = None) -> torch.Tensor:
+               official_half_steps: bool = False, obs: Optional[torch.Tensor] = None,
+               y_uncond: Optional[torch.Tensor] = None, guide_weight: float = 0.0) -> torch.Tensor:
     """In place: the fused SSCS update after the network evaluation of step i = ``step`` (one launch per NFE).
 
     With t = ts[i] and h = ts[i] - ts[i + 1]: v <- alpha v + kappa y (the score's Euler step at t;
@@ -435,22 +455,27 @@ def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bo
         obs: optional inpainting condition (B, 2 or 4, D) in u's dtype (``cf.Inpaint(...).packed``):
             afterwards the observed elements hold a fresh HSM perturbation of x_obs at the time the
             opening half step ends, ts[i + 1] - h_{i+1} / 2 (ts[i + 1] after the grid's last step).
+        y_uncond, guide_weight: optional classifier-free guidance: y_uncond (y's shape and dtype, the
+            unconditional network output) makes the kernel read y + guide_weight (y - y_uncond) in
+            place of y (``cld_fast.opdefs.guided_output``), in the same launch.
     """
     if not isinstance(official_half_steps, bool):
         raise TypeError(f"official_half_steps must be a bool, got {type(official_half_steps).__name__}")
     ts, step, eps = _prepare_step(u, y, ts, sde, step, eps, 4, "sscs_step_")
     obs = _check_obs(obs, u, checks.data_shape_of(u))
+    yu, w = _check_guidance(y_uncond, guide_weight, y)
     mod = backends.select(u.device, u.dtype, backend)
     s = _seed(seed, u.device)
     params = kernel_params(sde, u.device)
     y2 = _flat(y)
     return _inplace(u, lambda u3: _run_step(mod, "sscs_step_", "sscs_step_", ts.numel(), u3, y2, ts, step, params,
-                                            bool(mixed), eps, s, official_half_steps, obs))
+                                            bool(mixed), eps, s, official_half_steps, obs, yu, w))
 
 
 def em_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool = False, denoise: bool = False,
              seed=None, eps: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-             obs: Optional[torch.Tensor] = None) -> torch.Tensor:
+             obs: Optional[torch.Tensor] = None, y_uncond: Optional[torch.Tensor] = None,
+             guide_weight: float = 0.0) -> torch.Tensor:
     """In place: an Euler–Maruyama step of the reverse SDE from ts[step] to ts[step + 1].
 
     x <- x - m_inv beta h v; v <- v + beta h (x + Gamma m_inv v + 2 Gamma score) + sqrt(2 Gamma beta h) z.
@@ -459,9 +484,11 @@ def em_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool
     ``obs``: optional inpainting condition (B, 2 or 4, D) in u's dtype (``cf.Inpaint(...).packed``):
     afterwards the observed elements hold a fresh HSM perturbation of x_obs at ts[step + 1]
     (``denoise``: x = x_obs exactly, v as the step leaves it).
+    ``y_uncond``, ``guide_weight``: classifier-free guidance, as in ``sscs_step_``.
     """
     ts, step, eps = _prepare_step(u, y, ts, sde, step, eps, 1, "em_step_")
     obs = _check_obs(obs, u, checks.data_shape_of(u))
+    yu, w = _check_guidance(y_uncond, guide_weight, y)
     mod = backends.select(u.device, u.dtype, backend)
     s = None if denoise else _seed(seed, u.device)
     eps = None if denoise else eps
@@ -469,7 +496,7 @@ def em_step_(u: torch.Tensor, y: torch.Tensor, ts, sde: CLD, step=0, mixed: bool
     kind = AFFINE_KIND_CODES["denoise" if denoise else "em"]
     y2 = _flat(y)
     return _inplace(u, lambda u3: _run_step(mod, "affine_step", "em_step_", ts.numel(), u3, y2, ts, step, params, kind,
-                                            bool(mixed), eps, s, u3, obs))
+                                            bool(mixed), eps, s, u3, obs, yu, w))
 
 
 def pf_drift(u: torch.Tensor, y: torch.Tensor, t, sde: CLD, mixed: bool = False, backend: Optional[str] = None) -> torch.Tensor:
@@ -503,7 +530,7 @@ def gddim_history(u: torch.Tensor, order: int, predict: str = "eps") -> torch.Te
 
 def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: torch.Tensor, step=0,
                 backend: Optional[str] = None, obs: Optional[torch.Tensor] = None, ts=None, sde: Optional[CLD] = None,
-                seed=None) -> torch.Tensor:
+                seed=None, y_uncond: Optional[torch.Tensor] = None, guide_weight: float = 0.0) -> torch.Tensor:
     """In place: one exponential-integrator multistep step of the gDDIM sampler (one launch per NFE).
 
     With r = table[step] (a row of ``cld_fast.samplers.gddim.gddim_table``): cur = E (x, v, y), u <- Lin u + C_0 cur +
@@ -519,6 +546,9 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
             with the run's time grid ``ts`` (the table's rows are its steps, plus the denoising row),
             ``sde`` and ``seed``: afterwards the observed elements hold a fresh HSM perturbation of
             x_obs at ts[step + 1]; after the denoising row (step + 1 = len(ts)) x = x_obs exactly.
+        y_uncond, guide_weight: optional classifier-free guidance: y_uncond (y's shape and dtype, the
+            unconditional network output) makes the kernel read y + guide_weight (y - y_uncond) in
+            place of y (``cld_fast.opdefs.guided_output``), in the same launch.
     """
     checks.tensor(u, "u", min_dim=2)
     x_shape = checks.data_shape_of(u)
@@ -545,6 +575,7 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
     elif isinstance(step, int) and not isinstance(step, bool) and not 0 <= step < rows:
         raise ValueError(message.replace("{value}", str(step)))
     obs = _check_obs(obs, u, x_shape)
+    yu, w = _check_guidance(y_uncond, guide_weight, y)
     params = s = None
     if obs is not None:
         if ts is None or sde is None:
@@ -563,7 +594,7 @@ def gddim_step_(u: torch.Tensor, y: torch.Tensor, hist: torch.Tensor, table: tor
 
     def run(u3):
         try:
-            _run(mod, "gddim_step_", u3, hist, y2, table, step, ts, params, s, obs)
+            _run(mod, "gddim_step_", u3, hist, y2, table, step, ts, params, s, obs, yu, w)
         except IndexError as exc:  # the torch reference with a bad tensor step
             raise ValueError(f"gddim_step_: step = <tensor> is out of range for a table of {rows} rows "
                              f"(valid 0..{rows - 1})") from exc

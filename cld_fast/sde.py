@@ -216,21 +216,26 @@ class CLD:
         """(x, v): the two halves of a state (B, 2C, ...) along dim 1 (views)."""
         return torch.chunk(u, 2, dim=1)
 
-    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None, obs=None) -> None:
+    def em_step_(self, u, y, grid, step, seed, mixed: bool = False, backend=None, obs=None, y_uncond=None,
+                 guide_weight: float = 0.0) -> None:
         """One Euler-Maruyama step of the reverse SDE, in place: grid[step] -> grid[step + 1] (fused op;
-        ``obs``: the packed inpainting condition, replaced at grid[step + 1])."""
+        ``obs``: the packed inpainting condition, replaced at grid[step + 1]; ``y_uncond``, ``guide_weight``:
+        classifier-free guidance combined in the op)."""
         from . import ops
 
-        ops.em_step_(u, y, grid, self, step=step, mixed=mixed, seed=seed, backend=backend, obs=obs)
+        ops.em_step_(u, y, grid, self, step=step, mixed=mixed, seed=seed, backend=backend, obs=obs,
+                     y_uncond=y_uncond, guide_weight=guide_weight)
 
-    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None, obs=None) -> None:
+    def denoise_(self, u, y, eps: float, mixed: bool = False, backend=None, obs=None, y_uncond=None,
+                 guide_weight: float = 0.0) -> None:
         """The official last step, in place: a noise-free EM step of the reverse SDE at t = eps of size eps
-        (``obs``: the packed inpainting condition; x = x_obs on the observed coordinates)."""
+        (``obs``: the packed inpainting condition; x = x_obs on the observed coordinates; ``y_uncond``,
+        ``guide_weight``: classifier-free guidance combined in the op)."""
         from . import ops
 
         grid = torch.tensor([eps, 0.0], dtype=torch.float64).to(u.device)
         ops.em_step_(u, y, grid, self, step=torch.zeros(1, dtype=torch.int64, device=u.device), mixed=mixed,
-                     denoise=True, backend=backend, obs=obs)
+                     denoise=True, backend=backend, obs=obs, y_uncond=y_uncond, guide_weight=guide_weight)
 
     def pf_drift(self, u, y, t, mixed: bool = False, backend=None) -> torch.Tensor:
         """du/dt of the probability-flow ODE in forward time at the (1,) float64 device time t (fused op)."""
@@ -242,6 +247,7 @@ class CLD:
     weightings = WEIGHTINGS  # the training loss weightings it takes
     folds_mixed_score = True  # the fused sampler kernels take the raw HSM mixed-score output
     inpaints = True  # the fused step ops replace observed coordinates (``cld_fast.conditions``)
+    fuses_guidance = True  # the fused step ops combine a classifier-free guided pair (``y_uncond``)
 
     def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
                           differentiable: bool = False) -> torch.Tensor:
@@ -696,6 +702,7 @@ class VPSDE:
     weightings = ("reweightedv2", "likelihood")  # the training loss weightings it takes
     folds_mixed_score = False
     inpaints = False
+    fuses_guidance = False
 
     def score_from_output(self, out, u, t, objective: str = "hsm", output: str = "mixed",
                           differentiable: bool = False) -> torch.Tensor:

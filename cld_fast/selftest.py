@@ -337,7 +337,8 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
                 _Variant(E, "no noise obs mean", [u, ts, step, p, None, None, obs(False)]),
                 _Variant(S, "seed", [u, ts, step, p, None, seed]),
                 _Variant(S, "seed obs seed", [u, ts, step, p, None, seed, obs(False)])]
-    if name == "sscs_step_":  # (u, y, ts, step, sde, mixed, eps, seed, official_half, obs)
+    y_un, w = randn(b, d), 1.5  # classifier-free guidance: y_uncond, guide_weight
+    if name == "sscs_step_":  # (u, y, ts, step, sde, mixed, eps, seed, official_half, obs, y_uncond, guide_weight)
         return [_Variant(E, "eps", [u, y, ts, step, p, False, eps4, None, False]),
                 _Variant(E, "mixed eps", [u, y, ts, step, p, True, eps4, None, False]),
                 _Variant(E, "mixed no noise", [u, y, ts, step, p, True, None, None, False]),
@@ -346,8 +347,11 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
                 _Variant(S, "mixed seed obs seed", [u, y, ts, step, p, True, None, seed, False, obs(False)]),
                 _Variant(S, "seed", [u, y, ts, step, p, False, None, seed, False]),
                 _Variant(S, "mixed seed", [u, y, ts, step, p, True, None, seed, False]),
-                _Variant(S, "official half steps seed", [u, y, ts, step, p, False, None, seed, True])]
-    if name == "affine_step":  # (u, y, ts, step, sde, kind, mixed, eps, seed, out, obs)
+                _Variant(S, "official half steps seed", [u, y, ts, step, p, False, None, seed, True]),
+                _Variant(E, "mixed eps guided", [u, y, ts, step, p, True, eps4, None, False, None, y_un, w]),
+                _Variant(S, "mixed seed obs seed guided",
+                         [u, y, ts, step, p, True, None, seed, False, obs(False), y_un, w])]
+    if name == "affine_step":  # (u, y, ts, step, sde, kind, mixed, eps, seed, out, obs, y_uncond, guide_weight)
         return [_Variant(E, "em eps", [u, y, ts, step, p, em, False, eps1, None, pout()]),
                 _Variant(E, "em mixed eps", [u, y, ts, step, p, em, True, eps1, None, pout()]),
                 _Variant(E, "denoise", [u, y, ts, step, p, den, False, None, None, pout()]),
@@ -358,15 +362,24 @@ def _variants(name: str, shape: Shape, gen: torch.Generator) -> List[_Variant]:
                 _Variant(S, "em mixed seed", [u, y, ts, step, p, em, True, None, seed, pout()]),
                 _Variant(E, "em mixed eps obs eps", [u, y, ts, step, p, em, True, eps1, None, pout(), obs(True)]),
                 _Variant(E, "denoise mixed obs", [u, y, ts, step, p, den, True, None, None, pout(), obs(False)]),
-                _Variant(S, "em mixed seed obs seed", [u, y, ts, step, p, em, True, None, seed, pout(), obs(False)])]
-    if name == "gddim_step_":  # (u, hist, y, table, step, ts, sde, seed, obs); a real table, a ring with earlier values
+                _Variant(S, "em mixed seed obs seed", [u, y, ts, step, p, em, True, None, seed, pout(), obs(False)]),
+                _Variant(E, "em mixed eps guided", [u, y, ts, step, p, em, True, eps1, None, pout(), None, y_un, w]),
+                _Variant(E, "denoise mixed obs guided",
+                         [u, y, ts, step, p, den, True, None, None, pout(), obs(False), y_un, w]),
+                _Variant(S, "em seed guided", [u, y, ts, step, p, em, False, None, seed, pout(), None, y_un, w])]
+    if name == "gddim_step_":  # (u, hist, y, table, step, ts, sde, seed, obs, y_uncond, guide_weight); a real table,
+        # a ring with earlier values
         table = _Fixed(gddim_table(SDE, torch.tensor(TS, dtype=torch.float64), 3, "eps", mixed=True))
         return [_Variant(E, "order 3 eps_R", [u, randn(2, b, 2, d), y, table, step]),
                 _Variant(E, "order 2 x0_hat", [u, randn(1, b, 1, d), y, table, step]),
                 _Variant(E, "order 1", [u, randn(0, b, 2, d), y, table, step]),
                 _Variant(E, "order 2 eps_R obs eps", [u, randn(1, b, 2, d), y, table, step, ts, p, None, obs(True)]),
                 _Variant(E, "order 2 eps_R obs mean", [u, randn(1, b, 2, d), y, table, step, ts, p, None, obs(False)]),
-                _Variant(S, "order 2 eps_R obs seed", [u, randn(1, b, 2, d), y, table, step, ts, p, seed, obs(False)])]
+                _Variant(S, "order 2 eps_R obs seed", [u, randn(1, b, 2, d), y, table, step, ts, p, seed, obs(False)]),
+                _Variant(E, "order 3 eps_R guided",
+                         [u, randn(2, b, 2, d), y, table, step, None, None, None, None, y_un, w]),
+                _Variant(S, "order 2 x0_hat obs seed guided",
+                         [u, randn(1, b, 1, d), y, table, step, ts, p, seed, obs(False), y_un, w])]
     raise NotImplementedError(f"selftest: no inputs for op {name!r}; add them to cld_fast/selftest.py")
 
 

@@ -8,6 +8,8 @@ checks on) on the cpu backend and under the Triton interpreter, CIFAR-10 shape w
 on the data's device; the CUDA backend issues the same ops (its forward loss may add one finalize
 kernel for long rows), and a GPU run checks it (bench/gpu_check.sh).
 """
+from collections import Counter
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -65,7 +67,8 @@ def _backend(name):
 # passed seed makes it one launch); loss forward: one kernel (triton: + the final sum over a long row's chunks).
 GOALS = {"perturb": 2, "hsm_loss": 2, "hsm_loss_backward": 1, "sscs_step": 1, "em_step": 1, "gddim_step": 1,
          "sscs_step_inpaint": 1, "em_step_inpaint": 1, "denoise_inpaint": 1, "gddim_step_inpaint": 1,
-         "half_step_inpaint": 1}
+         "half_step_inpaint": 1, "sscs_step_guided": 1, "em_step_guided": 1, "denoise_guided": 1,
+         "gddim_step_guided": 1}
 
 
 def _calls(backend, b):
@@ -86,6 +89,9 @@ def _calls(backend, b):
     hist = cf.gddim_history(u, 2)
     one = torch.ones(())
     obs = cf.Inpaint(x0, torch.rand(1, 3, 32, 32, generator=g) < 0.5).packed(x0.shape, torch.float32, "cpu")
+    doubled = torch.randn(2 * b, 3, 32, 32, generator=g)  # a batch-doubled network output: its halves
+    cond, uncond = doubled[:b], doubled[b:]
+    guide = dict(y_uncond=uncond, guide_weight=2.0)
     return {
         "perturb": lambda: cf.perturb(x0, t, sde, backend=backend),
         "perturb_seeded": lambda: cf.perturb(x0, t, sde, seed=seed, backend=backend),
@@ -103,6 +109,13 @@ def _calls(backend, b):
         "gddim_step_inpaint": lambda: cf.gddim_step_(w, y, hist, table, step=step, backend=backend, obs=obs, ts=ts,
                                                      sde=sde, seed=seed),
         "half_step_inpaint": lambda: cf.half_step_(w, ts, sde, step=step, seed=seed, backend=backend, obs=obs),
+        "sscs_step_guided": lambda: cf.sscs_step_(w, cond, ts, sde, step=step, mixed=True, seed=seed, backend=backend,
+                                                  **guide),
+        "em_step_guided": lambda: cf.em_step_(w, cond, ts, sde, step=step, mixed=True, seed=seed, backend=backend,
+                                              **guide),
+        "denoise_guided": lambda: cf.em_step_(w, cond, ts, sde, step=step, mixed=True, denoise=True, backend=backend,
+                                              **guide),
+        "gddim_step_guided": lambda: cf.gddim_step_(w, cond, hist, table, step=step, backend=backend, **guide),
     }
 
 
@@ -149,6 +162,66 @@ def test_inpainting_keeps_one_launch_per_network_evaluation(method):
     assert (t5, t9) == (s5, s9)  # no host synchronisation added
     extra = 0 if method == "sscs" else 6  # the start: its time, perturb, mask, cat, select, copy into u
     assert c5 - p5 <= extra + 4, (c5, p5)  # + packing the condition once (cast, select, zeros, stack)
+
+
+class _LaunchesBesidesNetwork(_Launches):
+    """_Launches that leaves out what runs inside the network (``inside`` > 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.inside:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _CountedCondNet(torch.nn.Module):
+    """A class-conditional mixed-score "network" whose own ops the counting mode leaves out."""
+
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.mode = None
+
+    def forward(self, u, t, class_labels=None):
+        self.mode.inside += 1
+        try:
+            labels = torch.zeros(u.shape[0]) if class_labels is None else class_labels.to(u.dtype)
+            return -0.5 * u[:, 2:] + 0.1 * labels[:, None]
+        finally:
+            self.mode.inside -= 1
+
+
+@pytest.mark.parametrize("method", ["sscs", "em", "gddim"])
+def test_classifier_free_guidance_is_fused_into_the_step(method):
+    """A classifier-free guided run launches, per step and besides the network, the launches of the unguided
+    run plus the batch doubling of the network's input (two cats: u and t) and nothing else: the
+    combination of the two halves happens inside the one fused step op per NFE, and no host sync."""
+    _backend("cpu")
+    sde = CLD()
+    net = _CountedCondNet()
+    score = cf.score_fn(net, sde)
+
+    def run(steps, guidance):
+        with _LaunchesBesidesNetwork() as mode:
+            net.mode = mode
+            res = cf.sample(score, (4, 2), sde, steps=steps, method=method, guidance=guidance,
+                            generator=torch.Generator().manual_seed(1))
+        assert res.nfe == steps
+        return Counter(mode.ops), len(mode.syncs)
+
+    guide = cf.ClassifierFree([0, 1, 2, 1], 2.0)
+    (p5, s5), (p9, s9) = run(5, None), run(9, None)
+    (g5, t5), (g9, t9) = run(5, guide), run(9, guide)
+    per_step_plain, per_step_guided = p9 - p5, g9 - g5
+    assert per_step_guided - per_step_plain == Counter({"aten.cat.default": 2 * 4}), (per_step_guided, per_step_plain)
+    assert per_step_plain - per_step_guided == Counter()
+    fused = sum(n for op, n in g9.items() if op.startswith("cld_fast."))
+    assert fused == 9 + (1 if method == "sscs" else 0), g9  # one step op per NFE (sscs: + its opening half step)
+    assert (t5, t9) == (s5, s9)
 
 
 BAD_VALUES = [

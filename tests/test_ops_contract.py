@@ -197,6 +197,94 @@ def test_gddim_steps(backend, dtype, layout):
             _close(ha, hr, dtype)
 
 
+def _guided_cases():
+    for backend in ("torch", "cpu", "triton", "cuda"):
+        for dtype, net in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float64, torch.float64)):
+            yield pytest.param(backend, dtype, net, id=f"{backend}-{str(dtype)[6:]}-y={str(net)[6:]}")
+
+
+def _guided_inputs(dtype, net, dev, gen):
+    """A state u (3, 6, 5, 3) (odd D = 45) and the two halves of one batch-doubled network output
+    (6, 3, 5, 3) that is itself a strided slice: cond, uncond are views with column stride 2."""
+    b = 3
+    u = torch.randn(b, 6, 5, 3, generator=gen, dtype=dtype).to(dev)
+    doubled = torch.randn(2 * b, 3, 5, 6, generator=gen).to(dev, net)[..., ::2]
+    cond, uncond = doubled[:b], doubled[b:]
+    assert not cond.is_contiguous() and cond.data_ptr() != uncond.data_ptr()
+    return u, cond, uncond, b, 45
+
+
+def _combined64(cond, uncond, w):
+    """The classifier-free combination (1 + w) cond - w uncond in float64, written out independently."""
+    return (1.0 + w) * cond.double() - w * uncond.double()
+
+
+def _close_to_float64(got, want, dtype):
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("backend, dtype, net", list(_guided_cases()))
+def test_guided_sampler_steps_against_float64_reference(backend, dtype, net):
+    """sscs_step_ / em_step_ (em and denoise) with y_uncond: the step of the combined output y + w (y - y_uncond),
+    against the float64 torch reference fed the combination computed in float64; the halves are strided views."""
+    _skip_unless(backend, dtype)
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(21)
+    u, cond, uncond, b, d = _guided_inputs(dtype, net, dev, gen)
+    ts = torch.tensor([1.0, 0.7, 0.45, 0.2, 0.05], dtype=torch.float64, device=dev)
+    eps4 = torch.randn(b, 4, d, generator=gen, dtype=torch.float64).to(dev)
+    eps1 = torch.randn(b, d, generator=gen, dtype=torch.float64).to(dev)
+    calls = (
+        lambda w, yy, be, **g: cf.sscs_step_(w, yy, ts, SDE, step=1, mixed=True, eps=eps4.to(w.dtype), backend=be, **g),
+        lambda w, yy, be, **g: cf.sscs_step_(w, yy, ts, SDE, step=3, mixed=False, backend=be, **g),
+        lambda w, yy, be, **g: cf.em_step_(w, yy, ts, SDE, step=2, mixed=True, eps=eps1.to(w.dtype), backend=be, **g),
+        lambda w, yy, be, **g: cf.em_step_(w, yy, ts, SDE, step=0, mixed=True, denoise=True, backend=be, **g),
+    )
+    for weight in (0.0, 2.5):
+        want_y = _combined64(cond, uncond, weight)
+        for call in calls:
+            got, want = u.clone(), u.double().clone()
+            call(got, cond, backend, y_uncond=uncond, guide_weight=weight)
+            call(want, want_y, "torch")
+            _close_to_float64(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend, dtype, net", list(_guided_cases()))
+def test_guided_gddim_steps_against_float64_reference(backend, dtype, net):
+    """Consecutive guided gDDIM steps (order 3: the ring wraps) against the float64 reference fed the combination."""
+    _skip_unless(backend, dtype)
+    dev = _device(backend)
+    gen = torch.Generator().manual_seed(22)
+    u, cond, uncond, b, d = _guided_inputs(dtype, net, dev, gen)
+    ts = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.02], dtype=torch.float64)
+    table = gddim_table(SDE, ts, 3, "eps", mixed=True).to(dev)
+    a, r = u.clone(), u.double().clone()
+    ha, hr = cf.gddim_history(a, 3), cf.gddim_history(r, 3)
+    for step in range(table.shape[0]):
+        cf.gddim_step_(a, cond, ha, table, step=step, backend=backend, y_uncond=uncond, guide_weight=1.5)
+        cf.gddim_step_(r, _combined64(cond, uncond, 1.5), hr, table, step=step, backend="torch")
+        _close_to_float64(a, r, dtype)
+        _close_to_float64(ha, hr, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_guidance_arguments_are_checked(backend):
+    _skip_unless(backend, torch.float32)
+    u, y = torch.randn(2, 6, 4), torch.randn(2, 3, 4)
+    ts = torch.tensor([1.0, 0.5, 0.1], dtype=torch.float64)
+    with pytest.raises(ValueError, match="y_uncond must have y's shape and dtype"):
+        cf.sscs_step_(u, y, ts, SDE, step=0, backend=backend, y_uncond=y[:, :2], guide_weight=1.0)
+    with pytest.raises(ValueError, match="y_uncond must have y's shape and dtype"):
+        cf.em_step_(u, y, ts, SDE, step=0, backend=backend, y_uncond=y.double(), guide_weight=1.0)
+    with pytest.raises(ValueError, match="guide_weight must be a finite real number"):
+        cf.gddim_step_(u, y, cf.gddim_history(u, 1), gddim_table(SDE, ts, 1), step=0, backend=backend,
+                       y_uncond=y, guide_weight=float("inf"))
+    with pytest.raises(TypeError, match="y_uncond must be a tensor"):
+        cf.sscs_step_(u, y, ts, SDE, step=0, backend=backend, y_uncond=[1.0], guide_weight=1.0)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_low_precision_network_outputs(backend):
     """bf16 / fp16 network outputs with a float32 state: within 1e-2 of the float64 reference."""

@@ -294,6 +294,40 @@ def test_step_ops_with_an_inpainting_condition(mode, D, offset):
             _close(got, want, tol, torch.float32)
 
 
+@pytest.mark.parametrize("y_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [7, 1024])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_step_ops_with_classifier_free_guidance(y_dtype, D, offset):
+    """Every step op with y_uncond (the two halves of one batch-doubled network output, views; ``offset``
+    shifts the buffer off a 16-byte boundary) against the float64 reference fed the combination
+    (1 + w) y - w y_uncond computed in float64, at every step of the grid; gDDIM with every ring."""
+    b, w = 3, 2.5
+    doubled = _randn(2 * b, D, dtype=y_dtype, seed=31, offset=offset)
+    y, y_un = doubled[:b], doubled[b:]
+    y64 = (1.0 + w) * _f64(y)[0] - w * _f64(y_un)[0]
+    u, eps4, eps1 = _randn(b, 2, D, seed=32), _randn(b, 4, D, seed=33), _randn(b, D, seed=34)
+    ts, sde, ts64, sde64 = _ts(), _sde(), _ts("cpu"), _sde("cpu")
+    for step in range(len(TS) - 1):
+        got, want = u.clone(), _f64(u)[0]
+        K.op("sscs_step_")(got, y, ts, _i64(step), sde, True, eps4, None, False, None, y_un, w)
+        opdefs.sscs_step_ref(want, y64, ts64, _i64(step, "cpu"), sde64, True, _f64(eps4)[0], None, False)
+        _close(got, want, F32, torch.float32)
+        for kind, eps in ((0, eps1), (1, None)):
+            got, want = u.clone(), _f64(u)[0]
+            K.op("affine_step")(got, y, ts, _i64(step), sde, kind, True, eps, None, got, None, y_un, w)
+            opdefs.affine_step_ref(want, y64, ts64, _i64(step, "cpu"), sde64, kind, True, *_f64(eps), None, want)
+            _close(got, want, F32, torch.float32)
+    for order, predict in ((1, "eps"), (2, "x0"), (2, "eps"), (3, "x0"), (3, "eps")):
+        table = gddim_table(SDE, torch.tensor(TS, dtype=torch.float64), order, predict, mixed=True)
+        hist = _randn(order - 1, b, 1 if predict == "x0" else 2, D, seed=35)
+        got, want, h_got, h_want = u.clone(), _f64(u)[0], hist.clone(), _f64(hist)[0]
+        for step in range(table.shape[0]):
+            K.op("gddim_step_")(got, h_got, y, table.to(DEV), _i64(step), None, None, None, None, y_un, w)
+            opdefs.gddim_step_ref(want, h_want, y64, table, _i64(step, "cpu"))
+            _close(got, want, F32, torch.float32)
+            _close(h_got, h_want, F32, torch.float32)
+
+
 @pytest.mark.parametrize("offset", [1, 2])
 @pytest.mark.parametrize("D", [7, 1024, 5000])
 def test_misaligned_pointers(D, offset):
@@ -499,7 +533,8 @@ def _opcheck_cases():
         "mixed_score": (out.bfloat16(), u, t, sde, 1, 1),
         "half_step_": (u.clone(), ts, step, sde, None, seed),
         "sscs_step_": (u.clone(), y.half(), ts, step, sde, True, None, seed, True),
-        "affine_step": (u, y, ts, step, sde, 0, True, None, seed, torch.empty(b, 2, d, device=DEV)),
+        "affine_step": (u, y, ts, step, sde, 0, True, None, seed, torch.empty(b, 2, d, device=DEV), None,
+                        _randn(b, d, seed=8), 1.5),
         "gddim_step_": (u.clone(), _randn(2, b, 2, d, seed=6), y.bfloat16(), table, step, ts, sde, seed,
                         _obs(b, d, 2, seed=7)),
     }
@@ -552,6 +587,13 @@ BAD = {
                                                   _state()), "step"),
     "affine eps shape": (lambda: OPS.affine_step(_state(), _z(2, 5), _ts(), _i64(0), _sde(), 0, False, _z(2, 2, 5),
                                                  None, _state()), "eps"),
+    "sscs y_uncond dtype": (lambda: OPS.sscs_step_(_state(), _z(2, 5), _ts(), _i64(0), _sde(), True, None, None,
+                                                   False, None, _z(2, 5, dtype=torch.bfloat16), 1.0), "y_uncond"),
+    "affine pf_drift y_uncond": (lambda: OPS.affine_step(_state(), _z(2, 5), _ts(), _i64(0), _sde(), 2, True, None,
+                                                         None, _state(), None, _z(2, 5), 1.0), "y_uncond"),
+    "gddim y_uncond shape": (lambda: OPS.gddim_step_(_state(), _z(1, 2, 2, 5), _z(2, 5),
+                                                     gddim_table(SDE, torch.tensor(TS, dtype=torch.float64)).to(DEV),
+                                                     _i64(0), None, None, None, None, _z(2, 4), 1.0), "y_uncond"),
     "gddim table shape": (lambda: OPS.gddim_step_(_state(), _z(1, 2, 2, 5), _z(2, 5),
                                                   _z(5, 21, dtype=torch.float64), _i64(0)), "table must have shape"),
 }

@@ -151,6 +151,37 @@ def to_compute(x, F64: tl.constexpr):
 
 
 @triton.jit
+def load_net(y_ptr, yu_ptr, rows, cols, mask, s_yb, s_yd, s_gb, s_gd, w_hi, w_lo, GUIDED: tl.constexpr,
+             F64: tl.constexpr):
+    """The network output a step reads, in the compute dtype: y, or when GUIDED the classifier-free
+    combination y + w (y - y_uncond) (``cld_fast.opdefs.guided_output``). The weight arrives as two
+    float32 scalars (Triton passes a Python float as float32): w = w_hi in float32, w_hi + w_lo in float64."""
+    y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), F64)
+    if GUIDED:
+        yu = to_compute(tl.load(yu_ptr + rows * s_gb + cols * s_gd, mask=mask, other=0.0), F64)
+        if F64:
+            w = tl.zeros_like(y) + w_hi  # float64 from here on (a float32 scalar promotes exactly)
+            w = w + w_lo
+            y = y + w * (y - yu)
+        else:
+            y = y + w_hi * (y - yu)
+    return y
+
+
+def guide_args(y_uncond, guide_weight, y, shape):
+    """(pointer, strides, w_hi, w_lo, GUIDED) of a step launcher's guidance pair; y stands in for an absent
+    y_uncond (never read). y_uncond must have y's shape ``shape`` and dtype."""
+    if y_uncond is None:
+        return y, (0, 0), 0.0, 0.0, False
+    check_shape(y_uncond, shape, "y_uncond")
+    if y_uncond.dtype != y.dtype:
+        raise ValueError(f"triton backend: y_uncond must have y's dtype {y.dtype}, got {y_uncond.dtype}")
+    w_hi = float(torch.tensor(guide_weight, dtype=torch.float32))
+    w_lo = float(torch.tensor(guide_weight - w_hi, dtype=torch.float32))
+    return y_uncond, y_uncond.stride(), w_hi, w_lo, True
+
+
+@triton.jit
 def store(ptr, x, mask):
     """Store ``x`` cast to ``ptr``'s element type; a float64 value bound for a 16-bit float goes
     through float32 first (a direct f64 -> bf16 cast is wrong under the interpreter)."""

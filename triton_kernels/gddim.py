@@ -10,7 +10,8 @@ Row r = table[step] of ``cld_fast.sde.cld_fast.samplers.gddim.gddim_table`` (flo
 A step outside the table reads row 0 instead and writes NaN (the same guard as the other step
 kernels). With ``obs`` (an inpainting condition, ``inpaint.py``; needs the run's ``ts`` and ``sde``)
 the observed elements are replaced by a perturbation of x_obs at ts[step + 1], or set to x_obs
-after the denoising row (step + 1 = len(ts)). Schema: ``cld_fast.opdefs`` "gddim_step_".
+after the denoising row (step + 1 = len(ts)). With ``y_uncond`` (classifier-free guidance, constexpr
+GUIDED) y is y + w (y - y_uncond), combined in the state dtype. Schema: ``cld_fast.opdefs`` "gddim_step_".
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_index, check_sde, check_shape, check_state, device_guard, elementwise_config, launch,
-                      store, tile_coords, tile_grid, to_compute)
+from ._common import (check_index, check_sde, check_shape, check_state, device_guard, elementwise_config,
+                      guide_args, launch, load_net, store, tile_coords, tile_grid, to_compute)
 from .coefficients import load_sde
 from .inpaint import OBS_NONE, check_obs, load_obs, obs_mode, replace_obs
 
@@ -48,11 +49,12 @@ def _history(h_ptr, slot, rows, cols, s_hk, s_hb, s_hc, s_hd, mask, F64: tl.cons
 
 @triton.jit
 def _gddim_step_kernel(
-    u_ptr, h_ptr, y_ptr, table_ptr, step_ptr, ts_ptr, sde_ptr, seed_ptr, obs_ptr,
+    u_ptr, h_ptr, y_ptr, table_ptr, step_ptr, ts_ptr, sde_ptr, seed_ptr, obs_ptr, yu_ptr,
     B, D, n_col_tiles, n_rows, n_ts,
-    s_ub, s_us, s_ud, s_hk, s_hb, s_hc, s_hd, s_yb, s_yd, s_tr, s_tc, s_ts, s_sde, s_ob, s_oc, s_od,
+    s_ub, s_us, s_ud, s_hk, s_hb, s_hc, s_hd, s_yb, s_yd, s_tr, s_tc, s_ts, s_sde, s_ob, s_oc, s_od, s_gb, s_gd,
+    w_hi, w_lo,
     K: tl.constexpr, CHANNELS: tl.constexpr, F64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBS: tl.constexpr, GUIDED: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step = tl.load(step_ptr).to(tl.int64)
@@ -62,7 +64,10 @@ def _gddim_step_kernel(
     # float64 arithmetic for every state dtype (F64 is the state's: the replacement's compute dtype)
     x = to_compute(tl.load(up, mask=mask, other=0.0), True)
     v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), True)
-    y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), True)
+    if GUIDED:  # the combination in the state dtype, like the unguided y's cast
+        y = to_compute(load_net(y_ptr, yu_ptr, rows, cols, mask, s_yb, s_yd, s_gb, s_gd, w_hi, w_lo, True, F64), True)
+    else:
+        y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), True)
     cx = _coef(row_ptr, s_tc, 0, bad, True) * x + _coef(row_ptr, s_tc, 1, bad, True) * v \
         + _coef(row_ptr, s_tc, 2, bad, True) * y
     cv = _coef(row_ptr, s_tc, 3, bad, True) * x + _coef(row_ptr, s_tc, 4, bad, True) * v \
@@ -112,15 +117,18 @@ def _replace(x, v, obs_ptr, rows, cols, mask, s_ob, s_oc, s_od, ts_ptr, s_ts, n_
 
 
 def gddim_step_(u: torch.Tensor, hist: torch.Tensor, y: torch.Tensor, table: torch.Tensor, step: torch.Tensor,
-                ts=None, sde=None, seed=None, obs=None, block_b=None, block_d=None) -> None:
+                ts=None, sde=None, seed=None, obs=None, y_uncond=None, guide_weight=0.0, block_b=None,
+                block_d=None) -> None:
     """In place: one exponential-integrator multistep step (opdefs "gddim_step_").
 
     u (B, 2, D) float32/float64; hist (K, B, H, D) in u's dtype, K in {0, 1, 2}, H in {1, 2};
     y (B, D) float32/64, bf16, fp16; table (S, 22) float32/float64; step (1,) int64; with obs
-    (B, 2 or 4, D): ts (S' + 1,) the run's grid, sde (5,) float64, seed (1,) int64 or None.
+    (B, 2 or 4, D): ts (S' + 1,) the run's grid, sde (5,) float64, seed (1,) int64 or None;
+    y_uncond (B, D) in y's dtype: y is y + guide_weight (y - y_uncond).
     """
     B, D = check_state(u, "u")
     check_shape(y, (B, D), "y")
+    gp, gs, w_hi, w_lo, guided = guide_args(y_uncond, guide_weight, y, (B, D))
     if hist.dim() != 4 or hist.shape[0] > 2 or hist.shape[1] != B or hist.shape[2] not in (1, 2) \
             or hist.shape[3] != D or hist.dtype != u.dtype:
         raise ValueError(f"triton backend: hist must be (K <= 2, {B}, 1 or 2, {D}) of u's dtype, "
@@ -156,12 +164,12 @@ def gddim_step_(u: torch.Tensor, hist: torch.Tensor, y: torch.Tensor, table: tor
     with device_guard(u.device):
         launch(_gddim_step_kernel, grid,
                u, hist if k else u, y, table, step, ts_, sde_, seed if seed is not None else step,
-               obs if obs is not None else table,
+               obs if obs is not None else table, gp,
                B, D, n_col, table.shape[0], ts_.shape[0],
                u.stride(0), u.stride(1), u.stride(2), hs[0], hs[1], hs[2], hs[3], y.stride(0), y.stride(1),
-               table.stride(0), table.stride(1), ts_.stride(0), sde_.stride(0), *os_,
+               table.stride(0), table.stride(1), ts_.stride(0), sde_.stride(0), *os_, *gs, w_hi, w_lo,
                K=k, CHANNELS=hist.shape[2], F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
-               OBS=obs_mode(obs, seed), num_warps=warps)
+               OBS=obs_mode(obs, seed), GUIDED=guided, num_warps=warps)
 
 
 def aot_variants(B: int, D: int, empty):
@@ -185,3 +193,13 @@ def aot_variants(B: int, D: int, empty):
                         hist = empty(k, B, channels_h, D, dtype=sd)
                         yield (f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K={k} H={channels_h} obs={mode}",
                                lambda u=u, y=y, h=hist, o=obs, q=q: gddim_step_(u, h, y, table, step, ts, sde, q, o))
+            # classifier-free guidance: every ring, without and with a seeded replacement
+            yu, obs = empty(B, D, dtype=y_dtype), empty(B, 2, D, dtype=sd)
+            for k in (0, 1, 2):
+                for channels_h in ((1, 2) if k else (2,)):
+                    hist = empty(k, B, channels_h, D, dtype=sd)
+                    label = f"gddim_step_ {str(sd)[6:]} y={str(y_dtype)[6:]} K={k} H={channels_h}"
+                    yield (f"{label} guided",
+                           lambda u=u, y=y, h=hist, g=yu: gddim_step_(u, h, y, table, step, y_uncond=g, guide_weight=2.0))
+                    yield (f"{label} obs=seed guided",
+                           lambda u=u, y=y, h=hist, g=yu, o=obs: gddim_step_(u, h, y, table, step, ts, sde, seed, o, g, 2.0))

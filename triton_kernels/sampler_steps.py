@@ -7,6 +7,8 @@ synchronises with the host, so the loop can be captured in a CUDA graph. With a 
 the Philox contract with counter word c2 = step and the op's tag; ``eps`` tensors replace it.
 With ``obs`` (an inpainting condition, ``inpaint.py``) the observed elements of the result are
 replaced by a perturbation of x_obs at the time the step leaves the state at, in the same launch.
+With ``y_uncond`` (classifier-free guidance, constexpr GUIDED) the SSCS and affine steps read
+y + w (y - y_uncond) in place of y, in the same launch.
 
     half_step_   (x, v) <- A (x, v) + L (z0, z1): ts[step] -> ts[step + 1]           eps (B, 2, D)
     sscs_step_   v <- alpha v + kappa y; closing half step with (z0, z1); opening half step of the
@@ -28,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (NAN, check_index, check_sde, check_shape, check_state, device_guard, elementwise_config,
-                      launch, store, tile_coords, tile_grid, to_compute)
+                      guide_args, launch, load_net, store, tile_coords, tile_grid, to_compute)
 from .coefficients import (PF_DRIFT, EM, affine_coefficients, half_step_coefficients, load_sde,
                            sscs_coefficients)
 from .perturb import NOISE_EPS, NOISE_NONE, NOISE_SEED, noise_mode
@@ -104,11 +106,11 @@ def _half_step_kernel(
 
 @triton.jit
 def _sscs_step_kernel(
-    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, obs_ptr,
+    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, obs_ptr, yu_ptr,
     B, D, n_col_tiles, n_ts,
-    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_es, s_ed, s_ob, s_oc, s_od,
+    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_es, s_ed, s_ob, s_oc, s_od, s_gb, s_gd, w_hi, w_lo,
     MIXED: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    OFFICIAL: tl.constexpr, OBS: tl.constexpr,
+    OFFICIAL: tl.constexpr, OBS: tl.constexpr, GUIDED: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, True)
@@ -120,7 +122,7 @@ def _sscs_step_kernel(
     up = u_ptr + rows * s_ub + cols * s_ud
     x = to_compute(tl.load(up, mask=mask, other=0.0), F64)
     v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), F64)
-    y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), F64)
+    y = load_net(y_ptr, yu_ptr, rows, cols, mask, s_yb, s_yd, s_gb, s_gd, w_hi, w_lo, GUIDED, F64)
     v = to_compute(alpha, F64) * v + to_compute(kappa, F64) * y
     if NOISE == NOISE_EPS:
         ep = eps_ptr + rows * s_eb + cols * s_ed
@@ -151,11 +153,12 @@ def _sscs_step_kernel(
 
 @triton.jit
 def _affine_step_kernel(
-    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, out_ptr, obs_ptr,
+    u_ptr, y_ptr, ts_ptr, step_ptr, sde_ptr, eps_ptr, seed_ptr, out_ptr, obs_ptr, yu_ptr,
     B, D, n_col_tiles, n_ts,
-    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_ed, s_ob, s_os, s_od, s_pb, s_pc, s_pd,
+    s_ub, s_us, s_ud, s_yb, s_yd, s_ts, s_sde, s_eb, s_ed, s_ob, s_os, s_od, s_pb, s_pc, s_pd, s_gb, s_gd,
+    w_hi, w_lo,
     KIND: tl.constexpr, MIXED: tl.constexpr, NOISE: tl.constexpr, F64: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, OBS: tl.constexpr, GUIDED: tl.constexpr,
 ):
     rows, cols, mask = tile_coords(tl.program_id(0), n_col_tiles, B, D, BLOCK_B, BLOCK_D)
     step, t0, t1 = _step_times(step_ptr, ts_ptr, s_ts, n_ts, KIND != PF_DRIFT)
@@ -168,7 +171,7 @@ def _affine_step_kernel(
     up = u_ptr + rows * s_ub + cols * s_ud
     x = to_compute(tl.load(up, mask=mask, other=0.0), F64)
     v = to_compute(tl.load(up + s_us, mask=mask, other=0.0), F64)
-    y = to_compute(tl.load(y_ptr + rows * s_yb + cols * s_yd, mask=mask, other=0.0), F64)
+    y = load_net(y_ptr, yu_ptr, rows, cols, mask, s_yb, s_yd, s_gb, s_gd, w_hi, w_lo, GUIDED, F64)
     nx = to_compute(c_xx, F64) * x + to_compute(c_xv, F64) * v
     nv = to_compute(c_vx, F64) * x + to_compute(c_vv, F64) * v + to_compute(c_vy, F64) * y
     if KIND == EM:
@@ -241,16 +244,18 @@ def half_step_(u: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch
 
 def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
                mixed: bool, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor], official_half: bool = False,
-               obs: Optional[torch.Tensor] = None, block_b: Optional[int] = None,
-               block_d: Optional[int] = None) -> None:
+               obs: Optional[torch.Tensor] = None, y_uncond: Optional[torch.Tensor] = None,
+               guide_weight: float = 0.0, block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
     """Fused SSCS update after a network evaluation at ts[step], in place on u (opdefs "sscs_step_").
 
     y: (B, D) score, or the network output when ``mixed``; eps (B, 4, D) or seed (1,) int64;
     ``official_half``: the official sampler's closing half step (``CLD.sscs_closing_half_step``);
-    obs (B, 2 or 4, D): the replacement at the end of the opening half step.
+    obs (B, 2 or 4, D): the replacement at the end of the opening half step; y_uncond (B, D) in y's
+    dtype: the step reads y + guide_weight (y - y_uncond).
     """
     B, D = check_state(u, "u")
     check_shape(y, (B, D), "y")
+    gp, gs, w_hi, w_lo, guided = guide_args(y_uncond, guide_weight, y, (B, D))
     _check_grid(ts, step, sde, 2)
     _check_noise(eps, seed, (B, 4, D))
     check_obs(obs, B, D)
@@ -263,23 +268,24 @@ def sscs_step_(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.T
     op, os_ = _obs_args(obs, ts)
     with device_guard(u.device):
         launch(_sscs_step_kernel, grid,
-               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, op,
+               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, op, gp,
                B, D, n_col, ts.shape[0],
                u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), ts.stride(0), sde.stride(0),
-               es[0], es[1], es[2], *os_,
+               es[0], es[1], es[2], *os_, *gs, w_hi, w_lo,
                MIXED=bool(mixed), NOISE=noise, F64=u.dtype == torch.float64, BLOCK_B=bb, BLOCK_D=bd,
-               OFFICIAL=bool(official_half), OBS=obs_mode(obs, seed), num_warps=warps)
+               OFFICIAL=bool(official_half), OBS=obs_mode(obs, seed), GUIDED=guided, num_warps=warps)
 
 
 def affine_step(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.Tensor, sde: torch.Tensor,
                 kind: int, mixed: bool, eps: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                out: torch.Tensor, obs: Optional[torch.Tensor] = None, block_b: Optional[int] = None,
-                block_d: Optional[int] = None) -> None:
+                out: torch.Tensor, obs: Optional[torch.Tensor] = None, y_uncond: Optional[torch.Tensor] = None,
+                guide_weight: float = 0.0, block_b: Optional[int] = None, block_d: Optional[int] = None) -> None:
     """out = affine step of u for ts[step] -> ts[step + 1] (opdefs "affine_step"); ``out`` may be ``u``.
 
     kind: 0 em (noise z0 from eps (B, D) or the seed), 1 denoise, 2 pf_drift (the forward-time ODE
     drift at ts[step]); computed in out's dtype. obs (B, 2 or 4, D): em replaces at ts[step + 1],
-    denoise sets x = x_obs; pf_drift takes none.
+    denoise sets x = x_obs; pf_drift takes none. y_uncond (B, D) in y's dtype (em, denoise): the step
+    reads y + guide_weight (y - y_uncond).
     """
     B, D = check_state(u, "u")
     check_state(out, "out")
@@ -292,6 +298,9 @@ def affine_step(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.
     check_obs(obs, B, D)
     if obs is not None and kind == PF_DRIFT.value:
         raise ValueError("triton backend: obs (an inpainting condition) is not taken by the pf_drift kind")
+    if y_uncond is not None and kind == PF_DRIFT.value:
+        raise ValueError("triton backend: y_uncond (classifier-free guidance) is not taken by the pf_drift kind")
+    gp, gs, w_hi, w_lo, guided = guide_args(y_uncond, guide_weight, y, (B, D))
     if B * D == 0:
         return
     noise = noise_mode(eps, seed) if kind == EM.value else NOISE_NONE.value
@@ -301,12 +310,12 @@ def affine_step(u: torch.Tensor, y: torch.Tensor, ts: torch.Tensor, step: torch.
     op, os_ = _obs_args(obs, ts)
     with device_guard(u.device):
         launch(_affine_step_kernel, grid,
-               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, out, op,
+               u, y, ts, step, sde, eps if eps is not None else ts, seed if seed is not None else step, out, op, gp,
                B, D, n_col, ts.shape[0],
                u.stride(0), u.stride(1), u.stride(2), y.stride(0), y.stride(1), ts.stride(0), sde.stride(0),
-               es[0], es[1], out.stride(0), out.stride(1), out.stride(2), *os_,
+               es[0], es[1], out.stride(0), out.stride(1), out.stride(2), *os_, *gs, w_hi, w_lo,
                KIND=int(kind), MIXED=bool(mixed), NOISE=noise, F64=out.dtype == torch.float64,
-               BLOCK_B=bb, BLOCK_D=bd, OBS=obs_mode(obs, seed, exact=kind == 1), num_warps=warps)
+               BLOCK_B=bb, BLOCK_D=bd, OBS=obs_mode(obs, seed, exact=kind == 1), GUIDED=guided, num_warps=warps)
 
 
 def aot_variants(B: int, D: int, empty):
@@ -314,6 +323,28 @@ def aot_variants(B: int, D: int, empty):
     at (B, D); ``empty(*shape, dtype=...)`` makes the (meta) tensors (bench/aot_compile.py)."""
     yield from _plain_variants(B, D, empty)
     yield from _obs_variants(B, D, empty)
+    yield from _guided_variants(B, D, empty)
+
+
+def _guided_variants(B: int, D: int, empty):
+    """The classifier-free guidance variants a sampler run reaches: mixed-score network outputs in the state
+    dtype or bf16, float32 and float64 states, seeded noise (and none for the denoising kind), with and
+    without a seeded inpainting condition."""
+    sde, ts = empty(5, dtype=torch.float64), empty(11)
+    step, seed = empty(1, dtype=torch.int64), empty(1, dtype=torch.int64)
+    for sd in (torch.float32, torch.float64):
+        s = str(sd).replace("torch.", "")
+        u = empty(B, 2, D, dtype=sd)
+        for obs in (None, empty(B, 2, D, dtype=sd)):
+            on = "none" if obs is None else "seed"
+            for y_dtype in (sd, torch.bfloat16):
+                y, yu, yn = empty(B, D, dtype=y_dtype), empty(B, D, dtype=y_dtype), str(y_dtype).replace("torch.", "")
+                yield (f"sscs_step_ {s} y={yn} mixed=True seed obs={on} guided",
+                       lambda y=y, g=yu, o=obs: sscs_step_(u, y, ts, step, sde, True, None, seed, False, o, g, 2.0))
+                yield (f"affine_step {s} y={yn} kind=0 mixed=True seed obs={on} guided",
+                       lambda y=y, g=yu, o=obs: affine_step(u, y, ts, step, sde, 0, True, None, seed, u, o, g, 2.0))
+                yield (f"affine_step {s} y={yn} kind=1 mixed=True obs={on} guided",
+                       lambda y=y, g=yu, o=obs: affine_step(u, y, ts, step, sde, 1, True, None, None, u, o, g, 2.0))
 
 
 def _obs_variants(B: int, D: int, empty):

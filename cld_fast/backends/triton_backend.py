@@ -123,9 +123,11 @@ def _typed(d: opdefs.OpDef, body: Callable) -> Callable:
 
 def _same_schema(registered: str, declared: str) -> bool:
     """Schemas equal up to what ``triton_op``'s inference writes differently: alias-set names
-    (``Tensor(a0!)``, ``Tensor(a1!)`` for ``Tensor(a!)``, ``Tensor(b!)``) and ``SymInt`` for ``int``."""
+    (``Tensor(a0!)``, ``Tensor(a1!)`` for ``Tensor(a!)``, ``Tensor(b!)``), ``SymInt`` for ``int`` and the
+    spelling of defaults (``0.`` for ``0.0``: both sides go through torch's schema parser)."""
     def norm(s):
-        s = re.sub(r"\([a-z]\d*!\)", "(!)", s.split("::", 1)[-1])
+        s = str(torch._C.parse_schema(s.split("::", 1)[-1]))
+        s = re.sub(r"\([a-z]\d*!\)", "(!)", s)
         return re.sub(r"\bSymInt\b", "int", s)
     return norm(registered) == norm(declared)
 

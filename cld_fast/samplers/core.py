@@ -15,7 +15,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -279,6 +279,24 @@ class Option:
 # ----------------------------------------------------------------------------------------------
 # score evaluation
 # ----------------------------------------------------------------------------------------------
+class Guided(NamedTuple):
+    """A classifier-free guided evaluation left for the fused step op to combine: the op reads
+    cond + weight (cond - uncond) (:meth:`Evaluator.combine`) in the same launch. cond and uncond are
+    views of the two halves of one batch-doubled network output (no copies)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    weight: float
+
+
+def guided_args(y) -> Tuple[torch.Tensor, Optional[torch.Tensor], float]:
+    """(y, y_uncond, guide_weight) of a step op for what the evaluator returned: a :class:`Guided`'s
+    halves and weight, else (y, None, 0.0)."""
+    if isinstance(y, Guided):
+        return y.cond, y.uncond, y.weight
+    return y, None, 0.0
+
+
 class Evaluator:
     """Calls the score function and checks what it returns (metadata only: no host sync).
 
@@ -287,9 +305,11 @@ class Evaluator:
     and the steps are told so (``mixed=True``), so the output goes straight into the kernel.
 
     ``guidance`` (a bound ``cf.ClassifierGuidance`` / ``cf.ClassifierFree``, see ``cld_fast.guidance``)
-    replaces the plain call by ``guidance.evaluate(self, u, t)``, which calls ``fn`` and combines with
-    :meth:`combine` / :meth:`score_term`, so its result is still what the steps expect (raw
-    output when ``fold``, else the score).
+    replaces the plain call by ``guidance.evaluate(self, u, t, fuse)``, which calls ``fn`` and combines
+    with :meth:`combine` / :meth:`score_term`, so its result is still what the steps expect (raw
+    output when ``fold``, else the score). With ``fuse=True`` (a stepper whose fused step ops take the
+    guidance pair, ``Stepper.fuse_guidance``) classifier-free guidance returns a :class:`Guided` instead:
+    the combination then costs no launch of its own.
     """
 
     def __init__(self, score_fn, sde, x_shape, fold_ok: bool = True, guidance=None):
@@ -307,7 +327,9 @@ class Evaluator:
         """Classifier-free guidance, elementwise: (1 + w) cond - w uncond = cond + w (cond - uncond).
 
         Linear with weights summing to 1, so it gives the same score whether cond / uncond are
-        scores or raw mixed-score outputs (score = c0 v + c1 out: the c0 v term is common).
+        scores or raw mixed-score outputs (score = c0 v + c1 out: the c0 v term is common). The
+        fused step ops apply the same rule in-kernel to a :class:`Guided` evaluation
+        (``cld_fast.opdefs.guided_output``); unfused samplers (the adaptive ODE) call this.
         """
         return torch.add(cond, cond - uncond, alpha=weight)
 
@@ -320,9 +342,17 @@ class Evaluator:
         c1 = self.sde.score_coefficients(t.to(torch.float64), "hsm", "mixed")[:, 1]
         return g / c1.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
 
-    def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        y = self.fn(u, t) if self.guidance is None else self.guidance.evaluate(self, u, t)
+    def __call__(self, u: torch.Tensor, t: torch.Tensor, fuse: bool = False):
+        """The checked evaluation at (u, t): a tensor of the data shape, or a :class:`Guided` pair when
+        ``fuse`` and the guidance is classifier-free."""
+        y = self.fn(u, t) if self.guidance is None else self.guidance.evaluate(self, u, t, fuse)
         self.calls += 1
+        if isinstance(y, Guided):
+            self._check(y.cond, u)
+            return y
+        return self._check(y, u)
+
+    def _check(self, y, u: torch.Tensor) -> torch.Tensor:
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"score_fn(u, t) must return a tensor, got {type(y).__name__}")
         if tuple(y.shape) != self.x_shape:
@@ -388,9 +418,12 @@ class Stepper:
 
     options: Tuple[Option, ...] = ()
     conditions = False  # its steps pass ``self.obs`` to the fused ops (``cf.sample(condition=...)``)
+    guides = False  # its steps take a classifier-free :class:`Guided` pair (``guided_args``) on an SDE that
+    # fuses guidance (``sde.fuses_guidance``): the loop asks the evaluator for the pair (``fuse_guidance``)
 
     def __init__(self, sde, plan: FixedPlan, u: torch.Tensor, seed, mixed: bool, backend=None, **options):
         self.sde, self.plan, self.seed, self.mixed, self.backend = sde, plan, seed, mixed, backend
+        self.fuse_guidance = bool(self.guides and getattr(sde, "fuses_guidance", False))
         self.opts = options
         self.counter = torch.zeros(1, dtype=torch.int64, device=u.device)
         self.condition, self.obs = None, None
@@ -414,10 +447,12 @@ class Stepper:
         """Advance u in place past the score evaluation y at step ``counter``; counter += 1."""
         raise NotImplementedError
 
-    def denoise(self, u: torch.Tensor, y: torch.Tensor) -> None:
+    def denoise(self, u: torch.Tensor, y) -> None:
         """The final noise-free step at t = eps of size eps (default: the SDE's denoising step; with a
-        condition it puts x_obs on the observed coordinates)."""
-        self.sde.denoise_(u, y, self.plan.eps, mixed=self.mixed, backend=self.backend, obs=self.obs)
+        condition it puts x_obs on the observed coordinates; a :class:`Guided` y is combined in it)."""
+        y, y_uncond, weight = guided_args(y)
+        guide = {} if y_uncond is None else {"y_uncond": y_uncond, "guide_weight": weight}
+        self.sde.denoise_(u, y, self.plan.eps, mixed=self.mixed, backend=self.backend, obs=self.obs, **guide)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,12 +572,14 @@ def fixed_step_loop(stepper_cls) -> Callable[[SamplerRun], int]:
         if plan.n >= 1:
             stepper.begin(u)
 
+        fuse = stepper.fuse_guidance
+
         def one_step():
-            stepper.step(u, ev(u, stepper.time(batch)))
+            stepper.step(u, ev(u, stepper.time(batch), fuse))
 
         repeat_step(one_step, plan.n, u, lambda i: run.after(i, plan.times[i], u), run.cuda_graph)
         if plan.denoise:
-            stepper.denoise(u, ev(u, plan.t_denoise.expand(batch)))
+            stepper.denoise(u, ev(u, plan.t_denoise.expand(batch), fuse))
             run.after(plan.n, plan.eps, u)
         return plan.steps
 

@@ -23,7 +23,7 @@ import torch
 
 from .. import ops
 from ..sde import CLD, GDDIM_COLS, GDDIM_PREDICTIONS, integrate_log, legendre_nodes
-from .core import Option, Stepper, register_sampler
+from .core import Option, Stepper, guided_args, register_sampler
 
 ORDERS = (1, 2, 3)
 MIN_EPS = 1e-12  # below it the float64 table loses its digits (measured: garbage at 1e-17, drift at 1e-14)
@@ -120,6 +120,7 @@ def gddim_table(sde: CLD, ts, order: int = 2, predict: str = "eps", mixed: bool 
 
 class GDDIM(Stepper):
     conditions = True
+    guides = True
     options = (
         Option("order", int, 2, "multistep order: Lagrange extrapolation through the last `order` evaluations",
                choices=ORDERS),
@@ -139,10 +140,12 @@ class GDDIM(Stepper):
                                  first_order_below=self.opts["first_order_below"]).to(u.device)
         self.hist = ops.gddim_history(u, self.opts["order"], self.opts["predict"])
 
-    def step(self, u: torch.Tensor, y: torch.Tensor) -> None:
-        """The fused step after the network evaluation at ts[counter], then counter += 1 (on the device)."""
+    def step(self, u: torch.Tensor, y) -> None:
+        """The fused step after the network evaluation at ts[counter], then counter += 1 (on the device);
+        a classifier-free ``Guided`` y is combined in it."""
+        y, y_uncond, weight = guided_args(y)
         ops.gddim_step_(u, y, self.hist, self.table, step=self.counter, backend=self.backend, obs=self.obs,
-                        ts=self.plan.grid, sde=self.sde, seed=self.seed)
+                        ts=self.plan.grid, sde=self.sde, seed=self.seed, y_uncond=y_uncond, guide_weight=weight)
         self.counter.add_(1)
 
     def denoise(self, u: torch.Tensor, y: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from .. import ops
 from ..sde import CLD
-from .core import Option, Stepper, register_sampler
+from .core import Option, Stepper, guided_args, register_sampler
 
 
 class SSCS(Stepper):
@@ -33,6 +33,7 @@ class SSCS(Stepper):
     )
 
     conditions = True
+    guides = True
 
     def begin(self, u: torch.Tensor) -> None:
         """The opening half step of step 0: ts[0] -> ts[0] - h_0 / 2 (with a condition, its observed coordinates
@@ -48,10 +49,13 @@ class SSCS(Stepper):
         ops.half_step_(u, opening, self.sde, step=torch.zeros_like(self.counter), seed=self.seed,
                        backend=self.backend, obs=self.obs)
 
-    def step(self, u: torch.Tensor, y: torch.Tensor) -> None:
-        """Score Euler step, closing half step and the next step's opening half step: one fused kernel."""
+    def step(self, u: torch.Tensor, y) -> None:
+        """Score Euler step, closing half step and the next step's opening half step: one fused kernel
+        (a classifier-free ``Guided`` y is combined in it)."""
+        y, y_uncond, weight = guided_args(y)
         ops.sscs_step_(u, y, self.plan.grid, self.sde, step=self.counter, mixed=self.mixed, seed=self.seed,
-                       backend=self.backend, official_half_steps=self.opts["sscs_official_half_steps"], obs=self.obs)
+                       backend=self.backend, official_half_steps=self.opts["sscs_official_half_steps"], obs=self.obs,
+                       y_uncond=y_uncond, guide_weight=weight)
         self.counter.add_(1)
 
 

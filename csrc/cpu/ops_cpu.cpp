@@ -477,6 +477,31 @@ inline void linear_step(const LinearT<T>& c, T& x, T& v, T ex, T ev) {
   v = nv;
 }
 
+// The network output a step kernel reads (contiguous (B, D) of O): y, or with y_uncond the classifier-free
+// combination y + w (y - y_uncond) (opdefs ``guided_output``), each term cast to T first.
+template <typename T, typename O>
+struct NetOut {
+  const O* y = nullptr;
+  const O* yu = nullptr;  // nullptr: unguided
+  T w = T(0);
+
+  inline T at(int64_t i) const {
+    const T a = static_cast<T>(y[i]);
+    if (yu == nullptr) return a;
+    return a + w * (a - static_cast<T>(yu[i]));
+  }
+};
+
+// y and y_uncond made contiguous (kept alive by the caller) as a NetOut.
+template <typename T, typename O>
+NetOut<T, O> make_net_out(const at::Tensor& y, const std::optional<at::Tensor>& y_uncond, double w) {
+  NetOut<T, O> n;
+  n.y = y.data_ptr<O>();
+  n.yu = y_uncond.has_value() ? y_uncond->data_ptr<O>() : nullptr;
+  n.w = static_cast<T>(w);
+  return n;
+}
+
 // The inpainting replacement of a step op (opdefs ``obs``), applied to a row piece [d0, d1) after the
 // op's own update of it: an observed element (mask != 0) becomes A(t_r) (x_obs, 0) + L(t_r) (z_x, z_v),
 // with the noise from obs's channels 2, 3, else Philox tag INPAINT at step k (normals 2 pair, 2 pair + 1),
@@ -594,13 +619,12 @@ void half_step_cpu(const at::Tensor& u, const at::Tensor& ts, const at::Tensor& 
 }
 
 template <typename T, typename O>
-void sscs_step_kernel(const at::Tensor& u, const at::Tensor& y, const SscsStep& c, int64_t k,
+void sscs_step_kernel(const at::Tensor& u, const NetOut<T, O>& y, const SscsStep& c, int64_t k,
                       const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
                       const Replacer<T>& rep, int64_t B, int64_t D) {
   const T alpha = static_cast<T>(c.score.alpha), kappa = static_cast<T>(c.score.kappa);
   const LinearT<T> closing = to_state<T>(c.closing), opening = to_state<T>(c.opening);
   T* pu = u.data_ptr<T>();
-  const O* py = y.data_ptr<O>();
   const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
   const int64_t s = read_i64(seed);
   dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
@@ -608,10 +632,9 @@ void sscs_step_kernel(const at::Tensor& u, const at::Tensor& y, const SscsStep& 
     for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
       T* xr = pu + b * 2 * D;
       T* vr = xr + D;
-      const O* yr = py + b * D;
       auto element = [&](int64_t d, T z0, T z1, T z2, T z3) {
         T x = xr[d];
-        T v = alpha * vr[d] + kappa * static_cast<T>(yr[d]);
+        T v = alpha * vr[d] + kappa * y.at(b * D + d);
         linear_step<T, M != Noise::None>(closing, x, v, z0, z1);
         linear_step<T, M != Noise::None>(opening, x, v, z2, z3);
         xr[d] = x;
@@ -638,9 +661,10 @@ void sscs_step_kernel(const at::Tensor& u, const at::Tensor& y, const SscsStep& 
 
 void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                    const at::Tensor& sde, bool mixed, const std::optional<at::Tensor>& eps,
-                   const std::optional<at::Tensor>& seed, bool official_half, const std::optional<at::Tensor>& obs) {
+                   const std::optional<at::Tensor>& seed, bool official_half, const std::optional<at::Tensor>& obs,
+                   const std::optional<at::Tensor>& y_uncond, double guide_weight) {
   const char* op = "cld_fast::sscs_step_";
-  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, obs, true);
+  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, obs, y_uncond, guide_weight, true);
   const StepAt s = read_step(step, ts, /*reads_next=*/true, op);
   const double t1 = time_at(ts, s.k + 1), t2 = time_at(ts, std::min(s.k + 2, s.n_ts - 1));
   const Params p = read_params(sde);
@@ -648,11 +672,13 @@ void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& t
                                             official_half);
   const InPlace w(u);
   const at::Tensor yc = y.contiguous();
+  const auto uc = contiguous(y_uncond);
   const auto ec = contiguous(eps);
   const auto oc = contiguous(obs);
   dispatch_state_net(u, y, [&](auto tt, auto ot) {
     using T = decltype(tt);
-    sscs_step_kernel<T, decltype(ot)>(w.work, yc, c, s.k, ec, seed,
+    using O = decltype(ot);
+    sscs_step_kernel<T, O>(w.work, make_net_out<T, O>(yc, uc, guide_weight), c, s.k, ec, seed,
                                       make_replacer<T>(oc, p, sscs_replacement_time(t1, t2), false, seed, s.k, 0),
                                       n.B, n.D);
   });
@@ -660,14 +686,13 @@ void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& t
 }
 
 template <typename T, typename O>
-void affine_step_kernel(const at::Tensor& u, const at::Tensor& y, const Affine& a, bool noisy, int64_t k,
+void affine_step_kernel(const at::Tensor& u, const NetOut<T, O>& y, const Affine& a, bool noisy, int64_t k,
                         const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
                         const at::Tensor& out, const Replacer<T>& rep, int64_t B, int64_t D) {
   const T r[6] = {static_cast<T>(a.c_xx), static_cast<T>(a.c_xv), static_cast<T>(a.c_vx),
                   static_cast<T>(a.c_vv), static_cast<T>(a.c_vy), static_cast<T>(a.sigma)};
   const T* pu = u.data_ptr<T>();  // may alias po (an in-place step): each element is read, then written
   T* po = out.data_ptr<T>();
-  const O* py = y.data_ptr<O>();
   const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
   const int64_t s = read_i64(seed);
   dispatch_noise(noisy ? noise_mode(eps, seed) : Noise::None, [&](auto Mc) {
@@ -677,11 +702,10 @@ void affine_step_kernel(const at::Tensor& u, const at::Tensor& y, const Affine& 
       const T* vr = xr + D;
       T* oxr = po + b * 2 * D;
       T* ovr = oxr + D;
-      const O* yr = py + b * D;
       auto element = [&](int64_t d, T z) {
         const T x = xr[d], v = vr[d];
         const T nx = r[0] * x + r[1] * v;
-        T nv = r[2] * x + r[3] * v + r[4] * static_cast<T>(yr[d]);
+        T nv = r[2] * x + r[3] * v + r[4] * y.at(b * D + d);
         if constexpr (M != Noise::None) nv = nv + r[5] * z;
         oxr[d] = nx;
         ovr[d] = nv;
@@ -703,9 +727,10 @@ void affine_step_kernel(const at::Tensor& u, const at::Tensor& y, const Affine& 
 void affine_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                      const at::Tensor& sde, int64_t kind, bool mixed, const std::optional<at::Tensor>& eps,
                      const std::optional<at::Tensor>& seed, const at::Tensor& out,
-                     const std::optional<at::Tensor>& obs) {
+                     const std::optional<at::Tensor>& obs, const std::optional<at::Tensor>& y_uncond,
+                     double guide_weight) {
   const char* op = "cld_fast::affine_step";
-  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, obs, true);
+  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, obs, y_uncond, guide_weight, true);
   const bool drift = kind == kAffinePfDrift;
   const StepAt s = read_step(step, ts, /*reads_next=*/!drift, op);
   const double t0 = time_at(ts, s.k);
@@ -715,11 +740,13 @@ void affine_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor&
   const InPlace w(out);
   const at::Tensor src = source_for(u, out, w);
   const at::Tensor yc = y.contiguous();
+  const auto uc = contiguous(y_uncond);
   const auto ec = contiguous(eps);
   const auto oc = contiguous(obs);
   dispatch_state_net(out, y, [&](auto tt, auto ot) {
     using T = decltype(tt);
-    affine_step_kernel<T, decltype(ot)>(src, yc, a, kind == kAffineEm, s.k, ec, seed, w.work,
+    using O = decltype(ot);
+    affine_step_kernel<T, O>(src, make_net_out<T, O>(yc, uc, guide_weight), a, kind == kAffineEm, s.k, ec, seed, w.work,
                                         make_replacer<T>(oc, p, t1, kind == kAffineDenoise, seed, s.k, 0), n.B, n.D);
   });
   w.commit();
@@ -747,11 +774,10 @@ inline void add_history(const T* c, T hx, T hv, T& nx, T& nv) {
 }
 
 template <typename T, typename O, int K, int H>
-void gddim_step_kernel(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const double* r, int64_t k,
+void gddim_step_kernel(const at::Tensor& u, const at::Tensor& hist, const NetOut<T, O>& y, const double* r, int64_t k,
                        const Replacer<T>& rep, int64_t B, int64_t D) {
   T* pu = u.data_ptr<T>();
   T* ph = K > 0 ? hist.data_ptr<T>() : nullptr;
-  const O* py = y.data_ptr<O>();
   constexpr int64_t slots = K > 0 ? K : 1;
   const int64_t slab = B * H * D;  // one ring slot
   const int64_t own = ring_slot(k, slots) * slab;
@@ -760,11 +786,10 @@ void gddim_step_kernel(const at::Tensor& u, const at::Tensor& hist, const at::Te
   for_rows(B, D, grain_for(Noise::None), [&](int64_t b, int64_t d0, int64_t d1) {
     T* xr = pu + b * 2 * D;
     T* vr = xr + D;
-    const O* yr = py + b * D;
     const int64_t hrow = b * H * D;
     for (int64_t d = d0; d < d1; ++d) {
       // float64 arithmetic for every state dtype: the first rows' Lin u and C_0 cur cancel (terms ~1e6)
-      const double x = xr[d], v = vr[d], yy = static_cast<double>(static_cast<T>(yr[d]));
+      const double x = xr[d], v = vr[d], yy = static_cast<double>(y.at(b * D + d));
       const double cx = r[0] * x + r[1] * v + r[2] * yy;
       const double cv = r[3] * x + r[4] * v + r[5] * yy;
       double nx = r[6] * x + r[7] * v + r[10] * cx + r[11] * cv;
@@ -806,9 +831,10 @@ void dispatch_ring(int64_t k, int64_t h, const F& f) {
 
 void gddim_step_cpu(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
                     const at::Tensor& step, const std::optional<at::Tensor>& ts, const std::optional<at::Tensor>& sde,
-                    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs) {
+                    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs,
+                    const std::optional<at::Tensor>& y_uncond, double guide_weight) {
   const char* op = "cld_fast::gddim_step_";
-  const Dims n = check_gddim_step(u, hist, y, table, step, ts, sde, seed, obs, true);
+  const Dims n = check_gddim_step(u, hist, y, table, step, ts, sde, seed, obs, y_uncond, guide_weight, true);
   const int64_t k = step.data_ptr<int64_t>()[0];
   check_table_step_range(k, table.size(0), op);
   // The replacement at ts[k + 1]; k + 1 = len(ts) is the denoising row (x = x_obs).
@@ -824,12 +850,14 @@ void gddim_step_cpu(const at::Tensor& u, const at::Tensor& hist, const at::Tenso
   }
   const InPlace wu(u), wh(hist);
   const at::Tensor yc = y.contiguous();
+  const auto uc = contiguous(y_uncond);
   dispatch_state_net(u, y, [&](auto tt, auto ot) {
     using T = decltype(tt);
     using O = decltype(ot);
     dispatch_ring(hist.size(0), hist.size(2), [&](auto kc, auto hc) {
       gddim_step_kernel<T, O, decltype(kc)::value, decltype(hc)::value>(
-          wu.work, wh.work, yc, row, k, make_replacer<T>(oc, p, t_r, exact, seed, k, 0), n.B, n.D);
+          wu.work, wh.work, make_net_out<T, O>(yc, uc, guide_weight), row, k,
+          make_replacer<T>(oc, p, t_r, exact, seed, k, 0), n.B, n.D);
     });
   });
   wh.commit();

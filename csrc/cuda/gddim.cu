@@ -9,6 +9,9 @@
 //   u   <- Lin u + C_0 cur + sum_{j=1..K} C_j hist[(step - j) mod K]
 //   hist[step mod K] <- cur[:H]
 //
+// With y_uncond (classifier-free guidance, template G) y is y + w (y - y_uncond), combined in float32
+// (load_guided); the unguided kernels (G = false) do not carry the second load.
+//
 // hist (K, B, H, D) float32 ring buffer, K in {0, 1, 2}, H in {1, 2} (hv = 0 when H = 1). A step
 // outside the table reads the clamped row and poisons the coefficients with NaN, so u and the ring
 // slot written become NaN (the guard of the other step kernels, sampler_steps.cu).
@@ -36,7 +39,7 @@ __device__ __forceinline__ void add_history(const volatile double* c, double hx,
 }
 
 // Coefficients: E (6) | Lin (4) | C_0 (4) | C_1 .. C_R (4 each): the first 14 + 4 R columns of the row.
-template <typename Y, int R, int H>
+template <typename Y, int R, int H, bool G>
 struct GddimStepOp {
   static constexpr int KT = 14 + 4 * R;  // the table's columns
   static constexpr int K = KT + kObsCoefs;
@@ -48,6 +51,8 @@ struct GddimStepOp {
   float* u;     // (B, 2, D), in place
   float* hist;  // (R, B, H, D), in place; unused when R = 0
   const Y* y;   // (B, D)
+  const Y* yu;  // (B, D) unconditional network output (read when G)
+  float w;      // the guidance weight
   TableArg table;
   const int64_t* step;
   ObsArg obs;
@@ -107,7 +112,11 @@ struct GddimStepOp {
     float* px = u + b * 2 * D + d;
     load<V>(px, x);
     load<V>(px + D, v);
-    load<V>(y + b * D + d, yy);
+    if constexpr (G) {
+      load_guided<V>(y, yu, w, b * D + d, yy);
+    } else {
+      load<V>(y + b * D + d, yy);
+    }
     const int64_t hrow = b * H * D + d;
     // Every history read of an element precedes its own slot's write (slot step - 2 is slot step when R = 2).
     if constexpr (R > 0) {
@@ -147,36 +156,56 @@ struct GddimStepOp {
   }
 };
 
-template <typename Y, int R, int H>
-void launch_ring(float* u, float* hist, const void* y, TableArg table, const int64_t* step, ObsArg obs, TimeArg ts,
-                 const double* sde, int64_t B, int64_t D, int vec, cudaStream_t stream) {
-  const GddimStepOp<Y, R, H> op{u, hist, static_cast<const Y*>(y), table, step, obs, ts, sde, B, D, {}, 0, 0, 0, 0, 0};
+template <typename Y, int R, int H, bool G>
+void launch_ring(float* u, float* hist, const void* y, GuideArg guide, TableArg table, const int64_t* step, ObsArg obs,
+                 TimeArg ts, const double* sde, int64_t B, int64_t D, int vec, cudaStream_t stream) {
+  const GddimStepOp<Y, R, H, G> op{u,   hist, static_cast<const Y*>(y), static_cast<const Y*>(guide.y_uncond),
+                                   guide.weight, table, step, obs, ts, sde, B, D, {}, 0, 0, 0, 0, 0};
   launch_steps(op, vec, B, D, stream);
+}
+
+// The ring's (K, H) as template arguments.
+template <typename Y, bool G>
+void launch_rings(float* u, float* hist, int K, int H, const void* y, GuideArg guide, TableArg table,
+                  const int64_t* step, ObsArg obs, TimeArg ts, const double* sde, int64_t B, int64_t D, int vec,
+                  cudaStream_t stream) {
+  if (K <= 0) {
+    launch_ring<Y, 0, 1, G>(u, hist, y, guide, table, step, obs, ts, sde, B, D, vec, stream);  // no ring: H not read
+  } else if (K == 1) {
+    if (H == 1) {
+      launch_ring<Y, 1, 1, G>(u, hist, y, guide, table, step, obs, ts, sde, B, D, vec, stream);
+    } else {
+      launch_ring<Y, 1, 2, G>(u, hist, y, guide, table, step, obs, ts, sde, B, D, vec, stream);
+    }
+  } else {
+    if (H == 1) {
+      launch_ring<Y, 2, 1, G>(u, hist, y, guide, table, step, obs, ts, sde, B, D, vec, stream);
+    } else {
+      launch_ring<Y, 2, 2, G>(u, hist, y, guide, table, step, obs, ts, sde, B, D, vec, stream);
+    }
+  }
 }
 
 }  // namespace
 
-void launch_gddim_step(float* u, float* hist, int K, int H, const void* y, NetType y_type, TableArg table,
-                       const int64_t* step, ObsArg obs, TimeArg ts, const double* sde, int64_t B, int64_t D,
-                       cudaStream_t stream) {
-  int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {K > 0 ? hist : nullptr, 4}, {obs.p, 4}});
+void launch_gddim_step(float* u, float* hist, int K, int H, const void* y, NetType y_type, GuideArg guide,
+                       TableArg table, const int64_t* step, ObsArg obs, TimeArg ts, const double* sde, int64_t B,
+                       int64_t D, cudaStream_t stream) {
+  int vec = pick_vec(D, {{u, 4},
+                         {y, net_bytes(y_type)},
+                         {guide.y_uncond, net_bytes(y_type)},
+                         {K > 0 ? hist : nullptr, 4},
+                         {obs.p, 4}});
   if (K >= 2 && H == 2) vec = vec < 2 ? vec : 2;  // four elements' two-slot history spills 8 B on sm_90
+  // The guided kernels' second output load: four elements spill 8-32 B on sm_90, two with the two-slot
+  // eps_R history 8-16 B; these widths spill nothing (ptxas -v, compiled for sm_90).
+  if (guide.y_uncond != nullptr) vec = (K >= 2 && H == 2) ? 1 : (vec < 2 ? vec : 2);
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
-    if (K <= 0) {
-      launch_ring<Y, 0, 1>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);  // no ring: H is not read
-    } else if (K == 1) {
-      if (H == 1) {
-        launch_ring<Y, 1, 1>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);
-      } else {
-        launch_ring<Y, 1, 2>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);
-      }
+    if (guide.y_uncond != nullptr) {
+      launch_rings<Y, true>(u, hist, K, H, y, guide, table, step, obs, ts, sde, B, D, vec, stream);
     } else {
-      if (H == 1) {
-        launch_ring<Y, 2, 1>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);
-      } else {
-        launch_ring<Y, 2, 2>(u, hist, y, table, step, obs, ts, sde, B, D, vec, stream);
-      }
+      launch_rings<Y, false>(u, hist, K, H, y, guide, table, step, obs, ts, sde, B, D, vec, stream);
     }
   });
 }

@@ -55,6 +55,11 @@ ObsArg obs_arg(const std::optional<at::Tensor>& obs_c, const std::optional<at::T
   return ObsArg{obs_c->data_ptr<float>(), static_cast<int>(obs_c->size(1)), iptr(seed)};
 }
 
+// The classifier-free guidance pair from the contiguous y_uncond (or none).
+GuideArg guide_arg(const std::optional<at::Tensor>& y_uncond_c, double weight) {
+  return GuideArg{y_uncond_c.has_value() ? y_uncond_c->data_ptr() : nullptr, static_cast<float>(weight)};
+}
+
 // The (5,) parameters as a contiguous pointer (kernel_params tensors already are).
 const double* params(const at::Tensor& sde_c) { return sde_c.data_ptr<double>(); }
 
@@ -158,14 +163,15 @@ void half_step_cuda(const at::Tensor& u, const at::Tensor& ts, const at::Tensor&
 
 void sscs_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                     const at::Tensor& sde, bool mixed, const std::optional<at::Tensor>& eps,
-                    const std::optional<at::Tensor>& seed, bool official_half, const std::optional<at::Tensor>& obs) {
+                    const std::optional<at::Tensor>& seed, bool official_half, const std::optional<at::Tensor>& obs,
+                    const std::optional<at::Tensor>& y_uncond, double guide_weight) {
   check_cuda(u, "cld_fast::sscs_step_", "u");
-  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, obs, false);
+  const Dims n = check_sscs_step(u, y, ts, step, sde, eps, seed, obs, y_uncond, guide_weight, false);
   const c10::cuda::CUDAGuard guard(u.device());
   const InPlace w(u);
   const at::Tensor yc = y.contiguous(), sc = sde.contiguous();
-  const auto ec = contiguous(eps), oc = contiguous(obs);
-  launch_sscs_step(w.work.data_ptr<float>(), yc.data_ptr(), net_type(yc), times(ts), step.data_ptr<int64_t>(),
+  const auto ec = contiguous(eps), oc = contiguous(obs), gc = contiguous(y_uncond);
+  launch_sscs_step(w.work.data_ptr<float>(), yc.data_ptr(), net_type(yc), guide_arg(gc, guide_weight), times(ts), step.data_ptr<int64_t>(),
                    params(sc), mixed, official_half, noise(ec, seed), obs_arg(oc, seed), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   w.commit();
@@ -174,15 +180,16 @@ void sscs_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& 
 void affine_step_cuda(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                       const at::Tensor& sde, int64_t kind, bool mixed, const std::optional<at::Tensor>& eps,
                       const std::optional<at::Tensor>& seed, const at::Tensor& out,
-                      const std::optional<at::Tensor>& obs) {
+                      const std::optional<at::Tensor>& obs, const std::optional<at::Tensor>& y_uncond,
+                      double guide_weight) {
   check_cuda(out, "cld_fast::affine_step", "out");
-  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, obs, false);
+  const Dims n = check_affine(u, y, ts, step, sde, kind, eps, seed, out, obs, y_uncond, guide_weight, false);
   const c10::cuda::CUDAGuard guard(out.device());
   const InPlace w(out);
   const at::Tensor src = source_for(u, out, w);
   const at::Tensor yc = y.contiguous(), sc = sde.contiguous();
-  const auto ec = contiguous(eps), oc = contiguous(obs);
-  launch_affine_step(src.data_ptr<float>(), yc.data_ptr(), net_type(yc), times(ts), step.data_ptr<int64_t>(),
+  const auto ec = contiguous(eps), oc = contiguous(obs), gc = contiguous(y_uncond);
+  launch_affine_step(src.data_ptr<float>(), yc.data_ptr(), net_type(yc), guide_arg(gc, guide_weight), times(ts), step.data_ptr<int64_t>(),
                      params(sc), static_cast<int>(kind), mixed, noise(ec, seed), obs_arg(oc, seed),
                      w.work.data_ptr<float>(), n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -197,20 +204,21 @@ TableArg table_arg(const at::Tensor& table) {
 
 void gddim_step_cuda(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
                      const at::Tensor& step, const std::optional<at::Tensor>& ts, const std::optional<at::Tensor>& sde,
-                     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs) {
+                     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs,
+                     const std::optional<at::Tensor>& y_uncond, double guide_weight) {
   const char* op = "cld_fast::gddim_step_";
   check_cuda(u, op, "u");
-  const Dims n = check_gddim_step(u, hist, y, table, step, ts, sde, seed, obs, false);
+  const Dims n = check_gddim_step(u, hist, y, table, step, ts, sde, seed, obs, y_uncond, guide_weight, false);
   const c10::cuda::CUDAGuard guard(u.device());
   const InPlace wu(u), wh(hist);
   const at::Tensor yc = y.contiguous();
   const int64_t k = hist.size(0);
-  const auto oc = contiguous(obs), sc = contiguous(sde);
+  const auto oc = contiguous(obs), sc = contiguous(sde), gc = contiguous(y_uncond);
   const TimeArg grid = obs.has_value() ? times(*ts) : TimeArg{nullptr, 0, 0, false};
   launch_gddim_step(wu.work.data_ptr<float>(), k > 0 ? wh.work.data_ptr<float>() : nullptr, static_cast<int>(k),
-                    static_cast<int>(hist.size(2)), yc.data_ptr(), net_type(yc), table_arg(table),
-                    step.data_ptr<int64_t>(), obs_arg(oc, seed), grid, sc.has_value() ? params(*sc) : nullptr, n.B,
-                    n.D, stream());
+                    static_cast<int>(hist.size(2)), yc.data_ptr(), net_type(yc), guide_arg(gc, guide_weight),
+                    table_arg(table), step.data_ptr<int64_t>(), obs_arg(oc, seed), grid,
+                    sc.has_value() ? params(*sc) : nullptr, n.B, n.D, stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   wh.commit();
   wu.commit();

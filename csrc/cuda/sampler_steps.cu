@@ -5,7 +5,8 @@
 // host synchronisation and no step table, and can be captured in a CUDA graph. A step outside the
 // grid gives NaN outputs. In-kernel noise: half step tag kTagHalfStep (z0, z1), SSCS kTagSscs
 // (z0..z3), affine kTagAffine (z0, kind em only); counter word c2 = the step. With an inpainting
-// condition (ObsArg) the observed elements of the result are replaced (replace_obs) in the same pass.
+// condition (ObsArg) the observed elements of the result are replaced (replace_obs) in the same pass;
+// with y_uncond (classifier-free guidance) the SSCS and affine steps read y + w (y - y_uncond) (load_net).
 #include "cld_cuda_common.cuh"
 
 namespace cld {
@@ -92,7 +93,9 @@ struct SscsStepOp {
   static constexpr int kParts = 4;  // score step, closing and opening half steps, the replacement
 
   float* u;    // (B, 2, D), in place; eps (B, 4, D)
-  const Y* y;  // (B, D) network output
+  const Y* y;   // (B, D) network output
+  const Y* yu;  // (B, D) unconditional network output, or nullptr (unguided)
+  float w;      // the guidance weight
   StepArgs s;
   ObsArg obs;
   bool mixed;
@@ -135,7 +138,7 @@ struct SscsStepOp {
     float* px = u + b * 2 * D + d;
     load<V>(px, x);
     load<V>(px + D, v);
-    load<V>(y + b * D + d, yy);
+    load_net<V>(y, yu, w, b * D + d, yy);
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = r[0] * v[k] + r[1] * yy[k];
     if (s.noise.eps != nullptr) {
@@ -176,6 +179,8 @@ struct AffineStepOp {
 
   const float* u;  // (B, 2, D); may be `out` itself: each thread reads its elements before writing them
   const Y* y;      // (B, D)
+  const Y* yu;     // (B, D) unconditional network output, or nullptr (unguided)
+  float w;         // the guidance weight
   StepArgs s;      // eps (B, D)
   ObsArg obs;
   int kind;
@@ -213,7 +218,7 @@ struct AffineStepOp {
     const int64_t o = b * 2 * D + d;
     load<V>(u + o, x);
     load<V>(u + o + D, v);
-    load<V>(y + b * D + d, yy);
+    load_net<V>(y, yu, w, b * D + d, yy);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       nx[k] = r[0] * x[k] + r[1] * v[k];
@@ -244,26 +249,28 @@ void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* s
   launch_steps(op, pick_vec(D, {{u, 4}, {noise.eps, 4}, {obs.p, 4}}), B, D, stream);
 }
 
-void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step, const double* sde,
-                      bool mixed, bool official_half, NoiseArg noise, ObsArg obs, int64_t B, int64_t D,
-                      cudaStream_t stream) {
-  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}, {obs.p, 4}});
+void launch_sscs_step(float* u, const void* y, NetType y_type, GuideArg guide, TimeArg ts, const int64_t* step,
+                      const double* sde, bool mixed, bool official_half, NoiseArg noise, ObsArg obs, int64_t B,
+                      int64_t D, cudaStream_t stream) {
+  const int vec =
+      pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {guide.y_uncond, net_bytes(y_type)}, {noise.eps, 4}, {obs.p, 4}});
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
-    const SscsStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, obs, mixed, official_half, D, {},
-                           0, 0, 0};
+    const SscsStepOp<Y> op{u, static_cast<const Y*>(y), static_cast<const Y*>(guide.y_uncond), guide.weight,
+                           {ts, step, sde, noise}, obs, mixed, official_half, D, {}, 0, 0, 0};
     launch_steps(op, vec, B, D, stream);
   });
 }
 
-void launch_affine_step(const float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step,
-                        const double* sde, int kind, bool mixed, NoiseArg noise, ObsArg obs, float* out, int64_t B,
-                        int64_t D, cudaStream_t stream) {
-  const int vec = pick_vec(D, {{u, 4}, {y, net_bytes(y_type)}, {noise.eps, 4}, {out, 4}, {obs.p, 4}});
+void launch_affine_step(const float* u, const void* y, NetType y_type, GuideArg guide, TimeArg ts,
+                        const int64_t* step, const double* sde, int kind, bool mixed, NoiseArg noise, ObsArg obs,
+                        float* out, int64_t B, int64_t D, cudaStream_t stream) {
+  const int vec = pick_vec(
+      D, {{u, 4}, {y, net_bytes(y_type)}, {guide.y_uncond, net_bytes(y_type)}, {noise.eps, 4}, {out, 4}, {obs.p, 4}});
   dispatch_net(y_type, [&](auto tag) {
     using Y = decltype(tag);
-    const AffineStepOp<Y> op{u, static_cast<const Y*>(y), {ts, step, sde, noise}, obs, kind, mixed, out, D, {},
-                             0, 0, 0};
+    const AffineStepOp<Y> op{u, static_cast<const Y*>(y), static_cast<const Y*>(guide.y_uncond), guide.weight,
+                             {ts, step, sde, noise}, obs, kind, mixed, out, D, {}, 0, 0, 0};
     launch_steps(op, vec, B, D, stream);
   });
 }

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <sstream>
@@ -249,6 +250,16 @@ inline void check_obs(const std::optional<at::Tensor>& obs, Dims n, const at::Te
   check_device(o, state, op, "obs");
 }
 
+// y_uncond: the optional unconditional network output of classifier-free guidance (opdefs ``y_uncond``),
+// with y's shape, dtype and device; guide_weight finite.
+inline void check_guide(const std::optional<at::Tensor>& y_uncond, double guide_weight, const at::Tensor& y, Dims n,
+                        const at::Tensor& state, bool cpu, const char* op) {
+  if (!y_uncond.has_value()) return;
+  check_net(*y_uncond, n, state, cpu, op, "y_uncond");
+  check_dtype(*y_uncond, y.scalar_type(), op, "y_uncond (y's dtype)");
+  TORCH_CHECK(std::isfinite(guide_weight), op, ": guide_weight must be finite, got ", guide_weight);
+}
+
 inline Dims check_half_step(const at::Tensor& u, const at::Tensor& ts, const at::Tensor& step, const at::Tensor& sde,
                             const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
                             const std::optional<at::Tensor>& obs, bool cpu) {
@@ -261,10 +272,12 @@ inline Dims check_half_step(const at::Tensor& u, const at::Tensor& ts, const at:
 
 inline Dims check_sscs_step(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                             const at::Tensor& sde, const std::optional<at::Tensor>& eps,
-                            const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs, bool cpu) {
+                            const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& obs,
+                            const std::optional<at::Tensor>& y_uncond, double guide_weight, bool cpu) {
   const char* op = "cld_fast::sscs_step_";
   const Dims n = check_state(u, cpu, op, "u");
   check_net(y, n, u, cpu, op, "y");
+  check_guide(y_uncond, guide_weight, y, n, u, cpu, op);
   check_step_args(ts, step, sde, eps, seed, 4, n, u, op);
   check_obs(obs, n, u, op);
   return n;
@@ -273,18 +286,22 @@ inline Dims check_sscs_step(const at::Tensor& u, const at::Tensor& y, const at::
 inline Dims check_affine(const at::Tensor& u, const at::Tensor& y, const at::Tensor& ts, const at::Tensor& step,
                          const at::Tensor& sde, int64_t kind, const std::optional<at::Tensor>& eps,
                          const std::optional<at::Tensor>& seed, const at::Tensor& out,
-                         const std::optional<at::Tensor>& obs, bool cpu) {
+                         const std::optional<at::Tensor>& obs, const std::optional<at::Tensor>& y_uncond,
+                         double guide_weight, bool cpu) {
   const char* op = "cld_fast::affine_step";
   const Dims n = check_state(out, cpu, op, "out");
   check_arg(u, {n.B, 2, n.D}, out.scalar_type(), out, op, "u");
   TORCH_CHECK(at::get_overlap_status(u, out) != at::MemOverlapStatus::Partial, op,
               ": out must be u itself (an in-place step) or not overlap u; it partially overlaps u");
   check_net(y, n, out, cpu, op, "y");
+  check_guide(y_uncond, guide_weight, y, n, out, cpu, op);
   check_code(kind, kNumAffineKinds, kAffineKindNames, op, "kind");
   check_step_args(ts, step, sde, eps, seed, 0, n, out, op);
   check_obs(obs, n, out, op);
   TORCH_CHECK(!obs.has_value() || kind != kAffinePfDrift, op, ": obs (an inpainting condition) is not taken by the ",
               "pf_drift kind (a drift, not a step)");
+  TORCH_CHECK(!y_uncond.has_value() || kind != kAffinePfDrift, op, ": y_uncond (classifier-free guidance) is not ",
+              "taken by the pf_drift kind");
   return n;
 }
 
@@ -324,11 +341,13 @@ inline void check_table_step_range(int64_t k, int64_t rows, const char* op) {
 inline Dims check_gddim_step(const at::Tensor& u, const at::Tensor& hist, const at::Tensor& y, const at::Tensor& table,
                              const at::Tensor& step, const std::optional<at::Tensor>& ts,
                              const std::optional<at::Tensor>& sde, const std::optional<at::Tensor>& seed,
-                             const std::optional<at::Tensor>& obs, bool cpu) {
+                             const std::optional<at::Tensor>& obs, const std::optional<at::Tensor>& y_uncond,
+                             double guide_weight, bool cpu) {
   const char* op = "cld_fast::gddim_step_";
   const Dims n = check_state(u, cpu, op, "u");
   check_ring(hist, n, u, op, "hist");
   check_net(y, n, u, cpu, op, "y");
+  check_guide(y_uncond, guide_weight, y, n, u, cpu, op);
   check_table(table, u, op);
   check_scalar_i64(step, u, op, "step");
   check_obs(obs, n, u, op);

@@ -80,6 +80,27 @@ __device__ __forceinline__ void store(T* p, const float (&in)[V]) {
   *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
 
+// The classifier-free combination y + w (y - yu) of V network outputs at y + off, yu + off as float
+// (opdefs ``guided_output``).
+template <int V, typename Y>
+__device__ __forceinline__ void load_guided(const Y* y, const Y* yu, float w, int64_t off, float (&out)[V]) {
+  float g[V];
+  load<V>(y + off, out);
+  load<V>(yu + off, g);
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = out[k] + w * (out[k] - g[k]);
+}
+
+// The network output of V elements at y + off as float: y, or with yu (not nullptr) the guided one.
+template <int V, typename Y>
+__device__ __forceinline__ void load_net(const Y* y, const Y* yu, float w, int64_t off, float (&out)[V]) {
+  if (yu != nullptr) {
+    load_guided<V>(y, yu, w, off, out);
+  } else {
+    load<V>(y + off, out);
+  }
+}
+
 // The (eps_x, eps_v) pair of V elements starting at (b, d): from an explicit (B, 2, D) eps, or drawn
 // in-kernel as (z0, z1) of the Philox contract (element index b * D + d + k, counter word step, tag).
 template <int V>

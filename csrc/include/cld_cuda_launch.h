@@ -53,6 +53,13 @@ struct ObsArg {
   const int64_t* seed;
 };
 
+// Classifier-free guidance of a step op (opdefs ``y_uncond``, ``guide_weight``): the kernel reads
+// y + weight (y - y_uncond) in place of y; y_uncond (B, D) contiguous, y's type, or nullptr (unguided).
+struct GuideArg {
+  const void* y_uncond;
+  float weight;
+};
+
 // out (B, 2, D) = A(t) (x0, v0) + L(t) (z0, z1); objective: cld::Objective.
 void launch_perturb(const float* x0, const float* v0, TimeArg t, const double* sde, int objective, NoiseArg noise,
                     float* out, int64_t B, int64_t D, cudaStream_t stream);
@@ -84,16 +91,17 @@ void launch_half_step(float* u, TimeArg ts, const int64_t* step, const double* s
 
 // In place: the fused SSCS update after a network evaluation at ts[*step]; y (B, D); eps (B, 4, D);
 // official_half: the official sampler's closing half step (cld::sscs_times); obs replaced at the end
-// of the opening half step (cld::sscs_replacement_time).
-void launch_sscs_step(float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step, const double* sde,
-                      bool mixed, bool official_half, NoiseArg noise, ObsArg obs, int64_t B, int64_t D,
-                      cudaStream_t stream);
+// of the opening half step (cld::sscs_replacement_time); guide: classifier-free guidance of y.
+void launch_sscs_step(float* u, const void* y, NetType y_type, GuideArg guide, TimeArg ts, const int64_t* step,
+                      const double* sde, bool mixed, bool official_half, NoiseArg noise, ObsArg obs, int64_t B,
+                      int64_t D, cudaStream_t stream);
 
 // out = the affine step of u for ts[*step] -> ts[*step + 1] (kind: cld::AffineKind); out may be u
-// itself; eps (B, D), used by kind em only; obs: em replaces at ts[*step + 1], denoise sets x = x_obs.
-void launch_affine_step(const float* u, const void* y, NetType y_type, TimeArg ts, const int64_t* step,
-                        const double* sde, int kind, bool mixed, NoiseArg noise, ObsArg obs, float* out, int64_t B,
-                        int64_t D, cudaStream_t stream);
+// itself; eps (B, D), used by kind em only; obs: em replaces at ts[*step + 1], denoise sets x = x_obs;
+// guide: classifier-free guidance of y (not with pf_drift).
+void launch_affine_step(const float* u, const void* y, NetType y_type, GuideArg guide, TimeArg ts,
+                        const int64_t* step, const double* sde, int kind, bool mixed, NoiseArg noise, ObsArg obs,
+                        float* out, int64_t B, int64_t D, cudaStream_t stream);
 
 // In place: the gDDIM multistep after a network evaluation with row r = table[*step] (the
 // (S, 22) rows of CLD.gddim_table, cast to float32 on the device): cur = E (x, v, y), u <- Lin u +
@@ -101,9 +109,10 @@ void launch_affine_step(const float* u, const void* y, NetType y_type, TimeArg t
 // contiguous float32 ring buffer, K in {0, 1, 2} (nullptr allowed when K = 0), H in {1, 2}; y (B, D).
 // A step outside [0, S) gives NaN in u and in the ring slot written. obs (with the run's grid ts and
 // the parameters sde, unread without obs): replaced at ts[*step + 1], x = x_obs when *step + 1 = len(ts).
-void launch_gddim_step(float* u, float* hist, int K, int H, const void* y, NetType y_type, TableArg table,
-                       const int64_t* step, ObsArg obs, TimeArg ts, const double* sde, int64_t B, int64_t D,
-                       cudaStream_t stream);
+// guide: classifier-free guidance of y.
+void launch_gddim_step(float* u, float* hist, int K, int H, const void* y, NetType y_type, GuideArg guide,
+                       TableArg table, const int64_t* step, ObsArg obs, TimeArg ts, const double* sde, int64_t B,
+                       int64_t D, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace cld
