@@ -281,6 +281,9 @@ MUTANTS: List[Mutant] = [
     M("G4", "guidance", "cld_fast/samplers/core.py", "        return torch.add(cond, cond - uncond, alpha=weight)",
       "        return torch.add(cond, uncond - cond, alpha=weight)", ["tests/test_guidance.py"],
       "classifier-free guidance extrapolates away from the condition"),
+    M("G5", "guidance", "cld_fast/opdefs.py", "    return y + guide_weight * (y - y_uncond.to(dtype))",
+      "    return y + guide_weight * (y_uncond.to(dtype) - y)", ["tests/test_guidance.py"],
+      "the fused classifier-free combination in the step ops' reference with the wrong sign"),
     # ---- nothing lost, nothing silently wrong: run folders, files, errors ------------------------------
     M("L1", "run lock", "cld_fast/runlock.py",
       'fd = os.open(self.run_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))',
