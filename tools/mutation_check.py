@@ -282,7 +282,8 @@ MUTANTS: List[Mutant] = [
       "        return torch.add(cond, uncond - cond, alpha=weight)", ["tests/test_guidance.py"],
       "classifier-free guidance extrapolates away from the condition"),
     M("G5", "guidance", "cld_fast/opdefs.py", "    return y + guide_weight * (y - y_uncond.to(dtype))",
-      "    return y + guide_weight * (y_uncond.to(dtype) - y)", ["tests/test_guidance.py"],
+      "    return y + guide_weight * (y_uncond.to(dtype) - y)",
+      ["tests/test_ops_contract.py", "-k", "guided and torch"],
       "the fused classifier-free combination in the step ops' reference with the wrong sign"),
     # ---- nothing lost, nothing silently wrong: run folders, files, errors ------------------------------
     M("L1", "run lock", "cld_fast/runlock.py",
