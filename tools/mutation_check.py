@@ -76,7 +76,7 @@ MUTANTS: List[Mutant] = [
       "return SscsTimes{t0, h, t0, t_close - t1, t1, 0.5 * (t1 - t2)};",
       [REF, "-k", "cpu"], "SSCS closing half step starts at t (C++ kernels)", rebuild=True),
     M("S2", "sampling", "cld_fast/samplers/core.py",
-      "        self.sde.denoise_(u, y, self.plan.eps, mixed=self.mixed, backend=self.backend)",
+      "        self.sde.denoise_(u, y, self.plan.eps, mixed=self.mixed, backend=self.backend, obs=self.obs, **guide)",
       "        None  # mutant: no denoising step",
       [REF], "final SSCS/EM denoising step is a no-op"),
     M("S3", "sampling", "cld_fast/samplers/ode.py",
