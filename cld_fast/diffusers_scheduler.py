@@ -15,7 +15,9 @@ The state ``sample`` is the CLD state (B, 2C, ...) (x, then v, on dim 1). ``mode
 default (``mixed=True``), the HSM mixed-score network output that ``cf.score_fn`` consumes (score =
 -v / s_vv(t) - out / l22(t)); with ``mixed=False`` it is the score grad_v log p_t(u) itself. Times
 are CLD forward times in (0, 1] (t = 0 is data). ``scale_model_input`` is the identity, so a loop
-may duplicate the batch before the network (classifier-free guidance) and combine the outputs.
+may duplicate the batch before the network for classifier-free guidance and either combine the
+outputs itself or hand both halves to ``step(cond, t, u, model_output_uncond=uncond,
+guidance_scale=s)``, which combines them inside the fused step kernel.
 
 SSCS starts from the state at t = 1 as from an already opened prior draw (the CLD prior is invariant
 under SSCS's linear half step, so this is exact in distribution): the loop above gives
@@ -50,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where diffusers 
     raise ImportError("cld_fast.diffusers_scheduler needs diffusers: pip install diffusers "
                       "(or the extra: pip install 'cld_fast[diffusers]')") from exc
 
-from . import checks, ops, philox
+from . import checks, guidance, ops, philox
 from .samplers import core
 from .sde import CLD, CLD_DEFAULTS
 
@@ -176,7 +178,8 @@ class CLDScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
-             return_dict: bool = True):
+             return_dict: bool = True, model_output_uncond: Optional[torch.Tensor] = None,
+             guidance_scale: float = 1.0):
         """Advance the state past the score evaluation at ``timestep`` (= ``timesteps[i]``, steps in order).
 
         Args:
@@ -187,6 +190,11 @@ class CLDScheduler(SchedulerMixin, ConfigMixin):
                 in float32 (float64 for a float64 state) and returns the state's dtype.
             generator: a ``torch.Generator`` or a list of them (module docstring).
             return_dict: return ``CLDSchedulerOutput`` (else a 1-tuple).
+            model_output_uncond: classifier-free guidance, fused into the step: the network's output
+                without the label (``model_output`` is the one with it); the step then uses
+                uncond + guidance_scale (cond - uncond), diffusers' convention (``cf.ClassifierFree``
+                weight w = guidance_scale - 1), combined inside the step kernel.
+            guidance_scale: >= 1 (1: the conditional output alone); read only with ``model_output_uncond``.
         Returns:
             ``CLDSchedulerOutput(prev_sample)``: the new (B, 2C, ...) state.
         """
@@ -198,6 +206,14 @@ class CLDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"model_output must have the data shape {want} (C = half the state's channels), got "
                              f"{tuple(model_output.shape)}")
         checks.same_device(sample, "sample", model_output=model_output)
+        weight = 0.0
+        if model_output_uncond is not None:
+            checks.tensor(model_output_uncond, "model_output_uncond", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
+            if model_output_uncond.shape != model_output.shape:
+                raise ValueError(f"model_output_uncond must have model_output's shape {tuple(model_output.shape)}, "
+                                 f"got {tuple(model_output_uncond.shape)}")
+            checks.same_device(sample, "sample", model_output_uncond=model_output_uncond)
+            weight = guidance.check_number(guidance_scale, "guidance_scale", minimum=1.0) - 1.0
         self._check_time(timestep)
         work = torch.float64 if sample.dtype == torch.float64 else torch.float32
         u = sample.detach().to(work, copy=True)
@@ -210,10 +226,12 @@ class CLDScheduler(SchedulerMixin, ConfigMixin):
                                                   **self.options)
                 if plan.n >= 1:
                     self._stepper.begin(u)
+            y = core.guided_input(self._stepper, model_output.to(work),
+                                  None if model_output_uncond is None else model_output_uncond.to(work), weight)
             if self._i < plan.n:
-                self._stepper.step(u, model_output.to(work))
+                self._stepper.step(u, y)
             else:
-                self._stepper.denoise(u, model_output.to(work))
+                self._stepper.denoise(u, y)
         self._i += 1
         u = u.to(sample.dtype)
         return CLDSchedulerOutput(prev_sample=u) if return_dict else (u,)

@@ -75,7 +75,8 @@ def _bind_labels(labels: torch.Tensor, bounds: Tuple[int, int], batch: int, num_
     return labels.contiguous().to(device)
 
 
-def _check_number(value, name: str, minimum: float = 0.0) -> float:
+def check_number(value, name: str, minimum: float = 0.0) -> float:
+    """``value`` as a float, checked finite and >= ``minimum`` (a ValueError naming ``name`` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
         raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
     return float(value)
@@ -127,7 +128,7 @@ class ClassifierGuidance:
         labels = _labels(self.labels)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "bounds", _label_range(labels))
-        object.__setattr__(self, "scale", _check_number(self.scale, "scale"))
+        object.__setattr__(self, "scale", check_number(self.scale, "scale"))
 
     def bind(self, score_fn, batch: int, device) -> "ClassifierGuidance":
         """This guidance with (B,) labels on ``device`` (checked), for one ``cf.sample`` run."""
@@ -169,7 +170,7 @@ class ClassifierFree:
         labels = _labels(self.labels)
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "bounds", _label_range(labels))
-        object.__setattr__(self, "weight", _check_number(self.weight, "weight"))
+        object.__setattr__(self, "weight", check_number(self.weight, "weight"))
 
     def bind(self, score_fn, batch: int, device) -> "ClassifierFree":
         k = conditional_classes(score_fn)

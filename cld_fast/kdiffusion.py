@@ -5,7 +5,7 @@
     x = sample_sscs(score, x, ts, sde=sde)                       # x: the CLD state (B, 2C, ...) at t = ts[0]
 
 ``sample_<name>(model, x, ts, extra_args=None, callback=None, disable=None, *, sde=None, denoise=True,
-generator=None, backend=None, **options)`` exists for every sampler of ``cf.SAMPLERS`` (a sampler
+generator=None, backend=None, condition=None, guidance=None, **options)`` exists for every sampler of ``cf.SAMPLERS`` (a sampler
 registered later gets one too); ``options`` are the sampler's declared options. ``model(x, t,
 **extra_args)`` is a score function (grad_v log p_t(x), the data shape (B, C, ...)), e.g.
 ``cf.score_fn(net, sde)``. ``x`` is k-diffusion's name for the state; here it is the CLD state
@@ -46,15 +46,20 @@ def _score(model: Callable, extra_args: Optional[dict]) -> Callable:
 
 
 class _Recorder:
-    """Keeps the last score evaluation (state copy, t, output) so the callback can report ``denoised``."""
+    """Keeps the last score evaluation (state copy, t, output) so the callback can report ``denoised``.
 
-    def __init__(self, score: Callable, sde):
-        self.sde, self.last = sde, None
+    With ``guidance`` the reported estimate is the guided one: a classifier-free batch-doubled output
+    is combined with the guidance weight, and a classifier's term is evaluated again at the recorded
+    state (one more classifier gradient per step, only when the callback takes the dict).
+    """
+
+    def __init__(self, score: Callable, sde, guidance=None):
+        self.sde, self.last, self.guidance = sde, None, guidance
         if isinstance(score, NetworkScore):  # stay a NetworkScore: cf.sample keeps the fused path
             raw = score.raw
 
-            def recording_raw(u, t):
-                out = raw(u, t)
+            def recording_raw(u, t, *args, **kw):
+                out = raw(u, t, *args, **kw)
                 self.last = (u.clone(), t, out, True)
                 return out
 
@@ -62,15 +67,33 @@ class _Recorder:
             self.score.raw = recording_raw
             self.plain = score
         else:
-            def recording(u, t):
-                y = score(u, t)
+            def recording(u, t, *args, **kw):
+                y = score(u, t, *args, **kw)
                 self.last = (u.clone(), t, y, False)
                 return y
 
+            if hasattr(score, "num_classes"):
+                recording.num_classes = score.num_classes
             self.score = recording
 
+    def _guided(self, u, tv, y, mixed):
+        """(u, t, y, mixed) of the guided evaluation at the recorded state (module doc of the class)."""
+        from .guidance import ClassifierFree, classifier_gradient
+
+        g = self.guidance
+        b = u.shape[0] // 2
+        if isinstance(g, ClassifierFree) and y.shape[0] == 2 * b and g.weight != 0.0:
+            return u[:b], tv[:b], core.Evaluator.combine(y[:b], y[b:], g.weight), mixed
+        if g is not None and not isinstance(g, ClassifierFree) and g.scale != 0.0:
+            term = classifier_gradient(g.classifier, g.labels, u, tv, self.sde).mul_(g.scale)
+            if mixed:
+                c1 = self.sde.score_coefficients(tv.to(torch.float64), "hsm", "mixed")[:, 1]
+                term = term / c1.to(term.dtype).view((-1,) + (1,) * (term.dim() - 1))
+            return u, tv, y + term.to(y.dtype), mixed
+        return u, tv, y, mixed
+
     def info(self, i, t, state) -> dict:
-        u, tv, y, mixed = self.last
+        u, tv, y, mixed = self._guided(*self.last)
         k = self.sde.perturbation_kernel(torch.tensor([float(t)], dtype=torch.float64), "hsm")
         x, v = self.sde.split_state(u)
         if mixed and not self.plain.hsm_mixed:  # a non-HSM-mixed network: its score, through the wrapper
@@ -80,7 +103,8 @@ class _Recorder:
         return {"x": state, "i": i, "t": t, "sigma": float(k.l11[0]), "denoised": denoised}
 
 
-def _run(method: str, model, x, ts, extra_args, callback, disable, sde, denoise, generator, backend, options):
+def _run(method: str, model, x, ts, extra_args, callback, disable, sde, denoise, generator, backend, condition,
+         guidance, options):
     if sde is None:
         if not isinstance(model, NetworkScore):
             raise TypeError("sde= (a cf.CLD) is required unless model is a cf.score_fn(net, sde) wrapper")
@@ -93,7 +117,11 @@ def _run(method: str, model, x, ts, extra_args, callback, disable, sde, denoise,
     core.check_generator(generator)
     score = _score(model, extra_args)
     style = core.callback_style(callback)
-    recorder = _Recorder(score, sde) if style == "dict" else None
+    bound = None
+    if style == "dict" and guidance is not None:
+        from .guidance import bind_guidance
+        bound = bind_guidance(guidance, score, x.shape[0], x.device)
+    recorder = _Recorder(score, sde, bound) if style == "dict" else None
     if recorder is not None:
         score = recorder.score
     from tqdm.auto import tqdm
@@ -111,7 +139,8 @@ def _run(method: str, model, x, ts, extra_args, callback, disable, sde, denoise,
 
     try:
         res = sample(score, None, sde, method=method, u=x, timesteps=ts, denoise=denoise, generator=generator,
-                     callback=after, dtype=x.dtype, backend=backend, **options)
+                     callback=after, dtype=x.dtype, backend=backend, condition=condition, guidance=guidance,
+                     **options)
     finally:
         bar.close()
     return res.u
@@ -123,8 +152,9 @@ def _make(method: str):
     def sampler(model: Callable, x: torch.Tensor, ts, extra_args: Optional[dict] = None,
                 callback: Optional[Callable] = None, disable: Optional[bool] = None, *, sde=None,
                 denoise: bool = True, generator: Optional[torch.Generator] = None, backend: Optional[str] = None,
-                **options) -> torch.Tensor:
-        return _run(method, model, x, ts, extra_args, callback, disable, sde, denoise, generator, backend, options)
+                condition=None, guidance=None, **options) -> torch.Tensor:
+        return _run(method, model, x, ts, extra_args, callback, disable, sde, denoise, generator, backend, condition,
+                    guidance, options)
 
     opts = "".join(f"\n        {o.name}: {o.help} (default {o.default!r})." for o in spec.options) or " none."
     grid = ("exactly two entries [t_start, t_end] (the solver picks its own steps; the callback runs per "
@@ -146,6 +176,10 @@ def _make(method: str):
         denoise: end with the official noise-free step at t = ts[-1].
         generator: ``torch.Generator`` for the run's Philox seed (deterministic samplers ignore it).
         backend: force a kernel backend.
+        condition: inpainting, as ``cf.sample``'s (``cf.Inpaint(x_obs, mask)``; docs/inpainting.md).
+        guidance: class-conditional sampling, as ``cf.sample``'s (``cf.ClassifierGuidance`` or
+            ``cf.ClassifierFree``; docs/guidance.md; the latter needs ``model(x, t, class_labels=...)`` with
+            a ``num_classes`` attribute).
     Options of {method!r}:{opts}
     Returns:
         (B, 2C, ...) final state in x's dtype (the data = first C channels).

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import checks, philox
+from . import checks, guidance, philox
 from .samplers import core
 
 
@@ -110,12 +110,19 @@ class Scheduler:
         self._i = 0
         return u
 
-    def step(self, score: torch.Tensor, t, u: torch.Tensor) -> torch.Tensor:
+    def step(self, score: torch.Tensor, t, u: torch.Tensor, score_uncond: Optional[torch.Tensor] = None,
+             guidance_weight: float = 1.0) -> torch.Tensor:
         """Advance u in place past the score evaluation at ``t`` (= ``timesteps[i]``) and return it.
 
         ``score``: (B, C, ...) grad_v log p_t(u) (the raw network output when ``mixed=True``). Steps
         must be taken in order (the scheduler counts them; ``t`` is accepted for the usual loop
         signature and checked only when it is a host number).
+
+        Classifier-free guidance: ``score_uncond`` (B, C, ...) is the same network's evaluation without
+        the label (same units as ``score``); the step then uses (1 + w) score - w score_uncond with
+        w = ``guidance_weight`` (``cf.ClassifierFree``'s weight), combined inside the fused step kernel
+        (sscs, em, gddim on a CLD), so the loop gives ``cf.sample(..., guidance=cf.ClassifierFree(labels,
+        w))`` bit for bit when the two halves come from one batch-doubled call.
         """
         if self._i is None:
             raise RuntimeError("call init_noise(shape, generator) before step()")
@@ -127,13 +134,21 @@ class Scheduler:
         want = self.sde.data_shape(u.shape, "u")
         if tuple(score.shape) != want:
             raise ValueError(f"score must have the data shape {want}, got {tuple(score.shape)}")
+        if score_uncond is not None:
+            checks.tensor(score_uncond, "score_uncond", dtypes=checks.OUTPUT_DTYPES, min_dim=2)
+            if score_uncond.shape != score.shape or score_uncond.dtype != score.dtype:
+                raise ValueError(f"score_uncond must have score's shape {tuple(score.shape)} and dtype {score.dtype}, "
+                                 f"got {tuple(score_uncond.shape)} {score_uncond.dtype}")
+            checks.same_device(score, "score", score_uncond=score_uncond)
+            guidance_weight = guidance.check_number(guidance_weight, "guidance_weight")
         if isinstance(t, (int, float)) and abs(float(t) - plan.times[self._i]) > 1e-6:
             raise ValueError(f"step {self._i} evaluates the score at t = {plan.times[self._i]:.6g}, got t = {t}")
+        y = core.guided_input(self._stepper, score, score_uncond, guidance_weight)
         with torch.no_grad(), checks.value_checks(False):
             if self._i < plan.n:
-                self._stepper.step(u, score)
+                self._stepper.step(u, y)
             else:
-                self._stepper.denoise(u, score)
+                self._stepper.denoise(u, y)
         self._i += 1
         return u
 
@@ -151,14 +166,14 @@ class SSCSScheduler(Scheduler):
 
 class GDDIMScheduler(Scheduler):
     """gDDIM as a scheduler: ``cf.Scheduler(sde, method="gddim", ...)``; the samples of
-    ``cf.sample(method="gddim", order=order, predict=predict)`` bit for bit."""
+    ``cf.sample(method="gddim", **options)`` bit for bit, with the same defaults (``options``: gDDIM's
+    ``order``, ``predict``, ``first_order_below``; ``cf.SAMPLERS["gddim"].options``)."""
 
     method = "gddim"
 
     def __init__(self, sde, steps: int = 50, eps: float = 1e-3, striding: Optional[str] = None,
-                 denoise: bool = True, mixed: bool = False, backend: Optional[str] = None, order: int = 2,
-                 predict: str = "eps"):
-        super().__init__(sde, None, steps, eps, striding, denoise, mixed, backend, order=order, predict=predict)
+                 denoise: bool = True, mixed: bool = False, backend: Optional[str] = None, **options):
+        super().__init__(sde, None, steps, eps, striding, denoise, mixed, backend, **options)
 
 
 __all__ = ["Scheduler", "SSCSScheduler", "GDDIMScheduler"]

@@ -106,6 +106,36 @@ def test_guidance_batch_doubling_gives_both_halves_the_same_state(unet, method):
     torch.testing.assert_close(guided, _loop(SCHEDULERS[method](num_channels=C), unet, seed=4), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["sscs", "em", "gddim"])
+def test_guidance_pair_fused_in_the_step_matches_the_combined_output(unet, method):
+    """step(cond, t, u, model_output_uncond=uncond, guidance_scale=s) equals stepping
+    uncond + s (cond - uncond) to float32 rounding, and differs from the unguided loop."""
+    def run(fused, scale):
+        sched = SCHEDULERS[method](num_channels=C)
+        g = torch.Generator().manual_seed(9)
+        sched.set_timesteps(STEPS, generator=g)
+        sample = torch.randn((B, 2 * C, 8, 8), generator=g) * sched.init_noise_sigma
+        with torch.no_grad():
+            for t in sched.timesteps:
+                cond, uncond = unet(torch.cat([sample, 0.5 * sample]), t).sample.chunk(2)
+                if fused:
+                    sample = sched.step(cond, t, sample, model_output_uncond=uncond, guidance_scale=scale).prev_sample
+                else:
+                    sample = sched.step(uncond + scale * (cond - uncond), t, sample).prev_sample
+        return sample
+
+    fused = run(True, 3.0)
+    torch.testing.assert_close(fused, run(False, 3.0), rtol=1e-4, atol=1e-4)
+    assert (fused - run(True, 1.0)).abs().max() > 1e-2
+    sched = SCHEDULERS[method](num_channels=C)
+    sched.set_timesteps(STEPS)
+    x = torch.zeros(B, 2 * C, 8, 8)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 1"):
+        sched.step(x[:, :C], sched.timesteps[0], x, model_output_uncond=x[:, :C], guidance_scale=0.5)
+    with pytest.raises(ValueError, match="model_output_uncond must have model_output's shape"):
+        sched.step(x[:, :C], sched.timesteps[0], x, model_output_uncond=x[:1, :C])
+
+
 def test_scale_model_input_is_the_identity(unet):
     sched = CLDSSCSScheduler(num_channels=C)
     sched.set_timesteps(3)

@@ -163,3 +163,71 @@ def test_every_wrapper_takes_x_and_a_generator_and_its_sampler_options(sde, scor
     assert torch.equal(a, b.u)
     with pytest.raises(ValueError, match="order"):
         kd.sample_sscs(score, u0, TS, sde=sde, disable=True, order=2)
+
+
+@pytest.mark.parametrize("fn,method", [(kd.sample_sscs, "sscs"), (kd.sample_em, "em"), (kd.sample_gddim, "gddim")])
+def test_condition_and_guidance_are_cf_samples(sde, fn, method):
+    gm = GaussianMixture2D()
+    cscore = gm.cld_class_score(sde)
+    labels = torch.arange(SHAPE[0]) % cscore.num_classes
+    x_obs, mask = torch.full((SHAPE[0], 2), 0.7), torch.tensor([[True, False]])
+    for kw in (dict(guidance=cf.ClassifierFree(labels, 1.5)), dict(condition=cf.Inpaint(x_obs, mask))):
+        u0 = _start(sde, seed=3)
+        got = fn(cscore, u0, TS, sde=sde, disable=True, generator=torch.Generator().manual_seed(7), **kw)
+        ref = cf.sample(cscore, None, sde, method=method, u=u0, timesteps=TS,
+                        generator=torch.Generator().manual_seed(7), **kw)
+        assert torch.equal(got, ref.u)
+    assert torch.equal(got[:, 0], x_obs[:, 0])
+
+
+def test_callback_denoised_follows_the_guided_score(sde):
+    """With classifier-free guidance the callback's ``denoised`` is the Tweedie estimate of the combined
+    score (1 + w) s(u, t, y) - w s(u, t, none) at the step's state, one row per sample."""
+    gm = GaussianMixture2D()
+    cscore, w = gm.cld_class_score(sde), 2.0
+    labels = torch.arange(SHAPE[0]) % cscore.num_classes
+    none = torch.full_like(labels, cscore.num_classes)
+    seen, states = [], []
+
+    def record(info):
+        seen.append(info)
+
+    def scored(u, t, class_labels=None):
+        states.append((u[:SHAPE[0]].clone(), t[:SHAPE[0]].clone()))
+        return cscore(u, t, class_labels=class_labels)
+
+    scored.num_classes = cscore.num_classes
+    kd.sample_em(scored, _start(sde), TS, sde=sde, disable=True, callback=record,
+                 generator=torch.Generator().manual_seed(1), guidance=cf.ClassifierFree(labels, w))
+    assert len(seen) == len(states) == len(TS)
+    for info, (u, t) in zip(seen, states):
+        y = (1 + w) * cscore(u, t, class_labels=labels) - w * cscore(u, t, class_labels=none)
+        kc = sde.tweedie_coefficients(float(info["t"]), False).to(u.dtype)
+        x, v = u.chunk(2, dim=1)
+        assert info["denoised"].shape == (SHAPE[0], SHAPE[1])
+        want = kc[0] * x + kc[1] * v + kc[2] * y  # float32 rounding of terms up to |kc[2] y|
+        scale = float((kc[2] * y).abs().max()) + 1.0
+        torch.testing.assert_close(info["denoised"], want, rtol=0, atol=1e-5 * scale)
+
+
+def test_callback_denoised_follows_the_classifier_guided_score(sde):
+    from cld_fast.guidance import classifier_gradient
+
+    gm = GaussianMixture2D()
+    score, clf, scale = gm.cld_score(sde), gm.cld_classifier(sde), 2.0
+    labels = torch.arange(SHAPE[0]) % gm.cld_class_score(sde).num_classes
+    seen, states = [], []
+
+    def scored(u, t):
+        states.append((u.clone(), t.clone()))
+        return score(u, t)
+
+    kd.sample_em(scored, _start(sde), TS, sde=sde, disable=True, callback=seen.append,
+                 generator=torch.Generator().manual_seed(1), guidance=cf.ClassifierGuidance(clf, labels, scale))
+    for info, (u, t) in zip(seen, states):
+        y = score(u, t) + scale * classifier_gradient(clf, labels, u, t, sde)
+        kc = sde.tweedie_coefficients(float(info["t"]), False).to(u.dtype)
+        x, v = u.chunk(2, dim=1)
+        want = kc[0] * x + kc[1] * v + kc[2] * y
+        scale_y = float((kc[2] * y).abs().max()) + 1.0
+        torch.testing.assert_close(info["denoised"], want, rtol=0, atol=1e-5 * scale_y)

@@ -127,3 +127,44 @@ def test_scheduler_fed_the_wrappers_score_agrees_to_float32_rounding():
         u = sched.step(score(u, t.expand(512)), t, u)
     ref = cf.sample(score, (512, 2), sde, steps=50, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(u, ref.u, rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("method", ["sscs", "em", "gddim"])
+def test_classifier_free_pair_equals_sample_with_guidance_bit_for_bit(sde, method):
+    gm = GaussianMixture2D()
+    cscore, shape, weight = gm.cld_class_score(sde), (64, 2), 1.5
+    labels = torch.arange(shape[0]) % cscore.num_classes
+    res = cf.sample(cscore, shape, sde, method=method, steps=8, generator=torch.Generator().manual_seed(5),
+                    guidance=cf.ClassifierFree(labels, weight))
+    sched = cf.Scheduler(sde, method=method, steps=8)
+    u = sched.init_noise(shape, torch.Generator().manual_seed(5))
+    both = torch.cat([labels, torch.full_like(labels, cscore.num_classes)])
+    for t in sched.timesteps:
+        tt = t.expand(2 * shape[0])
+        out = cscore(torch.cat([u, u]), tt, class_labels=both)
+        u = sched.step(out[:shape[0]], t, u, score_uncond=out[shape[0]:], guidance_weight=weight)
+    assert torch.equal(u, res.u)
+    plain = cf.sample(cscore, shape, sde, method=method, steps=8, generator=torch.Generator().manual_seed(5),
+                      guidance=cf.ClassifierFree(labels, 0.0))
+    assert not torch.equal(u, plain.u)
+
+
+def test_classifier_free_pair_errors(sde, score):
+    sched = cf.SSCSScheduler(sde, steps=3)
+    u = sched.init_noise((4, 2), torch.Generator().manual_seed(0))
+    y = score(u, sched.timesteps[0].expand(4))
+    with pytest.raises(ValueError, match="score_uncond must have score's shape"):
+        sched.step(y, sched.timesteps[0], u, score_uncond=y[:2])
+    with pytest.raises(ValueError, match="guidance_weight must be a finite number >= 0"):
+        sched.step(y, sched.timesteps[0], u, score_uncond=y, guidance_weight=-1.0)
+    with pytest.raises(TypeError, match="score_uncond must be a torch.Tensor"):
+        sched.step(y, sched.timesteps[0], u, score_uncond=[1.0])
+
+
+def test_gddim_scheduler_defaults_are_the_samplers(sde, score):
+    shape = (64, 2)
+    res = cf.sample(score, shape, sde, method="gddim", steps=8, generator=torch.Generator().manual_seed(2))
+    sched = cf.GDDIMScheduler(sde, steps=8)
+    spec = cf.SAMPLERS["gddim"]
+    assert {o.name: getattr(sched, o.name) for o in spec.options} == {o.name: o.default for o in spec.options}
+    assert torch.equal(_loop(sched, score, shape, 2), res.u)

@@ -297,6 +297,23 @@ def guided_args(y) -> Tuple[torch.Tensor, Optional[torch.Tensor], float]:
     return y, None, 0.0
 
 
+def guided_input(stepper, y: torch.Tensor, y_uncond: Optional[torch.Tensor], weight: float):
+    """What ``stepper.step`` takes for a classifier-free pair handed in by a user's loop: y alone
+    (no ``y_uncond``), a :class:`Guided` for a stepper that fuses guidance, else the combined tensor."""
+    if y_uncond is None:
+        return y
+    if stepper.fuse_guidance:
+        return Guided(y, y_uncond, weight)
+    return Evaluator.combine(y, y_uncond, weight)
+
+
+def guided_kwargs(y) -> Tuple[torch.Tensor, dict]:
+    """(y, keywords) for an SDE step method: a :class:`Guided`'s conditional half and its
+    ``y_uncond`` / ``guide_weight`` keywords, else (y, {}) (SDEs that do not fuse guidance take none)."""
+    y, y_uncond, weight = guided_args(y)
+    return y, ({} if y_uncond is None else {"y_uncond": y_uncond, "guide_weight": weight})
+
+
 class Evaluator:
     """Calls the score function and checks what it returns (metadata only: no host sync).
 
@@ -450,8 +467,7 @@ class Stepper:
     def denoise(self, u: torch.Tensor, y) -> None:
         """The final noise-free step at t = eps of size eps (default: the SDE's denoising step; with a
         condition it puts x_obs on the observed coordinates; a :class:`Guided` y is combined in it)."""
-        y, y_uncond, weight = guided_args(y)
-        guide = {} if y_uncond is None else {"y_uncond": y_uncond, "guide_weight": weight}
+        y, guide = guided_kwargs(y)
         self.sde.denoise_(u, y, self.plan.eps, mixed=self.mixed, backend=self.backend, obs=self.obs, **guide)
 
 

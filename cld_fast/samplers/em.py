@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..sde import CLD, VPSDE
-from .core import Stepper, guided_args, register_sampler
+from .core import Stepper, guided_kwargs, register_sampler
 
 
 class EulerMaruyama(Stepper):
@@ -22,8 +22,7 @@ class EulerMaruyama(Stepper):
     def step(self, u: torch.Tensor, y) -> None:
         """One reverse Euler-Maruyama step ts[counter] -> ts[counter + 1], then counter += 1 (a
         classifier-free ``Guided`` y is combined in the SDE's step)."""
-        y, y_uncond, weight = guided_args(y)
-        guide = {} if y_uncond is None else {"y_uncond": y_uncond, "guide_weight": weight}
+        y, guide = guided_kwargs(y)
         self.sde.em_step_(u, y, self.plan.grid, self.counter, self.seed, mixed=self.mixed, backend=self.backend,
                           obs=self.obs, **guide)
         self.counter.add_(1)
