@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         if data not in (None, m.config.data):
             raise SystemExit(f"--ckpt: every model must be of one data set, got {data!r} and {m.config.data!r}")
         data = m.config.data
-        step = int(torch.load(m.path, map_location="cpu", weights_only=True)["step"])
+        step = m.step
         x, _ = load_packaged(data, "heldout")
         x = x[:args.n].double() / 255.0
         g = torch.Generator().manual_seed(args.seed)

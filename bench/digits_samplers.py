@@ -124,8 +124,8 @@ def cfg_step(path: str) -> str:
     from cld_fast.loading import load_score_model
 
     try:
-        file = load_score_model(path, kind="cld_fast").path
-        return str(int(torch.load(file, map_location="cpu", weights_only=True)["step"]))
+        step = load_score_model(path, kind="cld_fast").step
+        return "?" if step is None else str(step)
     except Exception:  # noqa: BLE001 - only for the header line
         return "?"
 

@@ -46,6 +46,7 @@ class ScoreModel:
         kind: "cld_fast" (our training checkpoint), "official" (an official checkpoint) or "module".
         path: the checkpoint file that was read (None for a dict or a module).
         config: the ``TrainConfig`` of our checkpoint, else the flat config dict ({} without one).
+        step: the training step our checkpoint was written at (None for other kinds, or if unrecorded).
     """
 
     score_fn: Any
@@ -56,6 +57,7 @@ class ScoreModel:
     kind: str
     path: Optional[str] = None
     config: Any = field(default_factory=dict, repr=False)
+    step: Optional[int] = None
 
     @property
     def mixed(self) -> bool:
@@ -224,7 +226,9 @@ def _from_ours(state, path, use_ema, device, autocast_dtype) -> ScoreModel:
     sde = sde_from_settings(settings)
     score = network_score_fn(net, sde, settings["mixed_score"], settings["cld_objective"], autocast_dtype)
     sources = {k: "checkpoint" for k in (*settings["sources"], "data_shape")}
-    return ScoreModel(score, sde, shape, net, sources, "cld_fast", path, config)
+    step = state.get("step")
+    step = int(step) if isinstance(step, int) and not isinstance(step, bool) else None
+    return ScoreModel(score, sde, shape, net, sources, "cld_fast", path, config, step)
 
 
 def official_settings(flat: Mapping[str, Any], overrides: Mapping[str, Any]) -> Dict[str, Any]:

@@ -105,7 +105,7 @@ def test_our_run_folder_and_loaded_dict_and_raw_weights(run_dir):
     assert path.endswith("ckpt_0000003.pt")
     ref = _draw(*_reference_ours(path))
     m = cf.load_score_model(run_dir)
-    assert m.path == path
+    assert m.path == path and m.step == 3
     _same(_draw(m.score_fn, m.sde, m.data_shape), ref)
     m = cf.load_score_model(torch.load(path, weights_only=True))
     assert m.path is None
