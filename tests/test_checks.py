@@ -195,3 +195,21 @@ def test_value_check_switch_applies_inside_its_thread():
     worker.start()
     worker.join()
     assert seen == [False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_host_finiteness_check_is_exact(dtype):
+    """Every finite value passes (the largest, the smallest subnormal, -0); one NaN or +-inf anywhere
+    fails, in the first chunk, a middle one and the last, partial one."""
+    from cld_fast.checks import _FINITE_CHUNK, _all_finite, host_values
+
+    info = torch.finfo(dtype)
+    n = 2 * _FINITE_CHUNK + 123
+    x = torch.randn(n).to(dtype)
+    x[:4] = torch.tensor([info.max, -info.max, info.smallest_normal * info.eps, -0.0], dtype=torch.float64).to(dtype)
+    assert _all_finite(host_values(x))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for i in (0, _FINITE_CHUNK + 7, n - 1):
+            y = x.clone()
+            y[i] = bad
+            assert not _all_finite(host_values(y)), (bad, i)

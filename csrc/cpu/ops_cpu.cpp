@@ -17,8 +17,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cld_checks.h"
 #include "cld_coefficients.h"
@@ -68,6 +73,25 @@ double time_at(const at::Tensor& t, int64_t i) {
   const int64_t off = i * t.stride(0);
   return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[off]
                                         : static_cast<double>(t.const_data_ptr<float>()[off]);
+}
+
+// The output of an out-of-place op is fresh memory that the kernel is about to write in full. Its
+// first touch faults once per 4 KiB page, which at 16M float32 elements costs as much as the
+// kernel's own pass; asking for transparent huge pages (honoured where
+// /sys/kernel/mm/transparent_hugepage/enabled is "madvise" or "always") cuts the faults 512-fold.
+// Only the 2 MiB-aligned interior of the buffer is advised; the advice is a hint, so its failure
+// (a file-backed or foreign buffer) changes nothing.
+void advise_huge_pages(const at::Tensor& out) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t n = out.nbytes();
+  if (n < 2 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + n) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)out;
+#endif
 }
 
 // Elementwise work per element is small without Philox and ~100 flops with it.
@@ -192,6 +216,7 @@ void perturb_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& v0, cons
   const Dims n = check_perturb(x0, v0, t, sde, objective, eps, seed, out, /*cpu=*/true);
   const Params p = read_params(sde);
   const InPlace w(out);
+  advise_huge_pages(w.work);
   const at::Tensor xc = x0.contiguous();
   const auto vc = contiguous(v0);
   const auto ec = contiguous(eps);
@@ -312,6 +337,7 @@ at::Tensor hsm_loss_bwd_kernel(const at::Tensor& grad, const at::Tensor& out, co
     cw[b * 3 + 1] = static_cast<T>(2) * (cw[b * 3 + 1] * pg[b * g_stride]) * cw[b * 3 + 2];
   }
   at::Tensor res = at::empty({B, D}, out.options());
+  advise_huge_pages(res);
   const O* po = out.data_ptr<O>();
   const T* pu = u.data_ptr<T>();
   const T* pe = eps_v.has_value() ? eps_v->data_ptr<T>() : nullptr;
@@ -378,6 +404,7 @@ at::Tensor hsm_loss_fwd_grad_cpu(const at::Tensor& out, const at::Tensor& u, con
   const at::Tensor oc = out.contiguous(), uc = u.contiguous();
   const auto ec = contiguous(eps_v);
   const InPlace w(grad_out);
+  advise_huge_pages(w.work);
   at::Tensor loss;
   dispatch_state_net(u, out, [&](auto tt, auto ot) {
     using T = decltype(tt);
@@ -416,6 +443,7 @@ at::Tensor mixed_score_cpu(const at::Tensor& out, const at::Tensor& u, const at:
   const Params p = read_params(sde);
   const at::Tensor oc = out.contiguous(), uc = u.contiguous();
   at::Tensor res = at::empty({B, D}, u.options());
+  advise_huge_pages(res);
   dispatch_state_net(u, out, [&](auto tt, auto ot) {
     using T = decltype(tt);
     using O = decltype(ot);
@@ -739,6 +767,7 @@ void affine_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor&
   const Affine a = affine_coefficients(p, t0, t0 - t1, static_cast<int>(kind), mixed);
   const InPlace w(out);
   const at::Tensor src = source_for(u, out, w);
+  if (!src.is_same(w.work)) advise_huge_pages(w.work);
   const at::Tensor yc = y.contiguous();
   const auto uc = contiguous(y_uncond);
   const auto ec = contiguous(eps);
