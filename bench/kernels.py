@@ -57,20 +57,24 @@ from cld_fast.sde import AFFINE_KIND_CODES, OBJECTIVE_CODES, OUTPUT_CODES, kerne
 from . import common
 from . import official_style as off
 
-OPS = ("perturb", "loss_fwd", "loss_bwd", "sscs", "em")
+OPS = ("perturb", "loss_fwd", "loss_bwd", "loss", "sscs", "em")
 COUNTED_OPS = ("perturb", "loss_fwd", "loss_bwd", "sscs")   # the op-level count table
 OP_TITLES = {
     "perturb": "perturb: cf.perturb(x0, t, sde)",
     "loss_fwd": "HSM loss forward: cf.hsm_loss(out, u, t, sde, noise)",
     "loss_bwd": "HSM loss backward",
+    "loss": "HSM loss forward + backward: torch.autograd.grad(cf.hsm_loss(...), out), as one training step makes it",
     "sscs": "fused SSCS step: cf.sscs_step_",
     "em": "Euler-Maruyama step: cf.em_step_",
 }
-OP_SHORT = {"perturb": "perturb", "loss_fwd": "hsm_loss fwd", "loss_bwd": "hsm_loss bwd", "sscs": "sscs_step_",
-            "em": "em_step_"}
+OP_SHORT = {"perturb": "perturb", "loss_fwd": "hsm_loss fwd", "loss_bwd": "hsm_loss bwd", "loss": "hsm_loss fwd+bwd",
+            "sscs": "sscs_step_", "em": "em_step_"}
+# the public ops of a training / sampling loop: what the summary compares (the loss as forward + backward,
+# since a backend may move work between its two halves)
+PUBLIC_OPS = ("perturb", "loss", "sscs", "em")
 OPDEF_NAME = {"perturb": "perturb", "loss_fwd": "hsm_loss_fwd", "loss_bwd": "hsm_loss_bwd", "sscs": "sscs_step_",
               "em": "affine_step"}
-BYTES_PER_ELEMENT = {"perturb": 12, "loss_fwd": 8, "loss_bwd": 12, "sscs": 20, "em": 20}
+BYTES_PER_ELEMENT = {"perturb": 12, "loss_fwd": 8, "loss_bwd": 12, "loss": 20, "sscs": 20, "em": 20}
 IMPLS = ("official", "compile", "triton", "cuda", "cpu", "torch")
 IMPL_TITLES = {
     "official": "eager, official-style",
@@ -204,7 +208,13 @@ def compiled(op: str, device: torch.device) -> Compiled:
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-        ref = opdefs.OPS[OPDEF_NAME[op]].reference
+        if op == "loss":  # the forward and the backward reference in one graph, as a training step calls them
+            fwd, bwd = opdefs.OPS["hsm_loss_fwd"].reference, opdefs.OPS["hsm_loss_bwd"].reference
+
+            def ref(fwd_args, bwd_args):
+                return fwd(*fwd_args), bwd(*bwd_args)
+        else:
+            ref = opdefs.OPS[OPDEF_NAME[op]].reference
         _COMPILED[key] = Compiled(torch.compile(ref, dynamic=True))
     return _COMPILED[key]
 
@@ -268,7 +278,7 @@ class Case:
             self.ts = self.sampler.forward_times().to(device)   # float64, decreasing; step k: ts[k] -> ts[k + 1]
             self.k = SAMPLER_STEPS // 2
             self.step = torch.tensor([self.k], dtype=torch.int64, device=device)
-        if op in ("loss_fwd", "loss_bwd"):
+        if op in ("loss_fwd", "loss_bwd", "loss"):
             self.out = torch.randn(shape, generator=g, device=device).requires_grad_(True)
 
     # -- official-style ---------------------------------------------------------------------------
@@ -276,7 +286,7 @@ class Case:
         osde, x0, t64 = self.osde, self.x0, self.t64
         if self.op == "perturb":
             return Callables(lambda: off.perturb(osde, x0, t64))
-        if self.op in ("loss_fwd", "loss_bwd"):
+        if self.op in ("loss_fwd", "loss_bwd", "loss"):
             return Callables(self._official_loss())
         return Callables(self._official_step())
 
@@ -287,6 +297,8 @@ class Case:
         forward = lambda: torch.mean(off.loss_from_model(osde, model, u, t64, eps_v))  # noqa: E731
         if self.op == "loss_fwd":
             return forward
+        if self.op == "loss":
+            return lambda: torch.autograd.grad(forward(), out, grad)
         loss = forward()
         return lambda: torch.autograd.grad(loss, out, grad, retain_graph=True)
 
@@ -309,30 +321,32 @@ class Case:
 
     # -- the kernel arguments (opdefs schema order) ----------------------------------------------------
     def kernel_args(self, noise: Optional[cf.Noise] = None, u: Optional[torch.Tensor] = None,
-                    eps: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None) -> Tuple:
-        """The schema arguments of this op's kernel; ``noise``/``u`` from a perturb call for the loss,
-        ``eps`` or ``seed`` for perturb (seed mode when both are None)."""
+                    eps: Optional[torch.Tensor] = None, seed: Optional[torch.Tensor] = None,
+                    op: Optional[str] = None) -> Tuple:
+        """The schema arguments of this op's kernel (or of ``op``'s); ``noise``/``u`` from a perturb call
+        for the loss, ``eps`` or ``seed`` for perturb (seed mode when both are None)."""
         B, D, p = self.B, self.D, self.params
-        if self.op == "perturb":
+        op = op or self.op
+        if op == "perturb":
             seed = self.seed if (eps is None and seed is None) else seed
             return (self.x0.reshape(B, D), None, self.t32, p, 0, eps, seed,
                     torch.empty((B, 2, D), device=self.device))
-        if self.op in ("loss_fwd", "loss_bwd"):
+        if op in ("loss_fwd", "loss_bwd"):
             out2, u3 = self.out.detach().reshape(B, D), u.view(B, 2, D)
             eps_v = None if noise.eps is None else noise.eps[:, 1]
             tail = (self.t32, p, WEIGHTING, self.scale)
             modes = (OBJECTIVE_CODES["hsm"], OUTPUT_CODES["mixed"])
-            if self.op == "loss_fwd":
+            if op == "loss_fwd":
                 return (out2, u3) + tail + (1, eps_v, noise.seed) + modes
             return (self.grad, out2, u3) + tail + (eps_v, noise.seed) + modes
         u3, y2 = u.view(B, 2, D), self.y.reshape(B, D)
-        if self.op == "sscs":
+        if op == "sscs":
             return (u3, y2, self.ts, self.step, p, True, None, self.seed, False)
         return (u3, y2, self.ts, self.step, p, AFFINE_KIND_CODES["em"], True, None, self.seed, u3)
 
     # -- our backends -------------------------------------------------------------------------------
     def ours(self, name: str) -> Callables:
-        kernel = cf_backends.get(name).op(OPDEF_NAME[self.op])
+        kernel = cf_backends.get(name).op(OPDEF_NAME[self.op]) if self.op in OPDEF_NAME else None
         sde, t32 = self.sde, self.t32
         if self.op == "perturb":
             x0 = self.x0
@@ -341,11 +355,13 @@ class Case:
             eps = torch.randn((self.B, 2, self.D), device=self.device) if name == "torch" else None
             args = self.kernel_args(eps=eps)
             return Callables(lambda: cf.perturb(x0, t32, sde, backend=name), lambda: kernel(*args))
-        if self.op in ("loss_fwd", "loss_bwd"):
+        if self.op in ("loss_fwd", "loss_bwd", "loss"):
             u, noise = cf.perturb(self.x0, t32, sde, backend=name)
-            args = self.kernel_args(noise=noise, u=u)
             out, grad = self.out, self.grad
             forward = lambda: cf.hsm_loss(out, u, t32, sde, noise, backend=name)  # noqa: E731
+            if self.op == "loss":
+                return Callables(lambda: torch.autograd.grad(forward(), out, grad))
+            args = self.kernel_args(noise=noise, u=u)
             if self.op == "loss_fwd":
                 return Callables(forward, lambda: kernel(*args))
             loss = forward()
@@ -362,7 +378,7 @@ class Case:
     # -- torch.compile of the reference ----------------------------------------------------------------
     def compiled(self) -> Callables:
         comp = compiled(self.op, self.device)
-        if self.op in ("loss_fwd", "loss_bwd"):
+        if self.op in ("loss_fwd", "loss_bwd", "loss"):
             from cld_fast.backends import torch_backend
 
             u = torch.empty((self.B, 2, self.D), device=self.device)
@@ -370,7 +386,10 @@ class Case:
             torch_backend.op("perturb")(self.x0.reshape(self.B, self.D), None, self.t32, self.params, 0, None,
                                         noise_seed, u)   # a state whose eps_v the loss regenerates from the seed
             noise = cf.Noise(eps=None, seed=noise_seed, backend="torch", objective="hsm", numel=u.numel() // 2)
-            args = self.kernel_args(noise=noise, u=u)
+            if self.op == "loss":
+                args = (self.kernel_args(noise=noise, u=u, op="loss_fwd"), self.kernel_args(noise=noise, u=u, op="loss_bwd"))
+            else:
+                args = self.kernel_args(noise=noise, u=u)
         elif self.op == "perturb":
             args = self.kernel_args()
         else:
@@ -585,6 +604,29 @@ def op_level_table(results: List[Result], copy_bw: common.CopyBandwidth, device:
             + common.md_table(header, rows))
 
 
+def summary_table(results: List[Result], copy_bw: common.CopyBandwidth) -> str:
+    """Each public op of a loop (the loss as forward + backward) at every size, for each of our timed
+    backends: time, % of copy bandwidth, and the speed-up against the eager official-style code and
+    against torch.compile of the same math (>= 1.0x: at least as fast)."""
+    rows = []
+    for op in PUBLIC_OPS:
+        for size in sorted({r.size for r in results if r.op == op}, key=lambda z: z.numel):
+            cell = {r.impl: r for r in results if r.op == op and r.size == size and r.op_ms and not r.na}
+            for impl in OUR_BACKENDS:
+                r = cell.get(impl)
+                if r is None:
+                    continue
+                vs = [f"{cell[b].op_ms / r.op_ms:,.2f}x" if b in cell else "-" for b in ("official", "compile")]
+                rows.append([f"`{OP_SHORT[op]}`", size.name, IMPL_TITLES[impl], common.fmt(r.op_ms),
+                             _pct(r.gbps("op"), copy_bw.gbps)] + vs)
+    if not rows:
+        return ""
+    return ("**Public ops against the eager code and torch.compile** (the public call with default settings; "
+            "speed-up = their time / ours):\n\n"
+            + common.md_table(["op", "size", "implementation", "ms / call", "% copy", "vs eager official",
+                               "vs torch.compile"], rows, align="lllrrrr"))
+
+
 def breakdown(results: List[Result]) -> str:
     """What each of our backends dispatches per public call (names, first counted size)."""
     rows = []
@@ -616,12 +658,12 @@ def detail_tables(results: List[Result], copy_bw: common.CopyBandwidth, device: 
     n_bytes = notes.ref(
         "GB/s = minimum bytes the op must move / median time. Byte model (fp32, N = elements of x): perturb 12N "
         "(read x0, write x and v); loss forward 8N (read out and v); loss backward 12N (read out and v, write the "
-        "gradient); SSCS and EM steps 20N (read u = (x, v) and y, write u). Noise drawn outside the kernel (the "
+        "gradient); loss forward + backward 20N (the two added); SSCS and EM steps 20N (read u = (x, v) and y, write u). Noise drawn outside the kernel (the "
         "official code, the torch backend's torch.randn eps and the eps_v its loss reads back) is extra traffic "
         "that is not credited.")
     n_levels = notes.ref(
-        "op = the public call (cf.perturb / cf.hsm_loss / torch.autograd.grad of it / cf.sscs_step_ / cf.em_step_, "
-        "value checks off). kernel = cld_fast.backends.get(name).op(opname) called with the cld_fast.opdefs schema "
+        "op = the public call (cf.perturb / cf.hsm_loss / torch.autograd.grad of it / both / cf.sscs_step_ / "
+        "cf.em_step_, default settings: value checks on). kernel = cld_fast.backends.get(name).op(opname) called with the cld_fast.opdefs schema "
         "arguments made beforehand (for compile: the compiled opdefs reference; one torch.compile per op, dynamic "
         "shapes). The official-style code has no separate kernel." + (
             " On the GPU, op times start from an idle GPU (synchronised after the cache flush), so host-side work "
@@ -681,6 +723,7 @@ def render(results: List[Result], copy_bw: common.CopyBandwidth, device: torch.d
     parts = [
         f"Measured copy bandwidth (bytes read + written, {common.human_bytes(copy_bw.nbytes)} buffers): "
         f"**{copy_bw.gbps:,.1f} GB/s** ({methods}). The \"% copy\" columns divide by this.{cache}",
+        summary_table(results, copy_bw),
         count_table(results, notes),
         op_level_table(results, copy_bw, device, notes),
         breakdown(results),

@@ -73,6 +73,11 @@ def test_one_row_per_implementation(report):
     for cpu_row in cpu_rows:  # every op's kernel call matches its schema (a stale call is an n/a "cpu failed")
         assert ("n/a [^" in cpu_row) == (not backends.get("cpu").is_available()), cpu_row
     assert "## Notes" in text and "[^1]:" in text
+    summary = text.split("**Public ops against the eager code and torch.compile**", 1)[1].split("\n\n", 2)[1]
+    for op in kernels.PUBLIC_OPS:  # the loss as forward + backward; vs eager timed, vs compile "-" (--no-compile)
+        row = next(ln for ln in summary.splitlines() if ln.startswith(f"| `{kernels.OP_SHORT[op]}` | 2x3x4x4 | cld_fast torch"))
+        vs_eager, vs_compile = [c.strip() for c in row.strip("|").split("|")[-2:]]
+        assert vs_eager.endswith("x") and vs_compile == "-", row
 
 
 def test_launch_counts_match_the_committed_table():
