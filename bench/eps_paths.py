@@ -1,8 +1,8 @@
 """The ``eps=`` paths and the in-kernel-noise paths of the cpu backend against single-core copy bandwidth.
 
-    python -m bench.eps_paths [--numel 16777216] [--out bench/results/eps-paths-cpu.md]
+    python -m bench.eps_paths [--numel 16777216] [--threads 1,2] [--out bench/results/eps-paths-cpu.md]
 
-One thread, default settings (value checks on). For each public op: median ms per call with the
+Default settings (value checks on), at each thread count (the first is the baseline). For each public op: median ms per call with the
 noise drawn in-kernel (seed) and handed in as tensors (``eps=``), GB/s by the byte model of
 ``bench/kernels.py`` with the noise tensors counted as traffic (they are read), and the fraction
 of the measured copy bandwidth (``bench.common.copy_bandwidth``, bytes read + written).
@@ -51,36 +51,54 @@ def _cases(n: int):
     ]
 
 
-def run(n: int) -> str:
-    torch.set_num_threads(1)
+def run(n: int, threads=(1, 2)) -> str:
+    """The report: each case timed at every thread count of ``threads`` (the first is the baseline)."""
     device = torch.device("cpu")
     info = common.device_info(device)
     load_start = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    torch.set_num_threads(threads[0])
     copy = common.copy_bandwidth(device, 128 << 20)
+    cases = _cases(n)
+    ms = {}
+    for k in threads:
+        torch.set_num_threads(k)
+        for op, noise, _, call in cases:
+            ms[(op, noise, k)] = common.measure(call, device, target_s=1.0, min_iters=3, max_iters=20,
+                                                flush_l2=False).median_ms
+    torch.set_num_threads(threads[0])
     rows = []
-    for op, noise, per_elem, call in _cases(n):
-        t = common.measure(call, device, target_s=1.0, min_iters=3, max_iters=20, flush_l2=False)
-        gbps = per_elem * n / (t.median_ms * 1e-3) / 1e9
-        rows.append([op, noise, f"{t.median_ms:.1f}", f"{per_elem}N", f"{gbps:.2f}", f"{100 * gbps / copy.gbps:.0f}%"])
+    for op, noise, per_elem, _ in cases:
+        base = ms[(op, noise, threads[0])]
+        gbps = per_elem * n / (base * 1e-3) / 1e9
+        row = [op, noise, f"{per_elem}N", f"{base:.1f}", f"{gbps:.2f}", f"{100 * gbps / copy.gbps:.0f}%"]
+        for k in threads[1:]:
+            row += [f"{ms[(op, noise, k)]:.1f}", f"{base / ms[(op, noise, k)]:.2f}x"]
+        rows.append(row)
     load_end = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     head = [["device", info["device"]], ["torch", info["torch"]], ["git commit", info["commit"]],
             ["date", info["date"]], ["x", f"({ROWS}, {n // ROWS}) float32, {n} elements"],
-            ["copy bandwidth", f"{copy.gbps:.1f} GB/s (best of {', '.join(copy.methods)})"],
+            ["copy bandwidth", f"{copy.gbps:.1f} GB/s with {threads[0]} thread(s) (best of {', '.join(copy.methods)})"],
             ["load average (1 / 5 / 15 min)", f"{load_start} at start, {load_end} at the end, on {os.cpu_count()} "
                                               "CPUs: above the CPU count, other work slows every timing here"]]
+    cols = ["op", "noise", "bytes", f"ms / call, {threads[0]} thread(s) (median)", "GB/s", "% copy"]
+    for k in threads[1:]:
+        cols += [f"ms, {k} threads", f"{k} vs {threads[0]} threads"]
     return ("# cpu backend: in-kernel noise and eps= paths against copy bandwidth\n\n"
             + common.md_table(["", ""], head, align="ll") + "\n\n"
-            + common.md_table(["op", "noise", "ms / call (median)", "bytes", "GB/s", "% copy"], rows, align="llrrrr")
-            + "\n\nBytes: fp32 minimum traffic per element of x (bench/kernels.py's byte model), the noise tensors "
-              "of the eps= rows included (perturb reads 2N of them, the loss N, SSCS 4N, EM N).\n")
+            + common.md_table(cols, rows, align="lll" + "r" * (len(cols) - 3))
+            + "\n\nDefault settings (value checks on). Bytes: fp32 minimum traffic per element of x "
+              "(bench/kernels.py's byte model), the noise tensors of the eps= rows included (perturb reads 2N of "
+              "them, the loss N, SSCS 4N, EM N). % copy: against the copy bandwidth measured with the baseline "
+              "thread count.\n")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--numel", type=int, default=1 << 24)
+    p.add_argument("--threads", default="1,2", help="thread counts to time, the first being the baseline")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "eps-paths-cpu.md"))
     args = p.parse_args(argv)
-    text = run(args.numel)
+    text = run(args.numel, tuple(int(k) for k in args.threads.split(",")))
     Path(args.out).write_text(text)
     print(text)
 
