@@ -49,6 +49,7 @@ def main(argv=None) -> int:
                     help="comma-separated time grids (cld_fast.sde.STRIDINGS): each gDDIM variant runs on each")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(RESULTS), help="folder for the report, plot and grids")
+    ap.add_argument("--name", default=None, help="file name stem of the report and plot (default <data>_samplers)")
     args = ap.parse_args(argv)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
             png = results / f"{data}_samplers-{steps}steps.png"
             image_grid(torch.cat([by_name["sscs quadratic"], by_name["gddim order 2 x0"]]), str(png), nrow=8)
             pngs.append(png.name)
-    plot = _plot(cells, variants, steps_list, floor, results / f"{data}_samplers-cpu.png")
+    stem = args.name or f"{data}_samplers"
+    plot = _plot(cells, variants, steps_list, floor, results / f"{stem}-cpu.png")
     size = "x".join(str(s) for s in shape[-2:])
     ode_row = [[name] + ([cell(name, 0)] + ["-"] * (len(steps_list) - 1)) for name, kw in variants if kw["method"] == "ode"]
     lines = [f"# Samplers on the {size} {data} model: Frechet distance vs steps", "",
@@ -116,7 +118,8 @@ def main(argv=None) -> int:
              f"- written by `python -m bench.digits_samplers --ckpt {args.ckpt} --samples {args.samples} --steps "
              f"{' '.join(map(str, steps_list))}{' --ode' if args.ode else ''}"
              f"{' --variants ' + repr(args.variants) if args.variants else ''}"
-             f"{' --grids ' + args.grids if args.grids else ''} --threads {args.threads}`; {args.samples} samples per cell, "
+             f"{' --grids ' + args.grids if args.grids else ''}{' --name ' + args.name if args.name else ''} "
+             f"--threads {args.threads}`; {args.samples} samples per cell, "
              f"sampler seed {args.seed}, EMA weights of the checkpoint at step {cfg_step(args.ckpt)}", "",
              "Each cell: Frechet distance on classifier features against the held-out images (fraction "
              "classified with p >= 0.9; network evaluations). "
@@ -133,8 +136,8 @@ def main(argv=None) -> int:
     errors = {k: v["error"] for k, v in cells.items() if "error" in v}
     if errors:
         lines += ["Errors:", ""] + [f"- {k}: {v}" for k, v in errors.items()] + [""]
-    (results / f"{data}_samplers-cpu.md").write_text("\n".join(lines))
-    (results / f"{data}_samplers-cpu.json").write_text(
+    (results / f"{stem}-cpu.md").write_text("\n".join(lines))
+    (results / f"{stem}-cpu.json").write_text(
         json.dumps({"info": info, "cells": cells, "floor": floor}, indent=1) + "\n")
     print("\n".join(lines))
     return 0
