@@ -978,18 +978,19 @@ class Trainer:
         result.extra["eval"] = record["eval"]
 
     def _evaluate_digits(self, result: TrainResult, metrics: "_MetricsWriter") -> None:
-        """Digit data: ``cld_fast.metrics.digit_metrics`` of ``eval_samples`` EMA samples (SSCS, ``eval_steps``)
-        against the held-out split, with the data-vs-held-out floor; samples .npz. Skipped with a note
-        when the ``metrics`` extra is missing."""
+        """Digit data: ``cld_fast.metrics.digit_metrics`` of ``eval_samples`` EMA samples (``sample_method``,
+        ``eval_steps``) against the held-out split, with the data-vs-held-out floor; samples .npz. Skipped
+        with a note when the ``metrics`` extra is missing."""
         import numpy as np
 
         from .data import HELDOUT
 
         cfg = self.config
         n = min(cfg.eval_samples, HELDOUT[cfg.data])
-        record: Dict[str, Any] = {"step": self.step, "eval": {"method": "sscs", "steps": cfg.eval_steps, "n": n}}
+        method = cfg.sample_method
+        record: Dict[str, Any] = {"step": self.step, "eval": {"method": method, "steps": cfg.eval_steps, "n": n}}
         t0 = time.time()
-        res = self.sample(n, cfg.eval_steps, "sscs", seed=cfg.seed + 2024)
+        res = self.sample(n, cfg.eval_steps, method, seed=cfg.seed + 2024)
         record["eval"]["sample_seconds"] = time.time() - t0
         npz = os.path.join(self.run_dir, "samples_final.npz")
         np.savez(npz, x=res.x.cpu().numpy())
@@ -1010,14 +1011,16 @@ class Trainer:
 
     def _digit_sampler_table(self, n: int) -> Dict[str, List]:
         """{method: [[steps, Frechet distance, classified with p >= 0.9], ...]} of ``n`` EMA samples per cell,
-        SSCS and gDDIM (their defaults) at ``DIGIT_TABLE_STEPS`` steps, one sampler seed."""
+        SSCS and gDDIM (their defaults; EM for a VP-SDE) at ``DIGIT_TABLE_STEPS`` steps, one sampler seed."""
         from .metrics import digit_metrics, load_classifier
+        from .samplers import sampler_names
 
         cfg = self.config
         clf = load_classifier(cfg.data)
         net = self.ema_network()
         table: Dict[str, List] = {}
-        for method in ("sscs", "gddim"):
+        methods = [m for m in ("sscs", "gddim") if m in sampler_names(self.sde)] or [cfg.sample_method]
+        for method in methods:
             table[method] = []
             for steps in DIGIT_TABLE_STEPS:
                 r = self.sample(n, steps, method, seed=cfg.seed + 2024, network=net)

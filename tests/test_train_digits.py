@@ -34,6 +34,19 @@ def test_cli_trains_a_few_steps_and_reports_digit_metrics(data, size, extra, tmp
         assert "sampler table" in stdout and "gddim: Frechet distance" in stdout
 
 
+def test_vpsde_digits_run_evaluates_with_its_own_sampler(tmp_path, capsys):
+    """--sde vpsde on digit data: the final samples and the sampler table use EM (SSCS and gDDIM are CLD samplers)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torchmetrics")
+    out = tmp_path / "run"
+    code = main(["train", "--data", "digits", "--sde", "vpsde", "--steps", "2", "--sample-steps", "2",
+                 "--eval-steps", "2", "--eval-samples", "12", "--no-progress", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    ev = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]["eval"]
+    assert ev["method"] == "em" and list(ev["sampler_table"]) == ["em"]
+    assert [row[0] for row in ev["sampler_table"]["em"]] == [10, 20, 50]
+
+
 def test_data_flag_chooses_the_data_sets_preset_unless_one_is_given():
     from cld_fast.cli import _preset_name, build_parser
 
