@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=100, help="held-out images")
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="the ODE state's dtype")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     info = common.device_info(torch.device("cpu"))
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         bpd, nfe = [], []
         for chunk in x.split(args.batch):
-            r = cf.likelihood(m.score_fn, chunk.float(), m.sde, dequantize=True, centered=True, generator=g)
+            r = cf.likelihood(m.score_fn, chunk.to(getattr(torch, args.dtype)), m.sde, dequantize=True,
+                              centered=True, generator=g)
             bpd.append(r.bpd)
             nfe.append(r.nfe)
         bpd = torch.cat(bpd)
@@ -59,16 +61,21 @@ def main(argv=None) -> int:
         mean, se = bpd.mean().item(), bpd.std().item() / math.sqrt(bpd.numel())
         name = type(m.sde).__name__
         print(f"{name} step {step}: {mean:.3f} +- {se:.3f} bits/dim, NFE {nfe}, {seconds:.0f} s", flush=True)
-        rows.append([name, str(step), f"{mean:.3f} ± {se:.3f}", " / ".join(map(str, nfe)), f"{seconds:.0f}", f"`{path}`"])
+        rows.append([name, str(step), f"{mean:.3f} ± {se:.3f}", f"{bpd.median().item():.3f}",
+                     f"{bpd.min().item():.2f} to {bpd.max().item():.2f}", " / ".join(map(str, nfe)), f"{seconds:.0f}",
+                     f"`{path}`"])
         out.append({"sde": name, "step": step, "bpd_mean": mean, "bpd_se": se, "bpd": bpd.tolist(), "nfe": nfe,
                     "seconds": seconds, "ckpt": path})
     lines = [f"# Likelihood bound on held-out {data} images: CLD vs VP-SDE", "",
              f"- device: {info['device']}", f"- torch {info['torch']}, python {info['python']}, cld_fast {info['cld_fast']}",
              f"- commit {info['commit']}, {info['date']}",
-             f"- written by `python -m bench.digits_bpd {' '.join('--ckpt ' + p for p in args.ckpt)} --n {args.n}`", "",
+             f"- written by `python -m bench.digits_bpd {' '.join('--ckpt ' + p for p in args.ckpt)} --n {args.n} "
+             f"--batch {args.batch} --dtype {args.dtype}`", "",
              f"Bits/dim (mean ± standard error over the first {args.n} held-out images; uniform dequantisation, "
-             "centred data, probability-flow ODE RK45 with rtol = atol = 1e-5, one Rademacher probe):", "",
-             common.md_table(["SDE", "training steps", "bits/dim", "NFE per batch", "seconds", "checkpoint"], rows), ""]
+             f"centred data, probability-flow ODE RK45 with rtol = atol = 1e-5 on a {args.dtype} state, one "
+             "Rademacher probe):", "",
+             common.md_table(["SDE", "training steps", "bits/dim", "median", "per-image range", "NFE per batch",
+                              "seconds", "checkpoint"], rows), ""]
     (RESULTS / f"{data}_bpd-cpu.md").write_text("\n".join(lines))
     (RESULTS / f"{data}_bpd-cpu.json").write_text(json.dumps({"info": info, "models": out}, indent=1) + "\n")
     print("\n".join(lines))
