@@ -198,7 +198,9 @@ def write_markdown(rep, path):
         f"- device: {info['device']}",
         f"- torch {info['torch']}, python {info['python']}, cld_fast {info['cld_fast']}",
         f"- commit {info['commit']}, {info['date']}",
-        f"- written by `python -m bench.guidance_digits --data {args['data']} --n {args['n']} --steps {args['steps']}`",
+        f"- written by `python -m bench.guidance_digits --data {args['data']} --n {args['n']} --steps {args['steps']}"
+        + (f" --model-steps {args['model_steps']}" if args.get("model_steps") else "")
+        + f" --threads {args.get('threads')}`",
         f"- model: conditional NCSN++ (preset `{args['data']}`, `--conditional`, label dropout 0.1), "
         f"{rep['model_step']} steps, EMA weights; sampler: SSCS, {args['steps']} NFE (one batch-doubled network "
         "call per step for classifier-free guidance), seed "
