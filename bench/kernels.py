@@ -5,7 +5,10 @@ read no device value and dispatch no op):
 
     perturb   ``cf.perturb(x0, t, sde)``
     loss_fwd  ``cf.hsm_loss(out, u, t, sde, noise)`` with ``out`` requiring grad (the training forward)
-    loss_bwd  ``torch.autograd.grad`` of that loss w.r.t. ``out`` (an explicit 0-d grad, graph retained)
+    loss_bwd  ``torch.autograd.grad`` of that loss w.r.t. ``out`` (an explicit 0-d grad of 2, graph retained:
+              a scaled loss; for the grad 1 of ``loss.backward()`` the cpu backend's backward launches
+              nothing, which the forward + backward row ``loss`` shows)
+    loss      both, as one training step makes them (grad 1)
     sscs      ``cf.sscs_step_(u, y, ts, sde, step=k, mixed=True, seed=...)``: one fused SSCS step
     em        ``cf.em_step_(u, y, ts, sde, step=k, mixed=True, seed=...)``: one Euler-Maruyama step
 
@@ -62,7 +65,7 @@ COUNTED_OPS = ("perturb", "loss_fwd", "loss_bwd", "sscs")   # the op-level count
 OP_TITLES = {
     "perturb": "perturb: cf.perturb(x0, t, sde)",
     "loss_fwd": "HSM loss forward: cf.hsm_loss(out, u, t, sde, noise)",
-    "loss_bwd": "HSM loss backward",
+    "loss_bwd": "HSM loss backward: torch.autograd.grad(loss, out, 2.0), graph retained",
     "loss": "HSM loss forward + backward: torch.autograd.grad(cf.hsm_loss(...), out), as one training step makes it",
     "sscs": "fused SSCS step: cf.sscs_step_",
     "em": "Euler-Maruyama step: cf.em_step_",
@@ -270,7 +273,9 @@ class Case:
         self.t64 = self.t32.double()
         self.seed = torch.tensor([1234], dtype=torch.int64, device=device)
         self.scale = 1.0 / self.B                      # reduction "mean", as hsm_loss passes it
-        self.grad = torch.ones((), device=device)      # d loss / d loss for the backward
+        # d loss / d loss for the backward: 1 as loss.backward() passes it; 2 for loss_bwd alone, whose
+        # graph is retained across calls (a cpu backward hands over the unit gradient once, then recomputes)
+        self.grad = torch.full((), 2.0 if op == "loss_bwd" else 1.0, device=device)
         if op in ("sscs", "em"):
             self.u0 = self.sde.prior_sampling(shape, generator=g, device=device)
             self.y = torch.randn(shape, generator=g, device=device)

@@ -55,7 +55,7 @@ def value_checks(enabled: bool):
         stack.pop()
 
 
-def _on_host(x: torch.Tensor) -> bool:
+def on_host(x: torch.Tensor) -> bool:
     """Whether ``x``'s values can be read on the host without a device synchronisation."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and type(x) is torch.Tensor
 
@@ -132,6 +132,11 @@ def same_device(reference: torch.Tensor, ref_name: str, **others) -> None:
             raise ValueError(f"{name} is on {x.device} but {ref_name} is on {reference.device}; put them on one device")
 
 
+def nonfinite_error(name: str) -> ValueError:
+    """The error of a failed finiteness check of argument ``name``."""
+    return ValueError(f"{name} contains NaN or inf values")
+
+
 def finite(x: torch.Tensor, name: str, wait: bool = True) -> None:
     """Raise if ``x`` holds NaN or inf (a value check).
 
@@ -140,12 +145,12 @@ def finite(x: torch.Tensor, name: str, wait: bool = True) -> None:
     """
     if not value_checks_enabled():
         return
-    if _on_host(x):
+    if on_host(x):
         if not _all_finite(host_values(x)):
-            raise ValueError(f"{name} contains NaN or inf values")
+            raise nonfinite_error(name)
     elif wait:
         if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or inf values")
+            raise nonfinite_error(name)
     else:
         device_assert(torch.isfinite(x).all(), f"{name} contains NaN or inf values")
 
@@ -172,7 +177,7 @@ def in_range(x: torch.Tensor, name: str, low: float, high: float, low_open: bool
     """
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
     message = " ".join(part for part in (f"{name} must lie in {interval}", what) if part)
-    if not _on_host(x):
+    if not on_host(x):
         above = (x > low) if low_open else (x >= low)
         device_assert((above & (x <= high)).all(), message)
         return
@@ -191,7 +196,7 @@ def int_in_range(x: torch.Tensor, name: str, low: int, high: int, message: str =
     replaced by the value read.
     """
     message = message or f"{name} must be in [{low}, {high}], got {{value}}"
-    if not _on_host(x):
+    if not on_host(x):
         device_assert(((x >= low) & (x <= high)).all(), message.replace("{value}", "an out-of-range value"))
         return None
     value = int(host_values(x).reshape(-1)[0])

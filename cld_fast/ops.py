@@ -98,9 +98,13 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
     checks.tensor(x0, "x0", min_dim=2)
     b = x0.shape[0]
     checks.time(t, b, x0.device)
-    checks.finite(x0, "x0", wait=False)
     d = x0[0].numel()
     mod = backends.select(x0.device, x0.dtype, backend)
+    # the cpu kernel checks x0 and eps for NaN / inf as it reads them; elsewhere a check runs first
+    fused_check = (getattr(mod, "PERTURB_CHECKS_FINITE", False) and checks.value_checks_enabled()
+                   and checks.on_host(x0))
+    if not fused_check:
+        checks.finite(x0, "x0", wait=False)
     u = torch.empty((b, 2 * x0.shape[1]) + tuple(x0.shape[2:]), dtype=x0.dtype, device=x0.device)
     v0 = None
     if objective == "dsm":
@@ -114,7 +118,8 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
         checks.same_device(x0, "x0", eps=eps)
         if tuple(eps.shape) != (b, 2, d):
             raise ValueError(f"eps must have shape {(b, 2, d)} (eps_x, eps_v per element of x0), got {tuple(eps.shape)}")
-        checks.finite(eps, "eps", wait=False)
+        if not fused_check:
+            checks.finite(eps, "eps", wait=False)
         eps = eps.to(x0.dtype)
     elif mod.NAME == "torch":
         eps = torch.randn((b, 2, d), generator=generator, device=x0.device, dtype=x0.dtype)
@@ -123,7 +128,17 @@ def perturb(x0: torch.Tensor, t: torch.Tensor, sde: CLD, objective: str = "hsm",
     x0 = x0.detach() if x0.requires_grad else x0  # the fused kernel has no backward: never keep x0's graph
     _run(mod, "perturb", _flat(x0), v0, _times(t), kernel_params(sde, x0.device), OBJECTIVE_CODES[objective],
          eps, seed, _state_view(u))
+    if fused_check:
+        bad = mod.nonfinite_perturb_inputs()
+        for bit, name in ((1, "x0"), (2, "eps")):
+            if bad & bit:
+                raise checks.nonfinite_error(name)
     return u, Noise(eps=eps, seed=seed, backend=mod.NAME, objective=objective, numel=b * d)
+
+
+def _is_unit(grad: torch.Tensor) -> bool:
+    """Whether ``grad`` is a CPU scalar equal to 1 (read from host memory: no device sync, no op)."""
+    return grad.device.type == "cpu" and grad.dim() == 0 and grad.tolist() == 1.0
 
 
 class _HSMLoss(torch.autograd.Function):
@@ -131,7 +146,8 @@ class _HSMLoss(torch.autograd.Function):
 
     Backends with ``LOSS_GRAD_IN_FORWARD`` (the C++ CPU kernels, where drawing eps_v costs more than
     the memory it would touch) compute d loss / d out for a unit upstream gradient in the forward
-    pass, from the same residuals, and the backward scales it (one multiply). The others keep the
+    pass, from the same residuals, and the backward scales it (one multiply; none for the unit
+    gradient of ``loss.backward()``, the fused-loss convention). The others keep the
     forward/backward split and regenerate eps_v from the seed in the backward, which on a GPU moves
     fewer bytes (docs/kernels.md).
     """
@@ -147,16 +163,22 @@ class _HSMLoss(torch.autograd.Function):
         else:
             loss = _run(mod, "hsm_loss_fwd", out2, u3, t, params, weighting, scale, reduction, eps_v, seed, objective,
                         output)
-        ctx.save_for_backward(out2, u3, t, params, eps_v, seed, unit_grad)
+        ctx.save_for_backward(out2, u3, t, params, eps_v, seed)
+        ctx.unit_grad = unit_grad  # not an input or output: kept on ctx, so backward can hand it over
         ctx.args = (weighting, scale, backend_name, objective, output)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out2, u3, t, params, eps_v, seed, unit_grad = ctx.saved_tensors
+        out2, u3, t, params, eps_v, seed = ctx.saved_tensors
         weighting, scale, backend_name, objective, output = ctx.args
-        if unit_grad is not None:
+        unit_grad = ctx.unit_grad
+        if unit_grad is not None and _is_unit(grad):
+            # loss.backward(): the forward's gradient itself, no multiply. The graph lets go of it, so the
+            # caller may own it (autograd accumulates into it); a retained graph's next backward recomputes.
+            grad_out, ctx.unit_grad = unit_grad, None
+        elif unit_grad is not None:
             g = grad.to(unit_grad.dtype)
             grad_out = unit_grad * (g if g.dim() == 0 else g.unsqueeze(1))
         else:

@@ -15,7 +15,7 @@ agree with the reference's to float32 rounding.
 Error measure (``max_err``): max over elements of |got - want| / max(|want|, ERR_FLOOR), i.e.
 relative error, absolute below ERR_FLOOR = 1. Tolerances (measured maxima on CPU in brackets, in
 the table of the report these are per row): float64 ``FLOAT64_TOL`` (3.6e-15), float32
-``FLOAT32_TOL`` (1.4e-6), seed mode ``SEED_TOL`` (2.1e-6), Philox normals ``NORMALS_TOL`` (1.8e-7),
+``FLOAT32_TOL`` (1.4e-6), seed mode ``SEED_TOL`` (2.1e-6), Philox normals ``NORMALS_TOL`` (6.0e-7),
 Philox words exact. Mutating ops run on fresh copies; write targets start as NaN and strided targets
 must not be written outside their view. A backend that raises gives a failed row with the message.
 
@@ -48,7 +48,8 @@ FLOAT32_TOL = 2e-5
 SEED_TOL = 2e-5
 """Seed mode (in-kernel Philox normals), either state dtype: measured <= 2.1e-6."""
 NORMALS_TOL = 2e-6
-"""Philox normals of a backend against the reference's (float32 log / cos / sin): measured <= 1.8e-7."""
+"""Philox normals of a backend against the reference's (float32 log / cos / sin): measured <= 1.8e-7 on
+triton / cuda, 6.0e-7 on cpu (its Box-Muller does not round the angle 2 pi u2 to float32 first)."""
 TOLERANCES = {torch.float64: FLOAT64_TOL, torch.float32: FLOAT32_TOL}
 
 MODE_EXPLICIT = "explicit"  # explicit noise tensors, or no noise

@@ -16,6 +16,7 @@
 
 namespace cld {
 bool cpu_kernels_compiled();  // csrc/cpu/ops_cpu.cpp
+int64_t take_nonfinite_inputs();  // csrc/cpu/ops_cpu.cpp
 }
 
 namespace {
@@ -160,5 +161,7 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("params"), pybind11::arg("code") = 0, pybind11::arg("mixed") = false,
         pybind11::arg("objective") = 0, pybind11::arg("output") = 0,
         "(N, K) float64 coefficients of csrc/include/cld_coefficients.h at (t, h); for tests");
+  m.def("_take_nonfinite_inputs", &cld::take_nonfinite_inputs,
+        "bits of the inputs of this thread's last CPU perturb that held NaN or inf (1: x0, 2: eps), then 0");
   m.def("_layout", &layout, "parameter order, enum codes and Philox tags compiled into the kernels; for tests");
 }

@@ -8,6 +8,7 @@ reference's up to float32 rounding of log / cos / sin), results independent of t
 count, in-place targets of any layout, host-side step range errors, argument errors that name the
 argument, and tracing under torch.compile.
 """
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,33 @@ def test_compiled_philox_bits_and_uniforms_are_exact(start, seed, step, tag):
     ref = torch.stack(philox.philox_bits(200, seed, step, tag, start=start))
     assert torch.equal(bits, ref)
     assert torch.equal(unif, philox.uniform_from_bits(ref))
+
+
+def _box_muller_float64(u1, u2):
+    r = torch.sqrt(-2 * torch.log(u1.double().clamp(min=1e-7)))
+    th = 2 * math.pi * u2.double()
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+@pytest.mark.parametrize("seed,start,step,tag", [(SEED, 0, 0, 0), (2 ** 40 + 3, 2 ** 32 - 3000, 3, philox.TAG_SSCS)])
+def test_compiled_normals_are_float32_box_muller_of_the_reference_uniforms(seed, start, step, tag):
+    """The vector normals (z0..z3) are a float32 Box-Muller of the reference's uniforms: within 5e-7
+    (relative above 1, absolute below) of the float64 transform, and within 2.5e-6 of the
+    reference's float32 one, whose own rounding of 2 pi u2 to float32 costs up to 1.8e-6."""
+    import cld_fast._C as ext
+
+    n = 1 << 16
+    got = ext._philox_normals(seed, start, n, step, tag).double()
+    u = [philox.uniform_from_bits(w) for w in philox.philox_bits(n, seed, step, tag, start=start)]
+    exact = torch.stack([*_box_muller_float64(u[0], u[1]), *_box_muller_float64(u[2], u[3])])
+    ref = torch.stack([*philox.box_muller(u[0], u[1]), *philox.box_muller(u[2], u[3])]).double()
+
+    def err(a, b):
+        return ((a - b).abs() / b.abs().clamp(min=1.0)).max().item()
+
+    assert err(got, exact) < 5e-7
+    assert err(got, ref) < 2.5e-6
+    assert abs(got.mean().item()) < 5 / (4 * n) ** 0.5 and abs(got.var().item() - 1) < 5 * (2 / (4 * n)) ** 0.5
 
 
 def _seed_mode_cases(b, d, dtype):
@@ -517,3 +545,67 @@ def test_bad_inputs_raise_naming_the_argument(case):
     fn, needle = BAD[case]
     with pytest.raises(RuntimeError, match=needle):
         fn()
+
+
+def test_loss_gradient_computed_in_the_forward_under_unit_scaled_and_repeated_backward():
+    """cf.hsm_loss on the cpu backend takes d loss / d out from its forward: loss.backward() returns
+    it as it is, another upstream gradient scales it, and a retained graph gives the same gradient
+    again (accumulated into a leaf, never aliased with what the graph keeps)."""
+    import cld_fast as cf
+
+    g = _g(21)
+    x0, t = torch.randn(3, 40, generator=g), _times(3).float()
+    u, noise = cf.perturb(x0, t, cf.CLD(), backend="cpu")
+    out = torch.randn(3, 40, generator=g, requires_grad=True)
+    loss = cf.hsm_loss(out, u, t, cf.CLD(), noise, backend="cpu")
+    ref = cf.hsm_loss(out, u, t, cf.CLD(), noise, backend="torch")
+    (want,) = torch.autograd.grad(ref, out)
+    (unit,) = torch.autograd.grad(loss, out, retain_graph=True)
+    torch.testing.assert_close(unit, want, rtol=3e-6, atol=3e-6)
+    kept = unit.clone()
+    (scaled,) = torch.autograd.grad(loss, out, torch.tensor(2.5), retain_graph=True)
+    torch.testing.assert_close(scaled, kept * 2.5, rtol=1e-6, atol=1e-6)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(out.grad, kept + kept, rtol=1e-6, atol=1e-6)
+    assert torch.equal(unit, kept)  # what the first backward handed out is the caller's, untouched since
+    fresh = cf.hsm_loss(out, u, t, cf.CLD(), noise, backend="cpu")
+    assert torch.equal(torch.autograd.grad(fresh, out)[0], kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_perturb_kernel_reports_nonfinite_inputs_it_reads(dtype, bad):
+    """The cpu perturb flags x0 (bit 1) and eps (bit 2) holding NaN or inf in the pass that reads them,
+    at any element (vector body or tail, any thread's chunk), for every noise mode and objective;
+    cf.perturb turns the flag into the error naming the argument."""
+    import cld_fast as cf
+    from cld_fast.backends import cpu_backend
+
+    b, d = 3, 70_001  # chunks of several threads, an odd tail
+    x0, t, sde = _randn(b, d, seed=3, dtype=dtype), _times(b), _sde()
+    eps, out = _randn(b, 2, d, seed=4, dtype=dtype), torch.empty(b, 2, d, dtype=dtype)
+    v0 = _randn(b, d, seed=5, dtype=dtype)
+    for where in [(0, 0), (1, d - 1), (2, d // 2 + 7)]:
+        for objective, v in ((0, None), (1, v0)):
+            bx = x0.clone()
+            bx[where] = bad
+            OPS.perturb(bx, v, t, sde, objective, None, _i64(SEED), out)
+            assert cpu_backend.nonfinite_perturb_inputs() == 1
+            assert cpu_backend.nonfinite_perturb_inputs() == 0  # the read clears
+            be = eps.clone()
+            be[where[0], 1, where[1]] = bad
+            OPS.perturb(x0, v, t, sde, objective, be, None, out)
+            assert cpu_backend.nonfinite_perturb_inputs() == 2
+            OPS.perturb(bx, v, t, sde, objective, be, None, out)
+            assert cpu_backend.nonfinite_perturb_inputs() == 3
+    OPS.perturb(x0, None, t, sde, 0, eps, None, out)
+    assert cpu_backend.nonfinite_perturb_inputs() == 0
+    bx = x0.clone()
+    bx[1, 5] = bad
+    with pytest.raises(ValueError, match="x0 contains NaN or inf"):
+        cf.perturb(bx, t, SDE, backend="cpu")
+    be = eps.clone()
+    be[0, 0, 9] = bad
+    with pytest.raises(ValueError, match="eps contains NaN or inf"):
+        cf.perturb(x0, t, SDE, eps=be, backend="cpu")

@@ -17,6 +17,19 @@ NAME = "cpu"
 # Drawing eps_v (Philox + Box-Muller) costs more than the bytes of a saved gradient: the loss's
 # forward also writes d loss / d out (``hsm_loss_fwd_grad``) and its backward only scales it.
 LOSS_GRAD_IN_FORWARD = True
+# perturb checks x0 and eps for NaN / inf in the pass that reads them (``nonfinite_perturb_inputs``)
+# instead of a second pass over the inputs before the call.
+PERTURB_CHECKS_FINITE = True
+
+
+def nonfinite_perturb_inputs() -> int:
+    """Bits of the inputs of this thread's last ``perturb`` call that held NaN or inf (1: x0, 2: eps).
+
+    Reading clears them. Set by every call, value checks on or off."""
+    ext, why = load_extension()
+    if ext is None:
+        raise RuntimeError(f"the compiled extension cld_fast._C is not importable ({why})")
+    return int(ext._take_nonfinite_inputs())
 
 
 def is_available() -> bool:

@@ -4,12 +4,14 @@
 // i0 .. i0 + n - 1, the first NZ normals of each index (NZ = 1: z0; 2: z0, z1; 4: z0 .. z3) into
 // z[0] .. z[NZ - 1]. With AVX-512 (16 lanes) or AVX2 + FMA (8 lanes), detected at run time, the
 // Philox4x32-10 rounds run on integer vectors (the uniform bits are those of the scalar code,
-// exactly) and Box-Muller calls SLEEF's 1-ulp vector log and sincos, the functions ATen's CPU
-// kernels call for torch.log / torch.sin / torch.cos, so the normals are those of the torch
-// reference (cld_fast.philox) on the same machine. Every index of a block, its tail included, goes
-// through the same lanes, so a normal does not depend on how the work is split into chunks. On a
-// CPU without either, the scalar functions of cld_philox.h run (std::log / std::sin / std::cos: a
-// normal may then differ from the vector one in the last bits).
+// exactly) and Box-Muller calls SLEEF's vector log and sincospi (3.5-ulp versions, which ATen's CPU
+// library exports): (cos, sin)(2 pi u2) as sincospi(2 u2), where doubling u2 is exact, so the angle
+// is not rounded to float32 first as the reference's float32 u2 * 2 pi is. The normals are then
+// within 2.3e-7 of a float64 Box-Muller of the same uniforms and within 1.8e-6 of the reference's
+// float32 ones (the reference's own error; docs/kernels.md). Every index of a block, its tail
+// included, goes through the same lanes, so a normal does not depend on how the work is split into
+// chunks, and the 8- and 16-lane paths give identical normals. On a CPU without either, the scalar
+// functions of cld_philox.h run (std::log / std::sin / std::cos of the rounded angle).
 #pragma once
 
 #include <cstdint>
@@ -57,10 +59,10 @@ struct SleefF16Pair {
 };
 
 extern "C" {
-__m256 Sleef_logf8_u10avx2(__m256);
-SleefF8Pair Sleef_sincosf8_u10avx2(__m256);
-__m512 Sleef_logf16_u10avx512f(__m512);
-SleefF16Pair Sleef_sincosf16_u10avx512f(__m512);
+__m256 Sleef_logf8_u35avx2(__m256);
+SleefF8Pair Sleef_sincospif8_u35avx2(__m256);
+__m512 Sleef_logf16_u35avx512f(__m512);
+SleefF16Pair Sleef_sincospif16_u35avx512f(__m512);
 }
 
 // The 16- and 8-lane operations the Philox rounds and Box-Muller need, as one interface.
@@ -86,9 +88,8 @@ struct Lanes16 {
   }
   static void box_muller(F u1, F u2, F& z0, F& z1) {
     u1 = _mm512_max_ps(u1, _mm512_set1_ps(kBoxMullerMinU));
-    const F th = _mm512_mul_ps(u2, _mm512_set1_ps(kTwoPi));
-    const F r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), Sleef_logf16_u10avx512f(u1)));
-    const SleefF16Pair sc = Sleef_sincosf16_u10avx512f(th);
+    const F r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), Sleef_logf16_u35avx512f(u1)));
+    const SleefF16Pair sc = Sleef_sincospif16_u35avx512f(_mm512_add_ps(u2, u2));  // (sin, cos)(2 pi u2)
     z0 = _mm512_mul_ps(r, sc.y);
     z1 = _mm512_mul_ps(r, sc.x);
   }
@@ -116,9 +117,8 @@ struct Lanes8 {
   }
   static void box_muller(F u1, F u2, F& z0, F& z1) {
     u1 = _mm256_max_ps(u1, _mm256_set1_ps(kBoxMullerMinU));
-    const F th = _mm256_mul_ps(u2, _mm256_set1_ps(kTwoPi));
-    const F r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u10avx2(u1)));
-    const SleefF8Pair sc = Sleef_sincosf8_u10avx2(th);
+    const F r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u35avx2(u1)));
+    const SleefF8Pair sc = Sleef_sincospif8_u35avx2(_mm256_add_ps(u2, u2));
     z0 = _mm256_mul_ps(r, sc.y);
     z1 = _mm256_mul_ps(r, sc.x);
   }
@@ -126,25 +126,41 @@ struct Lanes8 {
   static void store_words(uint32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 };
 
+// 0, 1, 2, ...: the lane offsets of consecutive counters (enough for kPhiloxUnroll vectors of 16).
+alignas(64) inline constexpr uint32_t kLaneIota[64] = {
+    0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+    22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,
+    44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63};
+
 // Philox4x32-10 on U * L::N consecutive counters i .. i + U * L::N - 1 (U independent vectors, so
 // the multiply latency of one hides behind the others): the rounds and key bumps of philox4x32_10,
 // lane by lane. Vector u holds counters i + u * L::N ..; its four output words go to c[u][0..3].
 template <typename L, int U>
 inline void philox_lanes(uint64_t seed, int64_t i, typename L::I c2_in, typename L::I c3_in, typename L::I (*c)[4]) {
   using I = typename L::I;
-  alignas(64) uint32_t lo_words[U][L::N], hi_words[U][L::N];
-  for (int u = 0; u < U; ++u) {
-    for (int l = 0; l < L::N; ++l) {
-      const uint64_t idx = static_cast<uint64_t>(i + u * L::N + l);
-      lo_words[u][l] = static_cast<uint32_t>(idx);
-      hi_words[u][l] = static_cast<uint32_t>(idx >> 32);
+  I c0[U], c1[U], c2[U], c3[U];
+  const uint64_t first = static_cast<uint64_t>(i);
+  const uint32_t lo = static_cast<uint32_t>(first);
+  if (static_cast<uint64_t>(lo) + U * L::N - 1 <= 0xffffffffULL) {  // no carry into the high word: lo + lane
+    const I base = L::set1(lo), high = L::set1(static_cast<uint32_t>(first >> 32));
+    for (int u = 0; u < U; ++u) {
+      c0[u] = L::add(base, L::load(kLaneIota + u * L::N));
+      c1[u] = high;
+    }
+  } else {
+    alignas(64) uint32_t lo_words[U][L::N], hi_words[U][L::N];
+    for (int u = 0; u < U; ++u) {
+      for (int l = 0; l < L::N; ++l) {
+        const uint64_t idx = first + static_cast<uint64_t>(u * L::N + l);
+        lo_words[u][l] = static_cast<uint32_t>(idx);
+        hi_words[u][l] = static_cast<uint32_t>(idx >> 32);
+      }
+      c0[u] = L::load(lo_words[u]);
+      c1[u] = L::load(hi_words[u]);
     }
   }
   const I mul_a = L::set1(kPhiloxRoundA), mul_b = L::set1(kPhiloxRoundB);
-  I c0[U], c1[U], c2[U], c3[U];
   for (int u = 0; u < U; ++u) {
-    c0[u] = L::load(lo_words[u]);
-    c1[u] = L::load(hi_words[u]);
     c2[u] = c2_in;
     c3[u] = c3_in;
   }
@@ -173,6 +189,7 @@ inline void philox_lanes(uint64_t seed, int64_t i, typename L::I c2_in, typename
 
 // Vectors processed together (independent Philox chains).
 constexpr int kPhiloxUnroll = 4;
+static_assert(kPhiloxUnroll * 16 <= 64, "kLaneIota covers kPhiloxUnroll vectors of 16 lanes");
 
 // Box-Muller of the words c[0..3] of one vector into z[j] + at (the first NZ normals).
 template <typename L, int NZ>
@@ -193,7 +210,8 @@ inline void box_muller_store(const typename L::I* c, float* const* z, int64_t at
 template <typename L, int NZ>
 void philox_normals_lanes(int64_t seed, int64_t i0, int64_t whole, int64_t step, uint32_t tag, float* const* z) {
   using I = typename L::I;
-  const I c2_in = L::set1(static_cast<uint32_t>(static_cast<uint64_t>(step)));
+  const uint32_t step_word = static_cast<uint32_t>(static_cast<uint64_t>(step));
+  const I c2_in = L::set1(step_word);
   const I c3_in = L::set1(tag);
   constexpr int64_t group = kPhiloxUnroll * L::N;
   int64_t i = 0;
@@ -212,9 +230,9 @@ void philox_normals_lanes(int64_t seed, int64_t i0, int64_t whole, int64_t step,
 // The four words of L::N counters from i0 into w[j][0 .. L::N) (for the compiled-contract probe).
 template <typename L>
 void philox_words_lanes(int64_t seed, int64_t i0, int64_t step, uint32_t tag, uint32_t (*w)[L::N]) {
+  const uint32_t step_word = static_cast<uint32_t>(static_cast<uint64_t>(step));
   typename L::I c[1][4];
-  philox_lanes<L, 1>(static_cast<uint64_t>(seed), i0, L::set1(static_cast<uint32_t>(static_cast<uint64_t>(step))),
-                     L::set1(tag), c);
+  philox_lanes<L, 1>(static_cast<uint64_t>(seed), i0, L::set1(step_word), L::set1(tag), c);
   for (int j = 0; j < 4; ++j) L::store_words(w[j], c[0][j]);
 }
 #pragma GCC diagnostic pop

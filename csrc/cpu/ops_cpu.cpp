@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -29,6 +31,13 @@
 #include "cld_coefficients.h"
 #include "cld_philox.h"
 #include "cld_philox_cpu.h"
+
+// The elementwise loops below are written for the vectoriser: pointers and coefficients in locals,
+// one branch-free body per (noise, guidance, v0) variant, and `omp simd` (built with -fopenmp-simd)
+// to state that an iteration reads and writes only its own element, which the compiler cannot prove
+// for an in-place state. Without it GCC keeps these loops scalar.
+#define CLD_SIMD _Pragma("omp simd")
+#define CLD_SIMD_SUM(acc) _Pragma("omp simd reduction(+ : acc)")
 
 namespace cld {
 namespace cpu {
@@ -152,7 +161,45 @@ struct Row {
   double operator[](int k) const { return v[k]; }
 };
 
+// Which checked inputs of this thread's last perturb held NaN or inf (kNonfinite* bits): the cpu backend
+// reads it after the call (cld_fast._C._take_nonfinite_inputs) instead of reading the inputs again.
+thread_local int64_t last_nonfinite = 0;
+constexpr int64_t kNonfiniteFirst = 1;   // perturb: x0
+constexpr int64_t kNonfiniteSecond = 2;  // perturb: eps
+
 // ---- perturb ----------------------------------------------------------------------------------
+
+// n elements of perturb's update: (x, v) = A (x0, v0) + L (e0, e1), v0 and the noise optional. Also
+// adds x * 0 over x0 to bad_x and over the explicit noise (CHECK_E) to bad_e: NaN if any value read is
+// NaN or inf, else 0 (the value check of the inputs, fused into the pass that reads them).
+template <typename T, bool HAS_V, bool NOISY, bool CHECK_E, typename E>
+inline void perturb_piece(int64_t n, const T* x0, const T* v0, const E* e0, const E* e1, T* ox, T* ov, const T* c,
+                          T& bad_x, T& bad_e) {
+  const T axx = c[0], axv = c[1], avx = c[2], avv = c[3], l11 = c[4], l21 = c[5], l22 = c[6];
+  T sx = T(0), se = T(0);
+  _Pragma("omp simd reduction(+ : sx, se)")
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = x0[i];
+    sx += x * T(0);
+    T mx = axx * x;
+    T mv = avx * x;
+    if constexpr (HAS_V) {
+      const T v = v0[i];
+      mx = mx + axv * v;
+      mv = mv + avv * v;
+    }
+    if constexpr (NOISY) {
+      const T ex = static_cast<T>(e0[i]), ev = static_cast<T>(e1[i]);
+      if constexpr (CHECK_E) se += ex * T(0) + ev * T(0);
+      mx = mx + l11 * ex;
+      mv = mv + l21 * ex + l22 * ev;
+    }
+    ox[i] = mx;
+    ov[i] = mv;
+  }
+  bad_x += sx;
+  bad_e += se;
+}
 
 template <typename T>
 void perturb_kernel(const at::Tensor& x0, const std::optional<at::Tensor>& v0, const at::Tensor& t, const Params& p,
@@ -168,46 +215,42 @@ void perturb_kernel(const at::Tensor& x0, const std::optional<at::Tensor>& v0, c
   const T* pe = eps.has_value() ? eps->data_ptr<T>() : nullptr;
   T* po = out.data_ptr<T>();
   const int64_t s = read_i64(seed);
-  dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
-    constexpr Noise M = decltype(Mc)::value;
-    for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
-      const T* c = pc + b * 7;
-      const T axx = c[0], axv = c[1], avx = c[2], avv = c[3], l11 = c[4], l21 = c[5], l22 = c[6];
-      const T* xr = px + b * D;
-      const T* vr = pv ? pv + b * D : nullptr;
-      T* ox = po + b * 2 * D;
-      T* ov = ox + D;
-      auto element = [&](int64_t d, T ex, T ev) {
-        const T x = xr[d];
-        T mx = axx * x;
-        T mv = avx * x;
-        if (vr) {
-          const T v = vr[d];
-          mx = mx + axv * v;
-          mv = mv + avv * v;
+  std::atomic<int64_t> nonfinite{0};
+  const auto run = [&](auto has_v) {
+    constexpr bool HV = decltype(has_v)::value;
+    dispatch_noise(noise_mode(eps, seed), [&](auto Mc) {
+      constexpr Noise M = decltype(Mc)::value;
+      for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
+        const T* c = pc + b * 7;
+        const T* xr = px + b * D;
+        const T* vr = HV ? pv + b * D : nullptr;
+        T* ox = po + b * 2 * D;
+        T* ov = ox + D;
+        T bad_x = T(0), bad_e = T(0);
+        if constexpr (M == Noise::Seed) {
+          with_normals<2>(s, b * D, d0, d1, 0, kTagPerturb, [&](int64_t lo, int64_t hi, const float* const* z) {
+            perturb_piece<T, HV, true, false, float>(hi - lo, xr + lo, HV ? vr + lo : nullptr, z[0], z[1], ox + lo,
+                                                     ov + lo, c, bad_x, bad_e);
+          });
+        } else if constexpr (M == Noise::Eps) {
+          const T* er = pe + b * 2 * D;
+          perturb_piece<T, HV, true, true, T>(d1 - d0, xr + d0, HV ? vr + d0 : nullptr, er + d0, er + D + d0, ox + d0,
+                                              ov + d0, c, bad_x, bad_e);
+        } else {
+          perturb_piece<T, HV, false, false, T>(d1 - d0, xr + d0, HV ? vr + d0 : nullptr, nullptr, nullptr, ox + d0,
+                                                ov + d0, c, bad_x, bad_e);
         }
-        if constexpr (M != Noise::None) {
-          mx = mx + l11 * ex;
-          mv = mv + l21 * ex + l22 * ev;
-        }
-        ox[d] = mx;
-        ov[d] = mv;
-      };
-      if constexpr (M == Noise::Seed) {
-        with_normals<2>(s, b * D, d0, d1, 0, kTagPerturb, [&](int64_t lo, int64_t hi, const float* const* z) {
-          for (int64_t d = lo; d < hi; ++d) element(d, static_cast<T>(z[0][d - lo]), static_cast<T>(z[1][d - lo]));
-        });
-      } else {
-        for (int64_t d = d0; d < d1; ++d) {
-          if constexpr (M == Noise::Eps) {
-            element(d, pe[b * 2 * D + d], pe[b * 2 * D + D + d]);
-          } else {
-            element(d, T(0), T(0));
-          }
-        }
-      }
+        if (!std::isfinite(bad_x)) nonfinite.fetch_or(kNonfiniteFirst);
+        if (!std::isfinite(bad_e)) nonfinite.fetch_or(kNonfiniteSecond);
+      });
     });
-  });
+  };
+  if (pv != nullptr) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
+  last_nonfinite = nonfinite.load();
 }
 
 void perturb_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& v0, const at::Tensor& t, const at::Tensor& sde,
@@ -234,22 +277,38 @@ void perturb_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& v0, cons
 // and the samples in sample order, so the result does not depend on the number of threads.
 constexpr int64_t kLossChunk = 8192;
 
-template <typename T, typename O>
-inline T loss_residual(const O* po, const T* pu, T c, T a, int64_t b, int64_t D, int64_t d, T e) {
-  return a * static_cast<T>(po[b * D + d]) + c * pu[b * 2 * D + D + d] - e;
+// Sum over n elements of r^2 (in double), r = a out + c v - eps_v; with GRAD also g = factor r.
+template <typename T, typename O, typename E, bool GRAD>
+inline double loss_piece(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
+  double acc = 0.0;
+  CLD_SIMD_SUM(acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const T r = a * static_cast<T>(out[i]) + c * v[i] - static_cast<T>(eps_v[i]);
+    acc += static_cast<double>(r * r);
+    if constexpr (GRAD) g[i] = static_cast<O>(factor * r);
+  }
+  return acc;
 }
 
-// Calls f(d, r) for d in [d0, d1) of row b with the residual r = a out + c v - eps_v, eps_v from
-// the explicit tensor (M = Eps) or regenerated by the contract (z1 of perturb's draw; M = Seed).
-template <typename T, typename O, Noise M, typename F>
-inline void for_residuals(const O* po, const T* pu, const T* pe, int64_t s, T c, T a, int64_t b, int64_t D,
-                          int64_t d0, int64_t d1, const F& f) {
+// g = factor r over n elements (the backward).
+template <typename T, typename O, typename E>
+inline void loss_grad_piece(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
+  CLD_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const T r = a * static_cast<T>(out[i]) + c * v[i] - static_cast<T>(eps_v[i]);
+    g[i] = static_cast<O>(factor * r);
+  }
+}
+
+// For elements [d0, d1) of row b: f(lo, hi, eps_v) over consecutive pieces, eps_v (float or T, indexed
+// from lo) from the explicit tensor (M = Eps) or regenerated by the contract (z1 of perturb's draw; M = Seed).
+template <typename T, Noise M, typename F>
+inline void for_noise_v(const T* pe, int64_t s, int64_t b, int64_t D, int64_t d0, int64_t d1, const F& f) {
   if constexpr (M == Noise::Seed) {
-    with_normals<2>(s, b * D, d0, d1, 0, kTagPerturb, [&](int64_t lo, int64_t hi, const float* const* z) {
-      for (int64_t d = lo; d < hi; ++d) f(d, loss_residual<T, O>(po, pu, c, a, b, D, d, static_cast<T>(z[1][d - lo])));
-    });
+    with_normals<2>(s, b * D, d0, d1, 0, kTagPerturb,
+                    [&](int64_t lo, int64_t hi, const float* const* z) { f(lo, hi, z[1]); });
   } else {
-    for (int64_t d = d0; d < d1; ++d) f(d, loss_residual<T, O>(po, pu, c, a, b, D, d, pe[b * D + d]));
+    f(d0, d1, pe + b * D + d0);
   }
 }
 
@@ -293,17 +352,19 @@ at::Tensor hsm_loss_fwd_kernel(const at::Tensor& out, const at::Tensor& u, const
           const int64_t d0 = (j - b * nch) * kLossChunk;
           const int64_t d1 = std::min(D, d0 + kLossChunk);
           const T c = cw[b * 3], a = cw[b * 3 + 2];
+          const T factor = static_cast<T>(2) * (cw[b * 3 + 1] * static_cast<T>(1)) * a;  // as the backward, grad 1
+          const O* orow = po + b * D;
+          const T* vrow = pu + b * 2 * D + D;
+          O* grow = pg ? pg + b * D : nullptr;
           double acc = 0.0;
-          if (pg) {
-            const T factor = static_cast<T>(2) * (cw[b * 3 + 1] * static_cast<T>(1)) * a;  // as the backward, grad 1
-            for_residuals<T, O, M>(po, pu, pe, s, c, a, b, D, d0, d1, [&](int64_t d, T r) {
-              acc += static_cast<double>(r * r);
-              pg[b * D + d] = static_cast<O>(factor * r);
-            });
-          } else {
-            for_residuals<T, O, M>(po, pu, pe, s, c, a, b, D, d0, d1,
-                                   [&](int64_t, T r) { acc += static_cast<double>(r * r); });
-          }
+          for_noise_v<T, M>(pe, s, b, D, d0, d1, [&](int64_t lo, int64_t hi, const auto* e) {
+            using E = std::remove_cv_t<std::remove_pointer_t<decltype(e)>>;
+            if (grow) {
+              acc += loss_piece<T, O, E, true>(hi - lo, orow + lo, vrow + lo, e, a, c, factor, grow + lo);
+            } else {
+              acc += loss_piece<T, O, E, false>(hi - lo, orow + lo, vrow + lo, e, a, c, factor, nullptr);
+            }
+          });
           partial[j] = acc;
         }
       });
@@ -349,8 +410,13 @@ at::Tensor hsm_loss_bwd_kernel(const at::Tensor& grad, const at::Tensor& out, co
       for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
         const T c = cw[b * 3], a = cw[b * 3 + 2];
         const T factor = cw[b * 3 + 1];
-        for_residuals<T, O, M>(po, pu, pe, s, c, a, b, D, d0, d1,
-                               [&](int64_t d, T r) { pr[b * D + d] = static_cast<O>(factor * r); });
+        const O* orow = po + b * D;
+        const T* vrow = pu + b * 2 * D + D;
+        O* rrow = pr + b * D;
+        for_noise_v<T, M>(pe, s, b, D, d0, d1, [&](int64_t lo, int64_t hi, const auto* e) {
+          using E = std::remove_cv_t<std::remove_pointer_t<decltype(e)>>;
+          loss_grad_piece<T, O, E>(hi - lo, orow + lo, vrow + lo, e, a, c, factor, rrow + lo);
+        });
       });
     }
   });
@@ -460,6 +526,7 @@ at::Tensor mixed_score_cpu(const at::Tensor& out, const at::Tensor& u, const at:
       const T* vr = pu + b * 2 * D + D;
       const O* orow = po + b * D;
       T* rr = pr + b * D;
+      CLD_SIMD
       for (int64_t d = d0; d < d1; ++d) rr[d] = c0 * vr[d] + c1 * static_cast<T>(orow[d]);
     });
   });
@@ -596,6 +663,25 @@ Replacer<T> make_replacer(const std::optional<at::Tensor>& obs, const Params& p,
   return r;
 }
 
+// n elements of a half step in place, noise (e0, e1) when NOISY.
+template <typename T, bool NOISY, typename E>
+inline void half_step_piece(int64_t n, T* x, T* v, const E* e0, const E* e1, const LinearT<T>& c) {
+  const T c0 = c.r[0], c1 = c.r[1], c2 = c.r[2], c3 = c.r[3], c4 = c.r[4], c5 = c.r[5], c6 = c.r[6];
+  CLD_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const T xi = x[i], vi = v[i];
+    T nx = c0 * xi + c1 * vi;
+    T nv = c2 * xi + c3 * vi;
+    if constexpr (NOISY) {
+      const T ex = static_cast<T>(e0[i]), ev = static_cast<T>(e1[i]);
+      nx = nx + c4 * ex;
+      nv = nv + c5 * ex + c6 * ev;
+    }
+    x[i] = nx;
+    v[i] = nv;
+  }
+}
+
 template <typename T>
 void half_step_kernel(const at::Tensor& u, const LinearT<T>& r, int64_t k, const std::optional<at::Tensor>& eps,
                       const std::optional<at::Tensor>& seed, const Replacer<T>& rep, int64_t B, int64_t D) {
@@ -607,20 +693,15 @@ void half_step_kernel(const at::Tensor& u, const LinearT<T>& r, int64_t k, const
     for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
       T* xr = pu + b * 2 * D;
       T* vr = xr + D;
-      auto element = [&](int64_t d, T ex, T ev) {
-        T x = xr[d], v = vr[d];
-        linear_step<T, M != Noise::None>(r, x, v, ex, ev);
-        xr[d] = x;
-        vr[d] = v;
-      };
       if constexpr (M == Noise::Seed) {
         with_normals<2>(s, b * D, d0, d1, k, kTagHalfStep, [&](int64_t lo, int64_t hi, const float* const* z) {
-          for (int64_t d = lo; d < hi; ++d) element(d, static_cast<T>(z[0][d - lo]), static_cast<T>(z[1][d - lo]));
+          half_step_piece<T, true, float>(hi - lo, xr + lo, vr + lo, z[0], z[1], r);
         });
       } else if constexpr (M == Noise::Eps) {
-        for (int64_t d = d0; d < d1; ++d) element(d, pe[b * 2 * D + d], pe[b * 2 * D + D + d]);
+        const T* er = pe + b * 2 * D;
+        half_step_piece<T, true, T>(d1 - d0, xr + d0, vr + d0, er + d0, er + D + d0, r);
       } else {
-        for (int64_t d = d0; d < d1; ++d) element(d, T(0), T(0));
+        half_step_piece<T, false, T>(d1 - d0, xr + d0, vr + d0, nullptr, nullptr, r);
       }
       rep.apply(xr, vr, b, d0, d1, D);
     });
@@ -646,6 +727,45 @@ void half_step_cpu(const at::Tensor& u, const at::Tensor& ts, const at::Tensor& 
   w.commit();
 }
 
+// The network output of element i as a step reads it: y, or y + w (y - y_uncond) when GUIDED (NetOut::at).
+template <typename T, typename O, bool GUIDED>
+inline T net_value(const O* y, const O* yu, T w, int64_t i) {
+  const T a = static_cast<T>(y[i]);
+  if constexpr (GUIDED) return a + w * (a - static_cast<T>(yu[i]));
+  return a;
+}
+
+// n elements of an SSCS step in place: v <- alpha v + kappa y, then the closing and opening half steps.
+template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
+inline void sscs_piece(int64_t n, T* x, T* v, const O* y, const O* yu, T w, const E* z0, const E* z1, const E* z2,
+                       const E* z3, T alpha, T kappa, const LinearT<T>& cl, const LinearT<T>& op) {
+  const T a0 = cl.r[0], a1 = cl.r[1], a2 = cl.r[2], a3 = cl.r[3], a4 = cl.r[4], a5 = cl.r[5], a6 = cl.r[6];
+  const T b0 = op.r[0], b1 = op.r[1], b2 = op.r[2], b3 = op.r[3], b4 = op.r[4], b5 = op.r[5], b6 = op.r[6];
+  CLD_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    T xi = x[i];
+    T vi = alpha * v[i] + kappa * net_value<T, O, GUIDED>(y, yu, w, i);
+    T nx = a0 * xi + a1 * vi;
+    T nv = a2 * xi + a3 * vi;
+    if constexpr (NOISY) {
+      const T e0 = static_cast<T>(z0[i]), e1 = static_cast<T>(z1[i]);
+      nx = nx + a4 * e0;
+      nv = nv + a5 * e0 + a6 * e1;
+    }
+    xi = nx;
+    vi = nv;
+    nx = b0 * xi + b1 * vi;
+    nv = b2 * xi + b3 * vi;
+    if constexpr (NOISY) {
+      const T e2 = static_cast<T>(z2[i]), e3 = static_cast<T>(z3[i]);
+      nx = nx + b4 * e2;
+      nv = nv + b5 * e2 + b6 * e3;
+    }
+    x[i] = nx;
+    v[i] = nv;
+  }
+}
+
 template <typename T, typename O>
 void sscs_step_kernel(const at::Tensor& u, const NetOut<T, O>& y, const SscsStep& c, int64_t k,
                       const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
@@ -660,27 +780,28 @@ void sscs_step_kernel(const at::Tensor& u, const NetOut<T, O>& y, const SscsStep
     for_rows(B, D, grain_for(M), [&](int64_t b, int64_t d0, int64_t d1) {
       T* xr = pu + b * 2 * D;
       T* vr = xr + D;
-      auto element = [&](int64_t d, T z0, T z1, T z2, T z3) {
-        T x = xr[d];
-        T v = alpha * vr[d] + kappa * y.at(b * D + d);
-        linear_step<T, M != Noise::None>(closing, x, v, z0, z1);
-        linear_step<T, M != Noise::None>(opening, x, v, z2, z3);
-        xr[d] = x;
-        vr[d] = v;
+      const auto piece = [&](int64_t lo, int64_t hi, const auto* z0, const auto* z1, const auto* z2, const auto* z3) {
+        using E = std::remove_cv_t<std::remove_pointer_t<decltype(z0)>>;
+        constexpr bool NOISY = M != Noise::None;
+        const O* yr = y.y + b * D + lo;
+        if (y.yu != nullptr) {
+          sscs_piece<T, O, E, NOISY, true>(hi - lo, xr + lo, vr + lo, yr, y.yu + b * D + lo, y.w, z0, z1, z2, z3, alpha,
+                                           kappa, closing, opening);
+        } else {
+          sscs_piece<T, O, E, NOISY, false>(hi - lo, xr + lo, vr + lo, yr, nullptr, y.w, z0, z1, z2, z3, alpha, kappa,
+                                            closing, opening);
+        }
       };
       if constexpr (M == Noise::Seed) {
         with_normals<4>(s, b * D, d0, d1, k, kTagSscs, [&](int64_t lo, int64_t hi, const float* const* z) {
-          for (int64_t d = lo; d < hi; ++d) {
-            const int64_t i = d - lo;
-            element(d, static_cast<T>(z[0][i]), static_cast<T>(z[1][i]), static_cast<T>(z[2][i]),
-                    static_cast<T>(z[3][i]));
-          }
+          piece(lo, hi, z[0], z[1], z[2], z[3]);
         });
       } else if constexpr (M == Noise::Eps) {
-        const T* er = pe + b * 4 * D;
-        for (int64_t d = d0; d < d1; ++d) element(d, er[d], er[D + d], er[2 * D + d], er[3 * D + d]);
+        const T* er = pe + b * 4 * D + d0;
+        piece(d0, d1, er, er + D, er + 2 * D, er + 3 * D);
       } else {
-        for (int64_t d = d0; d < d1; ++d) element(d, T(0), T(0), T(0), T(0));
+        const T* none = nullptr;
+        piece(d0, d1, none, none, none, none);
       }
       rep.apply(xr, vr, b, d0, d1, D);
     });
@@ -713,6 +834,23 @@ void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& t
   w.commit();
 }
 
+// n elements of an affine step: (x, v) <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z). The
+// output may be the input itself (an in-place step): each element is read before it is written.
+template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
+inline void affine_piece(int64_t n, const T* x, const T* v, const O* y, const O* yu, T w, const E* z, T* ox, T* ov,
+                         const T* r) {
+  const T r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3], r4 = r[4], r5 = r[5];
+  CLD_SIMD
+  for (int64_t i = 0; i < n; ++i) {
+    const T xi = x[i], vi = v[i];
+    const T nx = r0 * xi + r1 * vi;
+    T nv = r2 * xi + r3 * vi + r4 * net_value<T, O, GUIDED>(y, yu, w, i);
+    if constexpr (NOISY) nv = nv + r5 * static_cast<T>(z[i]);
+    ox[i] = nx;
+    ov[i] = nv;
+  }
+}
+
 template <typename T, typename O>
 void affine_step_kernel(const at::Tensor& u, const NetOut<T, O>& y, const Affine& a, bool noisy, int64_t k,
                         const std::optional<at::Tensor>& eps, const std::optional<at::Tensor>& seed,
@@ -730,22 +868,25 @@ void affine_step_kernel(const at::Tensor& u, const NetOut<T, O>& y, const Affine
       const T* vr = xr + D;
       T* oxr = po + b * 2 * D;
       T* ovr = oxr + D;
-      auto element = [&](int64_t d, T z) {
-        const T x = xr[d], v = vr[d];
-        const T nx = r[0] * x + r[1] * v;
-        T nv = r[2] * x + r[3] * v + r[4] * y.at(b * D + d);
-        if constexpr (M != Noise::None) nv = nv + r[5] * z;
-        oxr[d] = nx;
-        ovr[d] = nv;
+      const auto piece = [&](int64_t lo, int64_t hi, const auto* z) {
+        using E = std::remove_cv_t<std::remove_pointer_t<decltype(z)>>;
+        constexpr bool NOISY = M != Noise::None;
+        const O* yr = y.y + b * D + lo;
+        if (y.yu != nullptr) {
+          affine_piece<T, O, E, NOISY, true>(hi - lo, xr + lo, vr + lo, yr, y.yu + b * D + lo, y.w, z, oxr + lo,
+                                             ovr + lo, r);
+        } else {
+          affine_piece<T, O, E, NOISY, false>(hi - lo, xr + lo, vr + lo, yr, nullptr, y.w, z, oxr + lo, ovr + lo, r);
+        }
       };
       if constexpr (M == Noise::Seed) {
-        with_normals<1>(s, b * D, d0, d1, k, kTagAffine, [&](int64_t lo, int64_t hi, const float* const* z) {
-          for (int64_t d = lo; d < hi; ++d) element(d, static_cast<T>(z[0][d - lo]));
-        });
+        with_normals<1>(s, b * D, d0, d1, k, kTagAffine,
+                        [&](int64_t lo, int64_t hi, const float* const* z) { piece(lo, hi, z[0]); });
       } else if constexpr (M == Noise::Eps) {
-        for (int64_t d = d0; d < d1; ++d) element(d, pe[b * D + d]);
+        piece(d0, d1, pe + b * D + d0);
       } else {
-        for (int64_t d = d0; d < d1; ++d) element(d, T(0));
+        const T* none = nullptr;
+        piece(d0, d1, none);
       }
       rep.apply(oxr, ovr, b, d0, d1, D);
     });
@@ -895,6 +1036,13 @@ void gddim_step_cpu(const at::Tensor& u, const at::Tensor& hist, const at::Tenso
 
 }  // namespace
 }  // namespace cpu
+
+// The kNonfinite* bits of this thread's last perturb, cleared by the read.
+int64_t take_nonfinite_inputs() {
+  const int64_t bits = cpu::last_nonfinite;
+  cpu::last_nonfinite = 0;
+  return bits;
+}
 
 // Linked into bindings.cpp's module attribute `has_cpu_kernels`.
 bool cpu_kernels_compiled() { return true; }
