@@ -10,8 +10,10 @@
 //   (z0, z1) = BoxMuller(uniform(r0), uniform(r1)),  (z2, z3) = BoxMuller(uniform(r2), uniform(r3))
 //   BoxMuller(u1, u2) = sqrt(-2 log max(u1, 1e-7)) * (cos 2 pi u2, sin 2 pi u2), all in float32
 //
-// The uniforms are bit-exact across backends. The normals use the correctly rounded (or 1-ulp)
-// float32 log / sin / cos: on the device the libdevice functions are called by name, so they stay
+// The uniforms are bit-exact across backends; the normals agree to float32 rounding (~1e-6). Here
+// they use the correctly rounded (or 1-ulp) float32 log / sin / cos (the CPU kernels' vector path,
+// csrc/cpu/cld_philox_cpu.h, evaluates the same transform its own way): on the device the
+// libdevice functions are called by name, so they stay
 // accurate even when the translation unit is built with --use_fast_math (which would otherwise turn
 // logf / sincosf into the approximate __logf / __sinf intrinsics, off by ~1e-3 near u1 = 1).
 //
