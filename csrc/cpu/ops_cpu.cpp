@@ -666,19 +666,13 @@ Replacer<T> make_replacer(const std::optional<at::Tensor>& obs, const Params& p,
 // n elements of a half step in place, noise (e0, e1) when NOISY.
 template <typename T, bool NOISY, typename E>
 inline void half_step_piece(int64_t n, T* x, T* v, const E* e0, const E* e1, const LinearT<T>& c) {
-  const T c0 = c.r[0], c1 = c.r[1], c2 = c.r[2], c3 = c.r[3], c4 = c.r[4], c5 = c.r[5], c6 = c.r[6];
+  const LinearT<T> r = c;  // a local copy: its coefficients stay in registers across the stores
   CLD_SIMD
   for (int64_t i = 0; i < n; ++i) {
-    const T xi = x[i], vi = v[i];
-    T nx = c0 * xi + c1 * vi;
-    T nv = c2 * xi + c3 * vi;
-    if constexpr (NOISY) {
-      const T ex = static_cast<T>(e0[i]), ev = static_cast<T>(e1[i]);
-      nx = nx + c4 * ex;
-      nv = nv + c5 * ex + c6 * ev;
-    }
-    x[i] = nx;
-    v[i] = nv;
+    T xi = x[i], vi = v[i];
+    linear_step<T, NOISY>(r, xi, vi, NOISY ? static_cast<T>(e0[i]) : T(0), NOISY ? static_cast<T>(e1[i]) : T(0));
+    x[i] = xi;
+    v[i] = vi;
   }
 }
 
@@ -739,30 +733,15 @@ inline T net_value(const O* y, const O* yu, T w, int64_t i) {
 template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
 inline void sscs_piece(int64_t n, T* x, T* v, const O* y, const O* yu, T w, const E* z0, const E* z1, const E* z2,
                        const E* z3, T alpha, T kappa, const LinearT<T>& cl, const LinearT<T>& op) {
-  const T a0 = cl.r[0], a1 = cl.r[1], a2 = cl.r[2], a3 = cl.r[3], a4 = cl.r[4], a5 = cl.r[5], a6 = cl.r[6];
-  const T b0 = op.r[0], b1 = op.r[1], b2 = op.r[2], b3 = op.r[3], b4 = op.r[4], b5 = op.r[5], b6 = op.r[6];
+  const LinearT<T> closing = cl, opening = op;  // local copies: the coefficients stay in registers
   CLD_SIMD
   for (int64_t i = 0; i < n; ++i) {
     T xi = x[i];
     T vi = alpha * v[i] + kappa * net_value<T, O, GUIDED>(y, yu, w, i);
-    T nx = a0 * xi + a1 * vi;
-    T nv = a2 * xi + a3 * vi;
-    if constexpr (NOISY) {
-      const T e0 = static_cast<T>(z0[i]), e1 = static_cast<T>(z1[i]);
-      nx = nx + a4 * e0;
-      nv = nv + a5 * e0 + a6 * e1;
-    }
-    xi = nx;
-    vi = nv;
-    nx = b0 * xi + b1 * vi;
-    nv = b2 * xi + b3 * vi;
-    if constexpr (NOISY) {
-      const T e2 = static_cast<T>(z2[i]), e3 = static_cast<T>(z3[i]);
-      nx = nx + b4 * e2;
-      nv = nv + b5 * e2 + b6 * e3;
-    }
-    x[i] = nx;
-    v[i] = nv;
+    linear_step<T, NOISY>(closing, xi, vi, NOISY ? static_cast<T>(z0[i]) : T(0), NOISY ? static_cast<T>(z1[i]) : T(0));
+    linear_step<T, NOISY>(opening, xi, vi, NOISY ? static_cast<T>(z2[i]) : T(0), NOISY ? static_cast<T>(z3[i]) : T(0));
+    x[i] = xi;
+    v[i] = vi;
   }
 }
 
