@@ -87,8 +87,7 @@ class _Recorder:
         if g is not None and not isinstance(g, ClassifierFree) and g.scale != 0.0:
             term = classifier_gradient(g.classifier, g.labels, u, tv, self.sde).mul_(g.scale)
             if mixed:
-                c1 = self.sde.score_coefficients(tv.to(torch.float64), "hsm", "mixed")[:, 1]
-                term = term / c1.to(term.dtype).view((-1,) + (1,) * (term.dim() - 1))
+                term = core.mixed_output_term(self.sde, term, tv)
             return u, tv, y + term.to(y.dtype), mixed
         return u, tv, y, mixed
 

@@ -354,10 +354,7 @@ class Evaluator:
         """A term g in score units (grad_v log, data shape) as a term to add to what ``fn`` returns:
         g itself, or g / c1(t) = -l22(t) g when ``fn`` returns the raw mixed-score output
         (score = c0 v + c1 out, so score + g = c0 v + c1 (out + g / c1))."""
-        if not self.fold:
-            return g
-        c1 = self.sde.score_coefficients(t.to(torch.float64), "hsm", "mixed")[:, 1]
-        return g / c1.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
+        return mixed_output_term(self.sde, g, t) if self.fold else g
 
     def __call__(self, u: torch.Tensor, t: torch.Tensor, fuse: bool = False):
         """The checked evaluation at (u, t): a tensor of the data shape, or a :class:`Guided` pair when
@@ -380,6 +377,15 @@ class Evaluator:
         if y.device != u.device:
             raise ValueError(f"score_fn(u, t) returned a tensor on {y.device} but u is on {u.device}")
         return y
+
+
+def mixed_output_term(sde, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A score term g (grad_v log, (B, C, ...)) in units of the raw mixed-score output: g / c1(t).
+
+    t: (B,) forward times. With score = c0 v + c1 out, adding g / c1 to the output adds g to the
+    score. Returns a tensor of g's shape and dtype."""
+    c1 = sde.score_coefficients(t.to(torch.float64), "hsm", "mixed")[:, 1]
+    return g / c1.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
 
 
 # ----------------------------------------------------------------------------------------------
