@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     grid = args.out / f"{NAME}-samples.png"
     shutil.copyfile(run / "samples" / "samples_final.png", grid)
     table = (run / "sampler_table.md").read_text().strip().splitlines()
-    printed = [line for line in args.train_log.read_text().splitlines() if line.startswith("[cld-fast]")]
+    printed = [line.rstrip() for line in re.split(r"[\r\n]", args.train_log.read_text())
+               if line.strip() and "%|" not in line]  # without the progress bars' redraws
 
     total = args.install_seconds + args.train_seconds
     lines = [

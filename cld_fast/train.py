@@ -779,7 +779,12 @@ class Trainer:
         gen = torch.Generator(self.device).manual_seed(int(seed))
         shape = (n,) + tuple(self.data.shape)
         return sample(network_score(net, self.sde, self.config), shape, self.sde, steps=steps, method=method, generator=gen,
-                      device=self.device)
+                      device=self.device, progress=self.progress and self.is_main)
+
+    def _announce(self, what: str) -> None:
+        """One ``[cld-fast]`` line on stderr (rank 0, ``verbose``) before a long phase without a training bar."""
+        if self.is_main and self.verbose:
+            print(f"[cld-fast] {what}", file=sys.stderr, flush=True)
 
     def snapshot(self, tag: str) -> Optional[str]:
         """A sample plot of the EMA network under ``samples/`` (rank 0)."""
@@ -932,6 +937,7 @@ class Trainer:
         gdata = torch.Generator(self.device).manual_seed(cfg.seed + 31337)
         ref = self.data.reference(n, gdata)
         ref2 = self.data.reference(n, gdata)
+        self._announce(f"evaluating: {n:,} samples ({main_method}, {cfg.eval_steps} steps) against fresh data")
         t0 = time.time()
         res = self.sample(n, cfg.eval_steps, main_method, seed=cfg.seed + 2024, network=net)
         sample_time = time.time() - t0
@@ -989,6 +995,7 @@ class Trainer:
         n = min(cfg.eval_samples, HELDOUT[cfg.data])
         method = cfg.sample_method
         record: Dict[str, Any] = {"step": self.step, "eval": {"method": method, "steps": cfg.eval_steps, "n": n}}
+        self._announce(f"evaluating: {n:,} samples ({method}, {cfg.eval_steps} steps) against the held-out images")
         t0 = time.time()
         res = self.sample(n, cfg.eval_steps, method, seed=cfg.seed + 2024)
         record["eval"]["sample_seconds"] = time.time() - t0
@@ -1000,6 +1007,7 @@ class Trainer:
 
             record["eval"].update(digit_metrics(cfg.data, res.x, seed=cfg.seed))
             if cfg.quality_figure:
+                self._announce(f"sampler table: {min(n, DIGIT_TABLE_SAMPLES)} samples per sampler and step count")
                 table = self._digit_sampler_table(min(n, DIGIT_TABLE_SAMPLES))
                 record["eval"]["sampler_table"] = table
                 result.extra["sampler_table_md"] = self._write_sampler_table(table, record["eval"]["floor"]["fd"])

@@ -33,7 +33,8 @@ def _fake_clone(tmp_path, with_eval=True):
     subprocess.run(["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
                     "--allow-empty", "-m", "x"], check=True)
     logs = tmp_path / "train.log"
-    logs.write_text("progress\n[cld-fast] run dir somewhere\n")
+    logs.write_text("[cld-fast] run dir somewhere\ntrain cld:  50%|#    | 1/2\rtrain cld: 100%|##| 2/2\n"
+                    "trained 2 steps\n")
     load = tmp_path / "load.log"
     load.write_text(" 12:00:00 up 1:00, 0 user, load average: 2.10, 2.0, 1.9\n"
                     " 12:01:00 up 1:01, 0 user, load average: 2.30, 2.0, 1.9\n")
@@ -57,7 +58,7 @@ def test_report_states_times_metrics_floor_and_sampler_table(tmp_path):
     assert "| samples | 35.500 |" in md and "| floor (data vs held-out) | 26.500 |" in md
     assert "| sscs | 80.00 (0.40) |" in md
     assert "2.10 to 2.30" in md
-    assert "[cld-fast] run dir somewhere" in md and "progress" not in md
+    assert "[cld-fast] run dir somewhere" in md and "trained 2 steps" in md and "train cld" not in md
     assert (out / "mnist5k-fresh-clone-samples.png").read_bytes() == b"\x89PNG fake"
     data = json.loads((out / "mnist5k-fresh-clone-cpu.json").read_text())
     assert data["train_loop_s"] == 60.0 and data["eval"]["fd"] == 35.5

@@ -17,8 +17,11 @@ def test_cli_trains_a_few_steps_and_reports_digit_metrics(data, size, extra, tmp
                  "--eval-steps", "2", "--eval-samples", "12", "--no-progress", "--out", str(out)]
                 + ([] if table else ["--no-quality-figure"]))
     assert code == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     assert "Frechet distance" in stdout
+    assert "[cld-fast] evaluating: 12 samples (sscs, 2 steps)" in captured.err  # the silent phases are announced
+    assert ("[cld-fast] sampler table:" in captured.err) == table
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == data and config["random_flip"] is False
     assert (out / "samples" / "samples_final.png").is_file()
