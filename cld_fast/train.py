@@ -425,8 +425,8 @@ class Trainer:
                     f"{self.run_dir} already holds checkpoints (newest: {os.path.basename(existing)}); pass "
                     "--resume to continue that run, or choose another --out"
                 )
-            if resume and self.is_main and self.verbose:
-                print(f"[cld-fast] no checkpoint in {self.ckpt_dir}; starting from step 0", file=sys.stderr)
+            if resume:
+                self._announce(f"no checkpoint in {self.ckpt_dir}; starting from step 0")
             return
         state = ckpt.load_checkpoint(path, map_location="cpu")
         ckpt.check_entries(state, path, ("config", "model", "ema", "optimizer", "rng"))
@@ -443,8 +443,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{path} does not fit this run's network or optimizer: "
                                        f"{_first_line(exc)}") from None
         self.last_checkpoint = os.path.abspath(path)
-        if self.is_main and self.verbose:
-            print(f"[cld-fast] resumed from {path} at step {self.step}", file=sys.stderr)
+        self._announce(f"resumed from {path} at step {self.step}")
         if self.is_main:
             self._set_aside_newer_checkpoints(path)
         dist_utils.barrier()
@@ -782,7 +781,7 @@ class Trainer:
                       device=self.device, progress=self.progress and self.is_main)
 
     def _announce(self, what: str) -> None:
-        """One ``[cld-fast]`` line on stderr (rank 0, ``verbose``) before a long phase without a training bar."""
+        """One ``[cld-fast]`` line on stderr from rank 0 when ``verbose``: what the run is doing or did."""
         if self.is_main and self.verbose:
             print(f"[cld-fast] {what}", file=sys.stderr, flush=True)
 
@@ -813,10 +812,8 @@ class Trainer:
         if self.is_main:
             self._lock.check()
             atomic_write_text(os.path.join(self.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1))
-        if self.is_main and self.verbose:
-            print(f"[cld-fast] run dir {self.run_dir} | {self.n_params:,} parameters | device {self.device} | "
-                  f"{self.world_size} rank(s) | precision {cfg.precision} -> {self.autocast_dtype or torch.float32}",
-                  file=sys.stderr)
+        self._announce(f"run dir {self.run_dir} | {self.n_params:,} parameters | device {self.device} | "
+                       f"{self.world_size} rank(s) | precision {cfg.precision} -> {self.autocast_dtype or torch.float32}")
         bar = None
         if self.is_main and self.progress:
             from tqdm.auto import tqdm

@@ -12,10 +12,10 @@
 //
 // The uniforms are bit-exact across backends; the normals agree to float32 rounding (~1e-6). Here
 // they use the correctly rounded (or 1-ulp) float32 log / sin / cos (the CPU kernels' vector path,
-// csrc/cpu/cld_philox_cpu.h, evaluates the same transform its own way): on the device the
-// libdevice functions are called by name, so they stay
-// accurate even when the translation unit is built with --use_fast_math (which would otherwise turn
-// logf / sincosf into the approximate __logf / __sinf intrinsics, off by ~1e-3 near u1 = 1).
+// csrc/cpu/cld_philox_cpu.h, evaluates the same transform its own way): on the device the libdevice
+// functions are called by name, so they stay accurate even when the translation unit is built with
+// --use_fast_math (which would otherwise turn logf / sincosf into the approximate __logf / __sinf
+// intrinsics, off by ~1e-3 near u1 = 1).
 //
 // Plain C++17 plus CUDA qualifiers: no torch, no curand; included by csrc/cpu and csrc/cuda.
 #pragma once
