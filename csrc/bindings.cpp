@@ -44,12 +44,16 @@ std::pair<at::Tensor, at::Tensor> philox_probe(int64_t seed, int64_t start, int6
 
 // The normals z0..z3 the CPU kernels draw for element indices start .. start + n - 1 (vectorised
 // Box-Muller of cpu/cld_philox_cpu.h), (4, n) float32; for tests.
-at::Tensor philox_normals_probe(int64_t seed, int64_t start, int64_t n, int64_t step, int64_t tag) {
+// lanes: the vector width to run (16, 8 or 0 for the scalar code; -1: the widest this CPU has).
+at::Tensor philox_normals_probe(int64_t seed, int64_t start, int64_t n, int64_t step, int64_t tag, int64_t lanes) {
   TORCH_CHECK(n >= 0, "_philox_normals: n must be >= 0, got ", n);
   TORCH_CHECK(tag >= 0 && tag <= 0xffffffffLL, "_philox_normals: tag must fit in 32 bits, got ", tag);
+  const int64_t widest = cld::cpu::philox_lanes_available();
+  TORCH_CHECK(lanes == -1 || lanes == 0 || ((lanes == 8 || lanes == 16) && lanes <= widest),
+              "_philox_normals: lanes must be -1, 0 or a width this CPU runs (at most ", widest, "), got ", lanes);
   at::Tensor z = at::empty({4, n}, at::kFloat);
   float* rows[4] = {z[0].data_ptr<float>(), z[1].data_ptr<float>(), z[2].data_ptr<float>(), z[3].data_ptr<float>()};
-  cld::cpu::philox_normals<4>(seed, start, n, step, static_cast<uint32_t>(tag), rows);
+  cld::cpu::philox_normals<4>(seed, start, n, step, static_cast<uint32_t>(tag), rows, static_cast<int>(lanes));
   return z;
 }
 
@@ -156,7 +160,8 @@ PYBIND11_MODULE(_C, m) {
         pybind11::arg("step"), pybind11::arg("tag"),
         "(bits (4, n) int64, uniforms (4, n) float32) of the compiled Philox contract; for tests");
   m.def("_philox_normals", &philox_normals_probe, pybind11::arg("seed"), pybind11::arg("start"), pybind11::arg("n"),
-        pybind11::arg("step"), pybind11::arg("tag"), "(4, n) float32 normals the CPU kernels draw; for tests");
+        pybind11::arg("step"), pybind11::arg("tag"), pybind11::arg("lanes") = -1,
+        "(4, n) float32 normals the CPU kernels draw (lanes: 16, 8, 0 for scalar, -1 the widest); for tests");
   m.def("_coefficients_probe", &coefficients_probe, pybind11::arg("kind"), pybind11::arg("t"), pybind11::arg("h"),
         pybind11::arg("params"), pybind11::arg("code") = 0, pybind11::arg("mixed") = false,
         pybind11::arg("objective") = 0, pybind11::arg("output") = 0,

@@ -149,6 +149,56 @@ def test_compiled_normals_are_float32_box_muller_of_the_reference_uniforms(seed,
     assert abs(got.mean().item()) < 5 / (4 * n) ** 0.5 and abs(got.var().item() - 1) < 5 * (2 / (4 * n)) ** 0.5
 
 
+def _widest_lanes():
+    import cld_fast._C as ext
+
+    try:
+        ext._philox_normals(SEED, 0, 1, 0, 0, lanes=16)
+        return 16
+    except RuntimeError:
+        try:
+            ext._philox_normals(SEED, 0, 1, 0, 0, lanes=8)
+            return 8
+        except RuntimeError:
+            return 0
+
+
+def test_compiled_normals_are_the_same_bits_on_8_and_16_lanes():
+    """The AVX2 path (8 lanes) and the AVX-512 path (16 lanes) run the same operations in the same
+    order, so they draw the same normals bit for bit, the tail of an odd count included."""
+    import cld_fast._C as ext
+
+    if _widest_lanes() < 16:
+        pytest.skip("this CPU has no AVX-512 path to compare with the AVX2 one")
+    n = (1 << 14) + 13
+    for seed, start in [(SEED, 0), (2 ** 40 + 3, 2 ** 32 - 3000)]:
+        wide = ext._philox_normals(seed, start, n, 3, philox.TAG_SSCS, lanes=16)
+        narrow = ext._philox_normals(seed, start, n, 3, philox.TAG_SSCS, lanes=8)
+        assert torch.equal(wide.view(torch.int32), narrow.view(torch.int32))
+
+
+def test_scalar_normals_are_the_reference_box_muller():
+    """Without AVX2 the scalar code of cld_philox.h runs: the reference's float32 Box-Muller, within
+    the float32 rounding of its angle (2.5e-6) of the vector path and of the reference."""
+    import cld_fast._C as ext
+
+    n = 4099
+    got = ext._philox_normals(SEED, 5, n, 0, 0, lanes=0).double()
+    u = [philox.uniform_from_bits(w) for w in philox.philox_bits(n, SEED, 0, 0, start=5)]
+    ref = torch.stack([*philox.box_muller(u[0], u[1]), *philox.box_muller(u[2], u[3])]).double()
+    assert ((got - ref).abs() / ref.abs().clamp(min=1.0)).max().item() < 2.5e-6
+    if _widest_lanes():
+        vec = ext._philox_normals(SEED, 5, n, 0, 0).double()
+        assert ((got - vec).abs() / vec.abs().clamp(min=1.0)).max().item() < 2.5e-6
+
+
+def test_normals_probe_rejects_a_width_the_cpu_does_not_run():
+    import cld_fast._C as ext
+
+    with pytest.raises(RuntimeError, match="lanes must be"):
+        ext._philox_normals(SEED, 0, 4, 0, 0, lanes=4)
+
+
 def _seed_mode_cases(b, d, dtype):
     """(name, run(impl)) pairs: every op in seed mode, each returning its result tensor."""
     x0, out, y = _randn(b, d, dtype=dtype, seed=1), _randn(b, d, dtype=dtype, seed=2), _randn(b, d, dtype=dtype, seed=3)

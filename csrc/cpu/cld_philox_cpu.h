@@ -4,11 +4,11 @@
 // i0 .. i0 + n - 1, the first NZ normals of each index (NZ = 1: z0; 2: z0, z1; 4: z0 .. z3) into
 // z[0] .. z[NZ - 1]. With AVX-512 (16 lanes) or AVX2 + FMA (8 lanes), detected at run time, the
 // Philox4x32-10 rounds run on integer vectors (the uniform bits are those of the scalar code,
-// exactly) and Box-Muller calls SLEEF's vector log and sincospi (3.5-ulp versions, which ATen's CPU
-// library exports): (cos, sin)(2 pi u2) as sincospi(2 u2), where doubling u2 is exact, so the angle
-// is not rounded to float32 first as the reference's float32 u2 * 2 pi is. The normals are then
-// within 2.3e-7 of a float64 Box-Muller of the same uniforms and within 1.8e-6 of the reference's
-// float32 ones (the reference's own error; docs/kernels.md). Every index of a block, its tail
+// exactly) and Box-Muller runs on float vectors with its own log and (sin, cos)(2 pi u): exact range
+// reductions (exponent and mantissa; quarter turns of 4 u, so pi is never rounded into the angle)
+// and short polynomials, no table and no division. The normals are then within 2.4e-7 of a float64
+// Box-Muller of the same uniforms and within 1.8e-6 of the reference's float32 ones (the reference's
+// own error: it rounds u2 * 2 pi to float32; docs/kernels.md). Every index of a block, its tail
 // included, goes through the same lanes, so a normal does not depend on how the work is split into
 // chunks, and the 8- and 16-lane paths give identical normals. On a CPU without either, the scalar
 // functions of cld_philox.h run (std::log / std::sin / std::cos of the rounded angle).
@@ -51,19 +51,8 @@ inline void philox_normals_scalar(int64_t seed, int64_t i0, int64_t lo, int64_t 
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_undefined_* inside the intrinsics
 #pragma GCC diagnostic ignored "-Wuninitialized"
 
-struct SleefF8Pair {
-  __m256 x, y;  // (sin, cos), as SLEEF's Sleef___m256_2
-};
-struct SleefF16Pair {
-  __m512 x, y;
-};
-
-extern "C" {
-__m256 Sleef_logf8_u35avx2(__m256);
-SleefF8Pair Sleef_sincospif8_u35avx2(__m256);
-__m512 Sleef_logf16_u35avx512f(__m512);
-SleefF16Pair Sleef_sincospif16_u35avx512f(__m512);
-}
+// The Box-Muller helpers are inlined into the lane loops (a call would pass vectors through memory).
+#define CLD_LANES_INLINE inline __attribute__((always_inline))
 
 // The 16- and 8-lane operations the Philox rounds and Box-Muller need, as one interface.
 struct Lanes16 {
@@ -72,26 +61,48 @@ struct Lanes16 {
   using F = __m512;
   static I set1(uint32_t a) { return _mm512_set1_epi32(static_cast<int>(a)); }
   static I load(const uint32_t* p) { return _mm512_loadu_si512(p); }
-  static I bxor(I a, I b) { return _mm512_xor_si512(a, b); }
   static I add(I a, I b) { return _mm512_add_epi32(a, b); }
-  // 64-bit products of the even lanes and of the odd lanes (moved down by a shuffle), then the
-  // halves put back in place with shuffles and blends (no 32-bit multiply-low: it is two uops).
+  // 64-bit products of the even lanes and of the odd lanes (moved down by a 64-bit shift), then each
+  // half put in place by one masked shuffle (no 32-bit multiply-low: it is two uops). Multiplies and
+  // shifts issue on one port and shuffles on the other, so a round is 12 vector ops per 16 counters.
   static void mulhilo(I a, I b, I& hi, I& lo) {
     const I even = _mm512_mul_epu32(b, a);
-    const I odd = _mm512_mul_epu32(_mm512_shuffle_epi32(b, _MM_PERM_DDBB), a);
-    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_shuffle_epi32(even, _MM_PERM_DDBB), odd);
-    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_shuffle_epi32(odd, _MM_PERM_CCAA));
+    const I odd = _mm512_mul_epu32(_mm512_srli_epi64(b, 32), a);
+    hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_DDBB);
+    lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);
+  }
+  static I xor3(I a, I b, I c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }
+  static F set1f(float a) { return _mm512_set1_ps(a); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  // u = 2^e (1 + f) with 1 + f in [0.75, 1.5), exactly (u > 0 and normal).
+  static void log_parts(F u, F& e, F& f) {
+    const F one = _mm512_set1_ps(1.0f);
+    const F m = _mm512_getmant_ps(u, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+    e = _mm512_getexp_ps(u);
+    e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, one, _CMP_LT_OQ), e, one);
+    f = _mm512_sub_ps(m, one);
   }
   static F uniform(I r) {  // int32 view, negatives to ~x (x ^ (x >> 31)), times 2^-31
     const I x = _mm512_xor_si512(r, _mm512_srai_epi32(r, 31));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(kUniformScale));
   }
-  static void box_muller(F u1, F u2, F& z0, F& z1) {
-    u1 = _mm512_max_ps(u1, _mm512_set1_ps(kBoxMullerMinU));
-    const F r = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), Sleef_logf16_u35avx512f(u1)));
-    const SleefF16Pair sc = Sleef_sincospif16_u35avx512f(_mm512_add_ps(u2, u2));  // (sin, cos)(2 pi u2)
-    z0 = _mm512_mul_ps(r, sc.y);
-    z1 = _mm512_mul_ps(r, sc.x);
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  // w = q + t with q = round(w) (ties to even) as an integer and t = w - q, exact.
+  static void split_round(F w, I& q, F& t) {
+    const F qf = _mm512_roundscale_ps(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_cvtps_epi32(qf);
+    t = _mm512_sub_ps(w, qf);
+  }
+  // (sin, cos)(pi/2 (q + t)) from S = sin(pi/2 t), C = cos(pi/2 t): swapped for odd q, the sine
+  // negated for q mod 4 in {2, 3} (bit 1 of q) and the cosine for q mod 4 in {1, 2} (bit 1 of q + 1).
+  static void quadrant(I q, F sn, F cs, F& s, F& c) {
+    const __mmask16 odd = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
+    const I sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    const I s_bit = _mm512_slli_epi32(q, 30), c_bit = _mm512_slli_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(1)), 30);
+    s = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(_mm512_mask_blend_ps(odd, sn, cs)), s_bit, sign, 0x78));
+    c = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(_mm512_mask_blend_ps(odd, cs, sn)), c_bit, sign, 0x78));
   }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static void store_words(uint32_t* p, I v) { _mm512_storeu_si512(p, v); }
@@ -103,7 +114,6 @@ struct Lanes8 {
   using F = __m256;
   static I set1(uint32_t a) { return _mm256_set1_epi32(static_cast<int>(a)); }
   static I load(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static I bxor(I a, I b) { return _mm256_xor_si256(a, b); }
   static I add(I a, I b) { return _mm256_add_epi32(a, b); }
   static void mulhilo(I a, I b, I& hi, I& lo) {
     const I even = _mm256_mul_epu32(b, a);
@@ -111,20 +121,99 @@ struct Lanes8 {
     hi = _mm256_blend_epi32(_mm256_shuffle_epi32(even, 0xF5), odd, 0xAA);
     lo = _mm256_blend_epi32(even, _mm256_shuffle_epi32(odd, 0xA0), 0xAA);  // dwords (0, 0, 2, 2)
   }
+  static I xor3(I a, I b, I c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+  static F set1f(float a) { return _mm256_set1_ps(a); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  // As Lanes16::log_parts, from the bits: a mantissa of 1.5 or more is halved and the exponent bumped.
+  static void log_parts(F u, F& e, F& f) {
+    const I bits = _mm256_castps_si256(u);
+    const I upper = _mm256_srli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x400000)), 22);  // 1 if >= 1.5
+    const I mant = _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffff)),
+                                   _mm256_sub_epi32(_mm256_set1_epi32(0x3f800000), _mm256_slli_epi32(upper, 23)));
+    const I expo = _mm256_add_epi32(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127)), upper);
+    e = _mm256_cvtepi32_ps(expo);
+    f = _mm256_sub_ps(_mm256_castsi256_ps(mant), _mm256_set1_ps(1.0f));
+  }
   static F uniform(I r) {
     const I x = _mm256_xor_si256(r, _mm256_srai_epi32(r, 31));
     return _mm256_mul_ps(_mm256_cvtepi32_ps(x), _mm256_set1_ps(kUniformScale));
   }
-  static void box_muller(F u1, F u2, F& z0, F& z1) {
-    u1 = _mm256_max_ps(u1, _mm256_set1_ps(kBoxMullerMinU));
-    const F r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), Sleef_logf8_u35avx2(u1)));
-    const SleefF8Pair sc = Sleef_sincospif8_u35avx2(_mm256_add_ps(u2, u2));
-    z0 = _mm256_mul_ps(r, sc.y);
-    z1 = _mm256_mul_ps(r, sc.x);
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static void split_round(F w, I& q, F& t) {
+    const F qf = _mm256_round_ps(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_cvtps_epi32(qf);
+    t = _mm256_sub_ps(w, qf);
+  }
+  static void quadrant(I q, F sn, F cs, F& s, F& c) {
+    const F odd = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));  // blendv reads the top bit
+    const I sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+    const I s_bit = _mm256_and_si256(_mm256_slli_epi32(q, 30), sign);
+    const I c_bit = _mm256_and_si256(_mm256_slli_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(1)), 30), sign);
+    s = _mm256_xor_ps(_mm256_blendv_ps(sn, cs, odd), _mm256_castsi256_ps(s_bit));
+    c = _mm256_xor_ps(_mm256_blendv_ps(cs, sn, odd), _mm256_castsi256_ps(c_bit));
   }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static void store_words(uint32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 };
+
+// log(u) for normal u > 0 (Box-Muller's u1 in [kBoxMullerMinU, 1]): u = 2^e (1 + f), 1 + f in
+// [0.75, 1.5) exactly, then log(u) = e ln2 + f + f^2 R(f), R(f) = (log1p(f) - f) / f^2 by a degree-8
+// polynomial fitted on [-0.25, 0.5] (Chebyshev, coefficients rounded to float32). log1p(f) is within
+// 1.2 ulp over the interval; the same operations in the same order on 8 or 16 lanes, so both paths
+// give the same bits. No division and no table: 15 vector ops.
+template <typename L>
+CLD_LANES_INLINE typename L::F log_unit(typename L::F u) {
+  using F = typename L::F;
+  F e, f;
+  L::log_parts(u, e, f);
+  F r = L::set1f(-0.04794389009475708f);
+  r = L::fma(r, f, L::set1f(0.10609551519155502f));
+  r = L::fma(r, f, L::set1f(-0.13066790997982025f));
+  r = L::fma(r, f, L::set1f(0.14423450827598572f));
+  r = L::fma(r, f, L::set1f(-0.16651035845279694f));
+  r = L::fma(r, f, L::set1f(0.199947327375412f));
+  r = L::fma(r, f, L::set1f(-0.25000107288360596f));
+  r = L::fma(r, f, L::set1f(0.3333337903022766f));
+  r = L::fma(r, f, L::set1f(-0.5f));
+  const F log_m = L::fma(f, L::mul(f, r), f);
+  return L::fma(e, L::set1f(0.693147180559945309f), log_m);
+}
+
+// (sin, cos)(2 pi u) for u in [0, 1]: w = 4 u = q + t exactly, t in [-0.5, 0.5], so the angle is
+// pi/2 q + pi/2 t with no rounding of pi; sin(pi/2 t) = t P(t^2) and cos(pi/2 t) = Q(t^2) by
+// polynomials of degree 3 and 4 in t^2 fitted on [0, 0.25] (Chebyshev, float32 coefficients), within
+// 9e-8 and 6e-8 of the true values; the quadrant q mod 4 then swaps and negates them.
+template <typename L>
+CLD_LANES_INLINE void sincos_turn(typename L::F u, typename L::F& s, typename L::F& c) {
+  using F = typename L::F;
+  typename L::I q;
+  F t;
+  L::split_round(L::mul(u, L::set1f(4.0f)), q, t);
+  const F t2 = L::mul(t, t);
+  F ps = L::set1f(-0.004607434384524822f);
+  ps = L::fma(ps, t2, L::set1f(0.07968193292617798f));
+  ps = L::fma(ps, t2, L::set1f(-0.6459636092185974f));
+  ps = L::fma(ps, t2, L::set1f(1.5707963705062866f));
+  F pc = L::set1f(0.0009044470498338342f);
+  pc = L::fma(pc, t2, L::set1f(-0.02086043916642666f));
+  pc = L::fma(pc, t2, L::set1f(0.25366926193237305f));
+  pc = L::fma(pc, t2, L::set1f(-1.2337005138397217f));
+  pc = L::fma(pc, t2, L::set1f(1.0f));
+  L::quadrant(q, L::mul(t, ps), pc, s, c);
+}
+
+// Box-Muller on lanes: (z0, z1) = sqrt(-2 log u1) (cos, sin)(2 pi u2), u1 clamped to kBoxMullerMinU.
+template <typename L>
+CLD_LANES_INLINE void box_muller_lanes(typename L::F u1, typename L::F u2, typename L::F& z0, typename L::F& z1) {
+  using F = typename L::F;
+  const F r = L::sqrt(L::mul(L::set1f(-2.0f), log_unit<L>(L::max(u1, L::set1f(kBoxMullerMinU)))));
+  F s, c;
+  sincos_turn<L>(u2, s, c);
+  z0 = L::mul(r, c);
+  z1 = L::mul(r, s);
+}
 
 // 0, 1, 2, ...: the lane offsets of consecutive counters (enough for kPhiloxUnroll vectors of 16).
 alignas(64) inline constexpr uint32_t kLaneIota[64] = {
@@ -171,8 +260,8 @@ inline void philox_lanes(uint64_t seed, int64_t i, typename L::I c2_in, typename
       I hi_a, lo_a, hi_b, lo_b;
       L::mulhilo(mul_b, c2[u], hi_b, lo_b);
       L::mulhilo(mul_a, c0[u], hi_a, lo_a);
-      c0[u] = L::bxor(L::bxor(hi_b, c1[u]), key0);
-      c2[u] = L::bxor(L::bxor(hi_a, c3[u]), key1);
+      c0[u] = L::xor3(hi_b, c1[u], key0);
+      c2[u] = L::xor3(hi_a, c3[u], key1);
       c1[u] = lo_b;
       c3[u] = lo_a;
     }
@@ -195,12 +284,12 @@ static_assert(kPhiloxUnroll * 16 <= 64, "kLaneIota covers kPhiloxUnroll vectors 
 template <typename L, int NZ>
 inline void box_muller_store(const typename L::I* c, float* const* z, int64_t at) {
   typename L::F z0, z1;
-  L::box_muller(L::uniform(c[0]), L::uniform(c[1]), z0, z1);
+  box_muller_lanes<L>(L::uniform(c[0]), L::uniform(c[1]), z0, z1);
   L::store(z[0] + at, z0);
   if constexpr (NZ >= 2) L::store(z[1] + at, z1);
   if constexpr (NZ == 4) {
     typename L::F z2, z3;
-    L::box_muller(L::uniform(c[2]), L::uniform(c[3]), z2, z3);
+    box_muller_lanes<L>(L::uniform(c[2]), L::uniform(c[3]), z2, z3);
     L::store(z[2] + at, z2);
     L::store(z[3] + at, z3);
   }
@@ -235,6 +324,7 @@ void philox_words_lanes(int64_t seed, int64_t i0, int64_t step, uint32_t tag, ui
   philox_lanes<L, 1>(static_cast<uint64_t>(seed), i0, L::set1(step_word), L::set1(tag), c);
   for (int j = 0; j < 4; ++j) L::store_words(w[j], c[0][j]);
 }
+#undef CLD_LANES_INLINE
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
@@ -267,10 +357,21 @@ void philox_normals_vector(int64_t seed, int64_t i0, int64_t n, int64_t step, ui
 }
 #endif
 
-template <int NZ>
-inline void philox_normals(int64_t seed, int64_t i0, int64_t n, int64_t step, uint32_t tag, float* const* z) {
+// What this CPU runs: 16 (AVX-512), 8 (AVX2 + FMA) or 0 (scalar).
+inline int philox_lanes_available() {
 #if CLD_PHILOX_X86
-  const int lanes = philox_vector_lanes();
+  return philox_vector_lanes();
+#else
+  return 0;
+#endif
+}
+
+// lanes: 16, 8 or 0 to force a path the CPU has (tests), -1 for the widest.
+template <int NZ>
+inline void philox_normals(int64_t seed, int64_t i0, int64_t n, int64_t step, uint32_t tag, float* const* z,
+                           int lanes = -1) {
+  if (lanes < 0) lanes = philox_lanes_available();
+#if CLD_PHILOX_X86
   if (lanes == 16) return philox_normals_vector<Lanes16, NZ>(seed, i0, n, step, tag, z);
   if (lanes == 8) return philox_normals_vector<Lanes8, NZ>(seed, i0, n, step, tag, z);
 #endif
