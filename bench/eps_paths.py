@@ -51,21 +51,23 @@ def _cases(n: int):
     ]
 
 
-def run(n: int, threads=(1, 2)) -> str:
-    """The report: each case timed at every thread count of ``threads`` (the first is the baseline)."""
+def measure(n: int, threads=(1, 2)) -> dict:
+    """Every case timed at each thread count of ``threads`` (the first is the baseline), with the copy
+    bandwidth at the baseline count: {"copy": common.CopyBandwidth, "rows": table rows, "cols": header}."""
     device = torch.device("cpu")
-    info = common.device_info(device)
-    load_start = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    torch.set_num_threads(threads[0])
-    copy = common.copy_bandwidth(device, 128 << 20)
-    cases = _cases(n)
-    ms = {}
-    for k in threads:
-        torch.set_num_threads(k)
-        for op, noise, _, call in cases:
-            ms[(op, noise, k)] = common.measure(call, device, target_s=1.0, min_iters=3, max_iters=20,
-                                                flush_l2=False).median_ms
-    torch.set_num_threads(threads[0])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads[0])
+        copy = common.copy_bandwidth(device, 128 << 20)
+        cases = _cases(n)
+        ms = {}
+        for k in threads:
+            torch.set_num_threads(k)
+            for op, noise, _, call in cases:
+                ms[(op, noise, k)] = common.measure(call, device, target_s=1.0, min_iters=3, max_iters=20,
+                                                    flush_l2=False).median_ms
+    finally:
+        torch.set_num_threads(before)
     rows = []
     for op, noise, per_elem, _ in cases:
         base = ms[(op, noise, threads[0])]
@@ -74,22 +76,41 @@ def run(n: int, threads=(1, 2)) -> str:
         for k in threads[1:]:
             row += [f"{ms[(op, noise, k)]:.1f}", f"{base / ms[(op, noise, k)]:.2f}x"]
         rows.append(row)
-    load_end = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    head = [["device", info["device"]], ["torch", info["torch"]], ["git commit", info["commit"]],
-            ["date", info["date"]], ["x", f"({ROWS}, {n // ROWS}) float32, {n} elements"],
-            ["copy bandwidth", f"{copy.gbps:.1f} GB/s with {threads[0]} thread(s) (best of {', '.join(copy.methods)})"],
-            ["load average (1 / 5 / 15 min)", f"{load_start} at start, {load_end} at the end, on {os.cpu_count()} "
-                                              "CPUs: above the CPU count, other work slows every timing here"]]
     cols = ["op", "noise", "bytes", f"ms / call, {threads[0]} thread(s) (median)", "GB/s", "% copy"]
     for k in threads[1:]:
         cols += [f"ms, {k} threads", f"{k} vs {threads[0]} threads"]
+    return {"copy": copy, "rows": rows, "cols": cols}
+
+
+FOOTNOTE = ("Default settings (value checks on). Bytes: fp32 minimum traffic per element of x "
+            "(bench/kernels.py's byte model), the noise tensors of the eps= rows included (perturb reads 2N of "
+            "them, the loss N, SSCS 4N, EM N). % copy: against the copy bandwidth measured with the baseline "
+            "thread count.")
+
+
+def table(n: int, threads=(1, 2)) -> str:
+    """The measured table with a line naming x and the copy bandwidth, for bench/run.py's report."""
+    m = measure(n, threads)
+    return (f"x: ({ROWS}, {n // ROWS}) float32, {n} elements; copy bandwidth {m['copy'].gbps:.1f} GB/s with "
+            f"{threads[0]} thread(s) (best of {', '.join(m['copy'].methods)}).\n\n"
+            + common.md_table(m["cols"], m["rows"], align="lll" + "r" * (len(m["cols"]) - 3)) + "\n\n" + FOOTNOTE + "\n")
+
+
+def run(n: int, threads=(1, 2)) -> str:
+    """The standalone report: device, versions, commit, date and load average around the table."""
+    info = common.device_info(torch.device("cpu"))
+    load_start = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    m = measure(n, threads)
+    load_end = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    head = [["device", info["device"]], ["torch", info["torch"]], ["git commit", info["commit"]],
+            ["date", info["date"]], ["x", f"({ROWS}, {n // ROWS}) float32, {n} elements"],
+            ["copy bandwidth", f"{m['copy'].gbps:.1f} GB/s with {threads[0]} thread(s) (best of {', '.join(m['copy'].methods)})"],
+            ["load average (1 / 5 / 15 min)", f"{load_start} at start, {load_end} at the end, on {os.cpu_count()} "
+                                              "CPUs: above the CPU count, other work slows every timing here"]]
     return ("# cpu backend: in-kernel noise and eps= paths against copy bandwidth\n\n"
             + common.md_table(["", ""], head, align="ll") + "\n\n"
-            + common.md_table(cols, rows, align="lll" + "r" * (len(cols) - 3))
-            + "\n\nDefault settings (value checks on). Bytes: fp32 minimum traffic per element of x "
-              "(bench/kernels.py's byte model), the noise tensors of the eps= rows included (perturb reads 2N of "
-              "them, the loss N, SSCS 4N, EM N). % copy: against the copy bandwidth measured with the baseline "
-              "thread count.\n")
+            + common.md_table(m["cols"], m["rows"], align="lll" + "r" * (len(m["cols"]) - 3))
+            + "\n\n" + FOOTNOTE + "\n")
 
 
 def main(argv=None):

@@ -6,7 +6,8 @@
 
 Writes ``<out>/<device-slug>-<YYYY-MM-DD>.md`` (+ ``-kernels-gbps.png``, ``-kernels-copyfrac.png`` and
 a ``.json`` of the raw numbers) and copies the report to ``<out>/latest-gpu.md`` or
-``<out>/latest-cpu.md`` (the file the README links). Sections: kernels, sampler, train, quality.
+``<out>/latest-cpu.md`` (the file the README links). Sections: kernels, paths (CPU: in-kernel noise and
+``eps=`` against copy bandwidth, one and two threads, at the largest kernel size), sampler, train, quality.
 Every column that cannot run here (no CUDA, no Triton on a GPU, a failing torch.compile) shows
 "n/a" with a footnote saying why; nothing here asserts a speed.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -32,7 +34,7 @@ import torch  # noqa: E402
 
 from bench import common  # noqa: E402
 
-SECTIONS = ("kernels", "sampler", "train", "quality")
+SECTIONS = ("kernels", "paths", "sampler", "train", "quality")
 DEFAULT_OUT = _ROOT / "bench" / "results"
 
 
@@ -165,6 +167,12 @@ def _run(args, argv) -> Path:
         log("[bench] kernels")
         sections.append(_kernels_section(args, device, info, notes, stem, raw, log))
         wall["kernels"] = time.perf_counter() - t0
+    if "paths" in args.only and device.type == "cpu":
+        t0 = time.perf_counter()
+        log("[bench] paths")
+        sections.append(_section("CPU: in-kernel noise and eps= paths, one and two threads",
+                                 lambda: _paths_section(args, device), notes))
+        wall["paths"] = time.perf_counter() - t0
     if "sampler" in args.only:
         t0 = time.perf_counter()
         log("[bench] sampler")
@@ -292,6 +300,13 @@ def _kernels_section(args, device, info, notes, stem, raw, log) -> str:
 
         traceback.print_exc()
         return f"## Kernels\n\nn/a {notes.ref(f'the kernel table failed: {common.short_error(exc)}')}"
+
+
+def _paths_section(args, device) -> str:
+    from bench import eps_paths
+
+    n = max(math.prod(size.shape) for size in _sizes(args.sizes, device, args.quick))
+    return eps_paths.table(n - n % eps_paths.ROWS, threads=(1, 2))
 
 
 def _sampler_section(args, device, notes, raw, log) -> str:
