@@ -1,6 +1,9 @@
 """The ``eps=`` paths and the in-kernel-noise paths of the cpu backend against single-core copy bandwidth.
 
-    python -m bench.eps_paths [--numel 16777216] [--threads 1,2] [--out bench/results/eps-paths-cpu.md]
+    python -m bench.eps_paths [--numel 16777216] [--threads 1,2] [--out FILE]
+
+``bench/run.py`` runs the same table as its ``paths`` section (``bench/results/latest-cpu.md``); this
+entry point prints it alone, with its own header, and writes it to ``--out`` when given.
 
 Default settings (value checks on), at each thread count (the first is the baseline). For each public op: median ms per call with the
 noise drawn in-kernel (seed) and handed in as tensors (``eps=``), GB/s by the byte model of
@@ -117,10 +120,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--numel", type=int, default=1 << 24)
     p.add_argument("--threads", default="1,2", help="thread counts to time, the first being the baseline")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "eps-paths-cpu.md"))
+    p.add_argument("--out", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     text = run(args.numel, tuple(int(k) for k in args.threads.split(",")))
-    Path(args.out).write_text(text)
+    if args.out:
+        Path(args.out).write_text(text)
     print(text)
 
 

@@ -106,6 +106,32 @@ void advise_huge_pages(const at::Tensor& out) {
 // Elementwise work per element is small without Philox and ~100 flops with it.
 int64_t grain_for(Noise mode) { return mode == Noise::Seed ? 4096 : 32768; }
 
+#define CLD_INLINE inline __attribute__((always_inline))
+#define CLD_INLINE_LAMBDA __attribute__((always_inline))
+
+// Runs f() (an always-inline loop) compiled for AVX-512 or AVX2 + FMA when the CPU has them, as the
+// noise lanes are chosen: this file otherwise targets baseline x86-64, whose loops do 4 floats per
+// instruction. The vectoriser runs after f is inlined, so it sees the wider target.
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename F>
+__attribute__((target("avx2,fma,avx512f,avx512dq,prefer-vector-width=512"))) void run_avx512(const F& f) {
+  f();
+}
+template <typename F>
+__attribute__((target("avx2,fma"))) void run_avx2(const F& f) {
+  f();
+}
+#endif
+template <typename F>
+inline void wide(const F& f) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  const int lanes = philox_lanes_available();
+  if (lanes == 16) return run_avx512(f);
+  if (lanes == 8) return run_avx2(f);
+#endif
+  f();
+}
+
 // Elements whose normals are drawn at once (on the stack, NZ * 1 KiB).
 constexpr int64_t kNoiseBlock = 256;
 
@@ -180,7 +206,7 @@ constexpr int64_t kNonfiniteSecond = 2;  // perturb: eps
 // adds x * 0 over x0 to bad_x and over the explicit noise (CHECK_E) to bad_e: NaN if any value read is
 // NaN or inf, else 0 (the value check of the inputs, fused into the pass that reads them).
 template <typename T, bool HAS_V, bool NOISY, bool CHECK_E, typename E>
-inline void perturb_piece(int64_t n, const T* x0, const T* v0, const E* e0, const E* e1, T* ox, T* ov, const T* c,
+CLD_INLINE void perturb_piece_body(int64_t n, const T* x0, const T* v0, const E* e0, const E* e1, T* ox, T* ov, const T* c,
                           T& bad_x, T& bad_e) {
   const T axx = c[0], axv = c[1], avx = c[2], avv = c[3], l11 = c[4], l21 = c[5], l22 = c[6];
   T sx = T(0), se = T(0);
@@ -206,6 +232,12 @@ inline void perturb_piece(int64_t n, const T* x0, const T* v0, const E* e0, cons
   }
   bad_x += sx;
   bad_e += se;
+}
+
+template <typename T, bool HAS_V, bool NOISY, bool CHECK_E, typename E>
+inline void perturb_piece(int64_t n, const T* x0, const T* v0, const E* e0, const E* e1, T* ox, T* ov, const T* c,
+                          T& bad_x, T& bad_e) {
+  wide([&]() CLD_INLINE_LAMBDA { perturb_piece_body<T, HAS_V, NOISY, CHECK_E, E>(n, x0, v0, e0, e1, ox, ov, c, bad_x, bad_e); });
 }
 
 template <typename T>
@@ -292,7 +324,7 @@ constexpr int64_t kLossChunk = 8192;
 
 // Sum over n elements of r^2 (in double), r = a out + c v - eps_v; with GRAD also g = factor r.
 template <typename T, typename O, typename E, bool GRAD>
-inline double loss_piece(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
+CLD_INLINE double loss_piece_body(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
   double acc = 0.0;
   CLD_SIMD_SUM(acc)
   for (int64_t i = 0; i < n; ++i) {
@@ -303,14 +335,26 @@ inline double loss_piece(int64_t n, const O* out, const T* v, const E* eps_v, T 
   return acc;
 }
 
+template <typename T, typename O, typename E, bool GRAD>
+inline double loss_piece(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
+  double result;
+  wide([&]() CLD_INLINE_LAMBDA { result = loss_piece_body<T, O, E, GRAD>(n, out, v, eps_v, a, c, factor, g); });
+  return result;
+}
+
 // g = factor r over n elements (the backward).
 template <typename T, typename O, typename E>
-inline void loss_grad_piece(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
+CLD_INLINE void loss_grad_piece_body(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
   CLD_SIMD
   for (int64_t i = 0; i < n; ++i) {
     const T r = a * static_cast<T>(out[i]) + c * v[i] - static_cast<T>(eps_v[i]);
     g[i] = static_cast<O>(factor * r);
   }
+}
+
+template <typename T, typename O, typename E>
+inline void loss_grad_piece(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
+  wide([&]() CLD_INLINE_LAMBDA { loss_grad_piece_body<T, O, E>(n, out, v, eps_v, a, c, factor, g); });
 }
 
 // For elements [d0, d1) of row b: f(lo, hi, eps_v) over consecutive pieces, eps_v (float or T, indexed
@@ -678,7 +722,7 @@ Replacer<T> make_replacer(const std::optional<at::Tensor>& obs, const Params& p,
 
 // n elements of a half step in place, noise (e0, e1) when NOISY.
 template <typename T, bool NOISY, typename E>
-inline void half_step_piece(int64_t n, T* x, T* v, const E* e0, const E* e1, const LinearT<T>& c) {
+CLD_INLINE void half_step_piece_body(int64_t n, T* x, T* v, const E* e0, const E* e1, const LinearT<T>& c) {
   const LinearT<T> r = c;  // a local copy: its coefficients stay in registers across the stores
   CLD_SIMD
   for (int64_t i = 0; i < n; ++i) {
@@ -687,6 +731,11 @@ inline void half_step_piece(int64_t n, T* x, T* v, const E* e0, const E* e1, con
     x[i] = xi;
     v[i] = vi;
   }
+}
+
+template <typename T, bool NOISY, typename E>
+inline void half_step_piece(int64_t n, T* x, T* v, const E* e0, const E* e1, const LinearT<T>& c) {
+  wide([&]() CLD_INLINE_LAMBDA { half_step_piece_body<T, NOISY, E>(n, x, v, e0, e1, c); });
 }
 
 template <typename T>
@@ -744,7 +793,7 @@ inline T net_value(const O* y, const O* yu, T w, int64_t i) {
 
 // n elements of an SSCS step in place: v <- alpha v + kappa y, then the closing and opening half steps.
 template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
-inline void sscs_piece(int64_t n, T* x, T* v, const O* y, const O* yu, T w, const E* z0, const E* z1, const E* z2,
+CLD_INLINE void sscs_piece_body(int64_t n, T* x, T* v, const O* y, const O* yu, T w, const E* z0, const E* z1, const E* z2,
                        const E* z3, T alpha, T kappa, const LinearT<T>& cl, const LinearT<T>& op) {
   const LinearT<T> closing = cl, opening = op;  // local copies: the coefficients stay in registers
   CLD_SIMD
@@ -756,6 +805,12 @@ inline void sscs_piece(int64_t n, T* x, T* v, const O* y, const O* yu, T w, cons
     x[i] = xi;
     v[i] = vi;
   }
+}
+
+template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
+inline void sscs_piece(int64_t n, T* x, T* v, const O* y, const O* yu, T w, const E* z0, const E* z1, const E* z2,
+                       const E* z3, T alpha, T kappa, const LinearT<T>& cl, const LinearT<T>& op) {
+  wide([&]() CLD_INLINE_LAMBDA { sscs_piece_body<T, O, E, NOISY, GUIDED>(n, x, v, y, yu, w, z0, z1, z2, z3, alpha, kappa, cl, op); });
 }
 
 template <typename T, typename O>
@@ -829,7 +884,7 @@ void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& t
 // n elements of an affine step: (x, v) <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z). The
 // output may be the input itself (an in-place step): each element is read before it is written.
 template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
-inline void affine_piece(int64_t n, const T* x, const T* v, const O* y, const O* yu, T w, const E* z, T* ox, T* ov,
+CLD_INLINE void affine_piece_body(int64_t n, const T* x, const T* v, const O* y, const O* yu, T w, const E* z, T* ox, T* ov,
                          const T* r) {
   const T r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3], r4 = r[4], r5 = r[5];
   CLD_SIMD
@@ -841,6 +896,12 @@ inline void affine_piece(int64_t n, const T* x, const T* v, const O* y, const O*
     ox[i] = nx;
     ov[i] = nv;
   }
+}
+
+template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
+inline void affine_piece(int64_t n, const T* x, const T* v, const O* y, const O* yu, T w, const E* z, T* ox, T* ov,
+                         const T* r) {
+  wide([&]() CLD_INLINE_LAMBDA { affine_piece_body<T, O, E, NOISY, GUIDED>(n, x, v, y, yu, w, z, ox, ov, r); });
 }
 
 template <typename T, typename O>
