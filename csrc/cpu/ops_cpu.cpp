@@ -112,9 +112,14 @@ int64_t grain_for(Noise mode) { return mode == Noise::Seed ? 4096 : 32768; }
 // Runs f() (an always-inline loop) compiled for AVX-512 or AVX2 + FMA when the CPU has them, as the
 // noise lanes are chosen: this file otherwise targets baseline x86-64, whose loops do 4 floats per
 // instruction. The vectoriser runs after f is inlined, so it sees the wider target.
-#if defined(__GNUC__) && defined(__x86_64__)
+#if CLD_PHILOX_X86
+#if defined(__clang__)
+#define CLD_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512dq"), min_vector_width(512)))
+#else
+#define CLD_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512dq,prefer-vector-width=512")))
+#endif
 template <typename F>
-__attribute__((target("avx2,fma,avx512f,avx512dq,prefer-vector-width=512"))) void run_avx512(const F& f) {
+CLD_TARGET_AVX512 void run_avx512(const F& f) {
   f();
 }
 template <typename F>
@@ -124,7 +129,7 @@ __attribute__((target("avx2,fma"))) void run_avx2(const F& f) {
 #endif
 template <typename F>
 inline void wide(const F& f) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#if CLD_PHILOX_X86
   const int lanes = philox_lanes_available();
   if (lanes == 16) return run_avx512(f);
   if (lanes == 8) return run_avx2(f);
