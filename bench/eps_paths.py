@@ -91,12 +91,16 @@ FOOTNOTE = ("Default settings (value checks on). Bytes: fp32 minimum traffic per
             "thread count.")
 
 
+def _body(m: dict) -> str:
+    """The measured table and its footnote."""
+    return common.md_table(m["cols"], m["rows"], align="lll" + "r" * (len(m["cols"]) - 3)) + "\n\n" + FOOTNOTE + "\n"
+
+
 def table(n: int, threads=(1, 2)) -> str:
     """The measured table with a line naming x and the copy bandwidth, for bench/run.py's report."""
     m = measure(n, threads)
     return (f"x: ({ROWS}, {n // ROWS}) float32, {n} elements; copy bandwidth {m['copy'].gbps:.1f} GB/s with "
-            f"{threads[0]} thread(s) (best of {', '.join(m['copy'].methods)}).\n\n"
-            + common.md_table(m["cols"], m["rows"], align="lll" + "r" * (len(m["cols"]) - 3)) + "\n\n" + FOOTNOTE + "\n")
+            f"{threads[0]} thread(s) (best of {', '.join(m['copy'].methods)}).\n\n" + _body(m))
 
 
 def run(n: int, threads=(1, 2)) -> str:
@@ -111,9 +115,7 @@ def run(n: int, threads=(1, 2)) -> str:
             ["load average (1 / 5 / 15 min)", f"{load_start} at start, {load_end} at the end, on {os.cpu_count()} "
                                               "CPUs: above the CPU count, other work slows every timing here"]]
     return ("# cpu backend: in-kernel noise and eps= paths against copy bandwidth\n\n"
-            + common.md_table(["", ""], head, align="ll") + "\n\n"
-            + common.md_table(m["cols"], m["rows"], align="lll" + "r" * (len(m["cols"]) - 3))
-            + "\n\n" + FOOTNOTE + "\n")
+            + common.md_table(["", ""], head, align="ll") + "\n\n" + _body(m))
 
 
 def main(argv=None):

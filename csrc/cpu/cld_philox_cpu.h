@@ -18,6 +18,10 @@
 
 #include "cld_philox.h"
 
+// Functions that must be inlined into their caller: the Box-Muller helpers into the lane loops (a call
+// would pass vectors through memory), the CPU kernels' elementwise loops into their wide() variants.
+#define CLD_ALWAYS_INLINE inline __attribute__((always_inline))
+
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define CLD_PHILOX_X86 1
 #include <immintrin.h>
@@ -50,9 +54,6 @@ inline void philox_normals_scalar(int64_t seed, int64_t i0, int64_t lo, int64_t 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_undefined_* inside the intrinsics
 #pragma GCC diagnostic ignored "-Wuninitialized"
-
-// The Box-Muller helpers are inlined into the lane loops (a call would pass vectors through memory).
-#define CLD_LANES_INLINE inline __attribute__((always_inline))
 
 // The 16- and 8-lane operations the Philox rounds and Box-Muller need, as one interface.
 struct Lanes16 {
@@ -164,7 +165,7 @@ struct Lanes8 {
 // 1.2 ulp over the interval; the same operations in the same order on 8 or 16 lanes, so both paths
 // give the same bits. No division and no table: 15 vector ops.
 template <typename L>
-CLD_LANES_INLINE typename L::F log_unit(typename L::F u) {
+CLD_ALWAYS_INLINE typename L::F log_unit(typename L::F u) {
   using F = typename L::F;
   F e, f;
   L::log_parts(u, e, f);
@@ -186,7 +187,7 @@ CLD_LANES_INLINE typename L::F log_unit(typename L::F u) {
 // polynomials of degree 3 and 4 in t^2 fitted on [0, 0.25] (Chebyshev, float32 coefficients), within
 // 9e-8 and 6e-8 of the true values; the quadrant q mod 4 then swaps and negates them.
 template <typename L>
-CLD_LANES_INLINE void sincos_turn(typename L::F u, typename L::F& s, typename L::F& c) {
+CLD_ALWAYS_INLINE void sincos_turn(typename L::F u, typename L::F& s, typename L::F& c) {
   using F = typename L::F;
   typename L::I q;
   F t;
@@ -206,7 +207,7 @@ CLD_LANES_INLINE void sincos_turn(typename L::F u, typename L::F& s, typename L:
 
 // Box-Muller on lanes: (z0, z1) = sqrt(-2 log u1) (cos, sin)(2 pi u2), u1 clamped to kBoxMullerMinU.
 template <typename L>
-CLD_LANES_INLINE void box_muller_lanes(typename L::F u1, typename L::F u2, typename L::F& z0, typename L::F& z1) {
+CLD_ALWAYS_INLINE void box_muller_lanes(typename L::F u1, typename L::F u2, typename L::F& z0, typename L::F& z1) {
   using F = typename L::F;
   const F r = L::sqrt(L::mul(L::set1f(-2.0f), log_unit<L>(L::max(u1, L::set1f(kBoxMullerMinU)))));
   F s, c;
@@ -324,7 +325,6 @@ void philox_words_lanes(int64_t seed, int64_t i0, int64_t step, uint32_t tag, ui
   philox_lanes<L, 1>(static_cast<uint64_t>(seed), i0, L::set1(step_word), L::set1(tag), c);
   for (int j = 0; j < 4; ++j) L::store_words(w[j], c[0][j]);
 }
-#undef CLD_LANES_INLINE
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 

@@ -106,7 +106,6 @@ void advise_huge_pages(const at::Tensor& out) {
 // Elementwise work per element is small without Philox and ~100 flops with it.
 int64_t grain_for(Noise mode) { return mode == Noise::Seed ? 4096 : 32768; }
 
-#define CLD_INLINE inline __attribute__((always_inline))
 #define CLD_INLINE_LAMBDA __attribute__((always_inline))
 
 // Runs f() (an always-inline loop) compiled for AVX-512 or AVX2 + FMA when the CPU has them, as the
@@ -211,7 +210,7 @@ constexpr int64_t kNonfiniteSecond = 2;  // perturb: eps
 // adds x * 0 over x0 to bad_x and over the explicit noise (CHECK_E) to bad_e: NaN if any value read is
 // NaN or inf, else 0 (the value check of the inputs, fused into the pass that reads them).
 template <typename T, bool HAS_V, bool NOISY, bool CHECK_E, typename E>
-CLD_INLINE void perturb_piece_body(int64_t n, const T* x0, const T* v0, const E* e0, const E* e1, T* ox, T* ov, const T* c,
+CLD_ALWAYS_INLINE void perturb_piece_body(int64_t n, const T* x0, const T* v0, const E* e0, const E* e1, T* ox, T* ov, const T* c,
                           T& bad_x, T& bad_e) {
   const T axx = c[0], axv = c[1], avx = c[2], avv = c[3], l11 = c[4], l21 = c[5], l22 = c[6];
   T sx = T(0), se = T(0);
@@ -329,7 +328,7 @@ constexpr int64_t kLossChunk = 8192;
 
 // Sum over n elements of r^2 (in double), r = a out + c v - eps_v; with GRAD also g = factor r.
 template <typename T, typename O, typename E, bool GRAD>
-CLD_INLINE double loss_piece_body(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
+CLD_ALWAYS_INLINE double loss_piece_body(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
   double acc = 0.0;
   CLD_SIMD_SUM(acc)
   for (int64_t i = 0; i < n; ++i) {
@@ -349,7 +348,7 @@ inline double loss_piece(int64_t n, const O* out, const T* v, const E* eps_v, T 
 
 // g = factor r over n elements (the backward).
 template <typename T, typename O, typename E>
-CLD_INLINE void loss_grad_piece_body(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
+CLD_ALWAYS_INLINE void loss_grad_piece_body(int64_t n, const O* out, const T* v, const E* eps_v, T a, T c, T factor, O* g) {
   CLD_SIMD
   for (int64_t i = 0; i < n; ++i) {
     const T r = a * static_cast<T>(out[i]) + c * v[i] - static_cast<T>(eps_v[i]);
@@ -727,7 +726,7 @@ Replacer<T> make_replacer(const std::optional<at::Tensor>& obs, const Params& p,
 
 // n elements of a half step in place, noise (e0, e1) when NOISY.
 template <typename T, bool NOISY, typename E>
-CLD_INLINE void half_step_piece_body(int64_t n, T* x, T* v, const E* e0, const E* e1, const LinearT<T>& c) {
+CLD_ALWAYS_INLINE void half_step_piece_body(int64_t n, T* x, T* v, const E* e0, const E* e1, const LinearT<T>& c) {
   const LinearT<T> r = c;  // a local copy: its coefficients stay in registers across the stores
   CLD_SIMD
   for (int64_t i = 0; i < n; ++i) {
@@ -798,7 +797,7 @@ inline T net_value(const O* y, const O* yu, T w, int64_t i) {
 
 // n elements of an SSCS step in place: v <- alpha v + kappa y, then the closing and opening half steps.
 template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
-CLD_INLINE void sscs_piece_body(int64_t n, T* x, T* v, const O* y, const O* yu, T w, const E* z0, const E* z1, const E* z2,
+CLD_ALWAYS_INLINE void sscs_piece_body(int64_t n, T* x, T* v, const O* y, const O* yu, T w, const E* z0, const E* z1, const E* z2,
                        const E* z3, T alpha, T kappa, const LinearT<T>& cl, const LinearT<T>& op) {
   const LinearT<T> closing = cl, opening = op;  // local copies: the coefficients stay in registers
   CLD_SIMD
@@ -889,7 +888,7 @@ void sscs_step_cpu(const at::Tensor& u, const at::Tensor& y, const at::Tensor& t
 // n elements of an affine step: (x, v) <- (c_xx x + c_xv v, c_vx x + c_vv v + c_vy y + sigma z). The
 // output may be the input itself (an in-place step): each element is read before it is written.
 template <typename T, typename O, typename E, bool NOISY, bool GUIDED>
-CLD_INLINE void affine_piece_body(int64_t n, const T* x, const T* v, const O* y, const O* yu, T w, const E* z, T* ox, T* ov,
+CLD_ALWAYS_INLINE void affine_piece_body(int64_t n, const T* x, const T* v, const O* y, const O* yu, T w, const E* z, T* ox, T* ov,
                          const T* r) {
   const T r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3], r4 = r[4], r5 = r[5];
   CLD_SIMD
